@@ -1,0 +1,296 @@
+//! polykey's static library: quiche's C API (the `ffi` feature, re-exported
+//! as is) plus a few `pk_*` functions that fill the gaps a peer-to-peer node
+//! hits in that API:
+//!
+//! * `pk_config_new`: a `quiche_config` whose BoringSSL context takes the
+//!   certificate chain and private key from memory, asks for the peer's
+//!   certificate (on a server too), offers Ed25519 among the verify
+//!   algorithms and accepts any chain in its verify callback. The real peer
+//!   check happens in Python after the handshake, as js-quic does it.
+//! * `pk_conn_peer_cert_chain_*`: the peer's whole chain as DER, leaf first.
+//! * `pk_conn_send_batch`: several `quiche_conn_send` calls into one buffer
+//!   of equal-sized segments, ready for one GSO `sendmsg`, so Python makes one
+//!   call per batch instead of one per packet.
+//!
+//! Everything here must stay panic-free: a panic across `extern "C"` aborts
+//! the whole Python process.
+
+use std::ptr;
+use std::slice;
+
+use boring::pkey::PKey;
+use boring::ssl::SslContextBuilder;
+use boring::ssl::SslMethod;
+use boring::ssl::SslSignatureAlgorithm;
+use boring::ssl::SslVerifyMode;
+use boring::ssl::SslVersion;
+use boring::x509::X509;
+use libc::c_char;
+use libc::c_int;
+use libc::size_t;
+use libc::ssize_t;
+use libc::sockaddr;
+use libc::sockaddr_storage;
+use libc::socklen_t;
+use libc::timespec;
+
+const QUICHE_ERR_DONE: ssize_t = -1;
+
+// Make sure the quiche crate (and with it every `quiche_*` symbol of its
+// C API) is linked into the archive.
+pub use quiche;
+
+/// Peer certificate modes for `pk_config_new`.
+const PEER_CERT_NONE: c_int = 0;
+const PEER_CERT_REQUEST: c_int = 1;
+const PEER_CERT_REQUIRE: c_int = 2;
+
+fn write_error(buf: *mut c_char, buf_len: size_t, msg: &str) {
+    if buf.is_null() || buf_len == 0 {
+        return;
+    }
+    let bytes = msg.as_bytes();
+    let n = bytes.len().min(buf_len - 1);
+    unsafe {
+        ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, n);
+        *buf.add(n) = 0;
+    }
+}
+
+fn input<'a>(data: *const u8, len: size_t) -> &'a [u8] {
+    if data.is_null() || len == 0 {
+        &[]
+    } else {
+        unsafe { slice::from_raw_parts(data, len) }
+    }
+}
+
+fn is_pem(data: &[u8]) -> bool {
+    let start = data.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(0);
+    data[start..].starts_with(b"-----BEGIN")
+}
+
+/// Length of the DER TLV at the start of `data`, or None if it is not one.
+fn der_len(data: &[u8]) -> Option<usize> {
+    if data.len() < 2 {
+        return None;
+    }
+    let first = data[1] as usize;
+    if first < 0x80 {
+        return Some(2 + first);
+    }
+    let n = first & 0x7f;
+    if n == 0 || n > 4 || data.len() < 2 + n {
+        return None;
+    }
+    let mut len = 0usize;
+    for b in &data[2..2 + n] {
+        len = (len << 8) | *b as usize;
+    }
+    Some(2 + n + len)
+}
+
+/// A chain as PEM (one or more blocks) or as DER certificates back to back.
+fn parse_chain(data: &[u8]) -> Result<Vec<X509>, String> {
+    if data.is_empty() {
+        return Err("empty certificate chain".into());
+    }
+    if is_pem(data) {
+        let certs = X509::stack_from_pem(data)
+            .map_err(|e| format!("certificate chain PEM: {e}"))?;
+        if certs.is_empty() {
+            return Err("certificate chain PEM holds no certificate".into());
+        }
+        return Ok(certs);
+    }
+    let mut certs = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = der_len(rest)
+            .filter(|n| *n <= rest.len())
+            .ok_or_else(|| "certificate chain DER is truncated".to_string())?;
+        let cert = X509::from_der(&rest[..n])
+            .map_err(|e| format!("certificate chain DER: {e}"))?;
+        certs.push(cert);
+        rest = &rest[n..];
+    }
+    Ok(certs)
+}
+
+fn build_context(
+    chain: &[u8], key: &[u8], peer_cert: c_int,
+) -> Result<SslContextBuilder, String> {
+    let certs = parse_chain(chain)?;
+    let key = if is_pem(key) {
+        PKey::private_key_from_pem(key)
+    } else {
+        PKey::private_key_from_der(key)
+    }
+    .map_err(|e| format!("private key: {e}"))?;
+
+    let mut b = SslContextBuilder::new(SslMethod::tls())
+        .map_err(|e| format!("SSL_CTX_new: {e}"))?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_3))
+        .map_err(|e| format!("TLS version: {e}"))?;
+    b.set_certificate(&certs[0])
+        .map_err(|e| format!("certificate: {e}"))?;
+    for cert in certs.into_iter().skip(1) {
+        b.add_extra_chain_cert(cert)
+            .map_err(|e| format!("chain certificate: {e}"))?;
+    }
+    b.set_private_key(&key).map_err(|e| format!("private key: {e}"))?;
+    b.check_private_key()
+        .map_err(|_| "private key does not match the certificate".to_string())?;
+
+    // BoringSSL leaves Ed25519 out of its default verify list; Polykey's
+    // node certificates are Ed25519, so offer it first.
+    b.set_verify_algorithm_prefs(&[
+        SslSignatureAlgorithm::ED25519,
+        SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256,
+        SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256,
+        SslSignatureAlgorithm::RSA_PKCS1_SHA256,
+        SslSignatureAlgorithm::ECDSA_SECP384R1_SHA384,
+        SslSignatureAlgorithm::RSA_PSS_RSAE_SHA384,
+        SslSignatureAlgorithm::RSA_PKCS1_SHA384,
+        SslSignatureAlgorithm::RSA_PSS_RSAE_SHA512,
+        SslSignatureAlgorithm::RSA_PKCS1_SHA512,
+    ])
+    .map_err(|e| format!("verify algorithms: {e}"))?;
+
+    let mode = match peer_cert {
+        PEER_CERT_NONE => SslVerifyMode::NONE,
+        PEER_CERT_REQUEST => SslVerifyMode::PEER,
+        PEER_CERT_REQUIRE => {
+            SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT
+        },
+        _ => return Err(format!("unknown peer certificate mode {peer_cert}")),
+    };
+    // Accept any chain here: the application verifies it after the
+    // handshake, against node identities rather than a CA store.
+    b.set_custom_verify_callback(mode, |_| Ok(()));
+    Ok(b)
+}
+
+/// A `quiche_config` with an in-memory identity. Returns NULL and writes a
+/// NUL-terminated message to `err` on failure. `peer_cert`: 0 none,
+/// 1 request, 2 require.
+#[no_mangle]
+pub extern "C" fn pk_config_new(
+    version: u32, chain: *const u8, chain_len: size_t, key: *const u8,
+    key_len: size_t, peer_cert: c_int, err: *mut c_char, err_len: size_t,
+) -> *mut quiche::Config {
+    let result = build_context(
+        input(chain, chain_len),
+        input(key, key_len),
+        peer_cert,
+    )
+    .and_then(|b| {
+        quiche::Config::with_boring_ssl_ctx_builder(version, b)
+            .map_err(|e| format!("quiche config: {e}"))
+    });
+    match result {
+        Ok(config) => Box::into_raw(Box::new(config)),
+        Err(msg) => {
+            write_error(err, err_len, &msg);
+            ptr::null_mut()
+        },
+    }
+}
+
+/// Number of certificates the peer sent (0 before the handshake).
+#[no_mangle]
+pub extern "C" fn pk_conn_peer_cert_chain_len(conn: &quiche::Connection) -> size_t {
+    conn.peer_cert_chain().map_or(0, |c| c.len())
+}
+
+/// The `index`th certificate of the peer's chain as DER, leaf first. The
+/// pointer is valid until the connection is next used; copy it at once.
+#[no_mangle]
+pub extern "C" fn pk_conn_peer_cert_chain_get(
+    conn: &quiche::Connection, index: size_t, out: &mut *const u8,
+    out_len: &mut size_t,
+) -> bool {
+    match conn.peer_cert_chain().and_then(|c| c.get(index).copied()) {
+        Some(der) => {
+            *out = der.as_ptr();
+            *out_len = der.len();
+            true
+        },
+        None => {
+            *out_len = 0;
+            false
+        },
+    }
+}
+
+/// Mirror of quiche.h's `quiche_send_info`.
+#[repr(C)]
+pub struct SendInfo {
+    from: sockaddr_storage,
+    from_len: socklen_t,
+    to: sockaddr_storage,
+    to_len: socklen_t,
+    at: timespec,
+}
+
+extern "C" {
+    fn quiche_conn_send(
+        conn: *mut quiche::Connection, out: *mut u8, out_len: size_t,
+        out_info: *mut SendInfo,
+    ) -> ssize_t;
+    fn quiche_conn_send_on_path(
+        conn: *mut quiche::Connection, out: *mut u8, out_len: size_t,
+        from: *const sockaddr, from_len: socklen_t, to: *const sockaddr,
+        to_len: socklen_t, out_info: *mut SendInfo,
+    ) -> ssize_t;
+}
+
+/// Fill `out` with up to `max_segments` packets from quiche, each the size
+/// of the first except possibly a shorter last one (the GSO rule), all on
+/// the first packet's path. Returns the bytes written, 0 when there is
+/// nothing to send, or a negative quiche error code from the first send;
+/// `segment_size` gets the first packet's size and `info` its send info.
+#[no_mangle]
+pub extern "C" fn pk_conn_send_batch(
+    conn: *mut quiche::Connection, out: *mut u8, out_len: size_t,
+    max_segments: size_t, segment_size: &mut size_t, info: &mut SendInfo,
+) -> ssize_t {
+    *segment_size = 0;
+    if conn.is_null() || out.is_null() || out_len == 0 {
+        return 0;
+    }
+    let first = unsafe { quiche_conn_send(conn, out, out_len, info) };
+    if first <= 0 {
+        return if first == QUICHE_ERR_DONE { 0 } else { first };
+    }
+    let seg = first as usize;
+    *segment_size = seg;
+    let mut written = seg;
+    let mut count = 1;
+    // One scratch info: later packets share the first one's path.
+    let mut scratch: SendInfo = unsafe { std::mem::zeroed() };
+    while count < max_segments && out_len - written >= seg {
+        let n = unsafe {
+            quiche_conn_send_on_path(
+                conn,
+                out.add(written),
+                seg,
+                &info.from as *const _ as *const sockaddr,
+                info.from_len,
+                &info.to as *const _ as *const sockaddr,
+                info.to_len,
+                &mut scratch,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        written += n as usize;
+        count += 1;
+        // A short packet must end a GSO batch.
+        if (n as usize) < seg {
+            break;
+        }
+    }
+    written as ssize_t
+}

@@ -1,0 +1,1 @@
+"""polykey.quic."""
