@@ -1,8 +1,7 @@
 """Build polykey's QUIC core: the Rust wrapper crate, then the cffi extension.
 
-Run by setuptools through ``cffi_modules`` (``pip install .`` or the editable
-install ``make`` does), or by hand with ``python setup_quiche.py`` to build
-the extension in place.
+Run by setuptools through ``cffi_modules``: ``pip install .`` for a wheel, or
+the editable install that ``make`` (scripts/setup.sh) does.
 
 Two steps:
 
@@ -50,7 +49,7 @@ struct in_addr { uint32_t s_addr; };
 struct sockaddr_in {
     sa_family_t sin_family; uint16_t sin_port; struct in_addr sin_addr; ...;
 };
-struct in6_addr { uint8_t s6_addr[16]; };
+struct in6_addr { uint8_t s6_addr[16]; ...; };
 struct sockaddr_in6 {
     sa_family_t sin6_family; uint16_t sin6_port; uint32_t sin6_flowinfo;
     struct in6_addr sin6_addr; uint32_t sin6_scope_id; ...;
@@ -331,7 +330,3 @@ def make_ffibuilder() -> FFI:
 
 ffibuilder = make_ffibuilder()
 
-if __name__ == "__main__":
-    # Build in place, next to polykey/quic/, for a checkout without pip.
-    os.chdir(HERE)
-    ffibuilder.compile(verbose=True)

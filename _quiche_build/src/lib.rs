@@ -128,6 +128,13 @@ fn build_context(
     }
     .map_err(|e| format!("private key: {e}"))?;
 
+    let leaf_key = certs[0]
+        .public_key()
+        .map_err(|e| format!("certificate public key: {e}"))?;
+    if !leaf_key.public_eq(&key) {
+        return Err("private key does not match the certificate".into());
+    }
+
     let mut b = SslContextBuilder::new(SslMethod::tls())
         .map_err(|e| format!("SSL_CTX_new: {e}"))?;
     b.set_min_proto_version(Some(SslVersion::TLS1_3))
@@ -139,8 +146,6 @@ fn build_context(
             .map_err(|e| format!("chain certificate: {e}"))?;
     }
     b.set_private_key(&key).map_err(|e| format!("private key: {e}"))?;
-    b.check_private_key()
-        .map_err(|_| "private key does not match the certificate".to_string())?;
 
     // BoringSSL leaves Ed25519 out of its default verify list; Polykey's
     // node certificates are Ed25519, so offer it first.
