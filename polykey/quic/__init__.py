@@ -1,1 +1,52 @@
-"""polykey.quic."""
+"""QUIC for trio, on Cloudflare quiche.
+
+``QUICSocket`` owns a UDP socket shared by a ``QUICServer`` and any number of
+client connections dialled with ``QUICClient``/``connect``. Connections carry
+``QUICStream``s, which are trio half-closeable streams. See docs/quic.md.
+"""
+
+from __future__ import annotations
+
+from ._binding import quiche_version
+from .client import QUICClient, connect
+from .config import PeerVerifier, QUICConfig, TLSIdentity
+from .connection import ConnectionStatistics, QUICConnection
+from .errors import (
+    CloseKind,
+    CloseReason,
+    PeerVerificationError,
+    QUICConnectionError,
+    QUICError,
+    QuicheError,
+    QUICStreamError,
+    TLSAlert,
+    TLSConfigError,
+)
+from .server import QUICServer, ServerStatistics
+from .socket import QUICSocket, SocketStatistics
+from .stream import QUICStream
+
+__all__ = [
+    "CloseKind",
+    "CloseReason",
+    "ConnectionStatistics",
+    "PeerVerificationError",
+    "PeerVerifier",
+    "QUICClient",
+    "QUICConfig",
+    "QUICConnection",
+    "QUICConnectionError",
+    "QUICError",
+    "QUICServer",
+    "QUICSocket",
+    "QUICStream",
+    "QUICStreamError",
+    "QuicheError",
+    "ServerStatistics",
+    "SocketStatistics",
+    "TLSAlert",
+    "TLSConfigError",
+    "TLSIdentity",
+    "connect",
+    "quiche_version",
+]

@@ -8,13 +8,24 @@ turns those into :class:`trio.BrokenResourceError` for stream users.
 
 from __future__ import annotations
 
+import enum
+
+import attrs
+import trio
+
 from ..errors import PolykeyError
 
 __all__ = [
+    "CloseKind",
+    "CloseReason",
+    "PeerVerificationError",
+    "QUICConnectionError",
     "QUICError",
+    "QUICStreamError",
     "QuicheError",
     "StreamReset",
     "StreamStopped",
+    "TLSAlert",
     "TLSConfigError",
 ]
 
@@ -80,3 +91,84 @@ class StreamStopped(QuicheError):
 
 class TLSConfigError(QUICError):
     """The certificate chain or private key could not be loaded."""
+
+
+class TLSAlert(enum.IntEnum):
+    """TLS alerts a failed peer verification closes with (as 0x100 + alert,
+    a QUIC CRYPTO_ERROR), as js-quic does."""
+
+    BAD_CERTIFICATE = 42
+    UNSUPPORTED_CERTIFICATE = 43
+    CERTIFICATE_EXPIRED = 45
+    CERTIFICATE_UNKNOWN = 46
+    CERTIFICATE_REQUIRED = 116
+
+
+class PeerVerificationError(QUICError):
+    """A peer verifier refuses the peer; ``alert`` is sent to it."""
+
+    def __init__(
+        self, message: str, alert: TLSAlert = TLSAlert.BAD_CERTIFICATE
+    ) -> None:
+        self.alert = alert
+        super().__init__(message)
+
+
+class CloseKind(enum.Enum):
+    """Why a connection ended."""
+
+    #: We closed it (``aclose``), with our code.
+    LOCAL = "local"
+    #: The peer sent CONNECTION_CLOSE with its code.
+    PEER = "peer"
+    #: Nothing was heard for the idle timeout.
+    IDLE_TIMEOUT = "idle_timeout"
+    #: We refused the peer's certificate chain (CRYPTO_ERROR 0x100 + alert).
+    VERIFICATION = "verification"
+    #: The handshake failed (TLS or transport error, either side).
+    HANDSHAKE = "handshake"
+    #: A server's handshake timeout expired.
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    #: The socket under it closed.
+    SOCKET_CLOSED = "socket_closed"
+    #: quiche closed it for a protocol violation.
+    PROTOCOL = "protocol"
+
+
+@attrs.frozen
+class CloseReason:
+    """How a connection ended: ``code`` and ``reason`` are from the
+    CONNECTION_CLOSE frame when there was one (``is_app`` tells an
+    application code from a transport one)."""
+
+    kind: CloseKind
+    is_app: bool = False
+    code: int = 0
+    reason: bytes = b""
+
+    def __str__(self) -> str:
+        what = "application" if self.is_app else "transport"
+        text = f"{self.kind.value}, {what} code {self.code:#x}"
+        if self.reason:
+            text += f" ({self.reason.decode(errors='replace')})"
+        return text
+
+
+class QUICConnectionError(QUICError, trio.BrokenResourceError):
+    """The connection ended; ``close_reason`` says how."""
+
+    def __init__(self, close_reason: CloseReason, message: str = "") -> None:
+        self.close_reason = close_reason
+        super().__init__(message or f"connection closed: {close_reason}")
+
+
+class QUICStreamError(QUICError, trio.BrokenResourceError):
+    """The peer reset the stream (RESET_STREAM) or asked us to stop sending
+    (STOP_SENDING); ``error_code`` is the peer's application code."""
+
+    def __init__(self, stream_id: int, error_code: int, *, reset: bool) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+        self.reset = reset
+        what = "reset" if reset else "stopped"
+        super().__init__(f"stream {stream_id} {what} by peer with code {error_code}")

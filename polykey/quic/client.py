@@ -1,0 +1,93 @@
+"""Dialling QUIC connections from a :class:`~polykey.quic.QUICSocket`.
+
+quiche follows Retry and version negotiation by itself; all a client needs is
+a route for its own connection id on the socket. :meth:`QUICClient.connect`
+returns only once the handshake is done and the server's certificate chain
+passed the verifier (pinned to an expected NodeId by the nodes layer). The
+caller's cancel scope bounds the whole attempt; a cancelled attempt closes
+its connection before the ``Cancelled`` propagates.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from . import _binding
+from ._binding import Address
+from .config import PeerVerifier, QUICConfig, TLSIdentity
+from .connection import QUICConnection
+from .socket import CID_LEN, QUICSocket
+
+__all__ = ["QUICClient", "connect"]
+
+
+class QUICClient:
+    """Dials connections from ``socket`` with one identity and config.
+
+    Building the TLS context takes a moment, so keep one client per identity
+    and dial many connections from it.
+    """
+
+    def __init__(
+        self,
+        socket: QUICSocket,
+        identity: TLSIdentity,
+        *,
+        config: QUICConfig | None = None,
+        verifier: PeerVerifier | None = None,
+    ) -> None:
+        self._socket = socket
+        self._config = config or QUICConfig()
+        self._binding_config = self._config.binding_config(identity, server=False)
+        self._verifier = verifier
+
+    async def connect(
+        self,
+        address: Address,
+        *,
+        verifier: PeerVerifier | None = None,
+        server_name: str | None = None,
+    ) -> QUICConnection:
+        """Connect to ``address`` (``(host, port)``); ``verifier`` overrides
+        the client's for this connection (for example, to pin a NodeId)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        socket = self._socket
+        peer = socket.normalize_address(address)
+        scid = os.urandom(CID_LEN)
+        q = _binding.Connection.connect(
+            self._binding_config, server_name, scid, socket.local_address, peer
+        )
+        conn = QUICConnection(
+            socket,
+            q,
+            is_server=False,
+            config=self._config,
+            verifier=verifier or self._verifier,
+            remote_address=peer,
+        )
+        socket._route(scid, conn)
+        conn._start(None)
+        try:
+            await conn._handshake_done.wait()
+        except BaseException:
+            conn._close_now(is_app=True, code=0, reason=b"connect cancelled")
+            raise
+        if not conn._verified:
+            raise conn._error()
+        return conn
+
+
+async def connect(
+    socket: QUICSocket,
+    address: Address,
+    identity: TLSIdentity,
+    *,
+    config: QUICConfig | None = None,
+    verifier: PeerVerifier | None = None,
+    server_name: str | None = None,
+) -> QUICConnection:
+    """Dial one connection: a one-off :class:`QUICClient`."""
+    client = QUICClient(socket, identity, config=config, verifier=verifier)
+    return await client.connect(address, server_name=server_name)

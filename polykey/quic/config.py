@@ -1,0 +1,97 @@
+"""Settings of the QUIC layer, and the identity a node presents.
+
+Defaults follow Polykey's use of js-quic (REFERENCE.md 2): ALPN ``quic``,
+30 s idle timeout with a 10 s keep-alive, 1350-byte UDP payloads, 10 MiB of
+connection and 1 MiB of stream flow-control credit, 100 streams each way,
+no active migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from . import _binding
+
+__all__ = ["PeerVerifier", "QUICConfig", "TLSIdentity"]
+
+#: Called with the peer's certificate chain (DER, leaf first) right after the
+#: handshake. Returns what the connection exposes as ``peer_identity`` (a
+#: NodeId for polykey nodes); raises :class:`~polykey.quic.PeerVerificationError`
+#: to refuse the peer.
+PeerVerifier = Callable[[Sequence[bytes]], Any]
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative")
+
+
+@attrs.frozen(kw_only=True)
+class TLSIdentity:
+    """A certificate chain (DER, leaf first) and its private key (PKCS#8 DER
+    or PEM)."""
+
+    cert_chain: tuple[bytes, ...] = attrs.field(converter=tuple)
+    private_key: bytes = attrs.field(repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.cert_chain:
+            raise ValueError("a certificate chain needs at least one certificate")
+
+
+@attrs.frozen(kw_only=True)
+class QUICConfig:
+    """Transport settings shared by servers and clients. Durations are in
+    seconds; ``0`` idle timeout means none (js-quic's default)."""
+
+    alpn: tuple[bytes, ...] = (b"quic",)
+    max_idle_timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: Send a PING after this long without sending anything ack-eliciting,
+    #: so an idle connection outlives ``max_idle_timeout``; None disables.
+    keep_alive_interval: float | None = 10.0
+    max_udp_payload_size: int = 1350
+    initial_max_data: int = 10 * 1024 * 1024
+    initial_max_stream_data: int = 1024 * 1024
+    initial_max_streams_bidi: int = 100
+    initial_max_streams_uni: int = 100
+    #: Upper bounds for quiche's flow-control window auto-tuning.
+    max_connection_window: int = 24 * 1024 * 1024
+    max_stream_window: int = 16 * 1024 * 1024
+    cc_algorithm: str = "cubic"
+    grease: bool = True
+    #: Servers: answer every new client with a stateless Retry first.
+    retry: bool = True
+    #: Servers: a connection still handshaking after this long is dropped.
+    handshake_timeout: float = attrs.field(default=15.0, validator=_positive)
+    #: Servers: connections waiting in ``accept()`` before new ones are
+    #: refused.
+    accept_backlog: int = 128
+
+    def binding_config(self, identity: TLSIdentity, *, server: bool) -> _binding.Config:
+        return _binding.Config(
+            cert_chain=b"".join(identity.cert_chain),
+            private_key=identity.private_key,
+            peer_cert=_binding.PeerCert.REQUIRE
+            if server
+            else _binding.PeerCert.REQUEST,
+            alpn=self.alpn,
+            max_idle_timeout_ms=round(self.max_idle_timeout * 1000),
+            max_recv_udp_payload_size=self.max_udp_payload_size,
+            max_send_udp_payload_size=self.max_udp_payload_size,
+            initial_max_data=self.initial_max_data,
+            initial_max_stream_data_bidi_local=self.initial_max_stream_data,
+            initial_max_stream_data_bidi_remote=self.initial_max_stream_data,
+            initial_max_stream_data_uni=self.initial_max_stream_data,
+            initial_max_streams_bidi=self.initial_max_streams_bidi,
+            initial_max_streams_uni=self.initial_max_streams_uni,
+            max_connection_window=self.max_connection_window,
+            max_stream_window=self.max_stream_window,
+            cc_algorithm=self.cc_algorithm,
+            grease=self.grease,
+            # quiche's pacing only sets send_info.at, which we do not honour.
+            pacing=False,
+            disable_active_migration=True,
+        )

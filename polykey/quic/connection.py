@@ -1,0 +1,491 @@
+"""A QUIC connection: one quiche connection, its streams and its driver task.
+
+Theory of operation
+-------------------
+Input arrives synchronously: the socket's reader calls :meth:`_datagram` for
+each packet (quiche decrypts and processes it at once) and, when the socket
+is drained, :meth:`_after_input` once. That is where everything happens, in
+this order, and the invariant every path keeps (aioquic's ``transmit()``):
+
+1. right after the handshake, verify the peer's certificate chain; until it
+   passes no stream is delivered, and on failure the connection closes with
+   CRYPTO_ERROR 0x100 + TLS alert;
+2. wake the streams quiche reports readable, queue new peer streams for
+   :meth:`accept_stream`, wake parked writers and stream openers;
+3. flush: hand quiche's pending packets to the socket (GSO batches);
+4. re-arm the one timer: min(quiche's timeout, keep-alive, handshake
+   deadline), or notice that quiche closed the connection.
+
+User actions (a write, a read that frees credit, a close) call
+:meth:`_flush` themselves, synchronously. The driver task, living in the
+socket's nursery, only sleeps until the timer (then calls quiche's
+``on_timeout`` and does the same steps) or until the kernel's send buffer
+has room again for a batch it refused. So nothing per packet needs a task
+switch, and an idle connection costs one sleeping task.
+
+quiche reads the real monotonic clock; the timer is a trio deadline. Under
+trio's MockClock the two disagree, see docs/quic.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from . import _binding
+from ._binding import Address
+from .config import PeerVerifier, QUICConfig
+from .errors import (
+    CloseKind,
+    CloseReason,
+    PeerVerificationError,
+    QUICConnectionError,
+    QuicheError,
+    TLSAlert,
+)
+from .stream import QUICStream
+
+if TYPE_CHECKING:
+    from .socket import QUICSocket
+
+__all__ = ["ConnectionStatistics", "QUICConnection"]
+
+_CRYPTO_ERROR = 0x100
+
+
+@attrs.frozen
+class ConnectionStatistics:
+    """quiche's counters, the active path's, and the driver's own."""
+
+    quiche: _binding.Stats
+    path: _binding.PathStats | None
+    datagrams_in: int
+    timer_fires: int
+    flushes: int
+    send_blocked: int
+    streams_open: int
+
+
+class QUICConnection(trio.abc.AsyncResource):
+    """One QUIC connection, made by :class:`~polykey.quic.QUICServer` or
+    :func:`~polykey.quic.connect`.
+
+    ``peer_identity`` is what the peer verifier returned (a NodeId for polykey
+    nodes) and ``peer_certificates`` the chain it checked. ``close_reason``
+    says how the connection ended once it has.
+    """
+
+    def __init__(
+        self,
+        socket: QUICSocket,
+        q: _binding.Connection,
+        *,
+        is_server: bool,
+        config: QUICConfig,
+        verifier: PeerVerifier | None,
+        remote_address: Address,
+    ) -> None:
+        self._socket = socket
+        self._q = q
+        self.is_server = is_server
+        self._config = config
+        self._verifier = verifier
+        self.remote_address = remote_address
+        self.local_address = socket.local_address
+        self.peer_identity: Any = None
+        self.peer_certificates: tuple[bytes, ...] = ()
+        self.close_reason: CloseReason | None = None
+        self._route_ids: set[bytes] = set()
+        self._streams: dict[int, QUICStream] = {}
+        self._incoming: collections.deque[QUICStream] = collections.deque()
+        self._accept_lot = trio.lowlevel.ParkingLot()
+        self._credit_lot = trio.lowlevel.ParkingLot()
+        self._send_waiters: set[QUICStream] = set()
+        self._driver_lot = trio.lowlevel.ParkingLot()
+        self._handshake_done = trio.Event()
+        self._closed_event = trio.Event()
+        self._verified = False
+        self._finished = False
+        self._verify_error: PeerVerificationError | None = None
+        # Next local stream ids, by type (bidi, uni).
+        local = 1 if is_server else 0
+        self._next_bidi = local
+        self._next_uni = local | 2
+        # Highest peer stream id seen per type, to tell new from old.
+        self._peer_max: dict[int, int] = {0: -1, 2: -1}
+        self._deadline = math.inf
+        self._quiche_deadline = math.inf
+        self._keep_alive_deadline = math.inf
+        self._handshake_deadline = math.inf
+        self._timer_scope: trio.CancelScope | None = None
+        self._pending: tuple[bytes, int, Address] | None = None
+        self._scratch_buf = bytearray(65536)
+        self._on_ready: list[Any] = []
+        # Driver counters.
+        self._datagrams_in = 0
+        self._timer_fires = 0
+        self._flushes = 0
+        self._send_blocked = 0
+
+    def __repr__(self) -> str:
+        side = "server" if self.is_server else "client"
+        return f"<QUICConnection {side} {self.remote_address}>"
+
+    # -- start ------------------------------------------------------------------
+
+    def _start(self, handshake_timeout: float | None) -> None:
+        """Register with the socket, start the driver, send what is due."""
+        self._socket._add_connection(self)
+        if handshake_timeout is not None:
+            self._handshake_deadline = trio.current_time() + handshake_timeout
+        self._socket.nursery.start_soon(
+            self._drive, name=f"quic-driver {self.remote_address}"
+        )
+        self._after_input()
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._finished
+
+    async def wait_closed(self) -> CloseReason:
+        """Wait until the connection has ended; returns how."""
+        await self._closed_event.wait()
+        assert self.close_reason is not None
+        return self.close_reason
+
+    async def open_stream(self, *, unidirectional: bool = False) -> QUICStream:
+        """Open a new stream, waiting while the peer's stream limit is
+        reached. The peer learns of it with its first data or FIN."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._raise_if_dead()
+            if not self._verified:
+                await self._handshake_done.wait()
+                continue
+            q = self._q
+            left = (
+                q.peer_streams_left_uni()
+                if unidirectional
+                else q.peer_streams_left_bidi()
+            )
+            if left > 0:
+                break
+            await self._credit_lot.park()
+        if unidirectional:
+            sid, self._next_uni = self._next_uni, self._next_uni + 4
+        else:
+            sid, self._next_bidi = self._next_bidi, self._next_bidi + 4
+        # An empty write creates the stream in quiche, so it counts against
+        # the peer's limit at once, as our bookkeeping assumes.
+        self._q.stream_send(sid, b"", False)
+        stream = QUICStream(self, sid, can_read=not unidirectional, can_write=True)
+        self._streams[sid] = stream
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
+
+    async def accept_stream(self) -> QUICStream:
+        """Wait for the peer's next new stream."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._incoming:
+            self._raise_if_dead()
+            await self._accept_lot.park()
+        stream = self._incoming.popleft()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
+
+    async def aclose(self, code: int = 0, reason: bytes = b"") -> None:
+        """Close with an application error ``code`` and ``reason``. Closing
+        happens at once, even when cancelled; every stream fails."""
+        self._close_now(is_app=True, code=code, reason=reason)
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> ConnectionStatistics:
+        path = next(iter(self._q.path_stats()), None)
+        return ConnectionStatistics(
+            quiche=self._q.stats(),
+            path=path,
+            datagrams_in=self._datagrams_in,
+            timer_fires=self._timer_fires,
+            flushes=self._flushes,
+            send_blocked=self._send_blocked,
+            streams_open=len(self._streams),
+        )
+
+    # -- errors -------------------------------------------------------------------
+
+    def _raise_if_dead(self) -> None:
+        if self._finished:
+            raise self._error()
+
+    def _error(self) -> QUICConnectionError:
+        reason = self.close_reason or CloseReason(CloseKind.LOCAL)
+        if self._verify_error is not None:
+            exc = QUICConnectionError(
+                reason, f"peer verification failed: {self._verify_error}"
+            )
+            exc.__cause__ = self._verify_error
+            return exc
+        return QUICConnectionError(reason)
+
+    # -- input ----------------------------------------------------------------------
+
+    def _datagram(self, data: bytearray, address: Address) -> None:
+        if self._finished:
+            return
+        self._datagrams_in += 1
+        try:
+            self._q.recv(data, address)
+        except QuicheError:
+            # A bad or late packet: quiche drops it, or closes the connection
+            # if it is fatal, which _after_input notices.
+            pass
+        self._socket._mark_dirty(self)
+
+    def _after_input(self) -> None:
+        if self._finished:
+            return
+        q = self._q
+        if not self._verified and q.is_established():
+            self._verify()
+        if self._verified and not self._finished:
+            self._deliver_streams()
+            if self._send_waiters:
+                for stream in list(self._send_waiters):
+                    stream._send_lot.unpark_all()
+            if self._credit_lot and (
+                q.peer_streams_left_bidi() > 0 or q.peer_streams_left_uni() > 0
+            ):
+                self._credit_lot.unpark_all()
+        if self._finished:
+            return
+        self._flush()
+        if q.is_closed():
+            self._finish(self._derive_reason())
+        else:
+            self._rearm()
+
+    def _verify(self) -> None:
+        chain = self._q.peer_cert_chain()
+        self.peer_certificates = tuple(chain)
+        try:
+            if not chain:
+                raise PeerVerificationError(
+                    "the peer sent no certificate", TLSAlert.CERTIFICATE_REQUIRED
+                )
+            if self._verifier is not None:
+                self.peer_identity = self._verifier(chain)
+        except Exception as exc:
+            if not isinstance(exc, PeerVerificationError):
+                # A verifier that raises anything else still refuses the
+                # peer; it must not take the socket down.
+                exc = PeerVerificationError(f"{type(exc).__name__}: {exc}")
+            self._verify_error = exc
+            self._close_now(
+                is_app=False,
+                code=_CRYPTO_ERROR + int(exc.alert),
+                reason=str(exc).encode()[:256],
+                kind=CloseKind.VERIFICATION,
+            )
+            return
+        self._verified = True
+        self._handshake_deadline = math.inf
+        self._handshake_done.set()
+        for callback in self._on_ready:
+            callback(self)
+        self._on_ready.clear()
+
+    def _deliver_streams(self) -> None:
+        q = self._q
+        streams = self._streams
+        while (sid := q.readable_next()) is not None:
+            stream = streams.get(sid)
+            if stream is not None:
+                stream._recv_lot.unpark_all()
+                continue
+            if (sid & 1) == self.is_server or sid <= self._peer_max[sid & 2]:
+                # A stream we already closed, or our own: discard its data.
+                self._discard(sid)
+                continue
+            # New peer streams, including lower ids the peer opened
+            # implicitly (RFC 9000 3.2) that may have no data yet.
+            kind = sid & 3
+            first = (
+                self._peer_max[sid & 2] + 4 if self._peer_max[sid & 2] >= 0 else kind
+            )
+            self._peer_max[sid & 2] = sid
+            for new in range(first, sid + 1, 4):
+                stream = QUICStream(self, new, can_read=True, can_write=not (new & 2))
+                streams[new] = stream
+                self._incoming.append(stream)
+            self._accept_lot.unpark_all()
+
+    def _discard(self, sid: int) -> None:
+        buf = self._scratch_buf
+        try:
+            while self._q.stream_recv(sid, buf) is not None:
+                pass
+        except QuicheError:
+            pass
+
+    # -- output -----------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._pending is not None or self._finished:
+            return
+        socket = self._socket
+        buf = socket._send_buf
+        view = socket._send_view
+        segments = socket._max_segments
+        q = self._q
+        send = socket.send_segments
+        self._flushes += 1
+        while True:
+            try:
+                out = q.send_batch(buf, segments)
+            except QuicheError:
+                return
+            if out is None:
+                return
+            total, segment, to = out
+            if not send(view[:total], segment, to):
+                self._pending = (bytes(view[:total]), segment, to)
+                self._send_blocked += 1
+                self._driver_lot.unpark_all()
+                return
+
+    def _rearm(self) -> None:
+        now = trio.current_time()
+        timeout = self._q.timeout()
+        self._quiche_deadline = math.inf if timeout is None else now + timeout
+        if (
+            self._verified
+            and self._keep_alive_deadline == math.inf
+            and self._config.keep_alive_interval
+        ):
+            self._keep_alive_deadline = now + self._config.keep_alive_interval
+        deadline = min(
+            self._quiche_deadline, self._keep_alive_deadline, self._handshake_deadline
+        )
+        if deadline != self._deadline:
+            self._deadline = deadline
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = deadline
+
+    # -- the driver task ----------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        try:
+            while not self._finished:
+                with trio.CancelScope(deadline=self._deadline) as scope:
+                    self._timer_scope = scope
+                    if self._pending is not None:
+                        await self._socket.wait_writable()
+                    else:
+                        await self._driver_lot.park()
+                self._timer_scope = None
+                if self._finished:
+                    break
+                if self._pending is not None:
+                    data, segment, to = self._pending
+                    if self._socket.send_segments(memoryview(data), segment, to):
+                        self._pending = None
+                if trio.current_time() >= self._deadline:
+                    self._on_timer()
+                self._after_input()
+        finally:
+            self._timer_scope = None
+            if not self._finished:
+                # The socket is going away under us.
+                self._close_now(
+                    is_app=True,
+                    code=0,
+                    reason=b"socket closed",
+                    kind=CloseKind.SOCKET_CLOSED,
+                )
+
+    def _on_timer(self) -> None:
+        now = trio.current_time()
+        self._timer_fires += 1
+        if now >= self._handshake_deadline:
+            self._close_now(
+                is_app=False,
+                code=0,
+                reason=b"handshake timeout",
+                kind=CloseKind.HANDSHAKE_TIMEOUT,
+            )
+            return
+        if now >= self._quiche_deadline:
+            self._q.on_timeout()
+        if now >= self._keep_alive_deadline:
+            self._keep_alive_deadline = math.inf  # re-armed by _rearm
+            self._q.send_ack_eliciting()
+
+    # -- closing ----------------------------------------------------------------------
+
+    def _close_now(
+        self,
+        *,
+        is_app: bool,
+        code: int,
+        reason: bytes,
+        kind: CloseKind = CloseKind.LOCAL,
+    ) -> None:
+        if self._finished:
+            return
+        try:
+            self._q.close(is_app, code, reason)
+        except (QuicheError, ValueError):
+            pass
+        self._flush()
+        self._finish(CloseReason(kind, is_app=is_app, code=code, reason=reason))
+
+    def _derive_reason(self) -> CloseReason:
+        q = self._q
+        if q.is_timed_out():
+            kind = CloseKind.IDLE_TIMEOUT if self._verified else CloseKind.HANDSHAKE
+            return CloseReason(kind)
+        peer = q.peer_error()
+        if peer is not None:
+            kind = (
+                CloseKind.PEER if self._verified or peer.is_app else CloseKind.HANDSHAKE
+            )
+            return CloseReason(kind, peer.is_app, peer.error_code, peer.reason)
+        local = q.local_error()
+        if local is not None:
+            kind = CloseKind.PROTOCOL if self._verified else CloseKind.HANDSHAKE
+            return CloseReason(kind, local.is_app, local.error_code, local.reason)
+        return CloseReason(CloseKind.PROTOCOL)
+
+    def _finish(self, reason: CloseReason) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self.close_reason is None:
+            self.close_reason = reason
+        for stream in list(self._streams.values()):
+            stream._connection_lost()
+        self._streams.clear()
+        self._send_waiters.clear()
+        self._accept_lot.unpark_all()
+        self._credit_lot.unpark_all()
+        self._driver_lot.unpark_all()
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
+        self._handshake_done.set()
+        self._closed_event.set()
+        self._socket._remove_connection(self)
+
+    def _forget_stream(self, stream: QUICStream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+
+    def _scratch(self, size: int) -> bytearray:
+        if len(self._scratch_buf) < size:
+            self._scratch_buf = bytearray(size)
+        return self._scratch_buf

@@ -1,0 +1,410 @@
+"""One UDP socket, shared by a server and any number of client connections.
+
+Theory of operation
+-------------------
+:class:`QUICSocket` owns a non-blocking stdlib UDP socket, a nursery, and one
+reader task. The reader waits with ``trio.lowlevel.wait_readable`` and then
+drains the socket until it would block, without awaiting per datagram. Each
+datagram is routed synchronously:
+
+* a short header (the bulk of traffic) is routed by the 16-byte DCID we
+  chose, sliced straight out of the packet with no parsing call;
+* a long header goes through quiche's header parser: known DCIDs go to their
+  connection, Initials to the attached server (which may answer with version
+  negotiation or Retry), everything else is dropped and counted;
+* datagrams that are not QUIC at all (hole-punching noise) are counted and
+  dropped.
+
+``Connection.recv`` is called inline and the connection is remembered as
+"dirty"; once the socket is drained, every dirty connection flushes what
+quiche wants to send, re-arms its timer and wakes its streams. So a burst of
+datagrams costs one wake-up and one flush per connection, not a task switch
+per packet.
+
+Sending is synchronous too: ``send_segments`` writes one GSO batch (one
+``sendmsg`` carrying up to 64 packets) where the kernel supports UDP_SEGMENT,
+or one ``sendto`` per packet where it does not. When the kernel's buffer is
+full the caller keeps the batch and waits for writability in its own task.
+
+Receiving uses UDP GRO where available: the kernel may coalesce packets of
+one flow into one buffer and tells the segment size in a control message.
+
+Every connection task (driver) runs in this socket's nursery, so leaving the
+``async with`` block closes every connection made through it.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket as _stdlib_socket
+import struct
+from types import TracebackType
+from typing import TYPE_CHECKING, Final, Protocol
+
+import attrs
+import trio
+
+from . import _binding
+from ._binding import Address
+from .errors import QuicheError
+
+if TYPE_CHECKING:
+    from .connection import QUICConnection
+
+__all__ = ["CID_LEN", "QUICSocket", "SocketStatistics"]
+
+#: Length of every connection id we issue; short headers are routed by it.
+CID_LEN: Final = 16
+
+_SOL_UDP: Final = 17
+_UDP_SEGMENT: Final = 103
+_UDP_GRO: Final = 104
+#: Linux accepts up to 64 segments per GSO send (UDP_MAX_SEGMENTS).
+MAX_GSO_SEGMENTS: Final = 64
+_RECV_BUFFER: Final = 65536
+_GSO_BYTES: Final = 65000
+_SOCKET_BUFFER: Final = 4 * 1024 * 1024
+_GRO_CMSG_SPACE: Final = _stdlib_socket.CMSG_SPACE(4)
+
+
+class _InitialHandler(Protocol):
+    def handle_initial(
+        self, header: _binding.Header, data: bytearray, address: Address
+    ) -> None: ...
+
+
+@attrs.define
+class SocketStatistics:
+    """Counters of a :class:`QUICSocket`."""
+
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    #: Datagrams that did not parse as QUIC (e.g. hole-punching packets).
+    dropped_not_quic: int = 0
+    #: QUIC packets for connection ids we do not know.
+    dropped_unknown_connection: int = 0
+    #: Initials that arrived while no server was attached.
+    dropped_no_server: int = 0
+    #: Sends the kernel refused for lack of buffer space (then retried).
+    send_would_block: int = 0
+    #: Sends that failed outright (unreachable network and the like).
+    send_errors: int = 0
+    gso: bool = False
+    gro: bool = False
+    connections: int = 0
+
+
+class QUICSocket:
+    """A UDP socket for QUIC, used as ``async with QUICSocket(...) as sock``.
+
+    ``host`` defaults to ``"::"`` with dual stack (IPv4 peers appear as
+    ``::ffff:a.b.c.d``); pass ``"0.0.0.0"`` or ``"127.0.0.1"`` for IPv4 only.
+    """
+
+    def __init__(self, host: str = "::", port: int = 0) -> None:
+        self._host = host
+        self._port = port
+        self._sock: _stdlib_socket.socket | None = None
+        self._nursery: trio.Nursery | None = None
+        self._routes: dict[bytes, QUICConnection] = {}
+        self._server: _InitialHandler | None = None
+        self._dirty: list[QUICConnection] = []
+        self._recv_buf = bytearray(_RECV_BUFFER)
+        self._recv_view = memoryview(self._recv_buf)
+        # One send buffer for all connections: sending is synchronous. A GSO
+        # send carries at most 64 KiB; quiche fills what fits.
+        self._send_buf = bytearray(_GSO_BYTES)
+        self._send_view = memoryview(self._send_buf)
+        self._max_segments = MAX_GSO_SEGMENTS
+        self._gso = False
+        self._gro = False
+        self._closed = False
+        self._connections: set[QUICConnection] = set()
+        self.statistics = SocketStatistics()
+        self.local_address: Address = ()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> QUICSocket:
+        family = (
+            _stdlib_socket.AF_INET6 if ":" in self._host else _stdlib_socket.AF_INET
+        )
+        sock = _stdlib_socket.socket(family, _stdlib_socket.SOCK_DGRAM)
+        try:
+            if family == _stdlib_socket.AF_INET6:
+                sock.setsockopt(
+                    _stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 0
+                )
+            for opt in (_stdlib_socket.SO_RCVBUF, _stdlib_socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(_stdlib_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                except OSError:  # pragma: no cover - best effort
+                    pass
+            sock.bind((self._host, self._port))
+            sock.setblocking(False)
+            self._gso = _probe_gso(sock)
+            self._gro = _enable_gro(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.local_address = sock.getsockname()
+        self.statistics.gso = self._gso
+        self.statistics.gro = self._gro
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._reader)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        self._close()
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        return bool(
+            await self._nursery_manager.__aexit__(exc_type, exc_value, traceback)
+        )
+
+    async def aclose(self) -> None:
+        """Close every connection on this socket (with code 0), then the
+        socket itself. Idempotent."""
+        self._close()
+        await trio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._connections):
+            conn._close_now(is_app=True, code=0, reason=b"socket closing")
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        if self._sock is not None:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        if self._nursery is None or self._closed:
+            raise trio.ClosedResourceError("the QUIC socket is not open")
+        return self._nursery
+
+    @property
+    def host_family(self) -> int:
+        assert self._sock is not None
+        return self._sock.family
+
+    # -- routing ----------------------------------------------------------------
+
+    def attach_server(self, server: _InitialHandler | None) -> None:
+        """Send new connections' Initials to ``server`` (or to nobody)."""
+        if (
+            server is not None
+            and self._server is not None
+            and server is not self._server
+        ):
+            raise trio.BusyResourceError("a server is already attached to this socket")
+        self._server = server
+
+    def _add_connection(self, conn: QUICConnection) -> None:
+        self._connections.add(conn)
+        self.statistics.connections = len(self._connections)
+
+    def _remove_connection(self, conn: QUICConnection) -> None:
+        self._connections.discard(conn)
+        for cid in conn._route_ids:
+            if self._routes.get(cid) is conn:
+                del self._routes[cid]
+        conn._route_ids.clear()
+        self.statistics.connections = len(self._connections)
+
+    def _route(self, cid: bytes, conn: QUICConnection) -> None:
+        self._routes[cid] = conn
+        conn._route_ids.add(cid)
+
+    def normalize_address(self, address: Address) -> Address:
+        """``address`` as this socket's family reports peers: IPv4 becomes
+        IPv4-mapped IPv6 on a dual-stack socket."""
+        assert self._sock is not None
+        host = address[0]
+        if self._sock.family == _stdlib_socket.AF_INET6:
+            if ":" not in host:
+                return (f"::ffff:{host}", address[1], 0, 0)
+            if len(address) == 2:
+                return (host, address[1], 0, 0)
+            return address
+        if ":" in host:
+            if host.startswith("::ffff:") and "." in host:
+                return (host[7:], address[1])
+            raise OSError(errno.EAFNOSUPPORT, f"IPv6 address {host} on an IPv4 socket")
+        return (host, address[1])
+
+    # -- receiving --------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        buf = self._recv_buf
+        view = self._recv_view
+        stats = self.statistics
+        dispatch = self._dispatch
+        gro = self._gro
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    if gro:
+                        n, ancdata, _flags, address = sock.recvmsg_into(
+                            [buf], _GRO_CMSG_SPACE
+                        )
+                    else:
+                        n, address = sock.recvfrom_into(buf)
+                        ancdata = None
+                except BlockingIOError:
+                    break
+                except OSError:
+                    # ICMP errors surface here (ECONNREFUSED and the like);
+                    # they concern one peer, never the socket.
+                    stats.send_errors += 1
+                    continue
+                segment = n
+                if ancdata:
+                    for level, kind, data in ancdata:
+                        if level == _SOL_UDP and kind == _UDP_GRO:
+                            segment = struct.unpack("=i", data[:4])[0] or n
+                if segment >= n:
+                    stats.datagrams_received += 1
+                    stats.bytes_received += n
+                    # quiche rewrites the buffer in place; a copy lets a
+                    # connection keep nothing of ours.
+                    dispatch(bytearray(view[:n]), address)
+                else:
+                    for start in range(0, n, segment):
+                        end = min(start + segment, n)
+                        stats.datagrams_received += 1
+                        stats.bytes_received += end - start
+                        dispatch(bytearray(view[start:end]), address)
+            self._process_dirty()
+
+    def _dispatch(self, data: bytearray, address: Address) -> None:
+        if data and not data[0] & 0x80:
+            # Short header: the DCID is ours, CID_LEN bytes after the flags.
+            conn = self._routes.get(bytes(data[1 : 1 + CID_LEN]))
+            if conn is not None:
+                conn._datagram(data, address)
+                return
+        try:
+            header = _binding.parse_header(data, CID_LEN)
+        except (QuicheError, ValueError):
+            self.statistics.dropped_not_quic += 1
+            return
+        conn = self._routes.get(header.dcid)
+        if conn is not None:
+            conn._datagram(data, address)
+        elif header.type is _binding.PacketType.INITIAL:
+            if self._server is None:
+                self.statistics.dropped_no_server += 1
+            else:
+                self._server.handle_initial(header, data, address)
+        else:
+            self.statistics.dropped_unknown_connection += 1
+
+    def _mark_dirty(self, conn: QUICConnection) -> None:
+        self._dirty.append(conn)
+
+    def _process_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        seen: set[int] = set()
+        for conn in dirty:
+            if id(conn) not in seen:
+                seen.add(id(conn))
+                conn._after_input()
+
+    # -- sending ----------------------------------------------------------------
+
+    def send_segments(self, data: memoryview, segment: int, address: Address) -> bool:
+        """Send ``data`` as packets of ``segment`` bytes (the last may be
+        shorter) to ``address``. Returns False if the kernel's buffer is full
+        and nothing was sent; other send errors are counted and swallowed
+        (UDP is lossy; QUIC recovers)."""
+        sock = self._sock
+        if sock is None or self._closed:
+            return True
+        stats = self.statistics
+        n = len(data)
+        try:
+            if n <= segment:
+                sock.sendto(data, address)
+                stats.datagrams_sent += 1
+            elif self._gso:
+                sock.sendmsg(
+                    [data],
+                    [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", segment))],
+                    0,
+                    address,
+                )
+                stats.datagrams_sent += -(-n // segment)
+            else:
+                for start in range(0, n, segment):
+                    sock.sendto(data[start : start + segment], address)
+                    stats.datagrams_sent += 1
+        except BlockingIOError:
+            stats.send_would_block += 1
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EIO and self._gso:
+                # Some devices refuse GSO at send time: fall back for good.
+                self._gso = stats.gso = False
+                return self.send_segments(data, segment, address)
+            stats.send_errors += 1
+            return True
+        stats.bytes_sent += n
+        return True
+
+    async def wait_writable(self) -> None:
+        assert self._sock is not None
+        await trio.lowlevel.wait_writable(self._sock)
+
+    async def send(self, data: bytes, address: Address) -> None:
+        """Send one raw datagram (hole punching). Waits while the kernel's
+        buffer is full."""
+        if self._closed or self._sock is None:
+            raise trio.ClosedResourceError("the QUIC socket is closed")
+        address = self.normalize_address(address)
+        while True:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                self._sock.sendto(data, address)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._sock)
+                continue
+            self.statistics.datagrams_sent += 1
+            self.statistics.bytes_sent += len(data)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+
+
+def _probe_gso(sock: _stdlib_socket.socket) -> bool:
+    try:
+        sock.getsockopt(_SOL_UDP, _UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
+def _enable_gro(sock: _stdlib_socket.socket) -> bool:
+    try:
+        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,287 @@
+"""QUIC streams as trio half-closeable streams.
+
+A :class:`QUICStream` is a thin view of one quiche stream. Data never waits
+in Python: ``send_all`` hands bytes to quiche, which buffers at most the
+peer's flow-control credit, and waits (parks) when quiche takes nothing;
+``receive_some`` reads straight out of quiche and parks when there is
+nothing to read. The connection wakes the parked tasks after each batch of
+input.
+
+Closing follows trio's contract: ``send_eof`` sends FIN; ``aclose`` is
+graceful (FIN on the write side, STOP_SENDING with code 0 on an unfinished
+read side) unless it runs in a cancelled scope, when it is forceful
+(RESET_STREAM and STOP_SENDING with ``cancel_code``). A ``send_all``
+cancelled after part of its data went out resets the stream too, since the
+peer could never tell where the data stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._binding import Shutdown
+from .errors import QuicheError, QUICStreamError, StreamReset, StreamStopped
+
+if TYPE_CHECKING:
+    from .connection import QUICConnection
+
+__all__ = ["QUICStream"]
+
+_DEFAULT_RECEIVE = 65536
+
+
+class QUICStream(trio.abc.HalfCloseableStream):
+    """One bidirectional or unidirectional QUIC stream.
+
+    ``cancel_code`` is the application error code sent when the stream is
+    reset because of cancellation or a forceful close (settable; the RPC
+    layer uses its own codes).
+    """
+
+    def __init__(
+        self, conn: QUICConnection, stream_id: int, *, can_read: bool, can_write: bool
+    ) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.cancel_code = 0
+        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._receiving = False
+        self._sending = False
+        self._eof_received = not can_read
+        self._fin_sent = not can_write
+        self._closed = False
+        self._recv_error: BaseException | None = None
+        self._send_error: BaseException | None = None
+        # Set when we reset our own write side (a cancelled send_all).
+        self._send_aborted = False
+
+    def __repr__(self) -> str:
+        return f"<QUICStream {self.stream_id} of {self._conn!r}>"
+
+    @property
+    def connection(self) -> QUICConnection:
+        return self._conn
+
+    # -- receiving ------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = _DEFAULT_RECEIVE
+        elif not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+            raise TypeError("max_bytes must be an integer or None")
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            data = await self._receive(max_bytes)
+        finally:
+            self._receiving = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    async def _receive(self, max_bytes: int) -> bytes:
+        conn = self._conn
+        q = conn._q
+        sid = self.stream_id
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            if self._recv_error is not None:
+                raise self._recv_error
+            if self._eof_received:
+                return b""
+            buf = conn._scratch(max_bytes)
+            try:
+                got = q.stream_recv(sid, buf)
+            except StreamReset as exc:
+                self._recv_error = QUICStreamError(sid, exc.error_code, reset=True)
+                self._eof_received = True
+                raise self._recv_error from None
+            except QuicheError as exc:
+                # The stream is gone (collected after a reset we already saw,
+                # or the connection died under it).
+                conn._raise_if_dead()
+                raise trio.BrokenResourceError(f"stream {sid}: {exc}") from None
+            if got is None:
+                conn._raise_if_dead()
+                await self._recv_lot.park()
+                continue
+            n, fin = got
+            if fin:
+                self._eof_received = True
+            # Reading returns flow-control credit: let quiche announce it.
+            conn._flush()
+            if n == 0 and not fin:
+                continue
+            return bytes(buf[:n])
+
+    # -- sending --------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            await self._send(memoryview(data).cast("B"))
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _check_send(self) -> None:
+        if self._closed or self._fin_sent:
+            raise trio.ClosedResourceError("stream is closed for sending")
+        if self._send_error is not None:
+            raise self._send_error
+        if self._send_aborted:
+            raise trio.BrokenResourceError("stream was reset after a cancelled send")
+        self._conn._raise_if_dead()
+
+    def _stream_send(self, data: memoryview, fin: bool) -> int:
+        try:
+            return self._conn._q.stream_send(self.stream_id, data, fin)
+        except StreamStopped as exc:
+            self._send_error = QUICStreamError(
+                self.stream_id, exc.error_code, reset=False
+            )
+            raise self._send_error from None
+        except QuicheError as exc:
+            self._conn._raise_if_dead()
+            raise trio.BrokenResourceError(f"stream {self.stream_id}: {exc}") from None
+
+    async def _send(self, view: memoryview) -> None:
+        self._check_send()
+        conn = self._conn
+        offset = 0
+        total = len(view)
+        while offset < total:
+            n = self._stream_send(view[offset:], False)
+            if n:
+                offset += n
+                conn._flush()
+                continue
+            conn._send_waiters.add(self)
+            try:
+                await self._send_lot.park()
+            except trio.Cancelled:
+                if offset:
+                    # Part of the data is out: the stream cannot be resumed.
+                    self._abort_send()
+                raise
+            finally:
+                conn._send_waiters.discard(self)
+            self._check_send()
+
+    def _abort_send(self) -> None:
+        self._send_aborted = True
+        self._shutdown(Shutdown.WRITE, self.cancel_code)
+        self._conn._flush()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            while True:
+                self._check_send()
+                try:
+                    if self._conn._q.stream_capacity(self.stream_id) > 0:
+                        break
+                except StreamStopped as exc:
+                    self._send_error = QUICStreamError(
+                        self.stream_id, exc.error_code, reset=False
+                    )
+                    raise self._send_error from None
+                except QuicheError:
+                    break  # not created yet, or finished: send_all will say
+                self._conn._send_waiters.add(self)
+                try:
+                    await self._send_lot.park()
+                finally:
+                    self._conn._send_waiters.discard(self)
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if not self._fin_sent:
+            if self._send_error is not None:
+                raise self._send_error
+            self._conn._raise_if_dead()
+            self._stream_send(memoryview(b""), True)
+            self._fin_sent = True
+            self._conn._flush()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # -- closing --------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            # In a cancelled scope trio asks for a forceful close.
+            forceful = trio.current_effective_deadline() == -math.inf
+            self.close(forceful=forceful)
+        await trio.lowlevel.checkpoint()
+
+    def close(self, *, forceful: bool = False, code: int | None = None) -> None:
+        """Close now, without waiting. Forceful (or with a ``code``): reset
+        both directions with ``code`` (default ``cancel_code``)."""
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        if not conn._finished:
+            if code is not None:
+                forceful = True
+            code = self.cancel_code if code is None else code
+            if not self._eof_received and self._recv_error is None:
+                self._shutdown(Shutdown.READ, code if forceful else 0)
+            if (
+                not self._fin_sent
+                and self._send_error is None
+                and not self._send_aborted
+            ):
+                if forceful:
+                    self._shutdown(Shutdown.WRITE, code)
+                else:
+                    try:
+                        self._conn._q.stream_send(self.stream_id, b"", True)
+                    except QuicheError:
+                        pass
+                self._fin_sent = True
+            conn._flush()
+        conn._forget_stream(self)
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    def reset(self, code: int) -> None:
+        """Abort both directions with ``code`` (RESET_STREAM and
+        STOP_SENDING) and close the stream."""
+        self.close(forceful=True, code=code)
+
+    def _shutdown(self, direction: Shutdown, code: int) -> None:
+        try:
+            self._conn._q.stream_shutdown(self.stream_id, direction, code)
+        except QuicheError:
+            pass  # already finished or never created: nothing to abort
+
+    # -- called by the connection ---------------------------------------------
+
+    def _wake(self) -> None:
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    def _connection_lost(self) -> None:
+        self._wake()
