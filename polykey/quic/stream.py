@@ -167,6 +167,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 offset += n
                 conn._flush()
                 continue
+            self._check_stream_exists()
             conn._send_waiters.add(self)
             try:
                 await self._send_lot.park()
@@ -178,6 +179,22 @@ class QUICStream(trio.abc.HalfCloseableStream):
             finally:
                 conn._send_waiters.discard(self)
             self._check_send()
+
+    def _check_stream_exists(self) -> None:
+        """quiche takes nothing both when it has no room and when it already
+        collected the stream (after the peer reset and stopped it and we
+        read the reset): tell the two apart."""
+        try:
+            self._conn._q.stream_capacity(self.stream_id)
+        except StreamStopped as exc:
+            self._send_error = QUICStreamError(self.stream_id, exc.error_code, reset=False)
+            raise self._send_error from None
+        except QuicheError:
+            # Gone: the peer aborted it. Its STOP_SENDING code went with it;
+            # the RESET_STREAM code we read is the best we have.
+            code = getattr(self._recv_error, "error_code", 0)
+            self._send_error = QUICStreamError(self.stream_id, code, reset=False)
+            raise self._send_error from None
 
     def _abort_send(self) -> None:
         self._send_aborted = True

@@ -1,0 +1,398 @@
+"""QUIC over real UDP sockets on loopback, on the real clock."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from polykey.quic import (
+    CloseKind,
+    QUICConfig,
+    QUICConnection,
+    QUICConnectionError,
+    QUICServer,
+    QUICSocket,
+    QUICStream,
+    QUICStreamError,
+)
+
+from .conftest import open_pair
+
+
+async def echo_streams(conn: QUICConnection) -> None:
+    """Echo every stream the peer opens until the connection ends."""
+
+    async def echo(stream: QUICStream) -> None:
+        async with stream:
+            try:
+                while data := await stream.receive_some():
+                    await stream.send_all(data)
+                await stream.send_eof()
+            except trio.BrokenResourceError:
+                pass
+
+    async with trio.open_nursery() as nursery:
+        try:
+            while True:
+                nursery.start_soon(echo, await conn.accept_stream())
+        except trio.BrokenResourceError:
+            pass
+
+
+async def test_half_closeable_stream_conformance() -> None:
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+
+        async def maker() -> tuple[QUICStream, QUICStream]:
+            return await pair.stream_pair(client_conn, server_conn)
+
+        with trio.fail_after(30):
+            await trio.testing.check_half_closeable_stream(maker, None)
+        assert not client_conn.closed
+        assert not server_conn.closed
+
+
+async def test_echo_and_connection_details() -> None:
+    async with open_pair() as pair, trio.open_nursery() as nursery:
+        client_conn, server_conn = await pair.connect()
+        nursery.start_soon(echo_streams, server_conn)
+        with trio.fail_after(5):
+            stream = await client_conn.open_stream()
+            await stream.send_all(b"hello")
+            await stream.send_eof()
+            assert await stream.receive_some() == b"hello"
+            assert await stream.receive_some() == b""
+        assert client_conn.peer_certificates
+        assert server_conn.peer_certificates
+        assert client_conn.remote_address[1] == pair.server_socket.local_address[1]
+        stats = client_conn.statistics()
+        assert stats.quiche.sent > 0
+        assert stats.path is not None
+        assert stats.path.rtt_ns > 0
+        await client_conn.aclose(7, b"done")
+        with trio.fail_after(5):
+            reason = await server_conn.wait_closed()
+        assert reason.kind is CloseKind.PEER
+        assert reason.is_app
+        assert reason.code == 7
+        assert reason.reason == b"done"
+        assert client_conn.close_reason is not None
+        assert client_conn.close_reason.kind is CloseKind.LOCAL
+        nursery.cancel_scope.cancel()
+
+
+async def test_many_concurrent_streams_wait_for_credit() -> None:
+    """1,000 streams at once over a peer limit of 100: openers wait."""
+    async with open_pair() as pair, trio.open_nursery() as nursery:
+        client_conn, server_conn = await pair.connect()
+        nursery.start_soon(echo_streams, server_conn)
+        results: list[bytes] = []
+
+        async def one(i: int) -> None:
+            stream = await client_conn.open_stream()
+            async with stream:
+                payload = f"stream {i}".encode() * 10
+                await stream.send_all(payload)
+                await stream.send_eof()
+                got = b""
+                while data := await stream.receive_some():
+                    got += data
+                assert got == payload
+                results.append(got)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as streams:
+                for i in range(1000):
+                    streams.start_soon(one, i)
+        assert len(results) == 1000
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_bulk_transfer_both_ways_with_hash() -> None:
+    size = 256 * 1024 * 1024
+    async with open_pair() as pair, trio.open_nursery() as nursery:
+        client_conn, server_conn = await pair.connect()
+        nursery.start_soon(echo_streams, server_conn)
+        stream = await client_conn.open_stream()
+        sent = hashlib.sha256()
+        received = hashlib.sha256()
+        chunk_rng = random.Random(1)
+
+        async def sender() -> None:
+            remaining = size
+            while remaining:
+                chunk = chunk_rng.randbytes(min(remaining, 1 << 20))
+                sent.update(chunk)
+                await stream.send_all(chunk)
+                remaining -= len(chunk)
+            await stream.send_eof()
+
+        total = 0
+        with trio.fail_after(120):
+            async with trio.open_nursery() as transfer:
+                transfer.start_soon(sender)
+                while data := await stream.receive_some(1 << 20):
+                    received.update(data)
+                    total += len(data)
+        assert total == size
+        assert received.digest() == sent.digest()
+        nursery.cancel_scope.cancel()
+
+
+async def test_many_connections_to_one_server() -> None:
+    async with QUICSocket("127.0.0.1") as server_socket:
+        from .conftest import tls_identity
+
+        server = QUICServer(server_socket, tls_identity("server"))
+        identity = tls_identity("client")
+        from polykey.quic import QUICClient
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve, echo_streams)
+            ok = 0
+
+            async def dial(client_socket: QUICSocket) -> None:
+                nonlocal ok
+                client = QUICClient(client_socket, identity)
+                conn = await client.connect(server_socket.local_address)
+                stream = await conn.open_stream()
+                await stream.send_all(b"x")
+                await stream.send_eof()
+                assert await stream.receive_some() == b"x"
+                await conn.aclose()
+                ok += 1
+
+            with trio.fail_after(60):
+                async with QUICSocket("127.0.0.1") as client_socket:
+                    async with trio.open_nursery() as dials:
+                        for _ in range(200):
+                            dials.start_soon(dial, client_socket)
+            assert ok == 200
+            assert server.statistics.accepted == 200
+            assert server.statistics.retries_sent >= 200
+            nursery.cancel_scope.cancel()
+
+
+async def test_both_nodes_dial_each_other_on_shared_sockets() -> None:
+    """Each socket runs a server and dials the other at the same moment."""
+    from .conftest import tls_identity
+
+    from polykey.quic import QUICClient
+
+    async with QUICSocket("127.0.0.1") as a, QUICSocket("127.0.0.1") as b:
+        servers = [QUICServer(a, tls_identity("a")), QUICServer(b, tls_identity("b"))]
+        clients = [QUICClient(a, tls_identity("a")), QUICClient(b, tls_identity("b"))]
+        async with trio.open_nursery() as nursery:
+            for server in servers:
+                nursery.start_soon(server.serve, echo_streams)
+            conns: list[QUICConnection] = []
+
+            async def dial(i: int) -> None:
+                target = (b, a)[i].local_address
+                conn = await clients[i].connect(target)
+                stream = await conn.open_stream()
+                await stream.send_all(f"from {i}".encode())
+                await stream.send_eof()
+                assert await stream.receive_some() == f"from {i}".encode()
+                conns.append(conn)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as dials:
+                    dials.start_soon(dial, 0)
+                    dials.start_soon(dial, 1)
+            assert len(conns) == 2
+            # Each socket carries its server side and its client side.
+            assert a.statistics.connections == 2
+            assert b.statistics.connections == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_idle_timeout_closes_connection() -> None:
+    config = QUICConfig(max_idle_timeout=0.3, keep_alive_interval=None)
+    async with open_pair(config) as pair:
+        client_conn, server_conn = await pair.connect()
+        with trio.fail_after(5):
+            reason = await client_conn.wait_closed()
+            await server_conn.wait_closed()
+        assert reason.kind is CloseKind.IDLE_TIMEOUT
+        assert server_conn.close_reason is not None
+        assert server_conn.close_reason.kind is CloseKind.IDLE_TIMEOUT
+        with pytest.raises(QUICConnectionError):
+            await client_conn.open_stream()
+
+
+async def test_keep_alive_outlives_idle_timeout() -> None:
+    config = QUICConfig(max_idle_timeout=0.4, keep_alive_interval=0.1)
+    async with open_pair(config) as pair:
+        client_conn, server_conn = await pair.connect()
+        await trio.sleep(1.5)
+        assert not client_conn.closed
+        assert not server_conn.closed
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        await cs.send_all(b"alive")
+        with trio.fail_after(5):
+            assert await ss.receive_some() == b"alive"
+
+
+async def test_stream_limit_makes_openers_wait() -> None:
+    server_config = QUICConfig(initial_max_streams_bidi=2)
+    async with open_pair(server_config=server_config) as pair:
+        client_conn, server_conn = await pair.connect()
+        first = await client_conn.open_stream()
+        second = await client_conn.open_stream()
+        opened: list[QUICStream] = []
+
+        async def third() -> None:
+            opened.append(await client_conn.open_stream())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third)
+            await trio.sleep(0.2)
+            assert opened == []  # waiting, not failing
+            # Finish one stream on both sides: the server grants credit.
+            await first.send_all(b"1")
+            await first.send_eof()
+            await second.send_all(b"2")
+            peer = await server_conn.accept_stream()
+            assert await peer.receive_some() == b"1"
+            assert await peer.receive_some() == b""
+            await peer.send_eof()
+            await peer.aclose()
+            assert await first.receive_some() == b""
+            await first.aclose()
+            with trio.fail_after(5):
+                while not opened:
+                    await trio.sleep(0.01)
+        assert opened[0].stream_id == 8
+
+
+async def test_peer_reset_and_stop_sending_carry_codes() -> None:
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        cs.reset(42)
+        with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
+            while True:
+                await ss.receive_some()
+        assert info.value.error_code == 42
+        assert info.value.reset
+        with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
+            while True:
+                await ss.send_all(b"x" * 1000)
+                await trio.sleep(0.01)
+        assert info.value.error_code == 42
+        assert not info.value.reset
+
+
+async def test_cancelled_send_resets_stream_and_peer_sees_code() -> None:
+    server_config = QUICConfig(initial_max_stream_data=64 * 1024)
+    async with open_pair(server_config=server_config) as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        cs.cancel_code = 9
+        with trio.move_on_after(0.3) as scope:
+            await cs.send_all(b"x" * (4 * 1024 * 1024))  # far over credit
+        assert scope.cancelled_caught
+        with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
+            while True:
+                await ss.receive_some()
+        assert info.value.error_code == 9
+        with pytest.raises(trio.BrokenResourceError):
+            await cs.send_all(b"more")
+        await cs.aclose()
+        assert client_conn.statistics().streams_open == 0
+
+
+async def test_cancelled_receive_then_close_resets_for_peer() -> None:
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        cs.cancel_code = 5
+        with trio.move_on_after(0.1):
+            async with cs:
+                await cs.receive_some()
+        # The stream closed inside a cancelled scope: forcefully.
+        with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
+            while True:
+                await ss.receive_some()
+        assert info.value.error_code == 5
+        assert client_conn.statistics().streams_open == 0
+
+
+async def test_connection_close_fails_every_stream() -> None:
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        failures: list[BaseException] = []
+
+        async def blocked_reader() -> None:
+            try:
+                await cs.receive_some()
+            except trio.BrokenResourceError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocked_reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await server_conn.aclose(3, b"bye")
+        assert len(failures) == 1
+        assert isinstance(failures[0], QUICConnectionError)
+        assert failures[0].close_reason.code == 3
+        with pytest.raises(QUICConnectionError):
+            await ss.send_all(b"x")
+
+
+async def test_garbage_datagrams_do_not_disturb_live_connections() -> None:
+    async with open_pair() as pair, trio.open_nursery() as nursery:
+        client_conn, server_conn = await pair.connect()
+        nursery.start_soon(echo_streams, server_conn)
+        rng = random.Random(7)
+        target = pair.server_socket.local_address
+        for _ in range(500):
+            await pair.client_socket.send(rng.randbytes(rng.randint(1, 1500)), target)
+        # Short-header-looking garbage aimed at the live connection's id.
+        for _ in range(200):
+            await pair.client_socket.send(
+                bytes([0x40]) + rng.randbytes(rng.randint(20, 1200)), target
+            )
+        with trio.fail_after(5):
+            stream = await client_conn.open_stream()
+            await stream.send_all(b"still fine")
+            await stream.send_eof()
+            assert await stream.receive_some() == b"still fine"
+        stats = pair.server_socket.statistics
+        assert stats.dropped_not_quic + stats.dropped_unknown_connection > 0
+        assert not server_conn.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_vanished_peer_ends_within_idle_timeout() -> None:
+    config = QUICConfig(max_idle_timeout=0.5, keep_alive_interval=0.1)
+    async with open_pair(config) as pair:
+        client_conn, server_conn = await pair.connect()
+        # The client disappears without a word: its socket closes silently.
+        pair.client_socket._sock.close()  # type: ignore[union-attr]
+        with trio.fail_after(5):
+            reason = await server_conn.wait_closed()
+        assert reason.kind is CloseKind.IDLE_TIMEOUT
+
+
+async def test_connect_cancelled_leaves_nothing_behind() -> None:
+    async with QUICSocket("127.0.0.1") as dead, QUICSocket("127.0.0.1") as cs:
+        from .conftest import tls_identity
+
+        from polykey.quic import QUICClient
+
+        client = QUICClient(cs, tls_identity("client"))
+        with trio.move_on_after(0.3) as scope:
+            # Nobody serves on ``dead``: the handshake never completes.
+            await client.connect(dead.local_address)
+        assert scope.cancelled_caught
+        assert cs.statistics.connections == 0
+        assert dead.statistics.dropped_no_server >= 1
+
