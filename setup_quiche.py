@@ -7,6 +7,10 @@ Two steps:
 
 1. ``cargo build --release --locked`` of ``_quiche_build/``, a staticlib that
    pins quiche 0.29.3 (with BoringSSL inside) and adds the ``pk_*`` shim.
+   quiche's crate is first copied into ``_quiche_build/vendor/quiche`` and
+   patched with our fixes (``_quiche_build/patch_quiche.py`` says which and
+   why); the pristine source's checksum is pinned by
+   ``_quiche_build/fetch/Cargo.lock``.
    Cargo's target directory lives outside the checkout, in
    ``$POLYKEY_CACHE_DIR`` (default ``~/.cache/polykey``), in a folder named
    after the hash of ``Cargo.lock``: the first build compiles BoringSSL and
@@ -268,11 +272,64 @@ def cache_dir() -> Path:
     return root / f"quiche-{key}"
 
 
-def cargo_build() -> Path:
-    """Build the staticlib (a no-op when cached) and return its path."""
+def _cargo() -> str:
     cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
     if not Path(cargo).exists():
         _fail("cargo not found: install Rust 1.88 or newer (https://rustup.rs)")
+    return cargo
+
+
+def _crate_dir(manifest: Path, name: str) -> Path:
+    out = subprocess.run(
+        [
+            _cargo(), "metadata", "--format-version", "1", "--locked",
+            "--manifest-path", str(manifest),
+        ],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    for pkg in json.loads(out)["packages"]:
+        if pkg["name"] == name:
+            return Path(pkg["manifest_path"]).parent
+    _fail(f"cargo metadata of {manifest} does not list {name}")
+    raise AssertionError  # unreachable
+
+
+def vendor_quiche() -> Path:
+    """Copy quiche's pristine crate (checksum pinned by fetch/Cargo.lock)
+    into _quiche_build/vendor/quiche and apply patch_quiche's fixes."""
+    sys.path.insert(0, str(CRATE))
+    try:
+        import patch_quiche
+    finally:
+        sys.path.pop(0)
+    fetch = CRATE / "fetch" / "Cargo.toml"
+    dest = CRATE / "vendor" / "quiche"
+    stamp = dest / ".polykey-patched"
+    want = hashlib.sha256(
+        (CRATE / "patch_quiche.py").read_bytes()
+        + (CRATE / "fetch" / "Cargo.lock").read_bytes()
+    ).hexdigest()
+    if stamp.exists() and stamp.read_text() == want:
+        return dest
+    subprocess.run(
+        [_cargo(), "fetch", "--locked", "--manifest-path", str(fetch)], check=True
+    )
+    source = _crate_dir(fetch, "quiche")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest)
+    try:
+        patch_quiche.apply(dest)
+    except RuntimeError as exc:
+        _fail(str(exc))
+    stamp.write_text(want)
+    return dest
+
+
+def cargo_build() -> Path:
+    """Build the staticlib (a no-op when cached) and return its path."""
+    cargo = _cargo()
+    vendor_quiche()
     target = cache_dir()
     cmd = [
         cargo, "build", "--release", "--locked",
@@ -294,22 +351,11 @@ def cargo_build() -> Path:
 
 
 def quiche_include_dir() -> Path:
-    """quiche's own include/ folder, from the crate cargo resolved."""
-    cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
-    out = subprocess.run(
-        [
-            cargo, "metadata", "--format-version", "1", "--locked",
-            "--manifest-path", str(CRATE / "Cargo.toml"),
-        ],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    for pkg in json.loads(out)["packages"]:
-        if pkg["name"] == "quiche":
-            include = Path(pkg["manifest_path"]).parent / "include"
-            if (include / "quiche.h").exists():
-                return include
-    _fail("cannot find quiche's include/quiche.h through cargo metadata")
-    raise AssertionError  # unreachable
+    """quiche's own include/ folder (in the vendored copy)."""
+    include = vendor_quiche() / "include"
+    if not (include / "quiche.h").exists():
+        _fail(f"{include}/quiche.h is missing")
+    return include
 
 
 def make_ffibuilder() -> FFI:
@@ -329,4 +375,3 @@ def make_ffibuilder() -> FFI:
 
 
 ffibuilder = make_ffibuilder()
-

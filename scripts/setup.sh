@@ -54,7 +54,8 @@ command -v cargo >/dev/null || die "Rust (cargo) 1.88 or newer is needed: https:
 [ -x "$venv/bin/python" ] || { say "creating $venv"; "$py" -m venv "$venv"; }
 stamp=$venv/.polykey-setup
 want=$(cat pyproject.toml setup.py setup_quiche.py _quiche_build/Cargo.toml \
-    _quiche_build/Cargo.lock _quiche_build/src/*.rs | sha256sum | cut -c1-32)
+    _quiche_build/Cargo.lock _quiche_build/src/*.rs _quiche_build/patch_quiche.py \
+    _quiche_build/fetch/Cargo.lock | sha256sum | cut -c1-32)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
     || ! "$venv/bin/python" -c 'import polykey.quic._quiche' 2>/dev/null; then
     say "installing polykey (the first quiche build takes a few minutes)"

@@ -23,6 +23,7 @@ from .errors import (
     TLSConfigError,
 )
 from .server import QUICServer, ServerStatistics
+from .tls import node_tls_identity, node_verifier
 from .socket import QUICSocket, SocketStatistics
 from .stream import QUICStream
 
@@ -48,5 +49,7 @@ __all__ = [
     "TLSConfigError",
     "TLSIdentity",
     "connect",
+    "node_tls_identity",
+    "node_verifier",
     "quiche_version",
 ]

@@ -8,7 +8,7 @@ no active migration.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -29,12 +29,16 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
         raise ValueError(f"{attribute.name} must not be negative")
 
 
+def _as_chain(chain: Iterable[bytes]) -> tuple[bytes, ...]:
+    return tuple(chain)
+
+
 @attrs.frozen(kw_only=True)
 class TLSIdentity:
     """A certificate chain (DER, leaf first) and its private key (PKCS#8 DER
     or PEM)."""
 
-    cert_chain: tuple[bytes, ...] = attrs.field(converter=tuple)
+    cert_chain: tuple[bytes, ...] = attrs.field(converter=_as_chain)
     private_key: bytes = attrs.field(repr=False)
 
     def __attrs_post_init__(self) -> None:

@@ -115,8 +115,11 @@ class QUICConnection(trio.abc.AsyncResource):
         local = 1 if is_server else 0
         self._next_bidi = local
         self._next_uni = local | 2
-        # Highest peer stream id seen per type, to tell new from old.
+        # Highest peer stream id seen per type (bidi 0, uni 2), and the lower
+        # ids not seen yet: together they tell a new peer stream from one we
+        # already closed. The gaps stay within the peer's stream limit.
         self._peer_max: dict[int, int] = {0: -1, 2: -1}
+        self._peer_gaps: set[int] = set()
         self._deadline = math.inf
         self._quiche_deadline = math.inf
         self._keep_alive_deadline = math.inf
@@ -308,21 +311,26 @@ class QUICConnection(trio.abc.AsyncResource):
             if stream is not None:
                 stream._recv_lot.unpark_all()
                 continue
-            if (sid & 1) == self.is_server or sid <= self._peer_max[sid & 2]:
-                # A stream we already closed, or our own: discard its data.
-                self._discard(sid)
+            kind = sid & 2
+            if (sid & 1) == self.is_server:
+                self._discard(sid)  # our own stream, already closed
                 continue
-            # New peer streams, including lower ids the peer opened
-            # implicitly (RFC 9000 3.2) that may have no data yet.
-            kind = sid & 3
-            first = (
-                self._peer_max[sid & 2] + 4 if self._peer_max[sid & 2] >= 0 else kind
-            )
-            self._peer_max[sid & 2] = sid
-            for new in range(first, sid + 1, 4):
-                stream = QUICStream(self, new, can_read=True, can_write=not (new & 2))
-                streams[new] = stream
-                self._incoming.append(stream)
+            if sid > self._peer_max[kind]:
+                # Lower ids the peer opened implicitly (RFC 9000 2.1) come
+                # later, with their first data; remember them until then.
+                start = (
+                    self._peer_max[kind] + 4 if self._peer_max[kind] >= 0 else sid & 3
+                )
+                self._peer_gaps.update(range(start, sid, 4))
+                self._peer_max[kind] = sid
+            elif sid in self._peer_gaps:
+                self._peer_gaps.discard(sid)
+            else:
+                self._discard(sid)  # a peer stream we already closed
+                continue
+            stream = QUICStream(self, sid, can_read=True, can_write=not kind)
+            streams[sid] = stream
+            self._incoming.append(stream)
             self._accept_lot.unpark_all()
 
     def _discard(self, sid: int) -> None:
@@ -345,19 +353,24 @@ class QUICConnection(trio.abc.AsyncResource):
         q = self._q
         send = socket.send_segments
         self._flushes += 1
+        sent = False
         while True:
             try:
                 out = q.send_batch(buf, segments)
             except QuicheError:
-                return
+                break
             if out is None:
-                return
+                break
+            sent = True
             total, segment, to = out
             if not send(view[:total], segment, to):
                 self._pending = (bytes(view[:total]), segment, to)
                 self._send_blocked += 1
                 self._driver_lot.unpark_all()
-                return
+                break
+        if sent:
+            # Sending arms quiche's loss-detection timer.
+            self._rearm()
 
     def _rearm(self) -> None:
         now = trio.current_time()

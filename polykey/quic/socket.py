@@ -89,6 +89,8 @@ class SocketStatistics:
     dropped_no_server: int = 0
     #: Sends the kernel refused for lack of buffer space (then retried).
     send_would_block: int = 0
+    #: Receives that failed (ICMP errors reported on the socket).
+    receive_errors: int = 0
     #: Sends that failed outright (unreachable network and the like).
     send_errors: int = 0
     gso: bool = False
@@ -272,11 +274,13 @@ class QUICSocket:
                         ancdata = None
                 except BlockingIOError:
                     break
-                except OSError:
+                except OSError as exc:
+                    if self._closed or exc.errno == errno.EBADF:
+                        return
                     # ICMP errors surface here (ECONNREFUSED and the like);
                     # they concern one peer, never the socket.
-                    stats.send_errors += 1
-                    continue
+                    stats.receive_errors += 1
+                    break
                 segment = n
                 if ancdata:
                     for level, kind, data in ancdata:

@@ -187,7 +187,9 @@ class QUICStream(trio.abc.HalfCloseableStream):
         try:
             self._conn._q.stream_capacity(self.stream_id)
         except StreamStopped as exc:
-            self._send_error = QUICStreamError(self.stream_id, exc.error_code, reset=False)
+            self._send_error = QUICStreamError(
+                self.stream_id, exc.error_code, reset=False
+            )
             raise self._send_error from None
         except QuicheError:
             # Gone: the peer aborted it. Its STOP_SENDING code went with it;

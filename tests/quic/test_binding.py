@@ -404,3 +404,40 @@ def test_garbage_datagrams_do_not_break_a_connection(data: bytes) -> None:
 
 
 _IDENTITIES = {"server": plain_identity("server"), "client": plain_identity("client")}
+
+
+def test_in_memory_handshake_with_node_certificates() -> None:
+    """Both sides present Polykey node certificates; after the handshake
+    each verifies the other's chain and NodeId, then data flows both ways."""
+    from polykey.keys import NodeIdentity, NodeIdMismatchError, verify_chain
+
+    server_id = NodeIdentity.generate()
+    client_id = NodeIdentity.generate().renew()  # a chain of two
+    server_cfg = b.Config(
+        cert_chain=b"".join(server_id.cert_chain_der()),
+        private_key=server_id.private_key_der(),
+    )
+    client_cfg = b.Config(
+        cert_chain=client_id.cert_chain_pem(), private_key=client_id.private_key_pem()
+    )
+    pair = Pair(server_cfg, client_cfg)
+    server = pair.handshake()
+
+    assert verify_chain(pair.client.peer_cert_chain(), expected=server_id.node_id) == (
+        server_id.node_id
+    )
+    client_chain = server.peer_cert_chain()
+    assert len(client_chain) == 2
+    assert verify_chain(client_chain) == client_id.node_id
+    with pytest.raises(NodeIdMismatchError):
+        verify_chain(client_chain, expected=server_id.node_id)
+
+    pair.client.stream_send(0, b"from client", fin=True)
+    pair.pump()
+    buf = bytearray(64)
+    assert server.stream_recv(0, buf) == (11, True)
+    assert bytes(buf[:11]) == b"from client"
+    server.stream_send(0, b"from server", fin=True)
+    pair.pump()
+    assert pair.client.stream_recv(0, buf) == (11, True)
+    assert bytes(buf[:11]) == b"from server"

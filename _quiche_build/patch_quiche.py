@@ -1,0 +1,87 @@
+"""Our fixes to quiche 0.29.3, applied to a copy of its crate at build time.
+
+quiche is pinned to 0.29.3 and built from crates.io's source; ``setup_quiche``
+copies that source into ``_quiche_build/vendor/quiche`` and applies the edits
+below, and Cargo.toml's ``[patch.crates-io]`` builds the copy. Each edit is an
+exact replacement that must match once, so a changed upstream source fails
+the build loudly instead of silently skipping a fix.
+
+Fix 1, FIN acknowledgement (quiche issue #2525, fixed upstream by the open
+PR #2665): quiche considers a stream's send side complete once all *data*
+up to the final size is acknowledged, ignoring whether the FIN was. When the
+FIN travels in a later, zero-length STREAM frame (``send_eof`` after
+``send_all``, the normal trio pattern) and that packet is lost after the data
+was acknowledged, quiche collects the stream and never retransmits the FIN:
+the peer hangs until the idle timeout. We track the FIN's acknowledgement and
+require it for completion; a reset (which carries the final size itself)
+counts as acknowledged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: (file, old, new): each ``old`` must occur exactly once.
+EDITS: list[tuple[str, str, str]] = [
+    (
+        "src/stream/send_buf.rs",
+        "    /// The error code received via STOP_SENDING.\n    error: Option<u64>,\n}",
+        "    /// The error code received via STOP_SENDING.\n    error: Option<u64>,\n\n"
+        "    /// polykey: whether a STREAM frame carrying the FIN was acked (or the\n"
+        "    /// stream was reset, which carries the final size itself).\n"
+        "    fin_acked: bool,\n}",
+    ),
+    (
+        "src/stream/send_buf.rs",
+        "        self.fin_off = Some(unsent_off);\n\n        // Drop all buffered data.",
+        "        self.fin_off = Some(unsent_off);\n        self.fin_acked = true;\n\n"
+        "        // Drop all buffered data.",
+    ),
+    (
+        "src/stream/send_buf.rs",
+        "    pub fn is_complete(&self) -> bool {\n"
+        "        if let Some(fin_off) = self.fin_off {\n"
+        "            if self.acked == (0..fin_off) {",
+        "    /// polykey: records that a STREAM frame carrying the FIN was acked.\n"
+        "    pub fn ack_fin(&mut self) {\n        self.fin_acked = true;\n    }\n\n"
+        "    pub fn is_complete(&self) -> bool {\n"
+        "        if let Some(fin_off) = self.fin_off {\n"
+        "            if self.fin_acked && self.acked == (0..fin_off) {",
+    ),
+    (
+        "src/lib.rs",
+        "                    frame::Frame::StreamHeader {\n"
+        "                        stream_id,\n"
+        "                        offset,\n"
+        "                        length,\n"
+        "                        ..\n"
+        "                    } => {",
+        "                    frame::Frame::StreamHeader {\n"
+        "                        stream_id,\n"
+        "                        offset,\n"
+        "                        length,\n"
+        "                        fin,\n"
+        "                    } => {",
+    ),
+    (
+        "src/lib.rs",
+        "                        let dropped = stream.send.ack_and_drop(offset, length);\n",
+        "                        let dropped = stream.send.ack_and_drop(offset, length);\n"
+        "                        if fin {\n"
+        "                            stream.send.ack_fin();\n"
+        "                        }\n",
+    ),
+]
+
+
+def apply(crate_dir: Path) -> None:
+    """Apply every edit to the quiche source in ``crate_dir``."""
+    for name, old, new in EDITS:
+        path = crate_dir / name
+        text = path.read_text()
+        count = text.count(old)
+        if count != 1:
+            raise RuntimeError(
+                f"patch_quiche: expected one match in {name}, found {count}: {old[:60]!r}"
+            )
+        path.write_text(text.replace(old, new))
