@@ -23,9 +23,9 @@ from .errors import (
     TLSConfigError,
 )
 from .server import QUICServer, ServerStatistics
-from .tls import node_tls_identity, node_verifier
 from .socket import QUICSocket, SocketStatistics
 from .stream import QUICStream
+from .tls import node_tls_identity, node_verifier
 
 __all__ = [
     "CloseKind",

@@ -23,6 +23,18 @@ from polykey.quic import (
 from .conftest import open_pair
 
 
+async def receive_until_error(stream: QUICStream) -> None:
+    """Read until the stream raises (the test expects it to)."""
+    while True:
+        await stream.receive_some()
+
+
+async def send_until_error(stream: QUICStream) -> None:
+    while True:
+        await stream.send_all(b"x" * 1000)
+        await trio.sleep(0.01)
+
+
 async def echo_streams(conn: QUICConnection) -> None:
     """Echo every stream the peer opens until the connection ends."""
 
@@ -168,10 +180,12 @@ async def test_many_connections_to_one_server() -> None:
                 ok += 1
 
             with trio.fail_after(60):
-                async with QUICSocket("127.0.0.1") as client_socket:
-                    async with trio.open_nursery() as dials:
-                        for _ in range(200):
-                            dials.start_soon(dial, client_socket)
+                async with (
+                    QUICSocket("127.0.0.1") as client_socket,
+                    trio.open_nursery() as dials,
+                ):
+                    for _ in range(200):
+                        dials.start_soon(dial, client_socket)
             assert ok == 200
             assert server.statistics.accepted == 200
             assert server.statistics.retries_sent >= 200
@@ -180,9 +194,9 @@ async def test_many_connections_to_one_server() -> None:
 
 async def test_both_nodes_dial_each_other_on_shared_sockets() -> None:
     """Each socket runs a server and dials the other at the same moment."""
-    from .conftest import tls_identity
-
     from polykey.quic import QUICClient
+
+    from .conftest import tls_identity
 
     async with QUICSocket("127.0.0.1") as a, QUICSocket("127.0.0.1") as b:
         servers = [QUICServer(a, tls_identity("a")), QUICServer(b, tls_identity("b"))]
@@ -246,9 +260,11 @@ async def test_stream_limit_makes_openers_wait() -> None:
         first = await client_conn.open_stream()
         second = await client_conn.open_stream()
         opened: list[QUICStream] = []
+        opened_event = trio.Event()
 
         async def third() -> None:
             opened.append(await client_conn.open_stream())
+            opened_event.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(third)
@@ -266,8 +282,7 @@ async def test_stream_limit_makes_openers_wait() -> None:
             assert await first.receive_some() == b""
             await first.aclose()
             with trio.fail_after(5):
-                while not opened:
-                    await trio.sleep(0.01)
+                await opened_event.wait()
         assert opened[0].stream_id == 8
 
 
@@ -277,14 +292,11 @@ async def test_peer_reset_and_stop_sending_carry_codes() -> None:
         cs, ss = await pair.stream_pair(client_conn, server_conn)
         cs.reset(42)
         with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
-            while True:
-                await ss.receive_some()
+            await receive_until_error(ss)
         assert info.value.error_code == 42
         assert info.value.reset
         with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
-            while True:
-                await ss.send_all(b"x" * 1000)
-                await trio.sleep(0.01)
+            await send_until_error(ss)
         assert info.value.error_code == 42
         assert not info.value.reset
 
@@ -299,8 +311,7 @@ async def test_cancelled_send_resets_stream_and_peer_sees_code() -> None:
             await cs.send_all(b"x" * (4 * 1024 * 1024))  # far over credit
         assert scope.cancelled_caught
         with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
-            while True:
-                await ss.receive_some()
+            await receive_until_error(ss)
         assert info.value.error_code == 9
         with pytest.raises(trio.BrokenResourceError):
             await cs.send_all(b"more")
@@ -318,8 +329,7 @@ async def test_cancelled_receive_then_close_resets_for_peer() -> None:
                 await cs.receive_some()
         # The stream closed inside a cancelled scope: forcefully.
         with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
-            while True:
-                await ss.receive_some()
+            await receive_until_error(ss)
         assert info.value.error_code == 5
         assert client_conn.statistics().streams_open == 0
 
@@ -373,9 +383,9 @@ async def test_garbage_datagrams_do_not_disturb_live_connections() -> None:
 
 async def test_connect_cancelled_leaves_nothing_behind() -> None:
     async with QUICSocket("127.0.0.1") as dead, QUICSocket("127.0.0.1") as cs:
-        from .conftest import tls_identity
-
         from polykey.quic import QUICClient
+
+        from .conftest import tls_identity
 
         client = QUICClient(cs, tls_identity("client"))
         with trio.move_on_after(0.3) as scope:
