@@ -64,17 +64,21 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
     echo "$want" > "$stamp"
 fi
 
-# 4. Interoperability peers from npm, for the test suite only.
-if [ "$mode" = test ] && [ -f tests/interop/package-lock.json ]; then
-    if command -v npm >/dev/null; then
-        lock=tests/interop/package-lock.json
-        if [ ! -f tests/interop/node_modules/.polykey-stamp ] \
-            || [ "$(sha256sum < $lock)" != "$(cat tests/interop/node_modules/.polykey-stamp)" ]; then
-            say "installing the npm interoperability peers"
-            (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
-            sha256sum < $lock > tests/interop/node_modules/.polykey-stamp
+# 4. Interoperability peers from npm, for the test suite only: every
+#    package-lock.json under tests/interop/ (one folder per peer).
+if [ "$mode" = test ]; then
+    for lock in tests/interop/package-lock.json tests/interop/*/package-lock.json; do
+        [ -f "$lock" ] || continue
+        dir=$(dirname "$lock")
+        if ! command -v npm >/dev/null; then
+            say "npm not found: the interoperability tests will be skipped"
+            break
         fi
-    else
-        say "npm not found: the interoperability tests will be skipped"
-    fi
+        if [ ! -f "$dir/node_modules/.polykey-stamp" ] \
+            || [ "$(sha256sum < "$lock")" != "$(cat "$dir/node_modules/.polykey-stamp")" ]; then
+            say "installing the npm interoperability peers in $dir"
+            (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+            sha256sum < "$lock" > "$dir/node_modules/.polykey-stamp"
+        fi
+    done
 fi

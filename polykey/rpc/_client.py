@@ -1,0 +1,498 @@
+"""RPCClient: one stream per call, calls bounded by trio deadlines.
+
+Theory of operation
+-------------------
+A call opens a stream from the factory inside its own cancel scope, the
+*call scope*, whose deadline is the call's RPC timeout: the explicit
+``rpc_timeout`` or else the client's default.  The timeout written to the
+peer in ``params.metadata.timeout`` is the effective trio deadline at the
+moment the first message leaves, so it is the smaller of the RPC timeout and
+any deadline the caller is already under (``null`` when both are infinite).
+The first response lifts the call scope's deadline ("proof of life"); the
+caller's own scopes of course still apply.
+
+The client runs no background task: the caller's task reads and writes.
+Unary calls are plain awaits; streaming calls are async context managers
+whose block runs inside the call scope, so a timeout cancels the block,
+resets the stream with code 7 and raises :class:`RPCTimedOut`.  Any other
+way out of the block that leaves the call unfinished (an exception, a
+cancellation, breaking out of a stream early) resets the stream too, with
+the code matching the reason; a call whose response has fully arrived is
+closed gracefully (FIN both ways).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
+
+import trio
+
+from ._codec import DEFAULT_MAX_MESSAGE_SIZE
+from ._conn import EOF, MessageConn
+from ._context import CallContext
+from ._errors import (
+    DEFAULT_ERROR_REGISTRY,
+    ErrorRegistry,
+    RPCError,
+    RPCMissingResponse,
+    RPCStreamEnded,
+    RPCStreamReset,
+    RPCTimedOut,
+    StreamCode,
+    code_for_exception,
+    error_from_wire,
+)
+from ._messages import ErrorResponse, JSONValue, Request, parse_response
+from ._middleware import (
+    ClientTimeoutMiddleware,
+    Middleware,
+    MiddlewareFactory,
+    build_chain,
+    run_forward,
+    run_reverse,
+)
+from ._raw import RawStream
+from ._stream import reset_code_of, reset_stream
+
+__all__ = [
+    "ClientStreamCall",
+    "DuplexCall",
+    "RPCClient",
+    "RawClientCall",
+    "ServerStreamCall",
+    "StreamFactory",
+]
+
+InT = TypeVar("InT")
+OutT = TypeVar("OutT")
+
+StreamFactory: TypeAlias = Callable[[], Awaitable[trio.abc.HalfCloseableStream]]
+_Kind: TypeAlias = Literal["UNARY", "SERVER", "CLIENT", "DUPLEX", "RAW"]
+
+
+def transport_error(exc: BaseException) -> RPCError:
+    """The RPC error for a transport failure seen by a caller."""
+    code = reset_code_of(exc)
+    if code == StreamCode.TIMED_OUT:
+        return RPCTimedOut("stream reset by peer: timed out")
+    if code is not None:
+        return RPCStreamReset(code)
+    return RPCStreamEnded(f"stream broken: {exc}")
+
+
+class _Call:
+    """The state of one client call (shared by every call type)."""
+
+    def __init__(
+        self,
+        client: RPCClient[Any],
+        method: str,
+        kind: _Kind,
+        rpc_timeout: float | None,
+        metadata: Mapping[str, JSONValue] | None,
+        keep_deadline: bool,
+    ) -> None:
+        self.client = client
+        self.method = method
+        self.kind = kind
+        timeout = client.timeout if rpc_timeout is None else rpc_timeout
+        if timeout < 0:
+            raise ValueError("rpc_timeout must be >= 0")
+        # The deadline the caller is under (-inf if already cancelled: then a
+        # cancellation is not a timeout).
+        caller = trio.current_effective_deadline()
+        self.caller_deadline = caller if math.isfinite(caller) else math.inf
+        scope = trio.CancelScope(
+            deadline=trio.current_time() + timeout
+            if math.isfinite(timeout)
+            else math.inf
+        )
+        self.ctx = CallContext(method, "client", scope, dict(metadata or {}))
+        if keep_deadline:
+            self.ctx.keep_deadline()
+        self.chain: list[Middleware] = (
+            [] if kind == "RAW" else build_chain(self.ctx, client._middleware)
+        )
+        self.stream: trio.abc.HalfCloseableStream | None = None
+        self.conn: MessageConn | None = None
+        self.sent = 0
+        self.eof_sent = False
+        self.output_ended = False
+
+    async def open(self) -> None:
+        self.stream = await self.client._stream_factory()
+        self.conn = MessageConn(self.stream, self.client.max_message_size)
+
+    # -- sending -------------------------------------------------------------
+    async def send(self, params: JSONValue) -> None:
+        assert self.conn is not None
+        if self.eof_sent:
+            raise trio.ClosedResourceError("the call's input is already closed")
+        if self.sent == 0 and self.ctx.metadata:
+            params = _with_metadata(params, self.ctx.metadata)
+        request = await run_forward(self.chain, Request(self.method, params))
+        if self.sent == 1 and self.client.pace:
+            # js-rpc 0.5.1 servers drop messages that share a read with the
+            # header; give the header a read of its own.
+            await trio.sleep(self.client.pace)
+        try:
+            await self.conn.send(request.to_wire())
+        except trio.BrokenResourceError as exc:
+            raise await self._explain_send_failure(exc) from None
+        self.sent += 1
+
+    async def send_eof(self) -> None:
+        assert self.stream is not None
+        if self.eof_sent:
+            return
+        self.eof_sent = True
+        try:
+            await self.stream.send_eof()
+        except trio.BrokenResourceError as exc:
+            raise await self._explain_send_failure(exc) from None
+
+    async def _explain_send_failure(self, exc: BaseException) -> BaseException:
+        # The server stops reading when it answers early (an error): its
+        # answer is the better explanation, and it is usually here already.
+        if not self.output_ended:
+            with trio.move_on_after(self.client.linger):
+                try:
+                    await self.receive()
+                except RPCError as answer:
+                    return answer
+                except trio.BrokenResourceError:
+                    pass
+        return transport_error(exc)
+
+    # -- receiving -------------------------------------------------------------
+    async def receive(self) -> Any:
+        """The next result, or EOF; an error response raises."""
+        assert self.conn is not None
+        if self.output_ended:
+            return EOF
+        try:
+            value = await self.conn.receive()
+        except trio.BrokenResourceError as exc:
+            raise transport_error(exc) from None
+        if value is EOF:
+            self.output_ended = True
+            return EOF
+        message = await run_reverse(self.chain, parse_response(value))
+        self.ctx.proof_of_life()
+        if isinstance(message, ErrorResponse):
+            self.output_ended = True
+            err = message.error
+            raise error_from_wire(
+                {"code": err.code, "message": err.message, "data": err.data},
+                self.client.errors,
+                method=self.method,
+            )
+        return message.result
+
+    async def receive_one(self) -> Any:
+        value = await self.receive()
+        if value is EOF:
+            raise RPCMissingResponse(f"{self.method!r}: stream ended before a response")
+        return value
+
+    async def drain(self) -> None:
+        """Wait (up to ``linger``) for the server's FIN, ignoring extra results."""
+        with trio.move_on_after(self.client.linger):
+            while await self.receive() is not EOF:
+                pass
+
+    # -- ending ----------------------------------------------------------------
+    async def close(self) -> None:
+        if self.stream is None:
+            return
+        if self.output_ended:
+            try:
+                await self.send_eof()
+            except (RPCError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await trio.aclose_forcefully(self.stream)
+        else:
+            await reset_stream(self.stream, StreamCode.UNKNOWN)
+
+    async def abort(self, exc: BaseException) -> None:
+        if self.stream is None:
+            return
+        if self.output_ended and not isinstance(exc, trio.Cancelled):
+            await self.close()
+            return
+        if isinstance(exc, trio.Cancelled):
+            # A deadline (ours or the caller's) rather than a plain cancel?
+            expired = trio.current_time() >= min(
+                self.ctx.deadline, self.caller_deadline
+            )
+            code = StreamCode.TIMED_OUT if expired else StreamCode.UNKNOWN
+        else:
+            code = code_for_exception(exc)
+        await reset_stream(self.stream, code)
+
+
+def _with_metadata(params: JSONValue, metadata: Mapping[str, JSONValue]) -> JSONValue:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return params
+    meta = params.get("metadata")
+    merged = dict(metadata)
+    if isinstance(meta, dict):
+        merged.update(meta)
+    return {**params, "metadata": merged}
+
+
+class ServerStreamCall(Generic[OutT]):
+    """Results of a server-streaming call: ``async for`` or :meth:`receive`."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    @property
+    def context(self) -> CallContext:
+        return self._call.ctx
+
+    async def receive(self) -> OutT:
+        """The next result; raises :class:`trio.EndOfChannel` at the end."""
+        value = await self._call.receive()
+        if value is EOF:
+            raise trio.EndOfChannel
+        return value  # type: ignore[no-any-return]
+
+    def __aiter__(self) -> ServerStreamCall[OutT]:
+        return self
+
+    async def __anext__(self) -> OutT:
+        value = await self._call.receive()
+        if value is EOF:
+            raise StopAsyncIteration
+        return value  # type: ignore[no-any-return]
+
+
+class DuplexCall(ServerStreamCall[OutT], Generic[InT, OutT]):
+    """Both ways: :meth:`send`, :meth:`send_eof`, and iterate the results."""
+
+    async def send(self, params: InT) -> None:
+        await self._call.send(params)
+
+    async def send_eof(self) -> None:
+        """Half-close: tell the server there is no more input."""
+        await self._call.send_eof()
+
+    def __aiter__(self) -> DuplexCall[InT, OutT]:
+        return self
+
+
+class ClientStreamCall(Generic[InT, OutT]):
+    """Send params with :meth:`send`, then :meth:`finish` for the result.
+
+    Leaving the block without calling :meth:`finish` finishes the call (and
+    raises what it raises); the result is then in :attr:`result`.
+    """
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._finished = False
+        self.result: OutT | None = None
+
+    @property
+    def context(self) -> CallContext:
+        return self._call.ctx
+
+    async def send(self, params: InT) -> None:
+        await self._call.send(params)
+
+    async def finish(self) -> OutT:
+        """Close the input and wait for the single response."""
+        if self._finished:
+            raise RuntimeError("finish() was already called")
+        self._finished = True
+        await self._call.send_eof()
+        result: OutT = await self._call.receive_one()
+        await self._call.drain()
+        self.result = result
+        return result
+
+
+class RawClientCall:
+    """A raw call after the server's leading response.
+
+    ``header`` is that response's result; ``stream`` carries raw bytes both
+    ways (``send_eof`` to half-close, ``receive_some`` until ``b""``).
+    """
+
+    def __init__(self, header: JSONValue, stream: RawStream, ctx: CallContext) -> None:
+        self.header = header
+        self.stream = stream
+        self.context = ctx
+
+
+ManifestT = TypeVar("ManifestT")
+
+
+class RPCClient(Generic[ManifestT]):
+    """Makes calls, one stream from ``stream_factory`` per call.
+
+    ``manifest`` is a :class:`~polykey.rpc.ClientManifest` subclass declaring
+    the callers; an instance bound to this client is :attr:`methods`.  The
+    generic methods (:meth:`unary`, :meth:`server_stream`, ...) take a method
+    name and work without a manifest.
+
+    ``timeout`` is the default RPC timeout in seconds (``math.inf``, the
+    default, for none); ``pace`` inserts a pause after the first message of a
+    streaming call, a work-around for js-rpc 0.5.1 servers; ``linger``
+    bounds the wait for the server's FIN once a call has its answer.
+    """
+
+    def __init__(
+        self,
+        manifest: Callable[[RPCClient[ManifestT]], ManifestT] | None,
+        stream_factory: StreamFactory,
+        *,
+        timeout: float = math.inf,
+        middleware: Sequence[MiddlewareFactory] = (),
+        timeout_middleware: bool = True,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        errors: ErrorRegistry = DEFAULT_ERROR_REGISTRY,
+        linger: float = 5.0,
+        pace: float = 0.0,
+    ) -> None:
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        self.timeout = timeout
+        self._stream_factory = stream_factory
+        factories: list[MiddlewareFactory] = []
+        if timeout_middleware:
+            factories.append(ClientTimeoutMiddleware)
+        factories.extend(middleware)
+        self._middleware = tuple(factories)
+        self.max_message_size = max_message_size
+        self.errors = errors
+        self.linger = linger
+        self.pace = pace
+        self._methods = manifest(self) if manifest is not None else None
+
+    @property
+    def methods(self) -> ManifestT:
+        if self._methods is None:
+            raise AttributeError("this client was made without a manifest")
+        return self._methods
+
+    @asynccontextmanager
+    async def _call(
+        self,
+        method: str,
+        kind: _Kind,
+        rpc_timeout: float | None,
+        metadata: Mapping[str, JSONValue] | None,
+        keep_deadline: bool,
+    ) -> AsyncIterator[_Call]:
+        call = _Call(self, method, kind, rpc_timeout, metadata, keep_deadline)
+        scope = call.ctx.cancel_scope
+        with scope:
+            await call.open()
+            try:
+                yield call
+            except BaseException as exc:
+                await call.abort(exc)
+                raise
+            await call.close()
+        if scope.cancelled_caught:
+            if trio.current_time() >= scope.deadline:
+                raise RPCTimedOut(f"call to {method!r} timed out")
+            raise RPCStreamEnded(f"call to {method!r} was cancelled")
+
+    # -- the five call types -------------------------------------------------------
+    async def unary(
+        self,
+        method: str,
+        params: JSONValue = None,
+        *,
+        rpc_timeout: float | None = None,
+        metadata: Mapping[str, JSONValue] | None = None,
+        keep_deadline: bool = False,
+    ) -> Any:
+        """One request, one response."""
+        async with self._call(
+            method, "UNARY", rpc_timeout, metadata, keep_deadline
+        ) as call:
+            await call.send({} if params is None else params)
+            result = await call.receive_one()
+            await call.send_eof()
+            await call.drain()
+        return result
+
+    @asynccontextmanager
+    async def server_stream(
+        self,
+        method: str,
+        params: JSONValue = None,
+        *,
+        rpc_timeout: float | None = None,
+        metadata: Mapping[str, JSONValue] | None = None,
+        keep_deadline: bool = False,
+    ) -> AsyncIterator[ServerStreamCall[Any]]:
+        """One request, a stream of results to iterate inside the block."""
+        async with self._call(
+            method, "SERVER", rpc_timeout, metadata, keep_deadline
+        ) as call:
+            await call.send({} if params is None else params)
+            await call.send_eof()
+            yield ServerStreamCall(call)
+
+    @asynccontextmanager
+    async def client_stream(
+        self,
+        method: str,
+        *,
+        rpc_timeout: float | None = None,
+        metadata: Mapping[str, JSONValue] | None = None,
+        keep_deadline: bool = False,
+    ) -> AsyncIterator[ClientStreamCall[Any, Any]]:
+        """A stream of requests, one result (from ``finish()``)."""
+        async with self._call(
+            method, "CLIENT", rpc_timeout, metadata, keep_deadline
+        ) as call:
+            handle: ClientStreamCall[Any, Any] = ClientStreamCall(call)
+            yield handle
+            if not handle._finished:
+                await handle.finish()
+
+    @asynccontextmanager
+    async def duplex(
+        self,
+        method: str,
+        *,
+        rpc_timeout: float | None = None,
+        metadata: Mapping[str, JSONValue] | None = None,
+        keep_deadline: bool = False,
+    ) -> AsyncIterator[DuplexCall[Any, Any]]:
+        """Streams both ways inside the block."""
+        async with self._call(
+            method, "DUPLEX", rpc_timeout, metadata, keep_deadline
+        ) as call:
+            yield DuplexCall(call)
+
+    @asynccontextmanager
+    async def raw(
+        self,
+        method: str,
+        header: JSONValue = None,
+        *,
+        rpc_timeout: float | None = None,
+        keep_deadline: bool = False,
+    ) -> AsyncIterator[RawClientCall]:
+        """A JSON header, then raw bytes both ways (no middleware)."""
+        async with self._call(method, "RAW", rpc_timeout, None, keep_deadline) as call:
+            assert call.conn is not None
+            assert call.stream is not None
+            await call.send(header)
+            leading = await call.receive_one()
+            raw = RawStream(call.stream, call.conn.take_leftover())
+            yield RawClientCall(leading, raw, call.ctx)
+            # The raw stream's life is the caller's; a closed one is fine.
+            call.output_ended = True

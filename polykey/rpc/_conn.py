@@ -1,0 +1,61 @@
+"""JSON messages over one transport stream (the framing layer both sides use)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import trio
+
+from ._codec import END, NEED_DATA, JSONStreamDecoder, encode_json
+
+__all__ = ["EOF", "MessageConn"]
+
+
+class _EOFType:
+    def __repr__(self) -> str:
+        return "EOF"
+
+
+#: :meth:`MessageConn.receive` after the peer's FIN.
+EOF: Final = _EOFType()
+_READ_SIZE: Final = 64 * 1024
+
+
+class MessageConn:
+    """Decodes JSON values from ``stream`` and encodes values onto it.
+
+    At most one read (64 KiB) is buffered beyond the value being returned;
+    bytes after a value are left undecoded until asked for, so a raw call
+    can take them back as bytes (:meth:`take_leftover`).
+    """
+
+    __slots__ = ("_decoder", "stream")
+
+    def __init__(
+        self, stream: trio.abc.HalfCloseableStream, max_message_size: int
+    ) -> None:
+        self.stream = stream
+        self._decoder = JSONStreamDecoder(max_message_size)
+
+    async def receive(self) -> Any:
+        """The next value, or :data:`EOF` after the peer's FIN."""
+        decoder = self._decoder
+        while True:
+            value = decoder.next_value()
+            if value is NEED_DATA:
+                data = await self.stream.receive_some(_READ_SIZE)
+                if data:
+                    decoder.receive_data(data)
+                else:
+                    decoder.receive_eof()
+                continue
+            if value is END:
+                return EOF
+            return value
+
+    async def send(self, value: Any) -> None:
+        await self.stream.send_all(encode_json(value))
+
+    def take_leftover(self) -> bytes:
+        """Bytes received past the last value (switching to raw mode)."""
+        return self._decoder.take_buffer()

@@ -1,0 +1,200 @@
+"""An in-memory bidirectional stream with FIN and reset-with-code.
+
+The stand-in for a QUIC stream in tests and simulations: each direction is a
+bounded byte buffer (``send_all`` waits while it is full, so flow control is
+real), :meth:`MemoryStream.send_eof` is a FIN, and
+:meth:`MemoryStream.reset` aborts both directions with an application code
+the way RESET_STREAM + STOP_SENDING do: buffered data is discarded and the
+peer's reads and writes raise :class:`~polykey.rpc.StreamResetError`.
+``aclose`` is graceful for what was already sent (the peer reads it, then
+EOF) and stops the receiving direction (the peer's writes then fail).
+
+Passes :func:`trio.testing.check_half_closeable_stream`.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import trio
+
+from ._stream import StreamResetError
+
+__all__ = ["DEFAULT_MEMORY_BUFFER", "MemoryStream", "memory_stream_pair"]
+
+DEFAULT_MEMORY_BUFFER = 64 * 1024
+
+
+class _Pipe:
+    """One direction: bytes from a writer endpoint to a reader endpoint."""
+
+    __slots__ = ("buf", "eof", "limit", "lot", "reset_code", "stopped_code")
+
+    def __init__(self, limit: int) -> None:
+        self.buf = bytearray()
+        self.limit = limit
+        self.eof = False
+        # Set by the writer's reset: the reader sees StreamResetError.
+        self.reset_code: int | None = None
+        # Set when the reader stops (reset or close): the writer's sends fail.
+        self.stopped_code: int | None = None
+        self.lot = trio.lowlevel.ParkingLot()
+
+    def wake(self) -> None:
+        self.lot.unpark_all()
+
+
+class MemoryStream(trio.abc.HalfCloseableStream):
+    """One endpoint of :func:`memory_stream_pair`.
+
+    ``extra`` is free-form metadata (a simulator may put addresses there).
+    """
+
+    def __init__(self, outgoing: _Pipe, incoming: _Pipe) -> None:
+        self._out = outgoing
+        self._in = incoming
+        self._closed = False
+        self._sending = False
+        self._receiving = False
+        self.extra: dict[str, object] = {}
+
+    # -- introspection -----------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def reset_received(self) -> int | None:
+        """The code the peer reset us with, if it did."""
+        return self._in.reset_code
+
+    @property
+    def stop_received(self) -> int | None:
+        """The code the peer stopped receiving with (0 for a plain close)."""
+        return self._out.stopped_code
+
+    # -- sending -------------------------------------------------------------
+    def _check_send(self) -> None:
+        if self._closed or self._out.eof:
+            raise trio.ClosedResourceError("stream is closed for sending")
+        if self._out.stopped_code is not None:
+            code = self._out.stopped_code
+            if code:
+                raise StreamResetError(code)
+            raise trio.BrokenResourceError("peer closed the stream")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            self._check_send()
+            view = memoryview(data).cast("B")
+            while view:
+                out = self._out
+                room = out.limit - len(out.buf)
+                if room <= 0:
+                    await out.lot.park()
+                    self._check_send()
+                    continue
+                out.buf += view[:room]
+                view = view[room:]
+                out.wake()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._check_send()
+                if len(self._out.buf) < self._out.limit:
+                    return
+                await self._out.lot.park()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending")
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if not self._out.eof:
+            self._out.eof = True
+            self._out.wake()
+
+    # -- receiving -------------------------------------------------------------
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+            inc = self._in
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream is closed")
+                if inc.reset_code is not None:
+                    raise StreamResetError(inc.reset_code)
+                if inc.buf:
+                    n = len(inc.buf) if max_bytes is None else max_bytes
+                    data = bytes(inc.buf[:n])
+                    del inc.buf[:n]
+                    inc.wake()
+                    return data
+                if inc.eof:
+                    return b""
+                await inc.lot.park()
+        finally:
+            self._receiving = False
+
+    # -- closing -------------------------------------------------------------
+    def reset(self, code: int) -> None:
+        """Abort both directions with ``code`` (RESET_STREAM + STOP_SENDING)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._out.eof or self._out.buf:
+            # Data the peer has not read yet is abandoned, FIN or not.
+            self._out.reset_code = code
+            self._out.buf.clear()
+        if self._in.stopped_code is None:
+            self._in.stopped_code = code
+        self._in.buf.clear()
+        self._out.wake()
+        self._in.wake()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            # Graceful for the sending half: what was sent is still read.
+            self._out.eof = True
+            if self._in.stopped_code is None:
+                self._in.stopped_code = 0
+            self._in.buf.clear()
+            self._out.wake()
+            self._in.wake()
+        await trio.lowlevel.checkpoint()
+
+
+def memory_stream_pair(
+    max_buffer: int = DEFAULT_MEMORY_BUFFER,
+) -> tuple[MemoryStream, MemoryStream]:
+    """Two connected :class:`MemoryStream` endpoints.
+
+    Each direction buffers at most ``max_buffer`` bytes.
+    """
+    if max_buffer < 1:
+        raise ValueError("max_buffer must be >= 1")
+    a_to_b = _Pipe(max_buffer)
+    b_to_a = _Pipe(max_buffer)
+    return MemoryStream(a_to_b, b_to_a), MemoryStream(b_to_a, a_to_b)

@@ -1,0 +1,164 @@
+"""JSON-RPC 2.0 messages as js-rpc uses them, and their loose validation.
+
+js-rpc validates little, and a compatible peer must accept what it accepts:
+a request needs only a string ``method`` (``jsonrpc`` and ``params`` are not
+checked); a response needs exactly one of ``result`` and ``error``, and an
+error needs a numeric ``code`` and a string ``message``.  A request without
+an ``id`` member is a :class:`Notification`.  ``id`` is echoed as ``null``
+by js-rpc whatever the request said.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+
+import attrs
+
+from ._errors import RPCInvalidRequest, RPCParseError
+
+__all__ = [
+    "ErrorObject",
+    "ErrorResponse",
+    "JSONObject",
+    "JSONValue",
+    "MessageID",
+    "Notification",
+    "Request",
+    "Response",
+    "as_request",
+    "parse_request",
+    "parse_response",
+]
+
+JSONValue: TypeAlias = Any
+"""Anything :func:`json.dumps` writes: None, bool, int, float, str, list, dict."""
+JSONObject: TypeAlias = dict[str, Any]
+MessageID: TypeAlias = str | int | float | None
+
+_NO_ID: Any = object()
+
+
+def _check_id(value: object) -> MessageID:
+    if value is None or (
+        isinstance(value, str | int | float) and not isinstance(value, bool)
+    ):
+        return value
+    raise RPCInvalidRequest("`id` property must be a string, number or null")
+
+
+@attrs.frozen
+class Request:
+    """A request; js-rpc's client sends one per message, always with ``id: null``."""
+
+    method: str
+    params: JSONValue = None
+    id: MessageID = None
+
+    def to_wire(self) -> JSONObject:
+        msg: JSONObject = {"jsonrpc": "2.0", "method": self.method}
+        if self.params is not None:
+            msg["params"] = self.params
+        msg["id"] = self.id
+        return msg
+
+
+@attrs.frozen
+class Notification:
+    """A request without an ``id`` member (no answer expected)."""
+
+    method: str
+    params: JSONValue = None
+
+    def to_wire(self) -> JSONObject:
+        msg: JSONObject = {"jsonrpc": "2.0", "method": self.method}
+        if self.params is not None:
+            msg["params"] = self.params
+        return msg
+
+
+@attrs.frozen
+class Response:
+    """A success response carrying ``result``."""
+
+    result: JSONValue
+    id: MessageID = None
+
+    def to_wire(self) -> JSONObject:
+        return {"jsonrpc": "2.0", "result": self.result, "id": self.id}
+
+
+@attrs.frozen
+class ErrorObject:
+    code: int
+    message: str
+    data: JSONValue = None
+
+    def to_wire(self) -> JSONObject:
+        out: JSONObject = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            out["data"] = self.data
+        return out
+
+
+@attrs.frozen
+class ErrorResponse:
+    """An error response carrying an :class:`ErrorObject`."""
+
+    error: ErrorObject
+    id: MessageID = None
+
+    def to_wire(self) -> JSONObject:
+        return {"jsonrpc": "2.0", "error": self.error.to_wire(), "id": self.id}
+
+
+def as_request(message: Request | Notification) -> Request:
+    """A notification as a request with ``id: null`` (js-rpc treats them alike)."""
+    if isinstance(message, Notification):
+        return Request(message.method, message.params)
+    return message
+
+
+def parse_request(value: JSONValue) -> Request | Notification:
+    """Validate a decoded value as a request (raises RPCInvalidRequest)."""
+    if not isinstance(value, Mapping):
+        raise RPCInvalidRequest("a request must be a JSON object")
+    method = value.get("method", _NO_ID)
+    if method is _NO_ID:
+        raise RPCInvalidRequest("`method` property must be defined")
+    if not isinstance(method, str):
+        raise RPCInvalidRequest("`method` property must be a string")
+    params = value.get("params")
+    if "id" not in value:
+        return Notification(method, params)
+    return Request(method, params, _check_id(value["id"]))
+
+
+def _parse_error_object(value: object) -> ErrorObject:
+    if not isinstance(value, Mapping):
+        raise RPCParseError("`error` property must be an object")
+    code = value.get("code")
+    if not isinstance(code, int | float) or isinstance(code, bool):
+        raise RPCParseError("`error.code` property must be a number")
+    message = value.get("message")
+    if not isinstance(message, str):
+        raise RPCParseError("`error.message` property must be a string")
+    return ErrorObject(int(code), message, value.get("data"))
+
+
+def parse_response(value: JSONValue) -> Response | ErrorResponse:
+    """Validate a decoded value as a response (raises RPCParseError)."""
+    if not isinstance(value, Mapping):
+        raise RPCParseError("a response must be a JSON object")
+    has_result = "result" in value
+    has_error = "error" in value
+    if has_result == has_error:
+        raise RPCParseError("a response needs exactly one of `result` and `error`")
+    msg_id = value.get("id")
+    if not (msg_id is None or isinstance(msg_id, str | int | float)) or isinstance(
+        msg_id, bool
+    ):
+        raise RPCParseError("`id` property must be a string, number or null")
+    if has_result:
+        return Response(value["result"], msg_id)
+    return ErrorResponse(_parse_error_object(value["error"]), msg_id)

@@ -1,0 +1,656 @@
+"""RPCServer: serves one call per stream, each call a task in its nursery.
+
+Theory of operation
+-------------------
+Every call runs in one cancel scope, the *call scope*, created when the
+stream arrives with the server's default timeout as its deadline (js-rpc's
+``timeoutTime``).  Waiting for the header runs in it: a peer that never
+sends one is reset with code 7 when it expires.  When the header arrives
+the timer restarts with the handler's own ``timeout`` if it declares one
+(else the default again), and the timeout middleware then shortens it to the
+client's ``params.metadata.timeout``: effective = min(handler or default,
+client).  The first response message is proof of life: the deadline is
+lifted then (unless the handler called ``ctx.keep_deadline()``).
+
+Inside the call scope a nursery runs two tasks: the handler (in the
+caller's task) and a reader that decodes the rest of the input.  For
+client-streaming and duplex calls the reader hands params to the handler
+through an unbuffered channel (so backpressure reaches the peer); for unary
+and server-streaming calls it discards extra input, as js-rpc does.  The
+reader turns what it sees into actions: a reset or broken stream cancels the
+call (the peer is gone); a protocol error (bad JSON, oversize message,
+invalid request, invalid params) cancels the handler and is answered with
+its own error code.
+
+How a call ends:
+
+* handler result or error -> response(s), FIN, then wait (up to ``linger``)
+  for the client's FIN so a TCP peer never sees an RST, then close;
+* timeout before the header -> reset with code 7, no reply;
+* timeout after the header -> ``ErrorRPCTimedOut`` response and FIN (the JS
+  client waits for it; ours has its own timer), handler cancelled; a raw
+  call already streaming bytes is reset with code 7;
+* peer reset or vanished -> handler cancelled, stream closed;
+* the handler cancelled ``ctx.cancel_scope`` -> reset with code 1;
+* forced stop (``aclose`` past its deadline) -> reset with code 0.
+
+Nothing a peer sends can raise out of a call task.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Final
+
+import attrs
+import trio
+
+from ._codec import DEFAULT_MAX_MESSAGE_SIZE
+from ._conn import EOF, MessageConn
+from ._context import CallContext
+from ._errors import (
+    RPCError,
+    RPCInvalidParams,
+    RPCMethodNotFound,
+    RPCMissingResponse,
+    RPCOutputStreamError,
+    RPCTimedOut,
+    StreamCode,
+    error_to_wire,
+)
+from ._handlers import (
+    ClientHandler,
+    DuplexHandler,
+    Handler,
+    RawCall,
+    RawHandler,
+    ServerHandler,
+    UnaryHandler,
+)
+from ._messages import (
+    ErrorObject,
+    ErrorResponse,
+    Request,
+    Response,
+    as_request,
+    parse_request,
+)
+from ._middleware import (
+    Middleware,
+    MiddlewareFactory,
+    ServerTimeoutMiddleware,
+    build_chain,
+    run_forward,
+    run_reverse,
+)
+from ._raw import RawStream
+from ._stream import reset_stream
+
+__all__ = ["RPCServer", "ServerStatistics"]
+
+_log = logging.getLogger("polykey.rpc")
+
+#: How long a best-effort reply may take once the call is being torn down.
+_REPLY_GRACE: Final = 1.0
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+
+@attrs.define
+class ServerStatistics:
+    active_calls: int = 0
+    calls: int = 0
+    refused: int = 0
+    timeouts: int = 0
+    error_responses: int = 0
+    resets: int = 0
+    peer_resets: int = 0
+    internal_errors: int = 0
+
+
+class RPCServer:
+    """Serves calls to the handlers of ``manifest``, one stream per call.
+
+    Use as ``async with RPCServer(manifest) as server:`` (or
+    ``await nursery.start(server.run)``) and give it streams with
+    :meth:`handle_stream`.  ``timeout`` is the default call timeout in
+    seconds (``None``: infinite, js-rpc's default; Polykey's agent uses 15).
+    ``middleware`` factories run after the timeout middleware.  ``linger``
+    bounds the wait for a client's FIN after a call has answered.
+    ``close_grace`` is how long leaving the ``async with`` block lets
+    in-flight calls finish.
+    """
+
+    def __init__(
+        self,
+        manifest: Mapping[str, Handler[Any, Any]],
+        *,
+        timeout: float | None = None,
+        middleware: Sequence[MiddlewareFactory] = (),
+        timeout_middleware: bool = True,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        linger: float = 5.0,
+        close_grace: float = 5.0,
+    ) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        for name, handler in manifest.items():
+            if not isinstance(name, str) or not isinstance(handler, Handler):
+                raise TypeError(f"manifest entry {name!r} is not a Handler")
+            if not hasattr(handler, "kind"):
+                raise TypeError(f"{name!r}: subclass one of the five handler types")
+            if handler.timeout is not None and handler.timeout < 0:
+                raise ValueError(f"{name!r}: handler timeout must be >= 0")
+        self.manifest: dict[str, Handler[Any, Any]] = dict(manifest)
+        self.timeout = timeout
+        self.max_message_size = max_message_size
+        self.linger = linger
+        self.close_grace = close_grace
+        factories: list[MiddlewareFactory] = []
+        if timeout_middleware:
+            factories.append(ServerTimeoutMiddleware)
+        factories.extend(middleware)
+        self._middleware = tuple(factories)
+        self._state = _State.NEW
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self._calls: set[_ServerCall] = set()
+        self._idle = trio.Event()
+        self._closed = trio.Event()
+        self._stats = ServerStatistics()
+
+    # -- lifecycle -----------------------------------------------------------
+    async def __aenter__(self) -> RPCServer:
+        if self._state is not _State.NEW:
+            raise RuntimeError("an RPCServer can be started once")
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        self._state = _State.RUNNING
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            if exc is None:
+                with trio.move_on_after(self.close_grace):
+                    await self.aclose()
+            self._force_stop()
+        finally:
+            self._state = _State.CLOSED
+            self._closed.set()
+            result: bool | None = await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        return result
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[RPCServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until :meth:`aclose`; for ``await nursery.start(server.run)``."""
+        async with self:
+            task_status.started(self)
+            await self._closed.wait()
+
+    async def aclose(self) -> None:
+        """Refuse new calls and wait for in-flight ones to finish.
+
+        Bound the wait with a cancel scope; when it is cancelled the calls
+        left are cancelled (their streams reset) before this returns.
+        """
+        if self._state is _State.RUNNING:
+            self._state = _State.STOPPING
+        try:
+            if self._calls:
+                await self._idle.wait()
+        finally:
+            if self._calls:
+                self._force_stop()
+                with trio.CancelScope(shield=True):
+                    await self._idle.wait()
+            if self._state is _State.STOPPING:
+                self._state = _State.CLOSED
+            self._closed.set()
+
+    def _force_stop(self) -> None:
+        self._state = _State.CLOSED if self._state is not _State.NEW else self._state
+        for call in list(self._calls):
+            call.force_stop()
+
+    def statistics(self) -> ServerStatistics:
+        self._stats.active_calls = len(self._calls)
+        return attrs.evolve(self._stats)
+
+    # -- serving -------------------------------------------------------------
+    async def handle_stream(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        transport_meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Serve the call on ``stream`` as a task of this server.
+
+        Returns at once.  A server that is stopping refuses the stream
+        (reset with code 0).
+        """
+        if self._state is not _State.RUNNING or self._nursery is None:
+            self._stats.refused += 1
+            await reset_stream(stream, StreamCode.UNKNOWN)
+            return
+        call = self._register(stream, transport_meta)
+        self._nursery.start_soon(self._run_call, call)
+
+    async def serve_stream(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        transport_meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Serve the call on ``stream`` in the calling task; returns when done."""
+        if self._state is not _State.RUNNING:
+            self._stats.refused += 1
+            await reset_stream(stream, StreamCode.UNKNOWN)
+            return
+        await self._run_call(self._register(stream, transport_meta))
+
+    def _register(
+        self, stream: trio.abc.HalfCloseableStream, meta: Mapping[str, Any] | None
+    ) -> _ServerCall:
+        call = _ServerCall(self, stream, dict(meta or {}))
+        self._calls.add(call)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._stats.calls += 1
+        return call
+
+    async def _run_call(self, call: _ServerCall) -> None:
+        try:
+            await call.run()
+        except Exception:
+            # A bug, not a peer's doing (those are handled in the call): keep
+            # serving the other calls, and say so.
+            self._stats.internal_errors += 1
+            _log.exception("RPC call failed unexpectedly")
+        finally:
+            self._calls.discard(call)
+            if not self._calls:
+                self._idle.set()
+
+
+class _ServerCall:
+    def __init__(
+        self,
+        server: RPCServer,
+        stream: trio.abc.HalfCloseableStream,
+        transport: dict[str, Any],
+    ) -> None:
+        self.server = server
+        self.stream = stream
+        self.transport = transport
+        self.conn = MessageConn(stream, server.max_message_size)
+        # The deadline starts when the stream arrives, like js-rpc's timer.
+        timeout = server.timeout
+        self.scope = trio.CancelScope(
+            deadline=math.inf if timeout is None else trio.current_time() + timeout
+        )
+        self.handler_scope = trio.CancelScope()
+        self.ctx: CallContext | None = None
+        self.chain: list[Middleware] = []
+        self.forced = False
+        self.peer_gone = False
+        self.output_done = False
+        self.raw_accepted = False
+        self.input_error: BaseException | None = None
+        self.reader_done = trio.Event()
+        self.drained = False
+        # A send cut short leaves half a message on the wire: only a reset
+        # can follow it.
+        self.send_torn = False
+        self.send_scope: trio.CancelScope | None = None
+        # Set once the call scope is over and a last reply is due.
+        self.late_deadline: float | None = None
+
+    def force_stop(self) -> None:
+        self.forced = True
+        self.scope.cancel()
+        if self.send_scope is not None:
+            self.send_scope.cancel()
+
+    # -- the call --------------------------------------------------------------
+    async def run(self) -> None:
+        stats = self.server._stats
+        try:
+            with self.scope:
+                await self._serve()
+            if self.peer_gone:
+                return
+            if self.scope.cancelled_caught and not (
+                self.output_done and not self.raw_accepted
+            ):
+                if self.forced:
+                    await self._reset(StreamCode.UNKNOWN)
+                elif trio.current_time() >= self.scope.deadline:
+                    stats.timeouts += 1
+                    if self.ctx is None or self.raw_accepted or self.send_torn:
+                        await self._reset(StreamCode.TIMED_OUT)
+                    else:
+                        await self._reply_late(RPCTimedOut())
+                else:
+                    await self._reset(StreamCode.HANDLER_FAILED)
+                return
+            if self.send_torn:
+                await self._reset(StreamCode.OUTPUT_STREAM)
+            elif (
+                self.output_done and not self.drained and not self.reader_done.is_set()
+            ):
+                await self._drain()
+        finally:
+            await trio.aclose_forcefully(self.stream)
+
+    async def _drain(self) -> None:
+        """Read (and drop) the client's bytes until its FIN, up to ``linger``."""
+        self.drained = True
+        with trio.move_on_after(self.server.linger):
+            try:
+                while await self.stream.receive_some(65536):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _reset(self, code: int) -> None:
+        self.server._stats.resets += 1
+        await reset_stream(self.stream, code)
+
+    async def _reply_late(self, exc: BaseException) -> None:
+        # The call scope is done; answer under a short shielded scope so a
+        # peer that stopped reading cannot hold the task.
+        self.late_deadline = trio.current_time() + _REPLY_GRACE
+        with trio.CancelScope(shield=True):
+            await self._send_error(exc)
+        if self.send_torn:
+            await self._reset(StreamCode.TIMED_OUT)
+
+    async def _serve(self) -> None:
+        server = self.server
+        try:
+            value = await self.conn.receive()
+        except trio.BrokenResourceError:
+            self.peer_gone = True
+            server._stats.peer_resets += 1
+            return
+        except RPCError as exc:  # bad JSON or oversize: no header to speak of
+            await self._send_error(exc)
+            return
+        if value is EOF:
+            return  # missing header: nothing to answer
+        try:
+            request = as_request(parse_request(value))
+        except RPCError as exc:
+            await self._send_error(exc)
+            return
+        handler = server.manifest.get(request.method)
+        if handler is None:
+            await self._send_error(
+                RPCMethodNotFound(f"method {request.method!r} not found")
+            )
+            return
+        params = request.params
+        metadata: dict[str, Any] = {}
+        if isinstance(params, dict) and isinstance(params.get("metadata"), dict):
+            metadata = params["metadata"]
+        ctx = self.ctx = CallContext(
+            request.method, "server", self.scope, metadata, self.transport
+        )
+        # Restart the timer: the handler's own timeout, else the default.
+        ctx.set_timeout(
+            handler.timeout if handler.timeout is not None else server.timeout
+        )
+        if isinstance(handler, RawHandler):
+            await self._serve_raw(handler, request, ctx)
+            return
+        self.chain = build_chain(ctx, server._middleware)
+        try:
+            if params is not None and not isinstance(params, dict):
+                raise RPCInvalidParams("params must be a JSON object")
+            request = await run_forward(self.chain, request)
+            first = handler.parse_params(request.params)
+        except Exception as exc:
+            await self._send_error(exc)
+            return
+        await self._serve_handler(handler, first, ctx)
+
+    async def _serve_handler(
+        self, handler: Handler[Any, Any], first: Any, ctx: CallContext
+    ) -> None:
+        streaming_input = isinstance(handler, ClientHandler | DuplexHandler)
+        send_ch, recv_ch = trio.open_memory_channel[Any](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                self._reader, handler, first, send_ch if streaming_input else None
+            )
+            with self.handler_scope:
+                try:
+                    if streaming_input:
+                        async with recv_ch:
+                            await self._dispatch(handler, first, recv_ch, ctx)
+                    else:
+                        await self._dispatch(handler, first, recv_ch, ctx)
+                except Exception as exc:
+                    await self._send_error(exc)
+            recv_ch.close()
+            if self.input_error is not None:
+                await self._send_error(self.input_error)
+            if self.output_done:
+                # Wait for the client's FIN; a TCP peer would see an RST if we
+                # closed with its data unread.
+                with trio.move_on_after(self.server.linger):
+                    await self.reader_done.wait()
+                self.drained = True
+            nursery.cancel_scope.cancel()
+
+    async def _dispatch(
+        self,
+        handler: Handler[Any, Any],
+        first: Any,
+        input: trio.MemoryReceiveChannel[Any],
+        ctx: CallContext,
+    ) -> None:
+        if isinstance(handler, UnaryHandler):
+            await self._send_result(await handler.handle(first, ctx))
+        elif isinstance(handler, ServerHandler):
+            await self._send_stream(handler.handle(first, ctx))
+        elif isinstance(handler, ClientHandler):
+            await self._send_result(await handler.handle(input, ctx))
+        elif isinstance(handler, DuplexHandler):
+            await self._send_stream(handler.handle(input, ctx))
+        else:  # pragma: no cover - checked in RPCServer.__init__
+            raise TypeError(f"unknown handler type {type(handler).__name__}")
+        await self._finish()
+
+    async def _send_stream(self, results: AsyncIterator[Any]) -> None:
+        try:
+            async for result in results:
+                await self._send_result(result)
+        finally:
+            aclose = getattr(results, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _reader(
+        self,
+        handler: Handler[Any, Any],
+        first: Any,
+        channel: trio.MemorySendChannel[Any] | None,
+    ) -> None:
+        try:
+            if channel is not None:
+                try:
+                    await self._feed(handler, first, channel)
+                except Exception as exc:
+                    # Cancel the handler before its input ends, or it could
+                    # answer as if the input were complete.
+                    self._input_failed(exc)
+                    return
+                finally:
+                    channel.close()
+            while await self.conn.receive() is not EOF:
+                pass  # input nobody asked for, as js-rpc ignores it
+        except trio.BrokenResourceError:
+            if not self.output_done:
+                self._peer_broke()
+        except trio.ClosedResourceError:
+            pass
+        except Exception as exc:
+            self._input_failed(exc)
+        finally:
+            self.reader_done.set()
+
+    def _input_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, trio.BrokenResourceError):
+            if not self.output_done:
+                self._peer_broke()
+        elif not self.output_done:
+            self.input_error = exc
+            self.handler_scope.cancel()
+
+    async def _feed(
+        self,
+        handler: Handler[Any, Any],
+        first: Any,
+        channel: trio.MemorySendChannel[Any],
+    ) -> None:
+        item = first  # the header's params are the first input
+        while True:
+            try:
+                await channel.send(item)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the handler is done with its input
+            value = await self.conn.receive()
+            if value is EOF:
+                return
+            request = await run_forward(self.chain, as_request(parse_request(value)))
+            item = handler.parse_params(request.params)
+
+    # -- output ----------------------------------------------------------------
+    async def _send_value(self, value: Any) -> None:
+        if self.send_torn:
+            raise trio.BrokenResourceError("an earlier send was interrupted")
+        # A message goes out whole or the stream is reset: cancelling the
+        # handler (say, for bad input) must not cut a message in half, so
+        # sends are shielded from everything but the call's deadline and a
+        # forced stop, and a send those cut short marks the stream torn.
+        if self.late_deadline is None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            deadline = self.scope.deadline
+        else:
+            deadline = self.late_deadline
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            self.send_scope = scope
+            if self.forced:
+                scope.cancel()
+            try:
+                await self.conn.send(value)
+            except trio.BrokenResourceError:
+                self.send_scope = None
+                self._peer_broke()
+                raise
+        self.send_scope = None
+        if scope.cancelled_caught:
+            self.send_torn = True
+            await trio.lowlevel.checkpoint()  # the call scope is cancelled too
+            raise trio.BrokenResourceError("send interrupted")
+
+    def _peer_broke(self) -> None:
+        # The peer stopped reading or reset: the call is over.
+        if not self.peer_gone:
+            self.peer_gone = True
+            self.server._stats.peer_resets += 1
+        self.scope.cancel()
+
+    async def _send_result(self, result: Any) -> None:
+        if self.output_done:
+            return
+        message = await run_reverse(self.chain, Response(result))
+        if self.ctx is not None:
+            self.ctx.proof_of_life()
+        await self._send_value(message.to_wire())
+
+    async def _send_error(self, exc: BaseException) -> None:
+        if self.output_done or self.peer_gone:
+            return
+        wire = error_to_wire(exc)
+        message: Response | ErrorResponse = ErrorResponse(
+            ErrorObject(wire["code"], wire["message"], wire["data"])
+        )
+        try:
+            message = await run_reverse(self.chain, message)
+        except Exception:
+            pass  # the error goes out as it was
+        self.server._stats.error_responses += 1
+        try:
+            await self._send_value(message.to_wire())
+        except trio.BrokenResourceError:
+            return
+        await self._finish()
+
+    async def _finish(self) -> None:
+        if self.output_done:
+            return
+        self.output_done = True
+        try:
+            await self.stream.send_eof()
+        except trio.BrokenResourceError:
+            self.peer_gone = True
+        except trio.ClosedResourceError:
+            pass
+
+    # -- raw calls ---------------------------------------------------------------
+    async def _serve_raw(
+        self, handler: RawHandler, request: Request, ctx: CallContext
+    ) -> None:
+        async def accept(result: Any) -> trio.abc.HalfCloseableStream:
+            ctx.proof_of_life()
+            # The leading response goes out alone, before any raw byte: the JS
+            # client cannot split the two if they arrive in one read.
+            await self._send_value(Response(result).to_wire())
+            self.raw_accepted = True
+            return RawStream(self.stream, self.conn.take_leftover())
+
+        call = RawCall(request.params, accept)
+        try:
+            await handler.handle(call, ctx)
+        except trio.BrokenResourceError:
+            if call.accepted or self.peer_gone:
+                self.peer_gone = True
+                return
+            await self._send_error(RPCOutputStreamError("raw handler stream broke"))
+            return
+        except Exception as exc:
+            if not call.accepted:
+                await self._send_error(exc)
+            else:
+                await self._reset(StreamCode.HANDLER_FAILED)
+                self.output_done = True
+            return
+        if not call.accepted:
+            await self._send_error(
+                RPCMissingResponse("raw handler returned without accepting")
+            )
+            return
+        await self._finish()
+        # Drain the client's bytes until its FIN, bounded by linger.
+        raw = RawStream(self.stream)
+        with trio.move_on_after(self.server.linger):
+            try:
+                while await raw.receive_some(65536):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass

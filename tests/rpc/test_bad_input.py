@@ -1,0 +1,321 @@
+"""A misbehaving peer gets its specific error; the server keeps serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from polykey.rpc import (
+    ErrorCode,
+    JSONStreamDecoder,
+    MemoryStream,
+    RPCInvalidParams,
+    RPCMethodNotFound,
+    RPCRemoteError,
+    RPCServer,
+    StreamResetError,
+    UnaryHandler,
+    encode_json,
+    memory_stream_pair,
+)
+
+from .helpers import Harness, default_manifest, harness
+
+
+async def read_all(peer: MemoryStream) -> tuple[list[Any], int | None]:
+    """Every value the server sent until FIN, and its reset code if any."""
+    decoder = JSONStreamDecoder()
+    values: list[Any] = []
+    try:
+        while data := await peer.receive_some():
+            values.extend(decoder.feed(data))
+    except StreamResetError as exc:
+        return values, exc.code
+    values.extend(decoder.feed_eof())
+    return values, None
+
+
+async def exchange(
+    server: RPCServer, *chunks: bytes, eof: bool = True
+) -> tuple[list[Any], int | None]:
+    peer, server_end = memory_stream_pair()
+    await server.handle_stream(server_end)
+    for chunk in chunks:
+        await peer.send_all(chunk)
+    if eof:
+        await peer.send_eof()
+    result = await read_all(peer)
+    await peer.aclose()
+    return result
+
+
+def error_code(values: list[Any]) -> tuple[int, str]:
+    assert len(values) == 1, values
+    (message,) = values
+    assert message["id"] is None
+    return message["error"]["code"], message["error"]["data"]["type"]
+
+
+async def still_serving(h: Harness) -> None:
+    assert (await h.client.methods.echo({"ok": 1}))["echo"] == {"ok": 1}
+
+
+HEADER = b'{"jsonrpc":"2.0","method":"echo","params":{"a":1},"id":null}'
+
+
+@pytest.mark.parametrize(
+    ("chunks", "code", "wire_type"),
+    [
+        # truncated JSON, then FIN
+        ([b'{"jsonrpc":"2.0","method":"echo"'], ErrorCode.PARSE_ERROR, "ErrorRPCParse"),
+        # not JSON at all
+        ([b"}{"], ErrorCode.PARSE_ERROR, "ErrorRPCParse"),
+        ([b'{"method":"echo" "x"}'], ErrorCode.PARSE_ERROR, "ErrorRPCParse"),
+        # valid JSON, not an object
+        ([b"[1,2,3]"], ErrorCode.INVALID_REQUEST, "ErrorRPCInvalidRequest"),
+        ([b'"echo"'], ErrorCode.INVALID_REQUEST, "ErrorRPCInvalidRequest"),
+        # missing or mistyped method
+        (
+            [b'{"jsonrpc":"2.0","params":{}}'],
+            ErrorCode.INVALID_REQUEST,
+            "ErrorRPCInvalidRequest",
+        ),
+        (
+            [b'{"jsonrpc":"2.0","method":7}'],
+            ErrorCode.INVALID_REQUEST,
+            "ErrorRPCInvalidRequest",
+        ),
+        # unknown method
+        (
+            [b'{"jsonrpc":"2.0","method":"nope","params":{}}'],
+            ErrorCode.METHOD_NOT_FOUND,
+            "ErrorRPCMethodNotFound",
+        ),
+        # params not an object
+        (
+            [b'{"jsonrpc":"2.0","method":"echo","params":5}'],
+            ErrorCode.INVALID_PARAMS,
+            "ErrorRPCInvalidParams",
+        ),
+        # over the limit (1000 bytes here)
+        (
+            [b'{"method":"echo","params":{"x":"' + b"a" * 2000 + b'"}}'],
+            ErrorCode.RPC_MESSAGE_LENGTH,
+            "ErrorRPCMessageLength",
+        ),
+        # over the limit in small pieces, never complete
+        (
+            [b'{"method":"echo","params":{"x":"'] + [b"a" * 100] * 20,
+            ErrorCode.RPC_MESSAGE_LENGTH,
+            "ErrorRPCMessageLength",
+        ),
+    ],
+)
+async def test_bad_header(
+    autojump_clock: trio.testing.MockClock,
+    chunks: list[bytes],
+    code: int,
+    wire_type: str,
+) -> None:
+    with trio.fail_after(60):
+        async with harness(max_message_size=1000) as h:
+            values, reset = await exchange(h.server, *chunks)
+            assert reset is None
+            assert error_code(values) == (code, wire_type)
+            await still_serving(h)
+
+
+async def test_parse_error_after_header(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(60):
+        async with harness() as h:
+            header = b'{"jsonrpc":"2.0","method":"sum","params":{"x":1},"id":null}'
+            values, reset = await exchange(
+                h.server, header, b'{"method":"sum","params":{"x":2}}{"x":'
+            )
+            assert reset is None
+            assert error_code(values) == (ErrorCode.PARSE_ERROR, "ErrorRPCParse")
+            # a later message that is not a request is an invalid request
+            values, reset = await exchange(h.server, header, b"[]")
+            assert error_code(values) == (
+                ErrorCode.INVALID_REQUEST,
+                "ErrorRPCInvalidRequest",
+            )
+            await still_serving(h)
+
+
+async def test_oversize_message_mid_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        async with harness(max_message_size=100) as h:
+            header = b'{"method":"chat","params":{"x":1}}'
+            big = b'{"method":"chat","params":{"x":"' + b"y" * 200 + b'"}}'
+            values, _ = await exchange(h.server, header, big)
+            assert values[0] == {
+                "jsonrpc": "2.0",
+                "result": {"re": {"x": 1}},
+                "id": None,
+            }
+            assert error_code(values[1:]) == (
+                ErrorCode.RPC_MESSAGE_LENGTH,
+                "ErrorRPCMessageLength",
+            )
+            await still_serving(h)
+
+
+async def test_good_requests_byte_by_byte_with_whitespace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        async with harness() as h:
+            data = b' \n{"jsonrpc":"2.0","method":"sum","params":{"x":1},"id":42}\r\n\t'
+            data += (
+                b'{"method":"sum","params":{"x":2}}  {"method":"sum","params":{"x":3}} '
+            )
+            values, reset = await exchange(
+                h.server, *(data[i : i + 1] for i in range(len(data)))
+            )
+            assert reset is None
+            # id 42 still gets id null back, as js-rpc does
+            assert values == [{"jsonrpc": "2.0", "result": {"sum": 6}, "id": None}]
+
+
+async def test_many_messages_in_one_chunk_none_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        async with harness() as h:
+            data = b"".join(
+                encode_json(
+                    {"jsonrpc": "2.0", "method": "chat", "params": {"i": i}, "id": None}
+                )
+                for i in range(200)
+            )
+            values, _ = await exchange(h.server, data)
+            assert [v["result"]["re"]["i"] for v in values] == list(range(200))
+
+
+async def test_peer_that_never_sends_a_header(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        async with harness(timeout=3) as h:
+            peer, server_end = memory_stream_pair()
+            await h.server.handle_stream(server_end)
+            values, reset = await read_all(peer)
+            assert (values, reset) == ([], 7)
+            await peer.aclose()
+            await still_serving(h)
+
+
+async def test_missing_header_then_fin(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(60):
+        async with harness() as h:
+            assert await exchange(h.server, b"  ") == ([], None)
+            await still_serving(h)
+
+
+async def test_peer_vanishes_mid_stream(autojump_clock: trio.testing.MockClock) -> None:
+    cancelled = trio.Event()
+
+    class Slow(UnaryHandler[dict[str, Any], dict[str, Any]]):
+        async def handle(self, params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()
+
+    manifest = default_manifest()
+    manifest["slow"] = Slow()
+    with trio.fail_after(60):
+        async with harness(manifest) as h:
+            # client-streaming: two messages, then the peer resets
+            peer, server_end = memory_stream_pair()
+            await h.server.handle_stream(server_end)
+            await peer.send_all(
+                b'{"method":"sum","params":{"x":1}}{"method":"sum","params":{"x":2}}'
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            peer.reset(5)
+            await h.settle()
+            # a unary handler in progress is cancelled when its peer resets
+            peer, server_end = memory_stream_pair()
+            await h.server.handle_stream(server_end)
+            await peer.send_all(b'{"method":"slow","params":{}}')
+            await trio.sleep(1)
+            peer.reset(0)
+            await cancelled.wait()
+            await h.settle()
+            assert h.server.statistics().peer_resets == 2
+            # a duplex peer that closes without FIN mid-message: truncated
+            values, _ = await exchange(
+                h.server, b'{"method":"chat","params":{"x":1}}{"meth'
+            )
+            assert values[0]["result"] == {"re": {"x": 1}}
+            assert error_code(values[1:]) == (ErrorCode.PARSE_ERROR, "ErrorRPCParse")
+            await still_serving(h)
+
+
+async def test_invalid_params_from_parse_params(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Strict(UnaryHandler[int, dict[str, Any]]):
+        def parse_params(self, params: Any) -> int:
+            if not isinstance(params.get("n"), int):
+                raise RPCInvalidParams("n must be an integer")
+            return int(params["n"])
+
+        async def handle(self, params: int, ctx: Any) -> dict[str, Any]:
+            return {"double": params * 2}
+
+    manifest = default_manifest()
+    manifest["strict"] = Strict()
+    with trio.fail_after(60):
+        async with harness(manifest) as h:
+            assert await h.client.unary("strict", {"n": 4}) == {"double": 8}
+            with pytest.raises(RPCRemoteError) as info:
+                await h.client.unary("strict", {"n": "x"})
+            assert info.value.remote_code == ErrorCode.INVALID_PARAMS
+            assert isinstance(info.value.error, RPCInvalidParams)
+            assert info.value.remote_message == "n must be an integer"
+            with pytest.raises(RPCRemoteError) as info:
+                await h.client.unary("strict", 5)
+            assert isinstance(info.value.error, RPCInvalidParams)
+
+
+async def test_unknown_method_through_the_client(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        async with harness() as h:
+            with pytest.raises(RPCRemoteError) as info:
+                await h.client.unary("nope", {})
+            assert isinstance(info.value.error, RPCMethodNotFound)
+            with pytest.raises(RPCRemoteError):  # noqa: PT012
+                async with h.client.duplex("nope") as call:
+                    await call.send({})
+                    await call.receive()
+
+
+async def test_server_survives_a_crowd_of_bad_peers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        async with harness(timeout=2, max_message_size=1000) as h:
+            async with trio.open_nursery() as nursery:
+                for chunk in [
+                    b"}",
+                    b"[]",
+                    b'{"x":1}',
+                    b'{"method":"nope"}',
+                    b"{" * 2000,
+                    HEADER,
+                ]:
+                    for _ in range(10):
+                        nursery.start_soon(exchange, h.server, chunk)
+                for _ in range(10):
+                    nursery.start_soon(still_serving, h)
+            await h.settle()
