@@ -164,11 +164,12 @@ class QUICConnectionError(QUICError, trio.BrokenResourceError):
 
 class QUICStreamError(QUICError, trio.BrokenResourceError):
     """The peer reset the stream (RESET_STREAM) or asked us to stop sending
-    (STOP_SENDING); ``error_code`` is the peer's application code."""
+    (STOP_SENDING); ``code`` is the peer's application error code (the
+    attribute the RPC layer reads)."""
 
-    def __init__(self, stream_id: int, error_code: int, *, reset: bool) -> None:
+    def __init__(self, stream_id: int, code: int, *, reset: bool) -> None:
         self.stream_id = stream_id
-        self.error_code = error_code
+        self.code = code
         self.reset = reset
         what = "reset" if reset else "stopped"
-        super().__init__(f"stream {stream_id} {what} by peer with code {error_code}")
+        super().__init__(f"stream {stream_id} {what} by peer with code {code}")

@@ -194,7 +194,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
         except QuicheError:
             # Gone: the peer aborted it. Its STOP_SENDING code went with it;
             # the RESET_STREAM code we read is the best we have.
-            code = getattr(self._recv_error, "error_code", 0)
+            code = getattr(self._recv_error, "code", 0)
             self._send_error = QUICStreamError(self.stream_id, code, reset=False)
             raise self._send_error from None
 

@@ -293,11 +293,11 @@ async def test_peer_reset_and_stop_sending_carry_codes() -> None:
         cs.reset(42)
         with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
             await receive_until_error(ss)
-        assert info.value.error_code == 42
+        assert info.value.code == 42
         assert info.value.reset
         with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
             await send_until_error(ss)
-        assert info.value.error_code == 42
+        assert info.value.code == 42
         assert not info.value.reset
 
 
@@ -312,7 +312,7 @@ async def test_cancelled_send_resets_stream_and_peer_sees_code() -> None:
         assert scope.cancelled_caught
         with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
             await receive_until_error(ss)
-        assert info.value.error_code == 9
+        assert info.value.code == 9
         with pytest.raises(trio.BrokenResourceError):
             await cs.send_all(b"more")
         await cs.aclose()
@@ -330,7 +330,7 @@ async def test_cancelled_receive_then_close_resets_for_peer() -> None:
         # The stream closed inside a cancelled scope: forcefully.
         with trio.fail_after(5), pytest.raises(QUICStreamError) as info:
             await receive_until_error(ss)
-        assert info.value.error_code == 5
+        assert info.value.code == 5
         assert client_conn.statistics().streams_open == 0
 
 
