@@ -254,6 +254,9 @@ bool pk_conn_peer_cert_chain_get(const quiche_conn *conn, size_t index,
 ssize_t pk_conn_send_batch(quiche_conn *conn, uint8_t *out, size_t out_len,
                            size_t max_segments, size_t *segment_size,
                            quiche_send_info *info);
+size_t pk_conn_recv_segments(quiche_conn *conn, uint8_t *buf, size_t len,
+                             size_t segment, const uint8_t *dcid, size_t dcid_len,
+                             const quiche_recv_info *info);
 """
 
 

@@ -238,7 +238,20 @@ pub struct SendInfo {
     at: timespec,
 }
 
+/// Mirror of quiche.h's `quiche_recv_info`.
+#[repr(C)]
+pub struct RecvInfo {
+    from: *mut sockaddr,
+    from_len: socklen_t,
+    to: *mut sockaddr,
+    to_len: socklen_t,
+}
+
 extern "C" {
+    fn quiche_conn_recv(
+        conn: *mut quiche::Connection, buf: *mut u8, buf_len: size_t,
+        info: *const RecvInfo,
+    ) -> ssize_t;
     fn quiche_conn_send(
         conn: *mut quiche::Connection, out: *mut u8, out_len: size_t,
         out_info: *mut SendInfo,
@@ -298,4 +311,33 @@ pub extern "C" fn pk_conn_send_batch(
         }
     }
     written as ssize_t
+}
+
+/// Feed quiche the packets of one GRO buffer: consecutive `segment`-sized
+/// datagrams (the last may be shorter) from one sender. Stops before the
+/// first datagram that is not a short-header packet for `dcid`, which the
+/// caller routes on its own (two connections can share one 5-tuple). Errors
+/// on single packets are ignored, as quiche drops bad packets by itself and
+/// closes the connection on fatal ones. Returns the bytes consumed.
+#[no_mangle]
+pub extern "C" fn pk_conn_recv_segments(
+    conn: *mut quiche::Connection, buf: *mut u8, len: size_t, segment: size_t,
+    dcid: *const u8, dcid_len: size_t, info: *const RecvInfo,
+) -> size_t {
+    if conn.is_null() || buf.is_null() || info.is_null() || segment == 0 {
+        return 0;
+    }
+    let cid = input(dcid, dcid_len);
+    let mut off = 0usize;
+    while off < len {
+        let n = segment.min(len - off);
+        let packet = unsafe { slice::from_raw_parts(buf.add(off), n) };
+        let short = n > cid.len() && packet[0] & 0x80 == 0;
+        if !short || &packet[1..1 + cid.len()] != cid {
+            break;
+        }
+        unsafe { quiche_conn_recv(conn, buf.add(off), n, info) };
+        off += n;
+    }
+    off
 }

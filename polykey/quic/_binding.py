@@ -574,11 +574,11 @@ class Connection:
 
     # -- packets ------------------------------------------------------------
 
-    def recv(self, buf: bytearray | memoryview, peer: Address | None = None) -> int:
-        """Feed one received datagram (quiche rewrites ``buf`` in place while
-        decrypting). ``peer`` is the sender when it differs from the last
-        one. Returns the bytes processed; raises :class:`QuicheError`."""
-        if peer is not None and peer != self._peer.address:
+    def recv(self, buf: bytearray | memoryview, peer: Address) -> int:
+        """Feed one datagram from ``peer`` (quiche rewrites ``buf`` in place
+        while decrypting). Returns the bytes processed; raises
+        :class:`QuicheError`."""
+        if peer != self._peer.address:
             self._peer = _SockAddr(peer)
             self._set_recv_info()
         n = lib.quiche_conn_recv(
@@ -590,6 +590,20 @@ class Connection:
                 return 0
             raise QuicheError(n, "recv")
         return n  # type: ignore[no-any-return]
+
+    def recv_segments(
+        self, buf: memoryview, segment: int, dcid: bytes, peer: Address
+    ) -> int:
+        """Feed the consecutive ``segment``-sized datagrams of a GRO buffer,
+        stopping before the first that is not a short-header packet for
+        ``dcid``; returns the bytes consumed (one C call for the lot)."""
+        if peer != self._peer.address:
+            self._peer = _SockAddr(peer)
+            self._set_recv_info()
+        return lib.pk_conn_recv_segments(  # type: ignore[no-any-return]
+            self._ptr, ffi.from_buffer(buf, require_writable=True), len(buf),
+            segment, dcid, len(dcid), self._recv_info,
+        )  # fmt: skip
 
     def send(self, buf: bytearray) -> tuple[int, Address] | None:
         """Write the next packet into ``buf``; ``None`` when there is nothing

@@ -238,7 +238,7 @@ class QUICConnection(trio.abc.AsyncResource):
 
     # -- input ----------------------------------------------------------------------
 
-    def _datagram(self, data: bytearray, address: Address) -> None:
+    def _datagram(self, data: memoryview, address: Address) -> None:
         if self._finished:
             return
         self._datagrams_in += 1
@@ -249,6 +249,18 @@ class QUICConnection(trio.abc.AsyncResource):
             # if it is fatal, which _after_input notices.
             pass
         self._socket._mark_dirty(self)
+
+    def _datagrams(
+        self, data: memoryview, segment: int, dcid: bytes, address: Address
+    ) -> int:
+        """A run of GRO segments addressed to us; returns bytes consumed."""
+        if self._finished:
+            return 0
+        used = self._q.recv_segments(data, segment, dcid, address)
+        if used:
+            self._datagrams_in += -(-used // segment)
+            self._socket._mark_dirty(self)
+        return used
 
     def _after_input(self) -> None:
         if self._finished:

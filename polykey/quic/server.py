@@ -113,7 +113,7 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
     # -- new connections ------------------------------------------------------------
 
     def handle_initial(
-        self, header: _binding.Header, data: bytearray, address: Address
+        self, header: _binding.Header, data: memoryview, address: Address
     ) -> None:
         """Called by the socket for an Initial to an unknown connection id."""
         if self._closed:
