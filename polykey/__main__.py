@@ -1,0 +1,9 @@
+"""``python -m polykey``: see :mod:`polykey.cli`."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

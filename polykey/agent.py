@@ -1,0 +1,187 @@
+"""PolykeyNode: the layers composed into a running node.
+
+Start-up order: identity (state directory), QUIC socket, RPC server, node
+connections (server and client on the one socket). Shutdown is the reverse,
+with connections closed with a code, in a shielded scope so a cancelled
+shutdown still finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import attrs
+import trio
+
+from ._state import default_state_dir, load_or_create_identity
+from .keys import NodeId, NodeIdentity
+from .nodes.connections import (
+    Address,
+    NodeConnection,
+    NodeConnectionManager,
+    display_address,
+)
+from .quic import QUICConfig, QUICSocket
+from .rpc import Handler, RPCServer
+
+__all__ = [
+    "DEFAULT_PORT",
+    "NodeSettings",
+    "PolykeyNode",
+    "SeedNode",
+    "default_state_dir",
+]
+
+log = logging.getLogger("polykey.node")
+
+#: The port a node listens on by default (Polykey's seed nodes use it too).
+DEFAULT_PORT = 1314
+
+
+@attrs.frozen
+class SeedNode:
+    """A node to join the network through: ``NODEID@HOST:PORT``."""
+
+    node_id: NodeId
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> SeedNode:
+        """Parse ``NODEID@HOST:PORT`` (``NODEID@[V6]:PORT`` for IPv6)."""
+        node_part, sep, address = text.partition("@")
+        if not sep:
+            raise ValueError(f"seed {text!r}: expected NODEID@HOST:PORT")
+        node_id = NodeId.from_string(node_part)
+        if address.startswith("["):
+            host, bracket, rest = address[1:].partition("]")
+            if not bracket or not rest.startswith(":"):
+                raise ValueError(f"seed {text!r}: expected [IPV6]:PORT")
+            port_text = rest[1:]
+        else:
+            host, colon, port_text = address.rpartition(":")
+            if not colon or ":" in host:
+                raise ValueError(
+                    f"seed {text!r}: expected HOST:PORT ([IPV6]:PORT for IPv6)"
+                )
+        if not host or "%" in host:
+            raise ValueError(f"seed {text!r}: a plain host is needed (no IPv6 scope)")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(
+                f"seed {text!r}: port {port_text!r} is not a number"
+            ) from None
+        if not 0 < port < 65536:
+            raise ValueError(f"seed {text!r}: port must be 1..65535")
+        return cls(node_id, host, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.node_id}@{host}:{self.port}"
+
+
+@attrs.frozen(kw_only=True)
+class NodeSettings:
+    """Everything a node needs; the defaults are what ``python -m polykey
+    node`` runs with."""
+
+    state_dir: Path = attrs.field(factory=default_state_dir)
+    host: str = "::"
+    port: int = DEFAULT_PORT
+    seeds: tuple[SeedNode, ...] = ()
+    quic: QUICConfig = attrs.field(factory=QUICConfig)
+    #: Default timeout of the agent's RPC server and of calls to peers
+    #: (Polykey's agent uses 15 s).
+    rpc_timeout: float = 15.0
+    #: Extra RPC methods to serve, beside the node's own.
+    handlers: dict[str, Handler[Any, Any]] = attrs.field(factory=dict)
+
+
+class PolykeyNode:
+    """A running node: ``async with PolykeyNode(settings) as node: ...``."""
+
+    def __init__(self, settings: NodeSettings | None = None) -> None:
+        self.settings = settings or NodeSettings()
+        self.identity: NodeIdentity | None = None
+        self._connections: NodeConnectionManager | None = None
+        self._stack: Any = None
+
+    @property
+    def node_id(self) -> NodeId:
+        if self.identity is None:
+            raise trio.ClosedResourceError("the node is not running")
+        return self.identity.node_id
+
+    @property
+    def connections(self) -> NodeConnectionManager:
+        if self._connections is None:
+            raise trio.ClosedResourceError("the node is not running")
+        return self._connections
+
+    @property
+    def address(self) -> Address:
+        return display_address(self.connections.socket.local_address)
+
+    async def __aenter__(self) -> PolykeyNode:
+        from contextlib import AsyncExitStack
+
+        settings = self.settings
+        identity, created = load_or_create_identity(settings.state_dir)
+        self.identity = identity
+        log.info(
+            "%s identity %s in %s",
+            "created" if created else "loaded",
+            identity.node_id,
+            settings.state_dir,
+        )
+        stack = AsyncExitStack()
+        try:
+            socket = await stack.enter_async_context(
+                QUICSocket(settings.host, settings.port)
+            )
+            rpc = await stack.enter_async_context(
+                RPCServer(dict(settings.handlers), timeout=settings.rpc_timeout)
+            )
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            self._connections = NodeConnectionManager(
+                socket,
+                identity,
+                rpc,
+                config=settings.quic,
+                rpc_timeout=settings.rpc_timeout,
+            )
+            await nursery.start(self._connections.run)
+            stack.callback(nursery.cancel_scope.cancel)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        host, port = self.address
+        log.info("node %s listening on %s:%d", identity.node_id, host, port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        stack, self._stack = self._stack, None
+        # Close connections with a code first, even when cancelled; the
+        # stack (entered in __aenter__, so exited outside any new scope)
+        # then stops the tasks and the socket.
+        with trio.CancelScope(shield=True):
+            if self._connections is not None:
+                await self._connections.aclose()
+        result = await stack.__aexit__(exc_type, exc_value, traceback)
+        self._connections = None
+        log.info("node stopped")
+        return bool(result)
+
+    async def connect(self, node_id: NodeId, address: Address) -> NodeConnection:
+        """A verified connection to ``node_id`` at ``address``."""
+        return await self.connections.connect(node_id, address)

@@ -1,0 +1,122 @@
+"""NodeConnectionManager over real QUIC on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from polykey.keys import NodeId, NodeIdentity
+from polykey.nodes.connections import NodeConnectionError, NodeConnectionManager
+from polykey.quic import QUICSocket
+from polykey.rpc import CallContext, RPCServer, UnaryHandler
+
+
+class WhoAmI(UnaryHandler[dict[str, Any], dict[str, Any]]):
+    async def handle(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"you": str(ctx.transport["node_id"]), "host": ctx.transport["host"]}
+
+
+@asynccontextmanager
+async def node(
+    seen: list[tuple[NodeId, str, int]] | None = None, ttl: float = 60.0
+) -> AsyncIterator[NodeConnectionManager]:
+    identity = NodeIdentity.generate()
+
+    def report(node_id: NodeId, host: str, port: int) -> None:
+        if seen is not None:
+            seen.append((node_id, host, port))
+
+    async with (
+        QUICSocket("127.0.0.1") as socket,
+        RPCServer({"whoAmI": WhoAmI()}) as rpc,
+        trio.open_nursery() as nursery,
+    ):
+        manager = NodeConnectionManager(
+            socket, identity, rpc, on_connection=report, ttl=ttl
+        )
+        await nursery.start(manager.run)
+        yield manager
+        nursery.cancel_scope.cancel()
+
+
+def address(manager: NodeConnectionManager) -> tuple[str, int]:
+    return manager.socket.local_address[0], manager.socket.local_address[1]
+
+
+async def test_rpc_both_ways_over_one_connection() -> None:
+    seen_a: list[tuple[NodeId, str, int]] = []
+    seen_b: list[tuple[NodeId, str, int]] = []
+    async with node(seen_a) as a, node(seen_b) as b:
+        with trio.fail_after(10):
+            to_b = await a.connect(b.node_id, address(b))
+            assert to_b.node_id == b.node_id
+            assert await to_b.rpc.unary("whoAmI", {}) == {
+                "you": str(a.node_id),
+                "host": "127.0.0.1",
+            }
+            # B calls A over the connection A opened.
+            while b.get(a.node_id) is None:
+                await trio.sleep(0.01)
+            back = b.get(a.node_id)
+            assert back is not None
+            assert not back.outgoing
+            assert await back.rpc.unary("whoAmI", {}) == {
+                "you": str(b.node_id),
+                "host": "127.0.0.1",
+            }
+            # A second connect reuses the pooled connection.
+            assert await a.connect(b.node_id, address(b)) is to_b
+        assert [s[0] for s in seen_a] == [b.node_id]
+        assert seen_b[0][0] == a.node_id
+        assert seen_b[0][2] == a.socket.local_address[1]
+
+
+async def test_concurrent_dials_share_one_attempt() -> None:
+    async with node() as a, node() as b:
+        results: list[Any] = []
+
+        async def dial() -> None:
+            results.append(await a.connect(b.node_id, address(b)))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(dial)
+        assert len({id(r) for r in results}) == 1
+        assert a.dials == 1
+
+
+async def test_wrong_node_id_fails_cleanly() -> None:
+    async with node() as a, node() as b:
+        impostor = NodeIdentity.generate().node_id
+        with trio.fail_after(10), pytest.raises(NodeConnectionError):
+            await a.connect(impostor, address(b))
+        assert a.get(impostor) is None
+        assert a.dial_failures == 1
+        # The real one still works.
+        with trio.fail_after(10):
+            await a.connect(b.node_id, address(b))
+
+
+async def test_unreachable_node_is_bounded_by_caller_deadline() -> None:
+    async with node() as a, QUICSocket("127.0.0.1") as silent:
+        nobody = NodeIdentity.generate().node_id
+        with trio.move_on_after(0.5) as scope:
+            await a.connect(nobody, (silent.local_address[0], silent.local_address[1]))
+        assert scope.cancelled_caught
+        assert a.get(nobody) is None
+
+
+async def test_idle_connections_close_after_ttl() -> None:
+    async with node(ttl=0.5) as a, node(ttl=60) as b:
+        with trio.fail_after(10):
+            conn = await a.connect(b.node_id, address(b))
+            await conn.connection.wait_closed()
+        assert a.get(b.node_id) is None
+        reason = conn.connection.close_reason
+        assert reason is not None
+        assert reason.code == 1
