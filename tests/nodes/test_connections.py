@@ -22,13 +22,17 @@ class WhoAmI(UnaryHandler[dict[str, Any], dict[str, Any]]):
 
 @asynccontextmanager
 async def node(
-    seen: list[tuple[NodeId, str, int]] | None = None, ttl: float = 60.0
+    seen: list[tuple[NodeId, str, int]] | None = None,
+    ttl: float = 60.0,
+    connected: trio.Event | None = None,
 ) -> AsyncIterator[NodeConnectionManager]:
     identity = NodeIdentity.generate()
 
     def report(node_id: NodeId, host: str, port: int) -> None:
         if seen is not None:
             seen.append((node_id, host, port))
+        if connected is not None:
+            connected.set()
 
     async with (
         QUICSocket("127.0.0.1") as socket,
@@ -50,7 +54,8 @@ def address(manager: NodeConnectionManager) -> tuple[str, int]:
 async def test_rpc_both_ways_over_one_connection() -> None:
     seen_a: list[tuple[NodeId, str, int]] = []
     seen_b: list[tuple[NodeId, str, int]] = []
-    async with node(seen_a) as a, node(seen_b) as b:
+    b_connected = trio.Event()
+    async with node(seen_a) as a, node(seen_b, connected=b_connected) as b:
         with trio.fail_after(10):
             to_b = await a.connect(b.node_id, address(b))
             assert to_b.node_id == b.node_id
@@ -59,8 +64,7 @@ async def test_rpc_both_ways_over_one_connection() -> None:
                 "host": "127.0.0.1",
             }
             # B calls A over the connection A opened.
-            while b.get(a.node_id) is None:
-                await trio.sleep(0.01)
+            await b_connected.wait()
             back = b.get(a.node_id)
             assert back is not None
             assert not back.outgoing
