@@ -36,6 +36,7 @@ Every connection task (driver) runs in this socket's nursery, so leaving the
 from __future__ import annotations
 
 import errno
+import math
 import socket as _stdlib_socket
 import struct
 from types import TracebackType
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
 import trio
+import trio.testing
 
 from . import _binding
 from ._binding import Address
@@ -130,6 +132,7 @@ class QUICSocket:
     # -- lifecycle ------------------------------------------------------------
 
     async def __aenter__(self) -> QUICSocket:
+        _refuse_autojump_clock()
         family = (
             _stdlib_socket.AF_INET6 if ":" in self._host else _stdlib_socket.AF_INET
         )
@@ -415,6 +418,20 @@ class QUICSocket:
             self.statistics.bytes_sent += len(data)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
+
+
+def _refuse_autojump_clock() -> None:
+    """quiche reads the real monotonic clock; an autojumping MockClock would
+    make every QUIC timer fire at once in virtual time while quiche still
+    waits in real time, so drivers would spin. Refuse clearly instead."""
+    clock = trio.lowlevel.current_clock()
+    if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold != math.inf:
+        raise RuntimeError(
+            "QUIC runs on the real clock (quiche reads it itself): run QUIC on "
+            "trio's default clock, or on a MockClock without autojump; for "
+            "deterministic tests above QUIC use polykey.testing's in-memory "
+            "transports (see docs/quic.md)"
+        )
 
 
 def _probe_gso(sock: _stdlib_socket.socket) -> bool:

@@ -394,3 +394,12 @@ async def test_connect_cancelled_leaves_nothing_behind() -> None:
         assert scope.cancelled_caught
         assert cs.statistics.connections == 0
         assert dead.statistics.dropped_no_server >= 1
+
+
+def test_autojump_mock_clock_is_refused_clearly() -> None:
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="real clock"):
+            async with QUICSocket("127.0.0.1"):
+                pass
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
