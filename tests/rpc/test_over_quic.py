@@ -1,0 +1,128 @@
+"""RPC end to end over real QUIC streams on loopback (real clock)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from polykey.keys import NodeIdentity
+from polykey.quic import (
+    QUICClient,
+    QUICConnection,
+    QUICServer,
+    QUICSocket,
+    node_tls_identity,
+    node_verifier,
+)
+from polykey.rpc import RPCClient, RPCRemoteError, RPCServer, RPCTimedOut
+
+from .helpers import API, default_manifest
+
+
+async def serve_rpc(conn: QUICConnection, server: RPCServer) -> None:
+    """Every stream the peer opens is one call to ``server``."""
+    meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
+    try:
+        while True:
+            await server.handle_stream(await conn.accept_stream(), meta)
+    except trio.BrokenResourceError:
+        pass
+
+
+async def settled(server: RPCServer) -> None:
+    """Every call on the server has finished (each ends once both FINs
+    crossed, just after the client has its answer)."""
+    with trio.fail_after(10):
+        while server.statistics().active_calls:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def quic_rpc() -> AsyncIterator[tuple[RPCClient[API], RPCClient[API], RPCServer]]:
+    """Two nodes, one connection, an RPC server on each side: yields the
+    client's RPC client, the server's RPC client (calling back over the same
+    connection) and the server's RPC server."""
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    async with (
+        QUICSocket("127.0.0.1") as sa,
+        QUICSocket("127.0.0.1") as sb,
+        RPCServer(default_manifest(), timeout=10) as rpc_a,
+        RPCServer(default_manifest(), timeout=10) as rpc_b,
+        trio.open_nursery() as nursery,
+    ):
+        server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
+        client = QUICClient(sa, node_tls_identity(a))
+        with trio.fail_after(10):
+            conn_a = await client.connect(
+                sb.local_address, verifier=node_verifier(b.node_id)
+            )
+            conn_b = await server.accept()
+        nursery.start_soon(serve_rpc, conn_a, rpc_a)
+        nursery.start_soon(serve_rpc, conn_b, rpc_b)
+        yield (
+            RPCClient(API, conn_a.open_stream),
+            RPCClient(API, conn_b.open_stream),
+            rpc_b,
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_call_type_over_one_connection() -> None:
+    async with quic_rpc() as (client, _, _):
+        api = client.methods
+        with trio.fail_after(10):
+            assert (await api.echo({"x": 1}))["echo"] == {"x": 1}
+            async with api.count({"n": 5}) as results:
+                assert [r["i"] async for r in results] == [0, 1, 2, 3, 4]
+            async with api.sum() as call:
+                for x in range(10):
+                    await call.send({"x": x})
+                assert await call.finish() == {"sum": 45}
+            async with api.chat() as chat:
+                await chat.send({"m": "hi"})
+                assert await chat.receive() == {"re": {"m": "hi"}}
+                await chat.send_eof()
+                assert [r async for r in chat] == []
+            async with api.raw_echo({"a": 1}) as raw:
+                assert raw.header["hello"]["a"] == 1
+                await raw.stream.send_all(b"quic")
+                await raw.stream.send_eof()
+                assert await raw.stream.receive_some() == b"QUIC"
+            with pytest.raises(RPCRemoteError, match="boom"):
+                await api.fail({})
+
+
+async def test_many_concurrent_calls() -> None:
+    async with quic_rpc() as (client, _, server):
+        results: list[Any] = []
+
+        async def one(i: int) -> None:
+            results.append((await client.methods.echo({"i": i}))["echo"]["i"])
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(500):
+                    nursery.start_soon(one, i)
+        assert sorted(results) == list(range(500))
+        await settled(server)
+
+
+async def test_rpc_both_ways_on_one_connection() -> None:
+    async with quic_rpc() as (from_a, from_b, _):
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(from_a.methods.echo, {"dir": "a->b"})
+                nursery.start_soon(from_b.methods.echo, {"dir": "b->a"})
+            assert (await from_b.methods.echo({"x": 2}))["echo"] == {"x": 2}
+
+
+async def test_timeout_resets_the_quic_stream_and_cancels_the_handler() -> None:
+    async with quic_rpc() as (client, _, server):
+        with trio.fail_after(10), pytest.raises(RPCTimedOut):
+            await client.methods.sleep({"s": 30}, rpc_timeout=0.3)
+        await settled(server)
+        assert (await client.methods.echo({"after": True}))["echo"] == {"after": True}
