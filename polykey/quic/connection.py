@@ -397,7 +397,12 @@ class QUICConnection(trio.abc.AsyncResource):
         deadline = min(
             self._quiche_deadline, self._keep_alive_deadline, self._handshake_deadline
         )
-        if deadline != self._deadline:
+        # Moving a trio deadline costs more than the packet that moved it:
+        # bring it forward at once, but let a later one wait until the
+        # driver wakes at the earlier (it then finds nothing due and
+        # re-arms). The driver also wakes at once if it was due already.
+        current = self._deadline
+        if deadline < current or current <= now:
             self._deadline = deadline
             if self._timer_scope is not None:
                 self._timer_scope.deadline = deadline
