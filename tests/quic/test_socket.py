@@ -1,0 +1,121 @@
+"""QUICSocket: address families, GSO/GRO fallback, version negotiation."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+import trio
+
+import polykey.quic.socket as quic_socket
+from polykey.quic import QUICClient, QUICServer, QUICSocket
+from polykey.quic._binding import PacketType, parse_header
+
+from .conftest import tls_identity
+from .test_loopback import echo_streams
+
+
+async def _echo_once(
+    server_host: str, client_host: str, target: tuple[str, int]
+) -> None:
+    async with (
+        QUICSocket(server_host) as ss,
+        QUICSocket(client_host) as cs,
+        trio.open_nursery() as nursery,
+    ):
+        server = QUICServer(ss, tls_identity("server"))
+        nursery.start_soon(server.serve, echo_streams)
+        client = QUICClient(cs, tls_identity("client"))
+        with trio.fail_after(10):
+            conn = await client.connect((target[0], ss.local_address[1]))
+            stream = await conn.open_stream()
+            await stream.send_all(b"ping")
+            await stream.send_eof()
+            assert await stream.receive_some() == b"ping"
+        nursery.cancel_scope.cancel()
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback on this machine")
+async def test_ipv6_both_ends() -> None:
+    await _echo_once("::1", "::1", ("::1", 0))
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback on this machine")
+async def test_dual_stack_sockets_talk_ipv4() -> None:
+    # Both sockets bound to "::" (the node default); the peer is dialled by
+    # its IPv4 address, which travels as IPv4-mapped IPv6.
+    await _echo_once("::", "::", ("127.0.0.1", 0))
+
+
+async def test_without_gso_and_gro(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quic_socket, "_probe_gso", lambda sock: False)
+    monkeypatch.setattr(quic_socket, "_enable_gro", lambda sock: False)
+    async with (
+        QUICSocket("127.0.0.1") as ss,
+        QUICSocket("127.0.0.1") as cs,
+        trio.open_nursery() as nursery,
+    ):
+        assert not ss.statistics.gso
+        assert not cs.statistics.gro
+        server = QUICServer(ss, tls_identity("server"))
+        nursery.start_soon(server.serve, echo_streams)
+        client = QUICClient(cs, tls_identity("client"))
+        payload = os.urandom(8 * 1024 * 1024)
+        received = bytearray()
+        with trio.fail_after(30):
+            conn = await client.connect(ss.local_address)
+            stream = await conn.open_stream()
+
+            async def send() -> None:
+                await stream.send_all(payload)
+                await stream.send_eof()
+
+            async with trio.open_nursery() as transfer:
+                transfer.start_soon(send)
+                while data := await stream.receive_some():
+                    received += data
+        assert received == payload
+        nursery.cancel_scope.cancel()
+
+
+async def test_unsupported_version_gets_version_negotiation() -> None:
+    async with QUICSocket("127.0.0.1") as ss:
+        QUICServer(ss, tls_identity("server"))
+        raw = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with raw:
+            await raw.bind(("127.0.0.1", 0))
+            dcid, scid = os.urandom(8), os.urandom(8)
+            initial = (
+                bytes([0xC0])
+                + struct.pack("!I", 0x1A2A3A4A)  # a version nobody speaks
+                + bytes([len(dcid)]) + dcid
+                + bytes([len(scid)]) + scid
+            )  # fmt: skip
+            initial += b"\x00" * (1200 - len(initial))
+            await raw.sendto(initial, ss.local_address)
+            with trio.fail_after(5):
+                answer, _ = await raw.recvfrom(2048)
+        header = parse_header(answer, 8)
+        assert header.type is PacketType.VERSION_NEGOTIATION
+        assert header.dcid == scid
+        assert header.scid == dcid
+
+
+async def test_initial_without_server_is_dropped_and_counted() -> None:
+    async with QUICSocket("127.0.0.1") as lonely, QUICSocket("127.0.0.1") as cs:
+        client = QUICClient(cs, tls_identity("client"))
+        with trio.move_on_after(0.3):
+            await client.connect(lonely.local_address)
+        assert lonely.statistics.dropped_no_server >= 1
+        assert cs.statistics.connections == 0
