@@ -111,8 +111,11 @@ def test_we_generate_byte_identical_certificates() -> None:
 
 
 def _interop_dir() -> Path | None:
-    directory = os.environ.get("POLYKEY_INTEROP_DIR")
-    if not directory or shutil.which("node") is None:
+    """Where Polykey's npm package is installed: $POLYKEY_INTEROP_DIR, or
+    tests/interop/polykey (which `make test` installs)."""
+    default = Path(__file__).resolve().parents[1] / "interop" / "polykey"
+    directory = os.environ.get("POLYKEY_INTEROP_DIR") or str(default)
+    if shutil.which("node") is None:
         return None
     path = Path(directory)
     return path if (path / "node_modules" / "polykey").is_dir() else None
@@ -121,7 +124,7 @@ def _interop_dir() -> Path | None:
 @pytest.mark.interop
 @pytest.mark.skipif(
     _interop_dir() is None,
-    reason="set POLYKEY_INTEROP_DIR to a directory whose node_modules has polykey 1.15",
+    reason="Polykey's npm package is not installed (make test installs it in tests/interop/polykey)",
 )
 def test_polykey_verifies_our_chain() -> None:
     directory = _interop_dir()
