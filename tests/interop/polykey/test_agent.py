@@ -1,0 +1,63 @@
+"""Interoperability with Polykey's own agent (the npm package polykey 1.15.1).
+
+Both nodes run in a private network namespace (the agent's mDNS binds on
+every interface and cannot be turned off), so this needs root and the npm
+package that `make test` installs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.netns,
+    pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed"),
+    pytest.mark.skipif(
+        not (HERE / "node_modules" / "polykey").is_dir(),
+        reason="polykey from npm is not installed (make test installs it)",
+    ),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("unshare") is None,
+        reason="needs root and unshare for a private network namespace",
+    ),
+]
+
+
+def test_our_node_and_a_polykey_agent_dial_each_other_and_talk_rpc(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            sys.executable,
+            str(HERE / "agent_interop.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # The agent dialled us (it had us as its seed): its QUIC client accepted
+    # our node certificate and ours accepted its.
+    assert report["agent_dialled_us"]
+    # We dialled the agent with its NodeId pinned.
+    assert report["we_dialled_agent"]
+    assert report["agent_chain_length"] >= 1
+    # Its nodesClosestLocalNodesGet (js-rpc over js-quic) answered over our
+    # QUIC stream; its graph holds us, as it saw us connect.
+    assert [entry["nodeIdEncoded"] for entry in report["closest"]] == [report["ours"]]
+    assert report["agent_exit"] == 0
