@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 
 
 async def main(state_dir: Path) -> dict[str, Any]:
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    await trio.run_process(["ip", "link", "set", "lo", "up"])
     report: dict[str, Any] = {}
     settings = NodeSettings(state_dir=state_dir / "ours", host="127.0.0.1", port=0)
     async with PolykeyNode(settings) as node:
