@@ -126,7 +126,6 @@ class QUICConnection(trio.abc.AsyncResource):
         self._handshake_deadline = math.inf
         self._timer_scope: trio.CancelScope | None = None
         self._pending: tuple[bytes, int, Address] | None = None
-        self._scratch_buf = bytearray(65536)
         self._on_ready: list[Any] = []
         # Driver counters.
         self._datagrams_in = 0
@@ -346,7 +345,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._accept_lot.unpark_all()
 
     def _discard(self, sid: int) -> None:
-        buf = self._scratch_buf
+        buf = self._socket.scratch(65536)
         try:
             while self._q.stream_recv(sid, buf) is not None:
                 pass
@@ -516,6 +515,4 @@ class QUICConnection(trio.abc.AsyncResource):
             del self._streams[stream.stream_id]
 
     def _scratch(self, size: int) -> bytearray:
-        if len(self._scratch_buf) < size:
-            self._scratch_buf = bytearray(size)
-        return self._scratch_buf
+        return self._socket.scratch(size)

@@ -122,6 +122,9 @@ class QUICSocket:
         self._send_buf = bytearray(_GSO_BYTES)
         self._send_view = memoryview(self._send_buf)
         self._max_segments = MAX_GSO_SEGMENTS
+        # Stream reads copy out of quiche through here; one per socket, as
+        # reads are synchronous (an idle connection must stay cheap).
+        self._scratch = bytearray(_RECV_BUFFER)
         self._gso = False
         self._gro = False
         self._closed = False
@@ -236,6 +239,12 @@ class QUICSocket:
     def _route(self, cid: bytes, conn: QUICConnection) -> None:
         self._routes[cid] = conn
         conn._route_ids.add(cid)
+
+    def scratch(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes, valid until the next await."""
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        return self._scratch
 
     def normalize_address(self, address: Address) -> Address:
         """``address`` as this socket's family reports peers: IPv4 becomes
