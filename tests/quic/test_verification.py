@@ -156,3 +156,29 @@ async def test_verifier_bug_refuses_peer_without_taking_socket_down() -> None:
                 ss.local_address, verifier=node_verifier(server_id.node_id)
             )
         assert conn.peer_identity == server_id.node_id
+
+
+def test_verification_cache_respects_validity_and_expected_ids() -> None:
+    from polykey.keys import CertificateExpiredError, NodeIdMismatchError
+    from polykey.quic.tls import _VerifiedChains
+
+    start = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    identity = NodeIdentity.generate(now=start, duration=datetime.timedelta(hours=1))
+    chain = identity.cert_chain_der()
+    cache = _VerifiedChains(capacity=2)
+    assert cache.verify(chain, None, now=start) == identity.node_id
+    assert cache.verify(chain, None, now=start + datetime.timedelta(minutes=30)) == (
+        identity.node_id
+    )
+    # Cached while valid, refused once expired: the cache never outlives
+    # the certificates.
+    with pytest.raises(CertificateExpiredError):
+        cache.verify(chain, None, now=start + datetime.timedelta(hours=2))
+    # A different expected NodeId is a different question.
+    other = frozenset({NodeIdentity.generate().node_id})
+    with pytest.raises(NodeIdMismatchError):
+        cache.verify(chain, other, now=start)
+    # Tampered bytes are a different key and fail on their own.
+    tampered = [bytes(chain[0][:-1]) + bytes([chain[0][-1] ^ 1])]
+    with pytest.raises(Exception, match="signature"):
+        cache.verify(tampered, None, now=start)
