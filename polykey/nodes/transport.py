@@ -1,0 +1,66 @@
+"""How the NodeManager talks to other nodes: the :class:`NodeTransport`.
+
+The manager needs two things of the network, and nothing else: is this
+node alive (:meth:`NodeTransport.ping`), and which nodes does it know
+closest to a target (:meth:`NodeTransport.closest_nodes`). Both are given
+the NodeId (a transport that verifies identities, like QUIC, must refuse a
+peer that is not that node) and its known addresses, most recent first.
+A failure is any exception (or ``False`` from ``ping``); the manager bounds
+every call with its own deadline, so a transport needs no timeouts.
+
+:class:`RPCNodeTransport` implements it over this package's RPC methods,
+given a function that returns an :class:`~polykey.rpc.RPCClient` connected
+to a node: over QUIC that is the connection pool's client, in the simulator
+an in-memory one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from ..keys import NodeId
+from ..rpc import RPCClient
+from ._address import NodeAddress, NodeContact
+from .graph import DEFAULT_K
+from .handlers import request_closest_local_nodes, request_ping
+
+__all__ = ["ConnectFunction", "NodeTransport", "RPCNodeTransport"]
+
+
+class NodeTransport(Protocol):
+    """What :class:`~polykey.nodes.NodeManager` needs of the network."""
+
+    async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
+        """True if ``node_id`` answered at one of ``addresses``."""
+        ...
+
+    async def closest_nodes(
+        self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
+    ) -> Sequence[NodeContact]:
+        """Ask ``node_id`` for the nodes it knows closest to ``target``
+        (``nodesClosestLocalNodesGet``). Raise on failure."""
+        ...
+
+
+#: ``await connect(node_id, addresses)``: an RPC client to that node (a
+#: pooled connection or a new one); raises if it cannot be reached.
+ConnectFunction = Callable[[NodeId, Sequence[NodeAddress]], Awaitable[RPCClient[Any]]]
+
+
+class RPCNodeTransport:
+    """:class:`NodeTransport` over the node RPC methods."""
+
+    def __init__(self, connect: ConnectFunction, *, limit: int = DEFAULT_K) -> None:
+        self._connect = connect
+        self.limit = limit
+
+    async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
+        client = await self._connect(node_id, addresses)
+        return await request_ping(client)
+
+    async def closest_nodes(
+        self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
+    ) -> list[NodeContact]:
+        client = await self._connect(node_id, addresses)
+        return await request_closest_local_nodes(client, target, limit=self.limit)

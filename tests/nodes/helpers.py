@@ -1,0 +1,29 @@
+"""Shared helpers for the nodes tests."""
+
+from __future__ import annotations
+
+import random
+
+from polykey.keys import NodeId
+from polykey.nodes._public import NodeAddress, NodeContact
+
+
+def node_id(value: int) -> NodeId:
+    return NodeId.from_int(value)
+
+
+def random_id(rng: random.Random) -> NodeId:
+    return NodeId(rng.randbytes(32))
+
+
+def id_in_bucket(own: NodeId, index: int, rng: random.Random) -> NodeId:
+    distance = (1 << index) | rng.getrandbits(index)
+    return NodeId.from_int(own.to_int() ^ distance)
+
+
+def addr(n: int, port: int = 1314) -> NodeAddress:
+    return NodeAddress(f"10.0.{(n >> 8) & 255}.{n & 255}", port)
+
+
+def contact(nid: NodeId, n: int = 1) -> NodeContact:
+    return NodeContact(nid, (addr(n),))
