@@ -1,0 +1,183 @@
+"""polykey RPC over polykey QUIC, peer for bench/rpc.py (run by it).
+
+    python bench/_rpc_polykey.py server
+    python bench/_rpc_polykey.py client PORT --mode unary|stream [...]
+
+The server runs one ``RPCServer`` (default settings: timeout middleware on,
+no default timeout) and hands it every stream of every connection with
+``handle_stream(stream, transport_meta)``; the client makes its calls with
+``RPCClient(API, stream_factory=conn.open_stream)`` over one connection.
+Both present Ed25519 node certificates and verify each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from _util import emit, ready
+
+from polykey.keys import NodeIdentity
+from polykey.quic import (
+    QUICClient,
+    QUICConnection,
+    QUICServer,
+    QUICSocket,
+    node_tls_identity,
+    node_verifier,
+)
+from polykey.rpc import (
+    CallContext,
+    ClientManifest,
+    RPCClient,
+    RPCServer,
+    ServerCaller,
+    ServerHandler,
+    UnaryCaller,
+    UnaryHandler,
+)
+
+HOST = "127.0.0.1"
+JSON = dict[str, Any]
+
+
+class Echo(UnaryHandler[JSON, JSON]):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        return {"i": params["i"]}
+
+
+class Count(ServerHandler[JSON, JSON]):
+    async def handle(self, params: JSON, ctx: CallContext) -> AsyncIterator[JSON]:
+        for i in range(params["n"]):
+            yield {"i": i}
+
+
+class API(ClientManifest):
+    echo = UnaryCaller[JSON, JSON]()
+    count = ServerCaller[JSON, JSON]()
+
+
+async def server(args: argparse.Namespace) -> None:
+    identity = NodeIdentity.generate()
+
+    async def stop_on_eof(scope: trio.CancelScope) -> None:
+        # The driver closes our stdin to stop us.
+        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        scope.cancel()
+
+    with trio.CancelScope() as everything:
+        async with (
+            trio.open_nursery() as nursery,
+            QUICSocket(HOST, 0) as sock,
+            RPCServer({"echo": Echo(), "count": Count()}) as rpc_server,
+        ):
+            nursery.start_soon(stop_on_eof, everything)
+            quic_server = QUICServer(
+                sock, node_tls_identity(identity), verifier=node_verifier()
+            )
+
+            async def handle_connection(conn: QUICConnection) -> None:
+                meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
+                try:
+                    while True:
+                        stream = await conn.accept_stream()
+                        await rpc_server.handle_stream(stream, meta)
+                except trio.BrokenResourceError:
+                    pass
+
+            ready(sock.local_address[1])
+            await quic_server.serve(handle_connection)
+
+
+async def unary(client: RPCClient[API], seconds: float, in_flight: int) -> None:
+    count = 0
+    start = time.perf_counter()
+    end = start + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal count
+        i = w
+        while time.perf_counter() < end:
+            out = await client.methods.echo({"i": i})
+            if out["i"] != i:
+                raise RuntimeError(f"bad echo {out!r}")
+            count += 1
+            i += in_flight
+
+    async with trio.open_nursery() as nursery:
+        for w in range(in_flight):
+            nursery.start_soon(worker, w)
+    elapsed = time.perf_counter() - start
+    emit({"count": count, "seconds": elapsed, "per_s": count / elapsed})
+
+
+async def stream(client: RPCClient[API], messages: int, max_seconds: float) -> None:
+    count = 0
+    start = time.perf_counter()
+    stop = start + max_seconds
+    async with client.methods.count({"n": messages}) as results:
+        async for r in results:
+            if r["i"] != count:
+                raise RuntimeError(f"message {count} is {r!r}")
+            count += 1
+            if count & 1023 == 0 and time.perf_counter() > stop:
+                break
+    elapsed = time.perf_counter() - start
+    emit(
+        {
+            "count": count,
+            "seconds": elapsed,
+            "per_s": count / elapsed,
+            "capped": count < messages,
+        }
+    )
+
+
+async def client_main(args: argparse.Namespace) -> None:
+    identity = NodeIdentity.generate()
+    async with QUICSocket(HOST, 0) as sock:
+        quic_client = QUICClient(
+            sock, node_tls_identity(identity), verifier=node_verifier()
+        )
+        conn = await quic_client.connect((HOST, args.port))
+        client = RPCClient(API, conn.open_stream)
+        if args.mode == "unary":
+            await unary(client, args.seconds, args.in_flight)
+        else:
+            await stream(client, args.messages, args.max_seconds)
+        await conn.aclose()
+        sock.nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=["server", "client"])
+    parser.add_argument("port", type=int, nargs="?", default=0)
+    parser.add_argument("--mode", default="unary")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--in-flight", type=int, default=1)
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--profile", help="write a cProfile of this process here")
+    args = parser.parse_args()
+    run = server if args.role == "server" else client_main
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        trio.run(run, args)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    main()
