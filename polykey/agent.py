@@ -1,14 +1,17 @@
 """PolykeyNode: the layers composed into a running node.
 
-Start-up order: identity (state directory), QUIC socket, RPC server, node
-connections (server and client on the one socket). Shutdown is the reverse,
-with connections closed with a code, in a shielded scope so a cancelled
-shutdown still finishes.
+Start-up order: identity (state directory), node graph (SQLite in the state
+directory), QUIC socket, RPC server with the node methods, node connections
+(server and client on the one socket), the node manager's timers, then
+joining through the seed nodes in the background. Shutdown is the reverse:
+lookups and timers stop, connections close with a code (in a shielded scope,
+so a cancelled shutdown still finishes), the graph is flushed and closed.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,9 +21,22 @@ import trio
 
 from ._state import default_state_dir, load_or_create_identity
 from .keys import NodeId, NodeIdentity
+from .nodes import (
+    ActiveConnection,
+    JoinResult,
+    LookupResult,
+    NodeAddress,
+    NodeContact,
+    NodeGraph,
+    NodeManager,
+    NodeManagerConfig,
+    node_handlers,
+    request_closest_local_nodes,
+)
 from .nodes.connections import (
     Address,
     NodeConnection,
+    NodeConnectionError,
     NodeConnectionManager,
     display_address,
 )
@@ -97,8 +113,47 @@ class NodeSettings:
     #: Default timeout of the agent's RPC server and of calls to peers
     #: (Polykey's agent uses 15 s).
     rpc_timeout: float = 15.0
+    #: Kademlia tunables (Polykey's by default).
+    nodes: NodeManagerConfig = attrs.field(factory=NodeManagerConfig)
     #: Extra RPC methods to serve, beside the node's own.
     handlers: dict[str, Handler[Any, Any]] = attrs.field(factory=dict)
+
+
+class QUICNodeTransport:
+    """The node manager's transport over the node's QUIC connections: a
+    node is alive if a verified connection to it can be had (Polykey pings
+    by connecting), and lookups call its ``nodesClosestLocalNodesGet``."""
+
+    def __init__(self, node: PolykeyNode) -> None:
+        self._node = node
+
+    async def _connection(
+        self, node_id: NodeId, addresses: Sequence[NodeAddress]
+    ) -> NodeConnection:
+        connections = self._node.connections
+        pooled = connections.get(node_id)
+        if pooled is not None:
+            return pooled
+        error: BaseException | None = None
+        for address in addresses:
+            try:
+                return await connections.connect(node_id, (address.host, address.port))
+            except (NodeConnectionError, OSError) as exc:
+                error = exc
+        raise error or NodeConnectionError.unreachable(node_id)
+
+    async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
+        try:
+            await self._connection(node_id, addresses)
+        except (NodeConnectionError, OSError):
+            return False
+        return True
+
+    async def closest_nodes(
+        self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
+    ) -> Sequence[NodeContact]:
+        conn = await self._connection(node_id, addresses)
+        return await request_closest_local_nodes(conn.rpc, target)
 
 
 class PolykeyNode:
@@ -107,6 +162,10 @@ class PolykeyNode:
     def __init__(self, settings: NodeSettings | None = None) -> None:
         self.settings = settings or NodeSettings()
         self.identity: NodeIdentity | None = None
+        self.graph: NodeGraph
+        self.manager: NodeManager
+        self.joined: JoinResult | None = None
+        self._joined_event = trio.Event()
         self._connections: NodeConnectionManager | None = None
         self._stack: Any = None
 
@@ -140,11 +199,23 @@ class PolykeyNode:
         )
         stack = AsyncExitStack()
         try:
+            graph = NodeGraph.open(
+                settings.state_dir / "nodes.sqlite3", identity.node_id
+            )
+            stack.callback(graph.close)
+            self.graph = graph
+            self.manager = NodeManager(
+                graph, QUICNodeTransport(self), config=settings.nodes
+            )
             socket = await stack.enter_async_context(
                 QUICSocket(settings.host, settings.port)
             )
+            handlers = {
+                **node_handlers(graph, active_connections=self._active_connections),
+                **settings.handlers,
+            }
             rpc = await stack.enter_async_context(
-                RPCServer(dict(settings.handlers), timeout=settings.rpc_timeout)
+                RPCServer(handlers, timeout=settings.rpc_timeout)
             )
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._connections = NodeConnectionManager(
@@ -153,9 +224,13 @@ class PolykeyNode:
                 rpc,
                 config=settings.quic,
                 rpc_timeout=settings.rpc_timeout,
+                on_connection=self.manager.note_connection,
             )
             await nursery.start(self._connections.run)
+            await nursery.start(self.manager.run)
             stack.callback(nursery.cancel_scope.cancel)
+            if settings.seeds:
+                nursery.start_soon(self._join)
         except BaseException:
             await stack.aclose()
             raise
@@ -163,6 +238,46 @@ class PolykeyNode:
         host, port = self.address
         log.info("node %s listening on %s:%d", identity.node_id, host, port)
         return self
+
+    async def _join(self) -> None:
+        seeds = [
+            NodeContact(seed.node_id, (NodeAddress(seed.host, seed.port),))
+            for seed in self.settings.seeds
+        ]
+        result = await self.manager.join(seeds)
+        self.joined = result
+        log.info(
+            "joined through %d of %d seeds; %d nodes in the graph",
+            result.seeds_reached,
+            len(seeds),
+            len(self.graph.closest(self.node_id, 10_000)),
+        )
+        self._joined_event.set()
+
+    def _active_connections(self) -> list[ActiveConnection]:
+        return [
+            ActiveConnection(
+                node_id=node.node_id,
+                address=NodeAddress(*node.address),
+                primary=True,
+            )
+            for node in self.connections.active()
+        ]
+
+    async def wait_joined(self) -> JoinResult | None:
+        """Wait until joining through the seeds finished (None: no seeds)."""
+        if self.settings.seeds:
+            await self._joined_event.wait()
+        return self.joined
+
+    async def find_node(self, node_id: NodeId) -> NodeContact:
+        """Find ``node_id`` in the network by an iterative lookup; raises
+        :class:`polykey.nodes.NodeNotFoundError`."""
+        return await self.manager.find_node(node_id)
+
+    async def lookup(self, target: NodeId) -> LookupResult:
+        """The nodes closest to ``target`` that answered."""
+        return await self.manager.lookup(target)
 
     async def __aexit__(
         self,

@@ -159,3 +159,59 @@ async def test_node_in_process(tmp_path: Path) -> None:
             with trio.fail_after(10):
                 conn = await b.connect(a.node_id, a.address)
             assert conn.node_id == a.node_id
+
+
+async def run_node_until(
+    settings: NodeSettings,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[PolykeyNode] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with PolykeyNode(settings) as node:
+        task_status.started(node)
+        await stop.wait()
+
+
+async def test_five_nodes_find_each_other_through_one_seed(tmp_path: Path) -> None:
+    """In one process, over real QUIC on loopback: four nodes join through a
+    seed, each finds every other by NodeId, and still does once the seed is
+    gone."""
+
+    def settings(name: str, seeds: tuple[SeedNode, ...] = ()) -> NodeSettings:
+        return NodeSettings(
+            state_dir=tmp_path / name, host="127.0.0.1", port=0, seeds=seeds
+        )
+
+    stop_seed, stop_all = trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        seed: PolykeyNode = await nursery.start(
+            run_node_until, settings("seed"), stop_seed
+        )
+        seed_contact = SeedNode(seed.node_id, *seed.address)
+        nodes: list[PolykeyNode] = []
+        for i in range(4):
+            node: PolykeyNode = await nursery.start(
+                run_node_until, settings(f"n{i}", (seed_contact,)), stop_all
+            )
+            with trio.fail_after(30):
+                joined = await node.wait_joined()
+            assert joined is not None
+            assert joined.seeds_reached == 1
+            nodes.append(node)
+        with trio.fail_after(60):
+            for node in nodes:
+                for other in nodes:
+                    if other is not node:
+                        found = await node.find_node(other.node_id)
+                        assert found.node_id == other.node_id
+                        assert found.addresses[0].port == other.address[1]
+        # The seed stops; the others still find each other from their graphs.
+        stop_seed.set()
+        with trio.fail_after(60):
+            for node in nodes:
+                for other in nodes:
+                    if other is not node:
+                        assert (
+                            await node.find_node(other.node_id)
+                        ).node_id == other.node_id
+        stop_all.set()

@@ -53,6 +53,13 @@ _CLOSE_STOPPING = 0x2  # application code: the node is stopping
 class NodeConnectionError(QUICConnectionError):
     """Dialling a node failed (unreachable, wrong identity, ...)."""
 
+    @classmethod
+    def unreachable(cls, node_id: NodeId) -> NodeConnectionError:
+        return cls(
+            CloseReason(CloseKind.LOCAL, reason=b"unreachable"),
+            f"{node_id}: no address",
+        )
+
 
 def display_address(address: tuple[Any, ...]) -> Address:
     """``(host, port)`` with IPv4-mapped IPv6 written as plain IPv4."""
