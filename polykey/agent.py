@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import trio
 
+from ._control import serve_control
 from ._state import default_state_dir, load_or_create_identity
 from .keys import NodeId, NodeIdentity
 from .nodes import (
@@ -228,6 +229,7 @@ class PolykeyNode:
             )
             await nursery.start(self._connections.run)
             await nursery.start(self.manager.run)
+            await nursery.start(serve_control, self, settings.state_dir)
             stack.callback(nursery.cancel_scope.cancel)
             if settings.seeds:
                 nursery.start_soon(self._join)

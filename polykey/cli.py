@@ -1,10 +1,11 @@
-"""The command line: ``python -m polykey node``.
+"""The command line: ``python -m polykey node|status|find``.
 
 ``node`` runs a node in the foreground with embedded defaults: its state
 directory (identity, later its node graph) under the user's data directory,
 created with a new identity on first start, and the default port. It prints
 its NodeId and address, logs connections, and shuts down cleanly on SIGINT
-or SIGTERM.
+or SIGTERM. ``status`` and ``find NODEID`` ask a running node, through the
+Unix socket in its state directory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
+from ._control import control_client
 from .agent import DEFAULT_PORT, NodeSettings, PolykeyNode, SeedNode, default_state_dir
 from .errors import PolykeyError
 
@@ -78,7 +80,44 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="logging threshold (default info)",
     )
+    for name, text in (
+        ("status", "show a running node's NodeId, address and connections"),
+        ("find", "ask a running node to find another node by NodeId"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument(
+            "--state-dir",
+            type=Path,
+            default=None,
+            help=f"the running node's state directory (default {default_state_dir()})",
+        )
+        if name == "find":
+            command.add_argument(
+                "node_id", metavar="NODEID", help="the NodeId (v...) to find"
+            )
     return parser
+
+
+async def run_control(command: str, state_dir: Path, node_id: str | None) -> int:
+    client = control_client(state_dir)
+    with trio.fail_after(90):
+        if command == "status":
+            status = await client.unary("nodeStatus", {})
+            print(f"NodeId: {status['nodeIdEncoded']}")
+            print(f"Address: {status['host']}:{status['port']}")
+            print(f"Graph: {status['graphSize']} nodes")
+            for conn in status["connections"]:
+                print(
+                    f"Connection: {conn['nodeIdEncoded']} at {conn['host']}:{conn['port']}"
+                )
+            return 0
+        found = await client.unary("nodesFind", {"nodeIdEncoded": node_id})
+    if not found["addresses"]:
+        print(f"{found['nodeIdEncoded']}: not found", file=sys.stderr)
+        return 1
+    for host, port in found["addresses"]:
+        print(f"{found['nodeIdEncoded']} {host}:{port}")
+    return 0
 
 
 async def run_node(settings: NodeSettings) -> None:
@@ -98,6 +137,21 @@ async def run_node(settings: NodeSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("status", "find"):
+        state_dir = args.state_dir or default_state_dir()
+        try:
+            return trio.run(
+                run_control, args.command, state_dir, getattr(args, "node_id", None)
+            )
+        except (OSError, trio.TooSlowError) as exc:
+            print(
+                f"polykey: no running node answers in {state_dir}: {exc}",
+                file=sys.stderr,
+            )
+            return 1
+        except PolykeyError as exc:
+            print(f"polykey: {exc}", file=sys.stderr)
+            return 1
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

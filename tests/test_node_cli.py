@@ -215,3 +215,46 @@ async def test_five_nodes_find_each_other_through_one_seed(tmp_path: Path) -> No
                             await node.find_node(other.node_id)
                         ).node_id == other.node_id
         stop_all.set()
+
+
+async def test_restart_after_sigkill_keeps_graph(tmp_path: Path) -> None:
+    """A node killed with SIGKILL comes back with its NodeId and its graph."""
+    seed_dir = tmp_path / "seed"
+    seed, seed_id, (host, port) = await start_node(seed_dir)
+    try:
+        node_dir = tmp_path / "node"
+        proc, node_id, _ = await start_node(
+            node_dir, "--seed", f"{seed_id}@{host}:{port}"
+        )
+        status = b""
+        with trio.fail_after(30):
+            while b"Graph: 1 nodes" not in status:
+                result = await trio.run_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "polykey",
+                        "status",
+                        "--state-dir",
+                        str(node_dir),
+                    ],
+                    capture_stdout=True,
+                    check=False,
+                )
+                status = result.stdout
+        await stop(proc, signal.SIGKILL)
+        # No seed given this time: the graph on disk is all it has.
+        proc, again, _ = await start_node(node_dir)
+        try:
+            assert again == node_id
+            with trio.fail_after(30):
+                result = await trio.run_process(
+                    [sys.executable, "-m", "polykey", "find", str(seed_id),
+                     "--state-dir", str(node_dir)],
+                    capture_stdout=True,
+                )  # fmt: skip
+            assert result.stdout.decode().split()[1] == f"{host}:{port}"
+        finally:
+            await stop(proc)
+    finally:
+        await stop(seed)
