@@ -10,6 +10,7 @@ so a cancelled shutdown still finishes), the graph is flushed and closed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from .nodes.connections import (
     NodeConnectionError,
     NodeConnectionManager,
     display_address,
+    sticky_ttl,
 )
 from .quic import QUICConfig, QUICSocket
 from .rpc import Handler, RPCServer
@@ -226,6 +228,7 @@ class PolykeyNode:
                 config=settings.quic,
                 rpc_timeout=settings.rpc_timeout,
                 on_connection=self.manager.note_connection,
+                ttl_for=functools.partial(sticky_ttl, identity.node_id),
             )
             await nursery.start(self._connections.run)
             await nursery.start(self.manager.run)

@@ -8,7 +8,8 @@ connection, whichever side opened it, serves the node's RPC methods on the
 streams the peer opens, so RPC runs both ways over one connection.
 
 A connection unused for its TTL is closed (60 s by default; ``ttl_for`` may
-give longer ones, e.g. for close buckets). Dialling is bounded: concurrent
+give longer ones: the agent uses :func:`sticky_ttl`, Polykey's 60 s rising
+to 2 h for close buckets). Dialling is bounded: concurrent
 dials to one NodeId share one attempt, and at most ``max_dials`` run at once.
 Every verified connection is reported to ``on_connection`` with the address
 the peer was seen at, which is how the node graph learns of it.
@@ -23,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..keys import NodeId, NodeIdentity
+from ..keys import NodeId, NodeIdentity, bucket_index
 from ..quic import (
     CloseKind,
     CloseReason,
@@ -38,7 +39,12 @@ from ..quic import (
 )
 from ..rpc import RPCClient, RPCServer
 
-__all__ = ["NodeConnection", "NodeConnectionError", "NodeConnectionManager"]
+__all__ = [
+    "NodeConnection",
+    "NodeConnectionError",
+    "NodeConnectionManager",
+    "sticky_ttl",
+]
 
 log = logging.getLogger("polykey.nodes.connections")
 
@@ -48,6 +54,15 @@ ConnectionCallback = Callable[[NodeId, str, int], Awaitable[None] | None]
 
 _CLOSE_TTL = 0x1  # application code: closed after the TTL expired
 _CLOSE_STOPPING = 0x2  # application code: the node is stopping
+
+
+def sticky_ttl(
+    own_id: NodeId, node_id: NodeId, *, minimum: float = 60.0, scale: float = 7200.0
+) -> float:
+    """Polykey's idle TTL for a connection: 60 s for the farthest bucket,
+    rising linearly to 60 s + 2 h for the closest (symmetric: both ends
+    compute the same value)."""
+    return minimum + (1 - bucket_index(own_id, node_id) / 255) * scale
 
 
 class NodeConnectionError(QUICConnectionError):

@@ -124,3 +124,18 @@ async def test_idle_connections_close_after_ttl() -> None:
         reason = conn.connection.close_reason
         assert reason is not None
         assert reason.code == 1
+
+
+def test_sticky_ttl_is_polykeys() -> None:
+    from polykey.keys import bucket_index
+    from polykey.nodes.connections import sticky_ttl
+
+    own = NodeId.from_int(0)
+    far = NodeId.from_int(1 << 255)  # bucket 255
+    near = NodeId.from_int(1)  # bucket 0
+    assert sticky_ttl(own, far) == 60.0
+    assert sticky_ttl(own, near) == 60.0 + 7200.0
+    middle = NodeId.from_int(1 << 127)
+    assert bucket_index(own, middle) == 127
+    assert sticky_ttl(own, middle) == sticky_ttl(middle, own)
+    assert 60.0 < sticky_ttl(own, middle) < 7260.0
