@@ -5,57 +5,63 @@ See docs/nodes.md. These names are the public API.
 
 from __future__ import annotations
 
-from ._public import (
-    BUCKET_COUNT,
-    CLOSEST_ACTIVE_CONNECTIONS,
-    CLOSEST_LOCAL_NODES,
-    DEFAULT_ALPHA,
-    DEFAULT_K,
-    DEFAULT_MAX_CONTACTED,
+from ._address import (
     MAX_ADDRESSES,
-    PING,
-    PING_BATCH,
-    ActiveConnection,
-    AddResult,
-    ConnectFunction,
-    InvalidAddressError,
-    JoinResult,
-    Lookup,
-    LookupResult,
     NodeAddress,
     NodeContact,
-    NodeGraph,
+    format_contact_address,
+    parse_address,
+    parse_contact_address,
+)
+from ._messages import (
+    ActiveConnection,
+    encode_node_contact,
+    parse_active_connection_message,
+    parse_node_contact_message,
+)
+from ._refresh import RefreshSchedule
+from .connections import NodeConnection, NodeConnectionError, NodeConnectionManager
+from .errors import (
+    InvalidAddressError,
     NodeGraphCorruptError,
     NodeGraphError,
     NodeGraphForeignError,
     NodeGraphStoreError,
     NodeGraphVersionError,
-    NodeManager,
-    NodeManagerConfig,
-    NodeManagerStatistics,
     NodeNotFoundError,
+    NodesError,
+    OwnNodeIdError,
+)
+from .graph import (
+    BUCKET_COUNT,
+    DEFAULT_K,
+    PING_BATCH,
+    AddResult,
+    NodeGraph,
+    random_node_id_in_bucket,
+)
+from .handlers import (
+    CLOSEST_ACTIVE_CONNECTIONS,
+    CLOSEST_LOCAL_NODES,
+    PING,
     NodesAgentAPI,
     NodesClosestActiveConnectionsGet,
     NodesClosestLocalNodesGet,
-    NodesError,
     NodesPing,
-    NodeTransport,
-    OwnNodeIdError,
-    RefreshSchedule,
-    RPCNodeTransport,
-    encode_node_contact,
-    format_contact_address,
     node_handlers,
-    parse_active_connection_message,
-    parse_address,
-    parse_contact_address,
-    parse_node_contact_message,
-    random_node_id_in_bucket,
     request_closest_active_connections,
     request_closest_local_nodes,
     request_ping,
 )
-from .connections import NodeConnection, NodeConnectionError, NodeConnectionManager
+from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED, Lookup
+from .manager import (
+    JoinResult,
+    LookupResult,
+    NodeManager,
+    NodeManagerConfig,
+    NodeManagerStatistics,
+)
+from .transport import ConnectFunction, NodeTransport, RPCNodeTransport
 
 __all__ = [
     "BUCKET_COUNT",

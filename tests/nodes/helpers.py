@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from polykey.keys import NodeId
-from polykey.nodes._public import NodeAddress, NodeContact
+from polykey.nodes import NodeAddress, NodeContact
 
 
 def node_id(value: int) -> NodeId:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from polykey.keys import NodeId
-from polykey.nodes._public import (
+from polykey.nodes import (
     MAX_ADDRESSES,
     InvalidAddressError,
     NodeAddress,

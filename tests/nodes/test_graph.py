@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polykey.keys import NodeId, bucket_index
-from polykey.nodes._public import (
+from polykey.nodes import (
     NodeAddress,
     NodeGraph,
     OwnNodeIdError,

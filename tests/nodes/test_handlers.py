@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from polykey.keys import NodeId
-from polykey.nodes._public import (
+from polykey.nodes import (
     ActiveConnection,
     NodeAddress,
     NodeContact,

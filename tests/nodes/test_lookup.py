@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polykey.keys import NodeId
-from polykey.nodes._public import Lookup, NodeAddress, NodeContact, NodeGraph
+from polykey.nodes import Lookup, NodeAddress, NodeContact, NodeGraph
 
 from .helpers import addr, contact, node_id
 

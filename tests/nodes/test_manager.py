@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from polykey.nodes._public import (
+from polykey.nodes import (
     NodeManagerConfig,
     NodeNotFoundError,
     OwnNodeIdError,

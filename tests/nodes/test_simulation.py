@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from polykey.nodes._public import NodeManagerConfig
+from polykey.nodes import NodeManagerConfig
 from polykey.nodes.manager import SELF_LOOKUP
 from polykey.testing._network import SimNode, SimulatedNetwork
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from polykey.keys import NodeId
-from polykey.nodes._public import (
+from polykey.nodes import (
     NodeGraph,
     NodeGraphCorruptError,
     NodeGraphForeignError,
@@ -63,7 +63,7 @@ def test_a_killed_process_loses_nothing_committed(tmp_path: Path) -> None:
         f"""
         import os, signal
         from polykey.keys import NodeId
-        from polykey.nodes._public import NodeGraph, NodeAddress
+        from polykey.nodes import NodeGraph, NodeAddress
         own = NodeId.from_int({OWN.to_int()})
         graph = NodeGraph.open({str(path)!r}, own)
         for i in range(1, 51):
