@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Generic, Literal, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Literal, NoReturn, TypeAlias, TypeVar
 
 import trio
 
@@ -51,8 +51,8 @@ from ._middleware import (
     Middleware,
     MiddlewareFactory,
     build_chain,
-    run_forward,
-    run_reverse,
+    forward_hooks,
+    reverse_hooks,
 )
 from ._raw import RawStream
 from ._stream import reset_code_of, reset_stream
@@ -71,6 +71,10 @@ OutT = TypeVar("OutT")
 
 StreamFactory: TypeAlias = Callable[[], Awaitable[trio.abc.HalfCloseableStream]]
 _Kind: TypeAlias = Literal["UNARY", "SERVER", "CLIENT", "DUPLEX", "RAW"]
+
+
+# The types a response's ``id`` may have (exactly: bool is not a number here).
+_ID_TYPES: Final = frozenset({type(None), str, int, float})
 
 
 def transport_error(exc: BaseException) -> RPCError:
@@ -116,11 +120,17 @@ class _Call:
         self.chain: list[Middleware] = (
             [] if kind == "RAW" else build_chain(self.ctx, client._middleware)
         )
+        self.forward = forward_hooks(self.chain)
+        self.reverse = reverse_hooks(self.chain)
         self.stream: trio.abc.HalfCloseableStream | None = None
         self.conn: MessageConn | None = None
         self.sent = 0
         self.eof_sent = False
         self.output_ended = False
+        # The server's FIN was read.
+        self.input_eof = False
+        # The call scope's deadline set by linger(), if it set one.
+        self.linger_deadline: float | None = None
 
     async def open(self) -> None:
         self.stream = await self.client._stream_factory()
@@ -133,7 +143,9 @@ class _Call:
             raise trio.ClosedResourceError("the call's input is already closed")
         if self.sent == 0 and self.ctx.metadata:
             params = _with_metadata(params, self.ctx.metadata)
-        request = await run_forward(self.chain, Request(self.method, params))
+        request = Request(self.method, params)
+        for hook in self.forward:
+            request = await hook(request)
         if self.sent == 1 and self.client.pace:
             # js-rpc 0.5.1 servers drop messages that share a read with the
             # header; give the header a read of its own.
@@ -178,9 +190,22 @@ class _Call:
         except trio.BrokenResourceError as exc:
             raise transport_error(exc) from None
         if value is EOF:
-            self.output_ended = True
+            self.output_ended = self.input_eof = True
             return EOF
-        message = await run_reverse(self.chain, parse_response(value))
+        if (
+            not self.reverse
+            and type(value) is dict
+            and "result" in value
+            and "error" not in value
+            and type(value.get("id")) in _ID_TYPES
+        ):
+            # A well-formed result and no middleware to see it: what
+            # parse_response would accept, without building the Response.
+            self.ctx.proof_of_life()
+            return value["result"]
+        message = parse_response(value)
+        for hook in self.reverse:
+            message = await hook(message)
         self.ctx.proof_of_life()
         if isinstance(message, ErrorResponse):
             self.output_ended = True
@@ -204,6 +229,30 @@ class _Call:
             while await self.receive() is not EOF:
                 pass
 
+    async def linger(self) -> None:
+        """:meth:`drain` in the call scope, without a scope of its own.
+
+        The call scope's deadline (lifted by proof of life, unless kept) is
+        brought down to ``linger`` from now; if that is what expires,
+        :meth:`lingered` says so and the call ends as :meth:`drain` would
+        have left it.
+        """
+        scope = self.ctx.cancel_scope
+        deadline = trio.current_time() + self.client.linger
+        if deadline < scope.deadline:
+            scope.deadline = self.linger_deadline = deadline
+        while await self.receive() is not EOF:
+            pass
+
+    def lingered(self) -> bool:
+        """True if the call scope was cancelled by :meth:`linger`'s deadline."""
+        deadline = self.linger_deadline
+        return (
+            deadline is not None
+            and self.ctx.cancel_scope.deadline == deadline
+            and trio.current_time() >= deadline
+        )
+
     # -- ending ----------------------------------------------------------------
     async def close(self) -> None:
         if self.stream is None:
@@ -213,6 +262,11 @@ class _Call:
                 await self.send_eof()
             except (RPCError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            else:
+                if self.input_eof:
+                    # FIN both ways: nothing left for a forceful close to abort.
+                    await self.stream.aclose()
+                    return
             await trio.aclose_forcefully(self.stream)
         else:
             await reset_stream(self.stream, StreamCode.UNKNOWN)
@@ -223,6 +277,14 @@ class _Call:
         if self.output_ended and not isinstance(exc, trio.Cancelled):
             await self.close()
             return
+        if (
+            isinstance(exc, trio.Cancelled)
+            and self.lingered()
+            and trio.current_time() < self.caller_deadline
+        ):
+            # No FIN within linger: what close() does after drain().
+            await reset_stream(self.stream, StreamCode.UNKNOWN)
+            return
         if isinstance(exc, trio.Cancelled):
             # A deadline (ours or the caller's) rather than a plain cancel?
             expired = trio.current_time() >= min(
@@ -232,6 +294,13 @@ class _Call:
         else:
             code = code_for_exception(exc)
         await reset_stream(self.stream, code)
+
+
+def _raise_cancelled(scope: trio.CancelScope, method: str) -> NoReturn:
+    """The call scope caught a cancellation: its deadline, or a cancel."""
+    if trio.current_time() >= scope.deadline:
+        raise RPCTimedOut(f"call to {method!r} timed out")
+    raise RPCStreamEnded(f"call to {method!r} was cancelled")
 
 
 def _with_metadata(params: JSONValue, metadata: Mapping[str, JSONValue]) -> JSONValue:
@@ -402,9 +471,7 @@ class RPCClient(Generic[ManifestT]):
                 raise
             await call.close()
         if scope.cancelled_caught:
-            if trio.current_time() >= scope.deadline:
-                raise RPCTimedOut(f"call to {method!r} timed out")
-            raise RPCStreamEnded(f"call to {method!r} was cancelled")
+            _raise_cancelled(scope, method)
 
     # -- the five call types -------------------------------------------------------
     async def unary(
@@ -417,13 +484,23 @@ class RPCClient(Generic[ManifestT]):
         keep_deadline: bool = False,
     ) -> Any:
         """One request, one response."""
-        async with self._call(
-            method, "UNARY", rpc_timeout, metadata, keep_deadline
-        ) as call:
-            await call.send({} if params is None else params)
-            result = await call.receive_one()
-            await call.send_eof()
-            await call.drain()
+        # What ``async with self._call(...)`` does, written out: this is the
+        # hot path.
+        call = _Call(self, method, "UNARY", rpc_timeout, metadata, keep_deadline)
+        scope = call.ctx.cancel_scope
+        with scope:
+            await call.open()
+            try:
+                await call.send({} if params is None else params)
+                result = await call.receive_one()
+                await call.send_eof()
+                await call.linger()
+            except BaseException as exc:
+                await call.abort(exc)
+                raise
+            await call.close()
+        if scope.cancelled_caught and not call.lingered():
+            _raise_cancelled(scope, method)
         return result
 
     @asynccontextmanager

@@ -18,6 +18,16 @@ when it returns to zero the slice from the value's start is handed to
 at EOF.  So the Python-level work is one iteration per string or bracket, not
 per byte.
 
+Most reads hold whole messages, so before scanning, a value that starts at
+the read position with ``{`` or ``[`` is first handed to json's C scanner
+straight from the buffer (decoded once per read as Latin-1, so character and
+byte offsets agree).  Its result is kept only when the value's text is ASCII
+and within the size limit, where it is exactly what the scanner below would
+produce; anything else (an incomplete value, bad JSON, non-ASCII text) goes
+the scanning way, so errors and limits are unchanged.  The attempt is made
+once per value: a value still incomplete after it is finished by the
+incremental scan, so a large value arriving in many reads costs no more.
+
 The byte limit follows js-rpc's intent (bound what one message may make us
 buffer) but is counted exactly, so the outcome never depends on how the bytes
 were chunked: a value whose bytes since the end of the previous value (stray
@@ -33,7 +43,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Final, NoReturn
+from collections.abc import Callable
+from typing import Any, Final, NoReturn, TypeAlias
 
 from ._errors import RPCMessageLength, RPCParseError
 
@@ -56,6 +67,7 @@ _LITERAL = re.compile(rb"[A-Za-z0-9.+\-]*")
 
 _OPEN = frozenset(b"{[")
 _CLOSE = frozenset(b"}]")
+_WHITESPACE_STR = re.compile(r"[ \t\n\r]*")
 
 
 def _reject_constant(name: str) -> Any:
@@ -63,9 +75,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# What json.loads(data, parse_constant=...) and json.dumps(value, ...) build on
+# every call, built once.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+# json's C scanner: (value, end) for the value at an index.
+_Scanner: TypeAlias = Callable[[str, int], tuple[Any, int]]
+_SCAN_ONCE: Final[_Scanner] = _DECODER.scan_once  # type: ignore[attr-defined]
+_ENCODER: Final = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_ASCII_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _loads(data: bytes | bytearray) -> Any:
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        # Exactly json.loads(data, parse_constant=_reject_constant).
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
+        return _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         # UnicodeDecodeError and JSONDecodeError are ValueErrors too.
         raise RPCParseError(f"invalid JSON: {exc}") from None
@@ -74,12 +100,10 @@ def _loads(data: bytes | bytearray) -> Any:
 def encode_json(value: Any) -> bytes:
     """Compact JSON, as ``JSON.stringify`` writes it, encoded as UTF-8."""
     try:
-        return json.dumps(
-            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        return _ENCODER.encode(value).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate: escaped it is still valid JSON.
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
+        return _ASCII_ENCODER.encode(value).encode("ascii")
 
 
 class _Sentinel:
@@ -109,7 +133,19 @@ class JSONStreamDecoder:
     :meth:`feed_eof` are list-returning conveniences.
     """
 
-    __slots__ = ("_buf", "_depth", "_eof", "_error", "_max", "_pos", "_scan", "_start")
+    __slots__ = (
+        "_ascii",
+        "_buf",
+        "_depth",
+        "_eof",
+        "_error",
+        "_max",
+        "_pos",
+        "_scan",
+        "_start",
+        "_text",
+        "_text_base",
+    )
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         if max_message_size <= 0:
@@ -123,10 +159,21 @@ class JSONStreamDecoder:
         self._depth = 0
         self._error: Exception | None = None
         self._eof = False
+        # The buffer from _text_base on, decoded as Latin-1 for the fast path
+        # (None: not decoded since the buffer last changed); _ascii: all of it
+        # is ASCII.
+        self._text: str | None = None
+        self._text_base = 0
+        self._ascii = False
 
     @property
     def max_message_size(self) -> int:
         return self._max
+
+    @property
+    def eof(self) -> bool:
+        """True once :meth:`receive_eof` was called."""
+        return self._eof
 
     @property
     def buffered(self) -> int:
@@ -139,6 +186,7 @@ class JSONStreamDecoder:
         if self._eof:
             raise RuntimeError("receive_data() after receive_eof()")
         self._buf += data
+        self._text = None
 
     def receive_eof(self) -> None:
         self._eof = True
@@ -149,6 +197,7 @@ class JSONStreamDecoder:
         self._buf.clear()
         self._pos = self._scan = self._depth = 0
         self._start = -1
+        self._text = None
         return data
 
     def next_value(self) -> Any:
@@ -156,6 +205,18 @@ class JSONStreamDecoder:
         if self._error is not None:
             raise self._error
         pos = self._pos
+        if self._start < 0:
+            if pos == len(self._buf):  # nothing buffered
+                if self._eof:
+                    return END
+                if pos:
+                    self._buf.clear()
+                    self._pos = self._scan = 0
+                    self._text = None
+                return NEED_DATA
+            value = self._fast_value(pos)
+            if value is not NEED_DATA:
+                return value
         try:
             end = self._scan_value(pos, self._eof)
         except RPCParseError as exc:
@@ -171,6 +232,7 @@ class JSONStreamDecoder:
             if pos:
                 # Drop what was consumed, once per read rather than per value.
                 del buf[:pos]
+                self._text = None
                 if self._start >= 0:
                     self._start -= pos
                 self._scan -= pos
@@ -185,6 +247,27 @@ class JSONStreamDecoder:
         self._start = -1
         self._depth = 0
         self._pos = self._scan = end
+        return value
+
+    def _fast_value(self, pos: int) -> Any:
+        """A whole object or array at ``pos`` parsed in one go, else NEED_DATA
+        (meaning: let the scanner decide)."""
+        text = self._text
+        if text is None:
+            text = self._text = self._buf[pos:].decode("latin-1")
+            self._text_base = pos
+            self._ascii = text.isascii()
+        i = _WHITESPACE_STR.match(text, pos - self._text_base).end()  # type: ignore[union-attr]
+        if i >= len(text) or (text[i] != "{" and text[i] != "["):
+            return NEED_DATA
+        try:
+            value, end = _SCAN_ONCE(text, i)
+        except (StopIteration, ValueError, RecursionError):
+            return NEED_DATA  # incomplete or invalid
+        stop = self._text_base + end
+        if stop - pos > self._max or not (self._ascii or text[i:end].isascii()):
+            return NEED_DATA
+        self._pos = self._scan = stop
         return value
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
@@ -208,6 +291,7 @@ class JSONStreamDecoder:
     def _fail(self, exc: Exception) -> NoReturn:
         self._error = exc
         self._buf.clear()
+        self._text = None
         self._pos = self._scan = 0
         self._start = -1
         raise exc

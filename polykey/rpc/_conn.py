@@ -53,6 +53,11 @@ class MessageConn:
                 return EOF
             return value
 
+    @property
+    def eof(self) -> bool:
+        """True once the peer's FIN was read."""
+        return self._decoder.eof
+
     async def send(self, value: Any) -> None:
         await self.stream.send_all(encode_json(value))
 

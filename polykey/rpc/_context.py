@@ -66,9 +66,11 @@ class CallContext:
 
     def set_timeout(self, seconds: float | None) -> None:
         """Restart the timer: deadline ``seconds`` from now, or none."""
-        self.cancel_scope.deadline = (
+        deadline = (
             math.inf if seconds is None else trio.current_time() + max(0.0, seconds)
         )
+        if deadline != self.cancel_scope.deadline:
+            self.cancel_scope.deadline = deadline
 
     @property
     def alive(self) -> bool:
@@ -79,7 +81,7 @@ class CallContext:
         """Called as the first response passes: the timer stops applying."""
         if not self._alive:
             self._alive = True
-            if not self._keep:
+            if not self._keep and self.cancel_scope.deadline != math.inf:
                 self.cancel_scope.deadline = math.inf
 
     def timed_out(self) -> bool:

@@ -14,7 +14,7 @@ The timeout middleware comes first on both sides and is on by default.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeAlias
 
 import attrs
@@ -119,6 +119,28 @@ def build_chain(
     factories: Sequence[MiddlewareFactory],
 ) -> list[Middleware]:
     return [factory(ctx) for factory in factories]
+
+
+ForwardHook: TypeAlias = Callable[[Request], Awaitable[Request]]
+ReverseHook: TypeAlias = Callable[
+    [Response | ErrorResponse], Awaitable[Response | ErrorResponse]
+]
+
+
+def _overrides(mw: Middleware, name: str) -> bool:
+    hook = getattr(mw, name)
+    return getattr(hook, "__func__", None) is not getattr(Middleware, name)
+
+
+def forward_hooks(chain: Sequence[Middleware]) -> list[ForwardHook]:
+    """The ``forward`` hooks of ``chain`` in order, leaving out pass-throughs."""
+    return [mw.forward for mw in chain if _overrides(mw, "forward")]
+
+
+def reverse_hooks(chain: Sequence[Middleware]) -> list[ReverseHook]:
+    """The ``reverse`` hooks of ``chain`` in reverse order, leaving out
+    pass-throughs."""
+    return [mw.reverse for mw in reversed(chain) if _overrides(mw, "reverse")]
 
 
 async def run_forward(chain: Sequence[Middleware], message: Request) -> Request:

@@ -12,15 +12,20 @@ client's ``params.metadata.timeout``: effective = min(handler or default,
 client).  The first response message is proof of life: the deadline is
 lifted then (unless the handler called ``ctx.keep_deadline()``).
 
-Inside the call scope a nursery runs two tasks: the handler (in the
-caller's task) and a reader that decodes the rest of the input.  For
-client-streaming and duplex calls the reader hands params to the handler
+The handler runs in the call's task, and a reader task (in the server's
+nursery, stopped by the call before it ends) decodes the rest of the input.
+For client-streaming and duplex calls the reader hands params to the handler
 through an unbuffered channel (so backpressure reaches the peer); for unary
 and server-streaming calls it discards extra input, as js-rpc does.  The
 reader turns what it sees into actions: a reset or broken stream cancels the
 call (the peer is gone); a protocol error (bad JSON, oversize message,
 invalid request, invalid params) cancels the handler and is answered with
-its own error code.
+its own error code (never in the middle of a message being sent).  A unary
+handler that answers without ever waiting has nothing to be cancelled, so
+its reader starts only when the handler first waits; without one, the call
+task reads the client's FIN itself.  Per call that is one task, one cancel
+scope and the stream operations themselves, which matters: unary calls are
+the hot path.
 
 How a call ends:
 
@@ -42,7 +47,14 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, Final
 
@@ -82,8 +94,10 @@ from ._messages import (
 from ._middleware import (
     Middleware,
     MiddlewareFactory,
+    ReverseHook,
     ServerTimeoutMiddleware,
     build_chain,
+    reverse_hooks,
     run_forward,
     run_reverse,
 )
@@ -285,6 +299,45 @@ class RPCServer:
                 self._idle.set()
 
 
+class _OnFirstBlock:
+    """Awaits ``coro``, calling ``on_block()`` just before the first time it
+    waits on trio; a coroutine that never waits costs nothing more.
+
+    After that first wait it forwards every suspension and resumption, as
+    ``await coro`` would.
+    """
+
+    __slots__ = ("_coro", "_on_block")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], on_block: Callable[[], None]):
+        self._coro = coro
+        self._on_block = on_block
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        try:
+            trap = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        self._on_block()
+        while True:
+            try:
+                sent = yield trap
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    trap = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    trap = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
 class _ServerCall:
     def __init__(
         self,
@@ -301,19 +354,33 @@ class _ServerCall:
         self.scope = trio.CancelScope(
             deadline=math.inf if timeout is None else trio.current_time() + timeout
         )
-        self.handler_scope = trio.CancelScope()
+        # The scope bad input cancels (see _cancel_handler); None for unary
+        # handlers, which bad input cancels through the call scope instead.
+        self.handler_scope: trio.CancelScope | None = None
+        self.input_cancelled = False
         self.ctx: CallContext | None = None
         self.chain: list[Middleware] = []
+        self.reverse: list[ReverseHook] = []
         self.forced = False
         self.peer_gone = False
         self.output_done = False
         self.raw_accepted = False
         self.input_error: BaseException | None = None
-        self.reader_done = trio.Event()
+        # The reader task, started only when input must be watched while the
+        # handler runs (see _serve_handler), and its end.
+        self.reader_scope: trio.CancelScope | None = None
+        self.reader_done: trio.Event | None = None
         self.drained = False
+        # The client's FIN was read.
+        self.input_ended = False
+        # The stream was reset (by us).
+        self.was_reset = False
         # A send cut short leaves half a message on the wire: only a reset
         # can follow it.
         self.send_torn = False
+        # A send is running; the handler is to be cancelled when it ends.
+        self.sending = False
+        self.cancel_after_send = False
         self.send_scope: trio.CancelScope | None = None
         # Set once the call scope is over and a last reply is due.
         self.late_deadline: float | None = None
@@ -329,7 +396,11 @@ class _ServerCall:
         stats = self.server._stats
         try:
             with self.scope:
-                await self._serve()
+                try:
+                    await self._serve()
+                finally:
+                    if self.reader_done is not None:
+                        await self._stop_reader()
             if self.peer_gone:
                 return
             if self.scope.cancelled_caught and not (
@@ -337,6 +408,9 @@ class _ServerCall:
             ):
                 if self.forced:
                     await self._reset(StreamCode.UNKNOWN)
+                elif self.input_cancelled and self.input_error is not None:
+                    # Bad input cancelled a unary handler (see _cancel_handler).
+                    await self._reply_late(self.input_error)
                 elif trio.current_time() >= self.scope.deadline:
                     stats.timeouts += 1
                     if self.ctx is None or self.raw_accepted or self.send_torn:
@@ -348,25 +422,43 @@ class _ServerCall:
                 return
             if self.send_torn:
                 await self._reset(StreamCode.OUTPUT_STREAM)
-            elif (
-                self.output_done and not self.drained and not self.reader_done.is_set()
+            elif self.output_done and not (
+                self.drained or self.input_ended or self.input_cancelled
             ):
                 await self._drain()
         finally:
-            await trio.aclose_forcefully(self.stream)
+            if (
+                self.output_done
+                and self.input_ended
+                and not (
+                    self.peer_gone
+                    or self.send_torn
+                    or self.was_reset
+                    or self.raw_accepted
+                )
+            ):
+                # FIN both ways: nothing left for a forceful close to abort.
+                await self.stream.aclose()
+            else:
+                await trio.aclose_forcefully(self.stream)
 
     async def _drain(self) -> None:
         """Read (and drop) the client's bytes until its FIN, up to ``linger``."""
         self.drained = True
+        if self.conn.eof:
+            self.input_ended = True
+            return
         with trio.move_on_after(self.server.linger):
             try:
                 while await self.stream.receive_some(65536):
                     pass
+                self.input_ended = True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
     async def _reset(self, code: int) -> None:
         self.server._stats.resets += 1
+        self.was_reset = True
         await reset_stream(self.stream, code)
 
     async def _reply_late(self, exc: BaseException) -> None:
@@ -417,6 +509,7 @@ class _ServerCall:
             await self._serve_raw(handler, request, ctx)
             return
         self.chain = build_chain(ctx, server._middleware)
+        self.reverse = reverse_hooks(self.chain)
         try:
             if params is not None and not isinstance(params, dict):
                 raise RPCInvalidParams("params must be a JSON object")
@@ -430,46 +523,87 @@ class _ServerCall:
     async def _serve_handler(
         self, handler: Handler[Any, Any], first: Any, ctx: CallContext
     ) -> None:
-        streaming_input = isinstance(handler, ClientHandler | DuplexHandler)
-        send_ch, recv_ch = trio.open_memory_channel[Any](0)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                self._reader, handler, first, send_ch if streaming_input else None
-            )
-            with self.handler_scope:
+        # The rest of the input is read by a reader task (see _reader) while
+        # the handler runs: it feeds client-streaming and duplex handlers, and
+        # notices a peer that resets or sends garbage.  A unary handler that
+        # answers without ever waiting needs no watching, so its reader starts
+        # only when the handler first waits; the call task then reads the
+        # client's FIN itself.
+        recv_ch: trio.MemoryReceiveChannel[Any] | None = None
+        if isinstance(handler, ClientHandler | DuplexHandler):
+            send_ch, recv_ch = trio.open_memory_channel[Any](0)
+            self._start_reader(handler, first, send_ch)
+        elif not isinstance(handler, UnaryHandler):
+            self._start_reader(handler, first, None)
+        if isinstance(handler, UnaryHandler):
+            # No scope of its own (one less per call): bad input seen while a
+            # unary handler runs cancels the call scope, and run() answers.
+            try:
+                await self._dispatch(handler, first, None, ctx)
+            except Exception as exc:
+                await self._send_error(exc)
+        else:
+            with trio.CancelScope() as self.handler_scope:
                 try:
-                    if streaming_input:
+                    if recv_ch is not None:
                         async with recv_ch:
                             await self._dispatch(handler, first, recv_ch, ctx)
                     else:
-                        await self._dispatch(handler, first, recv_ch, ctx)
+                        await self._dispatch(handler, first, None, ctx)
                 except Exception as exc:
                     await self._send_error(exc)
+        if recv_ch is not None:
             recv_ch.close()
-            if self.input_error is not None:
-                await self._send_error(self.input_error)
-            if self.output_done:
-                # Wait for the client's FIN; a TCP peer would see an RST if we
-                # closed with its data unread.
+        if self.input_error is not None:
+            await self._send_error(self.input_error)
+        if self.output_done:
+            # Wait for the client's FIN; a TCP peer would see an RST if we
+            # closed with its data unread.
+            self.drained = True
+            if self.reader_done is not None:
                 with trio.move_on_after(self.server.linger):
                     await self.reader_done.wait()
-                self.drained = True
-            nursery.cancel_scope.cancel()
+            elif self.conn.eof:
+                self.input_ended = True
+            else:
+                # Read to the FIN ourselves.  The call scope's deadline (lifted
+                # by now, unless kept) bounds it to ``linger``: a deadline
+                # passing once the output is done ends the call like a
+                # lingering timeout, and saves a scope of its own.
+                deadline = trio.current_time() + self.server.linger
+                if deadline < self.scope.deadline:
+                    self.scope.deadline = deadline
+                try:
+                    while await self.stream.receive_some(65536):
+                        pass
+                    self.input_ended = True
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
 
     async def _dispatch(
         self,
         handler: Handler[Any, Any],
         first: Any,
-        input: trio.MemoryReceiveChannel[Any],
+        input: trio.MemoryReceiveChannel[Any] | None,
         ctx: CallContext,
     ) -> None:
         if isinstance(handler, UnaryHandler):
-            await self._send_result(await handler.handle(first, ctx))
+            pending = handler.handle(first, ctx)
+            if isinstance(pending, Coroutine):
+                result = await _OnFirstBlock(
+                    pending, lambda: self._start_reader(handler, first, None)
+                )
+            else:  # some other awaitable: watch the input throughout
+                self._start_reader(handler, first, None)
+                result = await pending
+            await self._send_result(result)
         elif isinstance(handler, ServerHandler):
             await self._send_stream(handler.handle(first, ctx))
         elif isinstance(handler, ClientHandler):
+            assert input is not None
             await self._send_result(await handler.handle(input, ctx))
         elif isinstance(handler, DuplexHandler):
+            assert input is not None
             await self._send_stream(handler.handle(input, ctx))
         else:  # pragma: no cover - checked in RPCServer.__init__
             raise TypeError(f"unknown handler type {type(handler).__name__}")
@@ -483,6 +617,57 @@ class _ServerCall:
             aclose = getattr(results, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    # -- the reader ------------------------------------------------------------
+    def _start_reader(
+        self,
+        handler: Handler[Any, Any],
+        first: Any,
+        channel: trio.MemorySendChannel[Any] | None,
+    ) -> None:
+        if self.reader_done is not None:
+            return
+        self.reader_scope = trio.CancelScope()
+        self.reader_done = trio.Event()
+        nursery = self.server._nursery
+        try:
+            if nursery is None:
+                raise RuntimeError("the server is not running")
+            nursery.start_soon(self._run_reader, handler, first, channel)
+        except RuntimeError:
+            # The server's nursery is closing: this call is being stopped.
+            self.reader_done.set()
+            if channel is not None:
+                channel.close()
+            self.force_stop()
+
+    async def _run_reader(
+        self,
+        handler: Handler[Any, Any],
+        first: Any,
+        channel: trio.MemorySendChannel[Any] | None,
+    ) -> None:
+        # A task of the server's nursery, stopped by the call (_stop_reader)
+        # before the call ends.
+        assert self.reader_scope is not None
+        assert self.reader_done is not None
+        try:
+            with self.reader_scope:
+                await self._reader(handler, first, channel)
+        except Exception:
+            self.server._stats.internal_errors += 1
+            _log.exception("RPC call's reader failed unexpectedly")
+            self.scope.cancel()
+        finally:
+            self.reader_done.set()
+
+    async def _stop_reader(self) -> None:
+        assert self.reader_scope is not None
+        assert self.reader_done is not None
+        self.reader_scope.cancel()
+        if not self.reader_done.is_set():
+            with trio.CancelScope(shield=True):
+                await self.reader_done.wait()
 
     async def _reader(
         self,
@@ -503,6 +688,7 @@ class _ServerCall:
                     channel.close()
             while await self.conn.receive() is not EOF:
                 pass  # input nobody asked for, as js-rpc ignores it
+            self.input_ended = True
         except trio.BrokenResourceError:
             if not self.output_done:
                 self._peer_broke()
@@ -510,8 +696,6 @@ class _ServerCall:
             pass
         except Exception as exc:
             self._input_failed(exc)
-        finally:
-            self.reader_done.set()
 
     def _input_failed(self, exc: BaseException) -> None:
         if isinstance(exc, trio.BrokenResourceError):
@@ -519,7 +703,7 @@ class _ServerCall:
                 self._peer_broke()
         elif not self.output_done:
             self.input_error = exc
-            self.handler_scope.cancel()
+            self._cancel_handler()
 
     async def _feed(
         self,
@@ -543,16 +727,36 @@ class _ServerCall:
     async def _send_value(self, value: Any) -> None:
         if self.send_torn:
             raise trio.BrokenResourceError("an earlier send was interrupted")
-        # A message goes out whole or the stream is reset: cancelling the
-        # handler (say, for bad input) must not cut a message in half, so
-        # sends are shielded from everything but the call's deadline and a
-        # forced stop, and a send those cut short marks the stream torn.
-        if self.late_deadline is None:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            deadline = self.scope.deadline
-        else:
-            deadline = self.late_deadline
-        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+        if self.late_deadline is not None:
+            await self._send_value_late(value)
+            return
+        # A message goes out whole or the stream is reset.  Cancelling the
+        # handler (say, for bad input) must not cut a message in half: the
+        # reader defers that while a send runs (_cancel_handler).  What can
+        # still cut a send short is the call's deadline, a forced stop, or a
+        # scope outside the call: that marks the stream torn.  A cancellation
+        # already pending stops us before anything is sent.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.sending = True
+        try:
+            await self.conn.send(value)
+        except trio.BrokenResourceError:
+            self._peer_broke()
+            raise
+        except trio.Cancelled:
+            self.send_torn = True
+            raise
+        finally:
+            self.sending = False
+            if self.cancel_after_send:
+                self.cancel_after_send = False
+                self._cancel_handler()
+
+    async def _send_value_late(self, value: Any) -> None:
+        # The last reply after the call scope ended: bounded by its own short
+        # deadline (and a forced stop), shielded from everything else.
+        assert self.late_deadline is not None
+        with trio.CancelScope(shield=True, deadline=self.late_deadline) as scope:
             self.send_scope = scope
             if self.forced:
                 scope.cancel()
@@ -565,8 +769,17 @@ class _ServerCall:
         self.send_scope = None
         if scope.cancelled_caught:
             self.send_torn = True
-            await trio.lowlevel.checkpoint()  # the call scope is cancelled too
+            await trio.lowlevel.checkpoint()
             raise trio.BrokenResourceError("send interrupted")
+
+    def _cancel_handler(self) -> None:
+        if self.sending:
+            self.cancel_after_send = True
+        elif self.handler_scope is not None:
+            self.handler_scope.cancel()
+        else:
+            self.input_cancelled = True
+            self.scope.cancel()
 
     def _peer_broke(self) -> None:
         # The peer stopped reading or reset: the call is over.
@@ -578,10 +791,16 @@ class _ServerCall:
     async def _send_result(self, result: Any) -> None:
         if self.output_done:
             return
-        message = await run_reverse(self.chain, Response(result))
+        if self.reverse:
+            message: Response | ErrorResponse = Response(result)
+            for hook in self.reverse:
+                message = await hook(message)
+            wire = message.to_wire()
+        else:
+            wire = {"jsonrpc": "2.0", "result": result, "id": None}
         if self.ctx is not None:
             self.ctx.proof_of_life()
-        await self._send_value(message.to_wire())
+        await self._send_value(wire)
 
     async def _send_error(self, exc: BaseException) -> None:
         if self.output_done or self.peer_gone:
@@ -652,5 +871,6 @@ class _ServerCall:
             try:
                 while await raw.receive_some(65536):
                     pass
+                self.input_ended = True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

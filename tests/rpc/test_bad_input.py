@@ -153,16 +153,64 @@ async def test_oversize_message_mid_stream(
         async with harness(max_message_size=100) as h:
             header = b'{"method":"chat","params":{"x":1}}'
             big = b'{"method":"chat","params":{"x":"' + b"y" * 200 + b'"}}'
-            values, _ = await exchange(h.server, header, big)
-            assert values[0] == {
-                "jsonrpc": "2.0",
-                "result": {"re": {"x": 1}},
-                "id": None,
-            }
-            assert error_code(values[1:]) == (
+            peer, server_end = memory_stream_pair()
+            await h.server.handle_stream(server_end)
+            # The first answer before the bad message (sent together, the bad
+            # one may cancel the handler before it answers).
+            await peer.send_all(header)
+            decoder = JSONStreamDecoder()
+            values: list[Any] = []
+            while not values:
+                values.extend(decoder.feed(await peer.receive_some()))
+            assert values == [
+                {"jsonrpc": "2.0", "result": {"re": {"x": 1}}, "id": None}
+            ]
+            await peer.send_all(big)
+            await peer.send_eof()
+            rest, reset = await read_all(peer)
+            await peer.aclose()
+            assert reset is None
+            assert error_code(rest) == (
                 ErrorCode.RPC_MESSAGE_LENGTH,
                 "ErrorRPCMessageLength",
             )
+            await still_serving(h)
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+async def test_bad_input_after_a_unary_header(
+    autojump_clock: trio.testing.MockClock, blocks: bool
+) -> None:
+    """Garbage after a unary call's header: a handler that answers without
+    waiting answers (extra input is ignored); one that is waiting is
+    cancelled and the garbage answered."""
+    cancelled = trio.Event()
+
+    class Waits(UnaryHandler[dict[str, Any], dict[str, Any]]):
+        async def handle(self, params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            if blocks:
+                try:
+                    await trio.sleep(10)
+                except trio.Cancelled:
+                    cancelled.set()
+                    raise
+            return {"ok": True}
+
+    manifest = default_manifest()
+    manifest["waits"] = Waits()
+    with trio.fail_after(60):
+        async with harness(manifest) as h:
+            header = b'{"method":"waits","params":{}}'
+            values, reset = await exchange(h.server, header + b'{"x":]')
+            assert reset is None
+            if blocks:
+                assert cancelled.is_set()
+                assert error_code(values) == (ErrorCode.PARSE_ERROR, "ErrorRPCParse")
+            else:
+                assert values == [
+                    {"jsonrpc": "2.0", "result": {"ok": True}, "id": None}
+                ]
+            assert h.server.statistics().timeouts == 0
             await still_serving(h)
 
 
