@@ -5,8 +5,7 @@
         [--streams N --size S]
 
 Both modes present the Polykey node certificate chain C with key K (PEM),
-ALPN ``quic``, and echo every stream the peer opens (data back as it comes,
-FIN after the peer's FIN). The server sends a Retry to every new client and,
+ALPN ``quic``, and echo every stream the peer opens. The server sends a Retry to every new client and,
 unlike stock aioquic, asks for the client's certificate (see
 ``_request_client_certificates``). The client verifies the server against
 LEAF as its trust anchor, with the server name 127.0.0.1 (a node
@@ -14,8 +13,8 @@ certificate names 127.0.0.1 and ::1 among its subjectAltNames).
 
 A server opens --push streams on each connection once the handshake is
 done; a client opens --streams streams after connecting. Stream i carries
-size + i random bytes then FIN; the peer reads the echo until FIN and reports
-both SHA-256 digests.
+size + i random bytes; the peer reads the echo until its FIN, ends its own
+side and reports both SHA-256 digests (the stream protocol is at ``Peer``).
 
 stdout: one JSON object per line, the same events as js_quic_peer.mjs:
 "listening", "connected", "echoed", "stream", "done", "closed". stdin: one
@@ -27,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
 import ssl
+import struct
 import sys
 from typing import Any
 
@@ -49,6 +50,8 @@ from aioquic.quic.events import (
 from cryptography.hazmat.primitives.serialization import Encoding
 
 ALPN = ["quic"]
+#: The length prefix of every stream (see Peer).
+HEADER = 8
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -71,16 +74,36 @@ def _request_client_certificates() -> None:
     tls.Context = RequestingContext  # type: ignore[misc]
 
 
+@dataclasses.dataclass
+class _Ours:
+    """A stream we opened: the payload, and the echo so far."""
+
+    payload: bytes
+    digest: Any = dataclasses.field(default_factory=hashlib.sha256)
+    received: int = 0
+
+
+@dataclasses.dataclass
+class _Echo:
+    """A stream the peer opened: its header, then how much we echoed."""
+
+    header: bytes = b""
+    length: int | None = None
+    echoed: int = 0
+    extra: int = 0
+
+
 class Peer(QuicConnectionProtocol):
-    """Echoes peer streams; runs our own exchanges on request."""
+    """Echoes peer streams; runs our own exchanges on request. The stream
+    protocol (js_quic_peer.mjs explains the FIN order): the opener sends an
+    8-byte big-endian length and that many bytes; the echo ends with a FIN
+    as soon as it is complete; the opener ends its side after that FIN."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Our streams: stream id -> (payload, digest of what came back, bytes).
-        self._ours: dict[int, tuple[bytes, Any, list[int]]] = {}
-        self._echoed: dict[int, int] = {}
+        self._ours: dict[int, _Ours] = {}
+        self._echoes: dict[int, _Echo] = {}
         self._pending_ours = 0
-        self._all_done = asyncio.Event()
         self._closing_locally = False
         self.push = 0
         self.push_size = 0
@@ -88,37 +111,61 @@ class Peer(QuicConnectionProtocol):
     # -- our streams -------------------------------------------------------
 
     def start_exchanges(self, count: int, size: int) -> None:
-        if count == 0:
-            return
         self._pending_ours += count
         for index in range(count):
             stream_id = self._quic.get_next_available_stream_id()
-            data = os.urandom(size + index)
-            self._ours[stream_id] = (data, hashlib.sha256(), [0])
-            self._quic.send_stream_data(stream_id, data, end_stream=True)
+            payload = os.urandom(size + index)
+            self._ours[stream_id] = _Ours(payload)
+            header = struct.pack("!Q", len(payload))
+            self._quic.send_stream_data(stream_id, header + payload)
         self.transmit()
 
-    async def wait_exchanges(self) -> None:
-        if self._pending_ours:
-            await self._all_done.wait()
-
     def _our_data(self, event: StreamDataReceived) -> None:
-        data, digest, received = self._ours[event.stream_id]
-        digest.update(event.data)
-        received[0] += len(event.data)
+        ours = self._ours[event.stream_id]
+        ours.digest.update(event.data)
+        ours.received += len(event.data)
+        if not event.end_stream:
+            return
+        # The echo is complete: end our side too.
+        self._quic.send_stream_data(event.stream_id, b"", end_stream=True)
+        emit(
+            "stream",
+            stream=event.stream_id,
+            sent=len(ours.payload),
+            received=ours.received,
+            sent_sha256=hashlib.sha256(ours.payload).hexdigest(),
+            received_sha256=ours.digest.hexdigest(),
+        )
+        self._pending_ours -= 1
+        if self._pending_ours == 0:
+            emit("done")
+
+    # -- peer streams ------------------------------------------------------
+
+    def _echo_data(self, event: StreamDataReceived) -> None:
+        echo = self._echoes.setdefault(event.stream_id, _Echo())
+        data = event.data
+        if echo.length is None:
+            echo.header += data
+            if len(echo.header) < HEADER:
+                data = b""
+            else:
+                (echo.length,) = struct.unpack("!Q", echo.header[:HEADER])
+                data = echo.header[HEADER:]
+                if echo.length == 0:
+                    self._quic.send_stream_data(event.stream_id, b"", end_stream=True)
+        if echo.length is not None:
+            take = min(len(data), echo.length - echo.echoed)
+            echo.extra += len(data) - take
+            if take:
+                echo.echoed += take
+                self._quic.send_stream_data(
+                    event.stream_id,
+                    data[:take],
+                    end_stream=echo.echoed == echo.length,
+                )
         if event.end_stream:
-            emit(
-                "stream",
-                stream=event.stream_id,
-                sent=len(data),
-                received=received[0],
-                sent_sha256=hashlib.sha256(data).hexdigest(),
-                received_sha256=digest.hexdigest(),
-            )
-            self._pending_ours -= 1
-            if self._pending_ours == 0:
-                emit("done")
-                self._all_done.set()
+            emit("echoed", stream=event.stream_id, bytes=echo.echoed, extra=echo.extra)
 
     # -- events ------------------------------------------------------------
 
@@ -135,17 +182,8 @@ class Peer(QuicConnectionProtocol):
         elif isinstance(event, StreamDataReceived):
             if event.stream_id in self._ours:
                 self._our_data(event)
-                return
-            self._echoed[event.stream_id] = self._echoed.get(event.stream_id, 0) + len(
-                event.data
-            )
-            self._quic.send_stream_data(event.stream_id, event.data, event.end_stream)
-            if event.end_stream:
-                emit(
-                    "echoed",
-                    stream=event.stream_id,
-                    bytes=self._echoed[event.stream_id],
-                )
+            else:
+                self._echo_data(event)
         elif isinstance(event, StreamReset):
             emit("reset", stream=event.stream_id, code=event.error_code)
         elif isinstance(event, ConnectionTerminated):

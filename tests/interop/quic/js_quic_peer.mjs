@@ -9,12 +9,13 @@
 // Both modes present the node certificate chain C (PEM) and key K (PEM),
 // require the peer's certificate (verifyPeer with a verifyCallback that
 // wants a non-empty chain whose leaf, with --peer-cert, is exactly P), and
-// echo every stream the peer opens (data back, FIN after the peer's FIN).
+// echo every stream the peer opens.
 //
 // A server also opens --push streams to each connection after the peer's
 // first stream arrived; a client opens --streams streams of --size bytes
-// after connecting. For each stream it opened, the peer writes the payload,
-// ends it, reads the echo to its end and reports both SHA-256 digests.
+// after connecting. For each stream it opened, the peer sends the payload,
+// reads the echo to its end and reports both SHA-256 digests (the stream
+// protocol is described at echo() below).
 //
 // stdout carries one JSON object per line (the test reads them): "listening"
 // (server port), "connected" (the peer's leaf certificate), "echoed",
@@ -30,7 +31,7 @@ import readline from 'node:readline';
 import { createHash, randomBytes, webcrypto } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import Logger, { LogLevel, StreamHandler } from '@matrixai/logger';
-import { QUICClient, QUICServer, events } from '@matrixai/quic';
+import { QUICClient, QUICServer, QUICSocket, events } from '@matrixai/quic';
 
 function parseArgs(argv) {
   const [mode, ...rest] = argv;
@@ -92,43 +93,68 @@ function leafHex(connection) {
   return chain.length > 0 ? Buffer.from(chain[0]).toString('hex') : null;
 }
 
-// Echo with the last chunk held back until the next one (or the end)
-// arrives, so the FIN always follows unacknowledged data. quiche (0.18 in
-// js-quic, and every release up to 0.29 at least: cloudflare/quiche#2525)
-// drops a zero-length FIN written at an offset the peer already
-// acknowledged: it collects the stream as complete before any frame carries
-// the FIN, and the peer waits for the end forever. js-quic always closes a
-// writable with such a zero-length write, so a plain pipeTo echo trips over
-// it whenever the ACK for the last chunk lands before the peer's FIN.
+// The stream protocol (the same in aioquic_peer.py and conftest.py): the
+// opener sends an 8-byte big-endian length N and N bytes; the other side
+// echoes the N bytes and ends its side (FIN) as soon as they are out, while
+// its read side is still open; the opener reads the echo up to that FIN and
+// only then ends its own side; the echoing side reads that FIN last.
+//
+// Why FINs go in that order: with a plain echo (FIN after the peer's FIN),
+// about one run in ten under CPU load left a stream whose FIN js-quic
+// never sent: its quiche (0.18) had collected the stream, js-quic believed
+// the writable closed, nothing was unsent or unacknowledged, and the peer
+// waited forever; two js-quic processes stalled the same way. quiche counts
+// a stream's sending side complete once its bytes are acknowledged, FIN or
+// no FIN (cloudflare/quiche#2525, open), and js-quic ends every writable
+// with a separate zero-length FIN write. Here the echoing side writes its
+// FIN with its read side still open, and the opener writes its FIN after
+// the echo's FIN, by when its data is acknowledged: no stall since.
+const HEADER = 8;
+
 async function echo(stream) {
-  let bytes = 0;
-  let held = null;
   const writer = stream.writable.getWriter();
+  let header = Buffer.alloc(0);
+  let length = null;
+  let echoed = 0;
+  let extra = 0;
   for await (const chunk of stream.readable) {
-    bytes += chunk.byteLength;
-    if (held != null) await writer.write(held);
-    held = chunk;
+    let data = Buffer.from(chunk);
+    if (length == null) {
+      header = Buffer.concat([header, data]);
+      if (header.byteLength < HEADER) continue;
+      length = Number(header.readBigUInt64BE(0));
+      data = header.subarray(HEADER);
+      if (length === 0) await writer.close();
+    }
+    const take = Math.min(data.byteLength, length - echoed);
+    extra += data.byteLength - take;
+    if (take > 0) {
+      await writer.write(data.subarray(0, take));
+      echoed += take;
+      if (echoed === length) await writer.close();
+    }
   }
-  // The last write and the FIN go out in the same turn of the event loop.
-  if (held != null) void writer.write(held);
-  await writer.close();
-  emit('echoed', { stream: stream.streamId, bytes });
+  emit('echoed', { stream: stream.streamId, bytes: echoed, extra });
 }
 
 async function exchange(connection, size) {
   const stream = connection.newStream();
   const payload = randomBytes(size);
   const writer = stream.writable.getWriter();
+  const header = Buffer.alloc(HEADER);
+  header.writeBigUInt64BE(BigInt(size));
   const send = (async () => {
+    await writer.write(header);
     // Several writes, so flow control and chunking both get exercised.
     for (let at = 0; at < size; at += 64 * 1024) {
       await writer.write(payload.subarray(at, at + 64 * 1024));
     }
-    await writer.close();
   })();
   const received = [];
   for await (const chunk of stream.readable) received.push(chunk);
   await send;
+  // The echo ended with the peer's FIN: now ours.
+  await writer.close();
   const got = Buffer.concat(received);
   emit('stream', {
     stream: stream.streamId,
@@ -199,11 +225,20 @@ async function main() {
   };
   const connections = new Set();
   let closing = null;
+  // One injected socket (as Polykey uses js-quic), with 4 MiB kernel
+  // buffers: with the default ~208 KiB a starved node process drops
+  // datagrams by the hundred and connections crawl through loss recovery.
+  const socket = new QUICSocket({ logger: logger.getChild('socket') });
+  await socket.start({ host: opts.host ?? '127.0.0.1', port: 0 });
+  // `socket` (the dgram socket) is protected in the typings only.
+  socket.socket.setRecvBufferSize(4 * 1024 * 1024);
+  socket.socket.setSendBufferSize(4 * 1024 * 1024);
 
   if (opts.mode === 'server') {
     const server = new QUICServer({
       crypto: cryptoOps(webcrypto.getRandomValues(new Uint8Array(32)).buffer),
       config,
+      socket,
       logger: logger.getChild('server'),
     });
     // Streams are re-dispatched on the server from the moment a connection
@@ -241,8 +276,8 @@ async function main() {
       emit('connected', { peer_leaf: leafHex(connection), remote_port: connection.remotePort });
       maybePush(connection);
     });
-    await server.start({ host: opts.host ?? '127.0.0.1', port: 0 });
-    emit('listening', { port: server.port });
+    await server.start();
+    emit('listening', { port: socket.port });
     closing = async (code, reason) => {
       await Promise.all(
         [...connections].map((c) =>
@@ -253,12 +288,13 @@ async function main() {
     };
     await waitForStdin((code, reason) => closing(code, reason));
     await server.stop({ force: true });
+    await socket.stop({ force: true });
   } else {
     const client = await QUICClient.createQUICClient(
       {
         host: opts.host ?? '127.0.0.1',
         port: opts.port,
-        localHost: '127.0.0.1',
+        socket,
         crypto: cryptoOps(undefined),
         config,
         logger: logger.getChild('client'),
@@ -272,7 +308,7 @@ async function main() {
     connection.addEventListener(events.EventQUICConnectionStream.name, (evt) => {
       void echo(evt.detail).catch((e) => emit('error', { where: 'echo', message: String(e) }));
     });
-    emit('connected', { peer_leaf: leafHex(connection), local_port: client.localPort });
+    emit('connected', { peer_leaf: leafHex(connection), local_port: socket.port });
     runExchanges(connection, streamSizes(opts.streams, opts.size, opts.sizes)).then(
       () => emit('done'),
       (e) => emit('error', { where: 'streams', message: String(e) }),
@@ -283,6 +319,7 @@ async function main() {
     };
     await waitForStdin((code, reason) => closing(code, reason));
     await client.destroy({ force: true });
+    await socket.stop({ force: true });
   }
 }
 

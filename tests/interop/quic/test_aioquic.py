@@ -32,6 +32,7 @@ from .conftest import (
     Echoes,
     NodeCredentials,
     assert_echoed,
+    assert_peer_echoed,
     echo_streams,
     run_exchanges,
     spawn_peer,
@@ -105,8 +106,9 @@ async def test_our_client_against_aioquic_server(
             results = await run_exchanges(conn, OUR_SIZES)
             for result, size in zip(results, sorted(OUR_SIZES), strict=True):
                 assert_echoed(result, size)
-            peer_echoes = await peer.expect_all("echoed", len(OUR_SIZES))
-            assert sorted(e["bytes"] for e in peer_echoes) == sorted(OUR_SIZES)
+            assert_peer_echoed(
+                await peer.expect_all("echoed", len(OUR_SIZES)), OUR_SIZES
+            )
 
             await peer.expect("done")
             pushed = peer.named("stream")
@@ -171,8 +173,9 @@ async def test_aioquic_client_against_our_server(
                     assert event["stream"] % 4 == 0
                     assert_echoed(event, event["sent"])
                 assert await echoes.wait_for(THEIR_STREAMS) == their_sizes
-                peer_echoes = await peer.expect_all("echoed", len(OUR_SIZES))
-                assert sorted(e["bytes"] for e in peer_echoes) == sorted(OUR_SIZES)
+                assert_peer_echoed(
+                    await peer.expect_all("echoed", len(OUR_SIZES)), OUR_SIZES
+                )
 
                 await peer.command("close 7 bye from aioquic")
                 reason = await conn.wait_closed()
