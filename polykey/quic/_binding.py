@@ -687,12 +687,16 @@ class Connection:
             raise QuicheError(n, f"stream_send({stream_id})")
         return n  # type: ignore[no-any-return]
 
-    def stream_recv(self, stream_id: int, buf: bytearray) -> tuple[int, bool] | None:
-        """Read into ``buf``: ``(n, fin)``, or ``None`` when nothing is
-        readable. Raises :class:`StreamReset` if the peer reset the stream."""
+    def stream_recv(
+        self, stream_id: int, buf: bytearray, max_len: int | None = None
+    ) -> tuple[int, bool] | None:
+        """Read into ``buf`` (at most ``max_len`` bytes): ``(n, fin)``, or
+        ``None`` when nothing is readable. Raises :class:`StreamReset` if the
+        peer reset the stream."""
+        size = len(buf) if max_len is None else min(max_len, len(buf))
         n = lib.quiche_conn_stream_recv(
             self._ptr, stream_id, ffi.from_buffer(buf, require_writable=True),
-            len(buf), self._fin, self._error_code,
+            size, self._fin, self._error_code,
         )  # fmt: skip
         if n < 0:
             if n == _DONE:

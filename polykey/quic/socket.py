@@ -434,7 +434,10 @@ def _refuse_autojump_clock() -> None:
     make every QUIC timer fire at once in virtual time while quiche still
     waits in real time, so drivers would spin. Refuse clearly instead."""
     clock = trio.lowlevel.current_clock()
-    if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold != math.inf:
+    if (
+        isinstance(clock, trio.testing.MockClock)
+        and clock.autojump_threshold != math.inf
+    ):
         raise RuntimeError(
             "QUIC runs on the real clock (quiche reads it itself): run QUIC on "
             "trio's default clock, or on a MockClock without autojump; for "

@@ -99,7 +99,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 return b""
             buf = conn._scratch(max_bytes)
             try:
-                got = q.stream_recv(sid, buf)
+                got = q.stream_recv(sid, buf, max_bytes)
             except StreamReset as exc:
                 self._recv_error = QUICStreamError(sid, exc.error_code, reset=True)
                 self._eof_received = True
@@ -130,7 +130,29 @@ class QUICStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is sending on this stream")
         self._sending = True
         try:
-            await self._send(memoryview(data).cast("B"))
+            await self._send(memoryview(data).cast("B"), fin=False)
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`send_all` then :meth:`send_eof`, with the FIN on the data's
+        last packet instead of a packet of its own.
+
+        A request or a reply that ends its stream costs one packet, not two;
+        the RPC layer uses this for a call's last message.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        view = memoryview(data).cast("B")
+        if not view:
+            await self.send_eof()
+            return
+        self._sending = True
+        try:
+            await self._send(view, fin=True)
+            self._fin_sent = True
         finally:
             self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -156,13 +178,15 @@ class QUICStream(trio.abc.HalfCloseableStream):
             self._conn._raise_if_dead()
             raise trio.BrokenResourceError(f"stream {self.stream_id}: {exc}") from None
 
-    async def _send(self, view: memoryview) -> None:
+    async def _send(self, view: memoryview, fin: bool) -> None:
+        # ``view`` is not empty when ``fin`` is set: quiche takes the FIN
+        # only with the data's last byte, so offset == total means it is out.
         self._check_send()
         conn = self._conn
         offset = 0
         total = len(view)
         while offset < total:
-            n = self._stream_send(view[offset:], False)
+            n = self._stream_send(view[offset:], fin)
             if n:
                 offset += n
                 conn._flush()

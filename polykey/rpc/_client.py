@@ -137,7 +137,8 @@ class _Call:
         self.conn = MessageConn(self.stream, self.client.max_message_size)
 
     # -- sending -------------------------------------------------------------
-    async def send(self, params: JSONValue) -> None:
+    async def send(self, params: JSONValue, *, last: bool = False) -> None:
+        """Send ``params``; ``last`` ends the input with it (one packet)."""
         assert self.conn is not None
         if self.eof_sent:
             raise trio.ClosedResourceError("the call's input is already closed")
@@ -150,8 +151,10 @@ class _Call:
             # js-rpc 0.5.1 servers drop messages that share a read with the
             # header; give the header a read of its own.
             await trio.sleep(self.client.pace)
+        if last:
+            self.eof_sent = True
         try:
-            await self.conn.send(request.to_wire())
+            await self.conn.send(request.to_wire(), last=last)
         except trio.BrokenResourceError as exc:
             raise await self._explain_send_failure(exc) from None
         self.sent += 1
@@ -491,6 +494,8 @@ class RPCClient(Generic[ManifestT]):
         with scope:
             await call.open()
             try:
+                # The FIN goes after the response, as js-rpc's caller does:
+                # until then a reset can still reach a handler that waits.
                 await call.send({} if params is None else params)
                 result = await call.receive_one()
                 await call.send_eof()
@@ -517,8 +522,7 @@ class RPCClient(Generic[ManifestT]):
         async with self._call(
             method, "SERVER", rpc_timeout, metadata, keep_deadline
         ) as call:
-            await call.send({} if params is None else params)
-            await call.send_eof()
+            await call.send({} if params is None else params, last=True)
             yield ServerStreamCall(call)
 
     @asynccontextmanager

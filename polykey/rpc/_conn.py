@@ -58,8 +58,19 @@ class MessageConn:
         """True once the peer's FIN was read."""
         return self._decoder.eof
 
-    async def send(self, value: Any) -> None:
-        await self.stream.send_all(encode_json(value))
+    async def send(self, value: Any, *, last: bool = False) -> None:
+        """Send ``value``; ``last`` sends the FIN after it, in the same packet
+        when the stream can (QUIC's ``send_all_and_eof``)."""
+        data = encode_json(value)
+        if not last:
+            await self.stream.send_all(data)
+            return
+        send_all_and_eof = getattr(self.stream, "send_all_and_eof", None)
+        if send_all_and_eof is not None:
+            await send_all_and_eof(data)
+        else:
+            await self.stream.send_all(data)
+            await self.stream.send_eof()
 
     def take_leftover(self) -> bytes:
         """Bytes received past the last value (switching to raw mode)."""

@@ -104,6 +104,13 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
+    async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`send_all` then :meth:`send_eof`, as QUIC streams offer it
+        (data and FIN in one packet), so in-memory tests take the RPC
+        layer's QUIC path."""
+        await self.send_all(data)
+        await self.send_eof()
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is sending")

@@ -596,12 +596,12 @@ class _ServerCall:
             else:  # some other awaitable: watch the input throughout
                 self._start_reader(handler, first, None)
                 result = await pending
-            await self._send_result(result)
+            await self._send_result(result, last=True)
         elif isinstance(handler, ServerHandler):
             await self._send_stream(handler.handle(first, ctx))
         elif isinstance(handler, ClientHandler):
             assert input is not None
-            await self._send_result(await handler.handle(input, ctx))
+            await self._send_result(await handler.handle(input, ctx), last=True)
         elif isinstance(handler, DuplexHandler):
             assert input is not None
             await self._send_stream(handler.handle(input, ctx))
@@ -724,11 +724,13 @@ class _ServerCall:
             item = handler.parse_params(request.params)
 
     # -- output ----------------------------------------------------------------
-    async def _send_value(self, value: Any) -> None:
+    async def _send_value(self, value: Any, *, last: bool = False) -> None:
+        # ``last``: the FIN goes with the value (see _finish).
         if self.send_torn:
             raise trio.BrokenResourceError("an earlier send was interrupted")
         if self.late_deadline is not None:
-            await self._send_value_late(value)
+            await self._send_value_late(value, last)
+            self.output_done = self.output_done or last
             return
         # A message goes out whole or the stream is reset.  Cancelling the
         # handler (say, for bad input) must not cut a message in half: the
@@ -739,7 +741,8 @@ class _ServerCall:
         await trio.lowlevel.checkpoint_if_cancelled()
         self.sending = True
         try:
-            await self.conn.send(value)
+            await self.conn.send(value, last=last)
+            self.output_done = self.output_done or last
         except trio.BrokenResourceError:
             self._peer_broke()
             raise
@@ -752,7 +755,7 @@ class _ServerCall:
                 self.cancel_after_send = False
                 self._cancel_handler()
 
-    async def _send_value_late(self, value: Any) -> None:
+    async def _send_value_late(self, value: Any, last: bool) -> None:
         # The last reply after the call scope ended: bounded by its own short
         # deadline (and a forced stop), shielded from everything else.
         assert self.late_deadline is not None
@@ -761,7 +764,7 @@ class _ServerCall:
             if self.forced:
                 scope.cancel()
             try:
-                await self.conn.send(value)
+                await self.conn.send(value, last=last)
             except trio.BrokenResourceError:
                 self.send_scope = None
                 self._peer_broke()
@@ -788,7 +791,7 @@ class _ServerCall:
             self.server._stats.peer_resets += 1
         self.scope.cancel()
 
-    async def _send_result(self, result: Any) -> None:
+    async def _send_result(self, result: Any, *, last: bool = False) -> None:
         if self.output_done:
             return
         if self.reverse:
@@ -800,7 +803,7 @@ class _ServerCall:
             wire = {"jsonrpc": "2.0", "result": result, "id": None}
         if self.ctx is not None:
             self.ctx.proof_of_life()
-        await self._send_value(wire)
+        await self._send_value(wire, last=last)
 
     async def _send_error(self, exc: BaseException) -> None:
         if self.output_done or self.peer_gone:

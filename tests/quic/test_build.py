@@ -14,7 +14,9 @@ EXTENSION = Path(_quiche.__file__)
 
 
 def _run(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
+    return subprocess.run(
+        cmd, check=True, capture_output=True, text=True, timeout=60
+    ).stdout
 
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is not installed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 
 import pytest
@@ -284,6 +285,63 @@ async def test_stream_limit_makes_openers_wait() -> None:
             with trio.fail_after(5):
                 await opened_event.wait()
         assert opened[0].stream_id == 8
+
+
+async def test_receive_some_returns_at_most_max_bytes() -> None:
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        payload = random.Random(3).randbytes(100_000)
+        await cs.send_all(payload)
+        await cs.send_eof()
+        got = bytearray()
+        with trio.fail_after(10):
+            for size in itertools.cycle((1, 7, 1000, 65536)):
+                data = await ss.receive_some(size)
+                if not data:
+                    break
+                assert len(data) <= size
+                got += data
+        assert got == payload
+
+
+async def test_send_all_and_eof_puts_the_fin_on_the_last_packet() -> None:
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        await trio.sleep(0.2)  # let ACKs of the handshake and first byte settle
+        before = client_conn.statistics().quiche.sent
+        await cs.send_all_and_eof(b"request")
+        with trio.fail_after(5):
+            assert await ss.receive_some() == b"request"
+            assert await ss.receive_some() == b""
+        # One packet for data and FIN (send_all then send_eof costs two).
+        assert client_conn.statistics().quiche.sent == before + 1
+        with pytest.raises(trio.ClosedResourceError):
+            await cs.send_all(b"more")
+        with pytest.raises(trio.ClosedResourceError):
+            await cs.send_all_and_eof(b"more")
+        await cs.send_eof()  # idempotent, as after send_eof
+
+
+async def test_send_all_and_eof_waits_for_credit_and_ends_the_stream() -> None:
+    server_config = QUICConfig(initial_max_stream_data=64 * 1024)
+    async with open_pair(server_config=server_config) as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        payload = random.Random(4).randbytes(3 * 1024 * 1024)
+        got = bytearray()
+
+        async def read_all() -> None:
+            while data := await ss.receive_some():
+                got.extend(data)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                await cs.send_all_and_eof(payload)
+                await cs.send_all_and_eof(b"")  # nothing to add: a no-op
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
 async def test_peer_reset_and_stop_sending_carry_codes() -> None:

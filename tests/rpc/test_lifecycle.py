@@ -197,3 +197,59 @@ async def test_unary_handler_returning_another_awaitable(
     manifest["later"] = NotACoroutine()
     async with harness(manifest) as h:
         assert await h.client.unary("later", {"x": 3}) == {"later": 3}
+
+
+class RecordingStream(MemoryStream):
+    """Records what went out with its FIN (``send_all_and_eof``)."""
+
+    finals: list[bytes]
+
+    async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
+        self.finals.append(bytes(data))
+        await super().send_all_and_eof(data)
+
+
+def recording_pair() -> tuple[RecordingStream, RecordingStream]:
+    a, b = memory_stream_pair()
+    for end in (a, b):
+        end.__class__ = RecordingStream
+        end.finals = []
+    return a, b  # type: ignore[return-value]
+
+
+async def test_last_message_goes_with_the_fin(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A unary or client-streaming reply and a server-streaming request end
+    their stream in one write (one QUIC packet, not two); a unary request
+    does not: until the answer comes, a reset must still reach the handler."""
+    ends: list[tuple[RecordingStream, RecordingStream]] = []
+    with trio.fail_after(60):
+        async with harness() as h:
+
+            async def connect() -> MemoryStream:
+                client_end, server_end = recording_pair()
+                ends.append((client_end, server_end))
+                h.client_ends.append(client_end)
+                h.server_ends.append(server_end)
+                await h.server.handle_stream(server_end, {})
+                return client_end
+
+            client: RPCClient[API] = RPCClient(API, connect)
+            echoed = await client.methods.echo({"a": 1})
+            assert echoed["echo"] == {"a": 1}
+            async with client.methods.sum() as call:
+                await call.send({"x": 2})
+                await call.send({"x": 3})
+                assert await call.finish() == {"sum": 5}
+            async with client.methods.count({"n": 2}) as stream:
+                assert [m async for m in stream] == [{"i": 0}, {"i": 1}]
+            await h.settle()
+    (echo_c, echo_s), (sum_c, sum_s), (count_c, count_s) = ends
+    decode = JSONStreamDecoder().feed
+    assert echo_c.finals == []
+    assert [v["result"] for v in decode(b"".join(echo_s.finals))] == [echoed]
+    assert sum_c.finals == []
+    assert [v["result"] for v in decode(b"".join(sum_s.finals))] == [{"sum": 5}]
+    assert [v["method"] for v in decode(b"".join(count_c.finals))] == ["count"]
+    assert count_s.finals == []
