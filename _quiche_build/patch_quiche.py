@@ -15,6 +15,15 @@ was acknowledged, quiche collects the stream and never retransmits the FIN:
 the peer hangs until the idle timeout. We track the FIN's acknowledgement and
 require it for completion; a reset (which carries the final size itself)
 counts as acknowledged.
+
+Fix 2, a FIN that arrives on a duplicate (found by our lossy-relay tests; not
+yet reported upstream when this was written): when the application has
+already read a stream's data and the peer retransmits that data with the FIN
+in one frame (quiche does, when the data's ACK and the lone FIN were both
+lost), ``RecvBuf::write`` records the final size and then drops the frame as
+a duplicate: the stream never becomes readable again and the application
+never learns of the FIN, so the stream hangs. We keep a FIN that is news as
+an empty final buffer, as quiche already does for an empty STREAM frame.
 """
 
 from __future__ import annotations
@@ -70,6 +79,33 @@ EDITS: list[tuple[str, str, str]] = [
         "                        if fin {\n"
         "                            stream.send.ack_fin();\n"
         "                        }\n",
+    ),
+    (
+        "src/stream/recv_buf.rs",
+        "        if buf.fin() {\n"
+        "            self.fin_off = Some(buf.max_off());\n"
+        "        }\n",
+        "        // polykey: whether this buffer tells us the final size first.\n"
+        "        let new_fin = buf.fin() && self.fin_off.is_none();\n\n"
+        "        if buf.fin() {\n"
+        "            self.fin_off = Some(buf.max_off());\n"
+        "        }\n",
+    ),
+    (
+        "src/stream/recv_buf.rs",
+        "            if !buf.is_empty() {\n"
+        "                return Ok(());\n"
+        "            }\n",
+        "            if !buf.is_empty() {\n"
+        "                if new_fin {\n"
+        "                    // polykey: the data was read already, the FIN is\n"
+        "                    // news: keep it so the stream becomes readable.\n"
+        "                    let mut buf = buf;\n"
+        "                    let fin_buf = buf.split_off(buf.len());\n"
+        "                    self.data.insert(fin_buf.max_off(), fin_buf);\n"
+        "                }\n\n"
+        "                return Ok(());\n"
+        "            }\n",
     ),
 ]
 

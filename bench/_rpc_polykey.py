@@ -94,7 +94,14 @@ async def server(args: argparse.Namespace) -> None:
             await quic_server.serve(handle_connection)
 
 
-async def unary(client: RPCClient[API], seconds: float, in_flight: int) -> None:
+def datagrams(sock: QUICSocket) -> tuple[int, int]:
+    return sock.statistics.datagrams_sent, sock.statistics.datagrams_received
+
+
+async def unary(
+    client: RPCClient[API], sock: QUICSocket, seconds: float, in_flight: int
+) -> None:
+    sent0, received0 = datagrams(sock)
     count = 0
     start = time.perf_counter()
     end = start + seconds
@@ -113,7 +120,17 @@ async def unary(client: RPCClient[API], seconds: float, in_flight: int) -> None:
         for w in range(in_flight):
             nursery.start_soon(worker, w)
     elapsed = time.perf_counter() - start
-    emit({"count": count, "seconds": elapsed, "per_s": count / elapsed})
+    sent, received = datagrams(sock)
+    emit(
+        {
+            "count": count,
+            "seconds": elapsed,
+            "per_s": count / elapsed,
+            # UDP datagrams per call, both ways (what each call costs the
+            # kernel and quiche on both sides).
+            "datagrams_per_call": (sent - sent0 + received - received0) / count,
+        }
+    )
 
 
 async def stream(client: RPCClient[API], messages: int, max_seconds: float) -> None:
@@ -147,7 +164,7 @@ async def client_main(args: argparse.Namespace) -> None:
         conn = await quic_client.connect((HOST, args.port))
         client = RPCClient(API, conn.open_stream)
         if args.mode == "unary":
-            await unary(client, args.seconds, args.in_flight)
+            await unary(client, sock, args.seconds, args.in_flight)
         else:
             await stream(client, args.messages, args.max_seconds)
         await conn.aclose()

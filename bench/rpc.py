@@ -213,6 +213,14 @@ class Runner:
                 self.samples.append(
                     f"{impl.label} {metric}: " + " / ".join(f"{v:,.0f}" for v in values)
                 )
+            per_call = [
+                r["datagrams_per_call"] for r in results if "datagrams_per_call" in r
+            ]
+            if per_call:
+                self.notes.append(
+                    f"{impl.label} {metric}: "
+                    f"{statistics.median(per_call):.2f} UDP datagrams per call (both ways)"
+                )
             capped = [r for r in results if r.get("capped")]
             if capped:
                 cells[metric] += "*"

@@ -16,11 +16,13 @@ this order, and the invariant every path keeps (aioquic's ``transmit()``):
 4. re-arm the one timer: min(quiche's timeout, keep-alive, handshake
    deadline), or notice that quiche closed the connection.
 
-User actions (a write, a read that frees credit, a close) call
-:meth:`_flush` themselves, synchronously. The driver task, living in the
-socket's nursery, only sleeps until the timer (then calls quiche's
-``on_timeout`` and does the same steps) or until the kernel's send buffer
-has room again for a batch it refused. So nothing per packet needs a task
+Step 3 and 4 after socket input are deferred a few scheduling rounds to the
+socket's flusher (see QUICSocket._flusher) so that ACKs ride on the replies
+of the tasks the input woke; a read that frees credit defers its flush the
+same way. Writes and closes call :meth:`_flush` themselves, synchronously.
+The driver task, living in the socket's nursery, only sleeps until the timer
+(then calls quiche's ``on_timeout`` and does the same steps at once) or
+until the kernel's send buffer has room again for a batch it refused. So nothing per packet needs a task
 switch, and an idle connection costs one sleeping task.
 
 quiche reads the real monotonic clock; the timer is a trio deadline. Under
@@ -261,7 +263,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._socket._mark_dirty(self)
         return used
 
-    def _after_input(self) -> None:
+    def _after_input(self, *, defer_flush: bool = False) -> None:
         if self._finished:
             return
         q = self._q
@@ -276,10 +278,16 @@ class QUICConnection(trio.abc.AsyncResource):
                 q.peer_streams_left_bidi() > 0 or q.peer_streams_left_uni() > 0
             ):
                 self._credit_lot.unpark_all()
+        if defer_flush:
+            self._socket._flush_later(self)
+        else:
+            self._flush_after_input()
+
+    def _flush_after_input(self) -> None:
         if self._finished:
             return
         self._flush()
-        if q.is_closed():
+        if self._q.is_closed():
             self._finish(self._derive_reason())
         else:
             self._rearm()
@@ -382,6 +390,8 @@ class QUICConnection(trio.abc.AsyncResource):
         if sent:
             # Sending arms quiche's loss-detection timer.
             self._rearm()
+            # What a deferred flush was waiting to send (ACKs) just went.
+            socket._flush_sent(self)
 
     def _rearm(self) -> None:
         now = trio.current_time()

@@ -67,6 +67,8 @@ _RECV_BUFFER: Final = 65536
 _GSO_BYTES: Final = 65000
 _SOCKET_BUFFER: Final = 4 * 1024 * 1024
 _GRO_CMSG_SPACE: Final = _stdlib_socket.CMSG_SPACE(4)
+# Scheduling rounds a flush after input may wait for woken tasks (_flusher).
+_FLUSH_ROUNDS: Final = 3
 
 
 class _InitialHandler(Protocol):
@@ -115,6 +117,12 @@ class QUICSocket:
         self._routes: dict[bytes, QUICConnection] = {}
         self._server: _InitialHandler | None = None
         self._dirty: list[QUICConnection] = []
+        # Connections whose flush after input waits for the tasks the input
+        # woke (see _flusher); insertion-ordered, no duplicates.
+        # (the flusher's round when each was first marked).
+        self._flush_due: dict[QUICConnection, int] = {}
+        self._flush_round = 0
+        self._flusher_lot = trio.lowlevel.ParkingLot()
         self._recv_buf = bytearray(_RECV_BUFFER)
         self._recv_view = memoryview(self._recv_buf)
         # One send buffer for all connections: sending is synchronous. A GSO
@@ -164,6 +172,7 @@ class QUICSocket:
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._reader)
+        self._nursery.start_soon(self._flusher)
         return self
 
     async def __aexit__(
@@ -363,7 +372,47 @@ class QUICSocket:
         for conn in dirty:
             if id(conn) not in seen:
                 seen.add(id(conn))
-                conn._after_input()
+                conn._after_input(defer_flush=True)
+
+    def _flush_later(self, conn: QUICConnection) -> None:
+        due = self._flush_due
+        if not due:
+            self._flusher_lot.unpark_all()
+        if conn not in due:
+            due[conn] = self._flush_round
+
+    def _flush_sent(self, conn: QUICConnection) -> None:
+        # A write flushed ``conn`` (it re-armed the timer too): the deferred
+        # flush has nothing left to do, and a stale mark would flush a later
+        # input's ACK too early, before its answer. Unless quiche closed the
+        # connection: noticing that is the deferred flush's job.
+        if conn in self._flush_due and not conn._q.is_closed():
+            del self._flush_due[conn]
+
+    async def _flusher(self) -> None:
+        # What quiche has to send after input is mostly ACKs (and credit
+        # that reads returned). Sent at once they cost a packet each; the
+        # tasks the input woke usually answer within a few scheduling rounds
+        # (an RPC reply, a FIN: a new stream's handler starts in the second)
+        # and their write takes the ACK along. So each connection's flush
+        # waits a fixed few rounds from when it was marked: ACKs are held
+        # microseconds, never longer. (trio's tasks_runnable cannot say "they
+        # have run": it does not count the rest of the batch being run.)
+        due = self._flush_due
+        while True:
+            if not due:
+                await self._flusher_lot.park()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._flush_round += 1
+            # Marked in round order (a connection keeps its first mark), so
+            # the ripe ones are at the front.
+            ripe = self._flush_round - _FLUSH_ROUNDS
+            while due:
+                conn, marked = next(iter(due.items()))
+                if marked > ripe:
+                    break
+                del due[conn]
+                conn._flush_after_input()
 
     # -- sending ----------------------------------------------------------------
 

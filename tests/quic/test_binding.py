@@ -441,3 +441,59 @@ def test_in_memory_handshake_with_node_certificates() -> None:
     pair.pump()
     assert pair.client.stream_recv(0, buf) == (11, True)
     assert bytes(buf[:11]) == b"from server"
+
+
+def _deliver_until_quiet(src: b.Connection, dst: b.Connection, to: b.Address) -> int:
+    buf = bytearray(65536)
+    moved = 0
+    while (out := src.send(buf)) is not None:
+        n, _ = out
+        dst.recv(bytearray(buf[:n]), to)
+        moved += 1
+    return moved
+
+
+def _drop_until_quiet(conn: b.Connection) -> int:
+    buf = bytearray(65536)
+    dropped = 0
+    while conn.send(buf) is not None:
+        dropped += 1
+    return dropped
+
+
+def test_fin_retransmitted_with_data_already_read_is_delivered(
+    configs: tuple[b.Config, b.Config],
+) -> None:
+    """Our quiche fix 2 (see _quiche_build/patch_quiche.py): the client reads
+    a reply's data; its ACK and the server's lone FIN are lost; the server's
+    retransmission carries the data again with the FIN. The client must
+    still see the FIN (unpatched quiche 0.29.3 records it and drops the
+    frame as a duplicate, and the stream hangs)."""
+    pair = Pair(*configs)
+    server = pair.handshake()
+    client = pair.client
+    buf = bytearray(100)
+    client.stream_send(0, b"request", True)
+    pair.pump()
+    assert server.stream_recv(0, buf) == (7, True)
+
+    server.stream_send(0, b"reply", False)
+    assert _deliver_until_quiet(server, client, SERVER) == 1
+    assert client.stream_recv(0, buf) == (5, False)
+    assert bytes(buf[:5]) == b"reply"
+    assert client.stream_recv(0, buf) is None
+    assert _drop_until_quiet(client) >= 1  # the client's ACK of the reply
+    server.stream_send(0, b"", True)
+    assert _drop_until_quiet(server) == 1  # the lone FIN
+
+    # The server's probe timeout: it retransmits what is unacknowledged.
+    deadline = time.monotonic() + 5
+    while client.stream_readable(0) is False:
+        assert time.monotonic() < deadline, "the FIN never became readable"
+        timeout = server.timeout()
+        assert timeout is not None
+        time.sleep(min(timeout, 0.05))
+        server.on_timeout()
+        _deliver_until_quiet(server, client, SERVER)
+    assert client.stream_recv(0, buf) == (0, True)
+    assert client.stream_finished(0)

@@ -344,6 +344,34 @@ async def test_send_all_and_eof_waits_for_credit_and_ends_the_stream() -> None:
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
+async def test_acks_ride_on_replies() -> None:
+    """A request answered at once costs one packet each way: the ACK of the
+    request goes with the reply (the socket's deferred flush), and the ACK
+    of the reply with the next request."""
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+
+        async def pong() -> None:
+            while await ss.receive_some():
+                await ss.send_all(b"pong")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pong)
+            await trio.sleep(0.2)  # let ACKs of the handshake settle
+            client_before = client_conn.statistics().quiche.sent
+            server_before = server_conn.statistics().quiche.sent
+            with trio.fail_after(10):
+                for _ in range(20):
+                    await cs.send_all(b"ping")
+                    assert await cs.receive_some() == b"pong"
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        assert server_conn.statistics().quiche.sent - server_before == 20
+        # 20 requests and the ACK of the last reply.
+        assert client_conn.statistics().quiche.sent - client_before == 21
+
+
 async def test_peer_reset_and_stop_sending_carry_codes() -> None:
     async with open_pair() as pair:
         client_conn, server_conn = await pair.connect()
