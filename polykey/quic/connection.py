@@ -267,7 +267,8 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._finished:
             return
         q = self._q
-        if not self._verified and q.is_established():
+        established = self._verified
+        if not established and q.is_established():
             self._verify()
         if self._verified and not self._finished:
             self._deliver_streams()
@@ -278,9 +279,12 @@ class QUICConnection(trio.abc.AsyncResource):
                 q.peer_streams_left_bidi() > 0 or q.peer_streams_left_uni() > 0
             ):
                 self._credit_lot.unpark_all()
-        if defer_flush:
+        if defer_flush and established:
             self._socket._flush_later(self)
         else:
+            # During the handshake, flush at once: the last flight must be
+            # out before connect() returns (a caller may close right away,
+            # and quiche sends only the close then).
             self._flush_after_input()
 
     def _flush_after_input(self) -> None:

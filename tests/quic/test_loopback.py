@@ -372,6 +372,21 @@ async def test_acks_ride_on_replies() -> None:
         assert client_conn.statistics().quiche.sent - client_before == 21
 
 
+async def test_connect_then_close_at_once_completes_the_handshake() -> None:
+    """A client that closes as soon as connect() returns has still sent its
+    handshake's last flight: the server finishes the handshake, so its
+    accept backlog never fills with half-open connections."""
+    server_config = QUICConfig(accept_backlog=4)
+    async with open_pair(server_config=server_config) as pair:
+        with trio.fail_after(10):
+            for _ in range(20):
+                conn = await pair.client.connect(pair.server_socket.local_address)
+                await conn.aclose()
+                server_conn = await pair.server.accept()
+                await server_conn.wait_closed()
+        assert pair.server.statistics.refused_backlog == 0
+
+
 async def test_peer_reset_and_stop_sending_carry_codes() -> None:
     async with open_pair() as pair:
         client_conn, server_conn = await pair.connect()
