@@ -364,7 +364,7 @@ def main() -> None:
         "--only",
         help="comma-separated subset of: polykey, aioquic, js (@matrixai/quic), native",
     )
-    parser.add_argument("--size", type=int, help="bulk bytes (default 256 MiB)")
+    parser.add_argument("--size", type=int, help="bulk bytes (default 1 GiB)")
     parser.add_argument(
         "--bulk-cap", type=float, help="stop a bulk send after this many seconds (15)"
     )
@@ -412,7 +412,7 @@ def main() -> None:
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(
-        size=args.size or (8 * 2**20 if quick else 256 * 2**20),
+        size=args.size or (8 * 2**20 if quick else 2**30),
         bulk_cap=args.bulk_cap or (2.0 if quick else 15.0),
         seconds=args.seconds or (0.5 if quick else 3.0),
         conns=args.conns or (50 if quick else 5000),
