@@ -41,8 +41,7 @@ async def handle_stream(stream: QUICStream, max_bytes: int | None) -> None:
                 total += len(data)
                 if len(head) <= 1024:
                     head += data[:1025]
-            await stream.send_all(echo_reply(total, head))
-            await stream.send_eof()
+            await stream.send_all_and_eof(echo_reply(total, head))
     except trio.BrokenResourceError:
         pass
 
@@ -120,8 +119,7 @@ async def round_trips(
     end = start + seconds
     while time.perf_counter() < end:
         stream = await conn.open_stream()
-        await stream.send_all(payload)
-        await stream.send_eof()
+        await stream.send_all_and_eof(payload)  # as the other peers: data+FIN
         reply = await read_all(stream)
         await stream.aclose()
         if reply != payload:
