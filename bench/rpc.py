@@ -197,18 +197,23 @@ class Runner:
         finally:
             server.stop()
 
-    def run_impl(self, impl: Impl) -> dict[str, str]:
+    def run_metric(
+        self, impls: list[Impl], metric: str, mode: str, in_flight: int
+    ) -> dict[str, str]:
+        """One row: each implementation in turn, back to back, so that a
+        row compares runs made under the same conditions (this machine's
+        speed drifts by tens of percent over minutes)."""
         cells: dict[str, str] = {}
-        for metric, mode, in_flight, _ in METRICS:
+        for impl in impls:
             t0 = time.monotonic()
             try:
                 results = self.one(impl, metric, mode, in_flight)
             except PeerError as exc:
-                cells[metric] = "error"
+                cells[impl.key] = "error"
                 self.notes.append(f"{impl.label} {metric}: {exc}")
                 continue
             values = sorted(r["per_s"] for r in results)
-            cells[metric] = f"{statistics.median(values):,.0f}"
+            cells[impl.key] = f"{statistics.median(values):,.0f}"
             if len(values) > 1:
                 self.samples.append(
                     f"{impl.label} {metric}: " + " / ".join(f"{v:,.0f}" for v in values)
@@ -223,14 +228,14 @@ class Runner:
                 )
             capped = [r for r in results if r.get("capped")]
             if capped:
-                cells[metric] += "*"
+                cells[impl.key] += "*"
                 self.notes.append(
                     f"* {impl.label}: stream stopped at the time cap after "
                     f"{capped[-1]['count']:,} messages"
                 )
             errors = sum(int(r.get("errors") or 0) for r in results)
             if errors:
-                cells[metric] += "!"
+                cells[impl.key] += "!"
                 last = next(r["last_error"] for r in results if r.get("errors"))
                 self.notes.append(
                     f"! {impl.label} {metric}: {errors} failed calls ({last})"
@@ -298,12 +303,12 @@ def main() -> None:
     revision = polykey_revision()
     started = time.monotonic()
     runner = Runner(settings)
-    columns = {k: runner.run_impl(IMPLS[k]) for k in keys}
+    impls = [IMPLS[k] for k in keys]
+    rows = []
+    for metric, mode, in_flight, label in METRICS:
+        cells = runner.run_metric(impls, metric, mode, in_flight)
+        rows.append((label, [cells.get(k, "-") for k in keys]))
     elapsed = time.monotonic() - started
-    rows = [
-        (label, [columns[k].get(metric, "-") for k in keys])
-        for metric, _, _, label in METRICS
-    ]
     print(
         f"\nRPC on loopback: {platform.node()} {platform.machine()}, "
         f"{os.cpu_count()} CPUs; server on CPU {SERVER_CPU}, client on CPU "

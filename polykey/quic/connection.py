@@ -196,11 +196,16 @@ class QUICConnection(trio.abc.AsyncResource):
     async def accept_stream(self) -> QUICStream:
         """Wait for the peer's next new stream."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while not self._incoming:
             self._raise_if_dead()
             await self._accept_lot.park()
+            waited = True
         stream = self._incoming.popleft()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waited:
+            # Waiting was the checkpoint (as in trio's own accept): a server
+            # answering a new stream is one scheduling round sooner.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return stream
 
     async def aclose(self, code: int = 0, reason: bytes = b"") -> None:
