@@ -283,9 +283,12 @@ class Runner:
             client.stop()
             server.stop()
 
-    def run_impl(self, impl: Impl) -> dict[str, str]:
-        cells: dict[str, str] = {}
-        for mode in ("bulk", "rr", "hs"):
+    def run_modes(self, impl: Impl, modes: list[str], cells: dict[str, str]) -> None:
+        """Measure ``modes`` for ``impl`` into ``cells`` (metric -> cell)."""
+        for mode in modes:
+            if mode == "idle":
+                self.run_idle(impl, cells)
+                continue
             # A fresh server per metric: no state carried over, and a
             # profile (--profile) that covers the bulk runs alone. The client
             # runs `repeat` times against it; the table shows the median.
@@ -327,6 +330,8 @@ class Runner:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def run_idle(self, impl: Impl, cells: dict[str, str]) -> None:
         try:
             r = self.idle(impl)
             print(f"bench: {impl.label} idle: {r}", file=sys.stderr, flush=True)
@@ -345,7 +350,6 @@ class Runner:
         except PeerError as exc:
             cells["idle"] = "error"
             self.notes.append(f"{impl.label} idle: {exc}")
-        return cells
 
 
 def print_profiles(profile_dir: Path) -> None:
@@ -435,9 +439,12 @@ def main() -> None:
     revision = polykey_revision()
     started = time.monotonic()
     runner = Runner(settings)
-    columns: dict[str, dict[str, str]] = {}
-    for k in keys:
-        columns[k] = runner.run_impl(IMPLS[k])
+    # Row by row, each implementation in turn, so that a row compares runs
+    # made close together (this machine's speed drifts over minutes).
+    columns: dict[str, dict[str, str]] = {k: {} for k in keys}
+    for mode, _ in METRICS:
+        for k in keys:
+            runner.run_modes(IMPLS[k], [mode], columns[k])
     elapsed = time.monotonic() - started
 
     rows: list[tuple[str, list[str]]] = []
