@@ -77,9 +77,10 @@ if [ "$mode" = test ]; then
         if [ ! -f "$dir/node_modules/.polykey-stamp" ] \
             || [ "$(sha256sum < "$lock")" != "$(cat "$dir/node_modules/.polykey-stamp")" ]; then
             say "installing the npm interoperability peers in $dir"
-            # npm ci refuses a lock that lacks other platforms' optional
-            # packages (npm's own bug with @matrixai/quic's prebuilt
-            # binaries); then install from the lock without rewriting it.
+            # Our locks carry entries for other platforms' optional
+            # @matrixai/quic binaries, which npm ci requires (an npm lock
+            # written on one platform lacks them). Should a lock lack them
+            # again, install from it without rewriting it.
             (cd "$dir" && { npm ci --no-audit --no-fund --loglevel=error 2>/dev/null \
                 || npm install --no-save --no-audit --no-fund --loglevel=error; })
             sha256sum < "$lock" > "$dir/node_modules/.polykey-stamp"
