@@ -22,8 +22,9 @@ of the tasks the input woke; a read that frees credit defers its flush the
 same way. Writes and closes call :meth:`_flush` themselves, synchronously.
 The driver task, living in the socket's nursery, only sleeps until the timer
 (then calls quiche's ``on_timeout`` and does the same steps at once) or
-until the kernel's send buffer has room again for a batch it refused. So nothing per packet needs a task
-switch, and an idle connection costs one sleeping task.
+until the kernel's send buffer has room again for a batch it refused. So
+nothing per packet needs a task switch, and an idle connection costs one
+sleeping task.
 
 quiche reads the real monotonic clock; the timer is a trio deadline. Under
 trio's MockClock the two disagree, see docs/quic.md.

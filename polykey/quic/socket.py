@@ -118,8 +118,8 @@ class QUICSocket:
         self._server: _InitialHandler | None = None
         self._dirty: list[QUICConnection] = []
         # Connections whose flush after input waits for the tasks the input
-        # woke (see _flusher); insertion-ordered, no duplicates.
-        # (the flusher's round when each was first marked).
+        # woke (see _flusher), each with the flusher's round when it was
+        # marked; in marking order.
         self._flush_due: dict[QUICConnection, int] = {}
         self._flush_round = 0
         self._flusher_lot = trio.lowlevel.ParkingLot()

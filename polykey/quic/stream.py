@@ -132,16 +132,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
     # -- sending --------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._sending = True
-        try:
-            waited = await self._send(memoryview(data).cast("B"), fin=False)
-        finally:
-            self._sending = False
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._send_all(memoryview(data).cast("B"), fin=False)
 
     async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
         """:meth:`send_all` then :meth:`send_eof`, with the FIN on the data's
@@ -150,20 +141,25 @@ class QUICStream(trio.abc.HalfCloseableStream):
         A request or a reply that ends its stream costs one packet, not two;
         the RPC layer uses this for a call's last message.
         """
+        view = memoryview(data).cast("B")
+        if view:
+            await self._send_all(view, fin=True)
+        else:
+            await self.send_eof()
+
+    async def _send_all(self, view: memoryview, fin: bool) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
-        view = memoryview(data).cast("B")
-        if not view:
-            await self.send_eof()
-            return
         self._sending = True
         try:
-            waited = await self._send(view, fin=True)
-            self._fin_sent = True
+            waited = await self._send(view, fin)
+            if fin:
+                self._fin_sent = True
         finally:
             self._sending = False
         if not waited:
+            # Waiting for room was the checkpoint.
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _check_send(self) -> None:
