@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _util import emit, ready
+from _util import emit, emit_stream, ready
 
 HOST = "127.0.0.1"
 SERVICE = "bench.Bench"
@@ -107,15 +107,7 @@ async def stream(channel: grpc.aio.Channel, messages: int, max_seconds: float) -
         if count & 1023 == 0 and time.perf_counter() > stop:
             responses.cancel()
             break
-    elapsed = time.perf_counter() - start
-    emit(
-        {
-            "count": count,
-            "seconds": elapsed,
-            "per_s": count / elapsed,
-            "capped": count < messages,
-        }
-    )
+    emit_stream(count, messages, time.perf_counter() - start)
 
 
 async def client_main(args: argparse.Namespace) -> None:

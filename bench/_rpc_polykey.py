@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
-from _util import emit, ready
+from _util import emit, emit_stream, ready
 
 from polykey.keys import NodeIdentity
 from polykey.quic import (
@@ -144,15 +144,7 @@ async def stream(client: RPCClient[API], messages: int, max_seconds: float) -> N
             count += 1
             if count & 1023 == 0 and time.perf_counter() > stop:
                 break
-    elapsed = time.perf_counter() - start
-    emit(
-        {
-            "count": count,
-            "seconds": elapsed,
-            "per_s": count / elapsed,
-            "capped": count < messages,
-        }
-    )
+    emit_stream(count, messages, time.perf_counter() - start)
 
 
 async def client_main(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -37,6 +37,19 @@ def emit(obj: Any) -> None:
     """Print one result line for the driver."""
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+def emit_stream(count: int, messages: int, elapsed: float) -> None:
+    """Print a server-streaming client's result (``capped``: it stopped at
+    its time cap before ``messages``)."""
+    emit(
+        {
+            "count": count,
+            "seconds": elapsed,
+            "per_s": count / elapsed,
+            "capped": count < messages,
+        }
+    )
 
 
 def ready(port: int) -> None:
@@ -236,6 +249,40 @@ class Peer:
         except OSError:
             return ""
         return " | ".join(text[-lines:])
+
+
+class _RunSettings(Protocol):
+    pin: bool
+    log_dir: Path
+
+
+class _RunImpl(Protocol):
+    key: str
+    cwd: Path
+
+
+class PeerRunner:
+    """What the drivers' runners share: the settings, the notes and samples
+    printed under the table, and peer processes named in start order (their
+    logs sort that way in ``log_dir``) and pinned to a CPU when asked."""
+
+    #: Put in every peer's name after its serial number.
+    prefix = ""
+
+    def __init__(self, settings: _RunSettings) -> None:
+        self.notes: list[str] = []
+        self.samples: list[str] = []
+        self._settings = settings
+        self._serial = 0
+
+    def _peer(self, impl: _RunImpl, role: str, cmd: list[str], cpu: int) -> Peer:
+        self._serial += 1
+        return Peer(
+            name=f"{self._serial:02d}-{self.prefix}{impl.key}-{role}",
+            cmd=pinned(cmd, cpu if self._settings.pin else None),
+            cwd=impl.cwd,
+            log_dir=self._settings.log_dir,
+        )
 
 
 def polykey_revision() -> str:

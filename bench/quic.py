@@ -35,10 +35,10 @@ from _util import (
     SERVER_CPU,
     Peer,
     PeerError,
+    PeerRunner,
     ensure_js,
     format_table,
     make_certificate,
-    pinned,
     polykey_revision,
     rss_kib,
 )
@@ -80,6 +80,26 @@ class Impl:
     cwd: Path = ROOT
 
 
+def _client_options(s: Settings, mode: str) -> list[str]:
+    """The options the Python and native clients take alike."""
+    return [
+        "--mode",
+        mode,
+        "--size",
+        str(s.size),
+        "--max-seconds",
+        str(s.bulk_cap),
+        "--seconds",
+        str(s.seconds),
+        "--count",
+        str(s.conns),
+        "--concurrency",
+        str(s.concurrency),
+        "--idle-limit",
+        str(s.idle_limit),
+    ]
+
+
 def _py_client(script: str) -> Callable[[Settings, int, str], list[str]]:
     def cmd(s: Settings, port: int, mode: str) -> list[str]:
         return [
@@ -87,20 +107,7 @@ def _py_client(script: str) -> Callable[[Settings, int, str], list[str]]:
             str(BENCH_DIR / script),
             "client",
             str(port),
-            "--mode",
-            mode,
-            "--size",
-            str(s.size),
-            "--max-seconds",
-            str(s.bulk_cap),
-            "--seconds",
-            str(s.seconds),
-            "--count",
-            str(s.conns),
-            "--concurrency",
-            str(s.concurrency),
-            "--idle-limit",
-            str(s.idle_limit),
+            *_client_options(s, mode),
         ]
 
     return cmd
@@ -149,20 +156,7 @@ def _native_client(s: Settings, port: int, mode: str) -> list[str]:
         "client",
         "--connect",
         f"127.0.0.1:{port}",
-        "--mode",
-        mode,
-        "--size",
-        str(s.size),
-        "--max-seconds",
-        str(s.bulk_cap),
-        "--seconds",
-        str(s.seconds),
-        "--count",
-        str(s.conns),
-        "--concurrency",
-        str(s.concurrency),
-        "--idle-limit",
-        str(s.idle_limit),
+        *_client_options(s, mode),
     ]
 
 
@@ -206,21 +200,10 @@ def build_native() -> None:
     )
 
 
-class Runner:
+class Runner(PeerRunner):
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         self.s = settings
-        self.notes: list[str] = []
-        self.samples: list[str] = []
-        self._serial = 0
-
-    def _peer(self, impl: Impl, role: str, cmd: list[str], cpu: int) -> Peer:
-        self._serial += 1
-        return Peer(
-            name=f"{self._serial:02d}-{impl.key}-{role}",
-            cmd=pinned(cmd, cpu if self.s.pin else None),
-            cwd=impl.cwd,
-            log_dir=self.s.log_dir,
-        )
 
     def start_server(self, impl: Impl, *, profile: bool = False) -> tuple[Peer, int]:
         for attempt in (1, 2):  # a stalled machine gets a second chance

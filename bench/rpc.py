@@ -31,12 +31,11 @@ from _util import (
     PYTHON,
     ROOT,
     SERVER_CPU,
-    Peer,
     PeerError,
+    PeerRunner,
     ensure_js,
     format_table,
     make_certificate,
-    pinned,
     polykey_revision,
 )
 
@@ -70,12 +69,9 @@ def _polykey_server(s: Settings, profile: str | None) -> list[str]:
     return cmd
 
 
-def _polykey_client(s: Settings, port: int, mode: str, in_flight: int) -> list[str]:
+def _client_options(s: Settings, mode: str, in_flight: int) -> list[str]:
+    """The options both Python clients take."""
     return [
-        PYTHON,
-        str(BENCH_DIR / "_rpc_polykey.py"),
-        "client",
-        str(port),
         "--mode",
         mode,
         "--seconds",
@@ -86,6 +82,16 @@ def _polykey_client(s: Settings, port: int, mode: str, in_flight: int) -> list[s
         str(s.messages),
         "--max-seconds",
         str(s.stream_cap),
+    ]
+
+
+def _polykey_client(s: Settings, port: int, mode: str, in_flight: int) -> list[str]:
+    return [
+        PYTHON,
+        str(BENCH_DIR / "_rpc_polykey.py"),
+        "client",
+        str(port),
+        *_client_options(s, mode, in_flight),
     ]
 
 
@@ -109,16 +115,7 @@ def _grpc_client(s: Settings, port: int, mode: str, in_flight: int) -> list[str]
         str(port),
         "--cert",
         str(s.cert),
-        "--mode",
-        mode,
-        "--seconds",
-        str(s.seconds),
-        "--in-flight",
-        str(in_flight),
-        "--messages",
-        str(s.messages),
-        "--max-seconds",
-        str(s.stream_cap),
+        *_client_options(s, mode, in_flight),
     ]
 
 
@@ -150,21 +147,12 @@ METRICS = [
 ]
 
 
-class Runner:
-    def __init__(self, settings: Settings) -> None:
-        self.s = settings
-        self.notes: list[str] = []
-        self.samples: list[str] = []
-        self._serial = 0
+class Runner(PeerRunner):
+    prefix = "rpc-"
 
-    def _peer(self, impl: Impl, role: str, cmd: list[str], cpu: int) -> Peer:
-        self._serial += 1
-        return Peer(
-            name=f"{self._serial:02d}-rpc-{impl.key}-{role}",
-            cmd=pinned(cmd, cpu if self.s.pin else None),
-            cwd=impl.cwd,
-            log_dir=self.s.log_dir,
-        )
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.s = settings
 
     def one(
         self, impl: Impl, metric: str, mode: str, in_flight: int
