@@ -26,7 +26,14 @@ import pytest
 import trio
 
 from polykey.keys import NodeIdentity
-from polykey.quic import QUICConnection, QUICStream
+from polykey.quic import (
+    QUICClient,
+    QUICConnection,
+    QUICSocket,
+    QUICStream,
+    node_tls_identity,
+    node_verifier,
+)
 
 HERE = Path(__file__).parent
 
@@ -309,6 +316,21 @@ async def echo(stream: QUICStream, echoes: Echoes) -> None:
         extra = await stream.receive_some()
         assert extra == b"", f"{len(extra)} bytes after the payload"
     echoes.add(stream.stream_id, total)
+
+
+async def dial(
+    sock: QUICSocket, port: int, ours: NodeCredentials, theirs: NodeCredentials
+) -> QUICConnection:
+    """Our client's connection to a peer's server on loopback ``port``, as
+    our node, pinned to theirs."""
+    client = QUICClient(
+        sock,
+        node_tls_identity(ours.identity),
+        verifier=node_verifier(theirs.identity.node_id),
+    )
+    conn = await client.connect(("127.0.0.1", port))
+    assert conn.peer_identity == theirs.identity.node_id
+    return conn
 
 
 async def echo_streams(conn: QUICConnection, echoes: Echoes) -> None:

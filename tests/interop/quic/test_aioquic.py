@@ -20,7 +20,6 @@ import trio
 
 from polykey.quic import (
     CloseKind,
-    QUICClient,
     QUICServer,
     QUICSocket,
     node_tls_identity,
@@ -33,6 +32,7 @@ from .conftest import (
     NodeCredentials,
     assert_echoed,
     assert_peer_echoed,
+    dial,
     echo_streams,
     run_exchanges,
     spawn_peer,
@@ -88,13 +88,7 @@ async def test_our_client_against_aioquic_server(
             trio.open_nursery() as nursery,
         ):
             port = (await peer.expect("listening"))["port"]
-            client = QUICClient(
-                sock,
-                node_tls_identity(our_node.identity),
-                verifier=node_verifier(their_node.identity.node_id),
-            )
-            conn = await client.connect(("127.0.0.1", port))
-            assert conn.peer_identity == their_node.identity.node_id
+            conn = await dial(sock, port, our_node, their_node)
             echoes = Echoes()
             nursery.start_soon(echo_streams, conn, echoes)
 

@@ -41,6 +41,7 @@ from .conftest import (
     NodeCredentials,
     assert_echoed,
     assert_peer_echoed,
+    dial,
     echo_streams,
     run_exchanges,
     spawn_peer,
@@ -101,13 +102,7 @@ async def test_our_client_against_js_quic_server(
             trio.open_nursery() as nursery,
         ):
             port = (await peer.expect("listening"))["port"]
-            client = QUICClient(
-                sock,
-                node_tls_identity(our_node.identity),
-                verifier=node_verifier(their_node.identity.node_id),
-            )
-            conn = await client.connect(("127.0.0.1", port))
-            assert conn.peer_identity == their_node.identity.node_id
+            conn = await dial(sock, port, our_node, their_node)
             echoes = Echoes()
             nursery.start_soon(echo_streams, conn, echoes)
 
