@@ -273,8 +273,8 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._finished:
             return
         q = self._q
-        established = self._verified
-        if not established and q.is_established():
+        was_verified = self._verified
+        if not was_verified and q.is_established():
             self._verify()
         if self._verified and not self._finished:
             self._deliver_streams()
@@ -285,7 +285,7 @@ class QUICConnection(trio.abc.AsyncResource):
                 q.peer_streams_left_bidi() > 0 or q.peer_streams_left_uni() > 0
             ):
                 self._credit_lot.unpark_all()
-        if defer_flush and established:
+        if defer_flush and was_verified:
             self._socket._flush_later(self)
         else:
             # During the handshake, flush at once: the last flight must be
