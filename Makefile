@@ -2,7 +2,7 @@
 # needs first (scripts/setup.sh), so both work on a fresh machine.
 PY := .venv/bin/python
 
-.PHONY: node test setup setup-test lint typecheck pytest bench clean
+.PHONY: node test setup setup-test bench-setup doctor lint typecheck pytest clean
 
 node: setup
 	$(PY) -m polykey node $(ARGS)
@@ -14,6 +14,14 @@ setup:
 
 setup-test:
 	@bash scripts/setup.sh test
+
+# Everything bench/README.md's commands need (grpcio, bench/js's npm peers).
+bench-setup:
+	@bash scripts/setup.sh bench
+
+# What is present and what is missing, each with the version found.
+doctor:
+	@bash scripts/setup.sh --check
 
 lint:
 	$(PY) -m ruff check polykey tests bench setup_quiche.py
