@@ -2,8 +2,17 @@
 
 Layout (created 0700, files 0600)::
 
+    <state_dir>/lock                         held (flock) while a node runs
     <state_dir>/keys/private_key.pem         the Ed25519 key: the NodeId
     <state_dir>/keys/certificate_chain.pem   node certificates, leaf first
+    <state_dir>/nodes.sqlite3                the node graph
+    <state_dir>/control.sock                 the control socket (while running)
+
+One node at a time uses a state directory: :func:`lock_state_dir` takes an
+exclusive ``flock`` on ``lock`` before anything else is read or created, so
+a second node (or the loser of two simultaneous first starts) fails at once
+with :class:`StateDirInUseError` and touches nothing.  The kernel drops the
+lock when the process dies, SIGKILL included: there is no stale lock.
 
 The key is written once; the certificate is renewed with the same key (so
 the NodeId stays) when it is missing, unreadable, invalid, or expires within
@@ -14,10 +23,15 @@ one, never half of either.
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import logging
 import os
 from pathlib import Path
 
+import attrs
+
+from .errors import PolykeyError
 from .keys import (
     CertChain,
     CertificateError,
@@ -29,11 +43,81 @@ from .keys import (
     verify_chain,
 )
 
-__all__ = ["default_state_dir", "load_or_create_identity"]
+__all__ = [
+    "MAX_UNIX_PATH",
+    "StateDirError",
+    "StateDirInUseError",
+    "StateDirLock",
+    "default_state_dir",
+    "load_or_create_identity",
+    "lock_state_dir",
+]
 
 log = logging.getLogger("polykey.node")
 
 _RENEW_BEFORE = datetime.timedelta(days=1)
+
+#: The longest path a Unix socket can be bound at (``sun_path`` holds 108
+#: bytes with the terminating NUL).
+MAX_UNIX_PATH = 107
+
+
+class StateDirError(PolykeyError):
+    """The state directory cannot be used."""
+
+
+class StateDirInUseError(StateDirError):
+    """Another node is running with this state directory."""
+
+
+@attrs.define
+class StateDirLock:
+    """The held lock on a state directory; :meth:`release` is idempotent."""
+
+    path: Path
+    fd: int | None
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)  # closing drops the flock
+
+
+def lock_state_dir(
+    state_dir: Path, *, socket_name: str = "control.sock"
+) -> StateDirLock:
+    """Create ``state_dir`` if needed and lock it for this process.
+
+    Raises :class:`StateDirInUseError` when another node holds it and
+    :class:`StateDirError` when it cannot be used (not a directory, not
+    writable, or a path too long for the control socket).
+    """
+    socket_path = state_dir.absolute() / socket_name
+    if len(os.fsencode(socket_path)) > MAX_UNIX_PATH:
+        raise StateDirError(
+            f"state directory {state_dir} is too long a path for the control"
+            f" socket ({len(os.fsencode(socket_path))} bytes with"
+            f" {socket_name!r}, at most {MAX_UNIX_PATH}): use a shorter one"
+        )
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateDirError(f"state directory {state_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            by = f" (pid {holder})" if holder.isdigit() else ""
+            raise StateDirInUseError(
+                f"state directory {state_dir} is in use by another node{by}"
+            ) from None
+        raise StateDirError(f"state directory {state_dir}: {exc.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return StateDirLock(state_dir / "lock", fd)
 
 
 def default_state_dir() -> Path:

@@ -11,7 +11,9 @@ so a cancelled shutdown still finishes), the graph is flushed and closed.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
+import socket as stdlib_socket
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -21,10 +23,11 @@ import attrs
 import trio
 
 from ._control import serve_control
-from ._state import default_state_dir, load_or_create_identity
+from ._state import default_state_dir, load_or_create_identity, lock_state_dir
 from .keys import NodeId, NodeIdentity
 from .nodes import (
     ActiveConnection,
+    InvalidAddressError,
     JoinResult,
     LookupResult,
     NodeAddress,
@@ -32,6 +35,7 @@ from .nodes import (
     NodeGraph,
     NodeManager,
     NodeManagerConfig,
+    format_host_port,
     node_handlers,
     request_closest_local_nodes,
 )
@@ -52,6 +56,7 @@ __all__ = [
     "PolykeyNode",
     "SeedNode",
     "default_state_dir",
+    "dialable_host",
 ]
 
 log = logging.getLogger("polykey.node")
@@ -86,21 +91,24 @@ class SeedNode:
                 raise ValueError(
                     f"seed {text!r}: expected HOST:PORT ([IPV6]:PORT for IPv6)"
                 )
-        if not host or "%" in host:
-            raise ValueError(f"seed {text!r}: a plain host is needed (no IPv6 scope)")
+        if not port_text.isascii() or not port_text.isdigit():
+            raise ValueError(f"seed {text!r}: port {port_text!r} is not a number")
+        # What cannot be dialled is refused here, at parse time: "::" or
+        # "0.0.0.0" (a listening address, not one to dial), multicast,
+        # scoped IPv6, malformed names.  Hostnames are kept and resolved
+        # when dialled.
         try:
-            port = int(port_text)
-        except ValueError:
-            raise ValueError(
-                f"seed {text!r}: port {port_text!r} is not a number"
-            ) from None
-        if not 0 < port < 65536:
-            raise ValueError(f"seed {text!r}: port must be 1..65535")
-        return cls(node_id, host, port)
+            parsed = NodeAddress(host, int(port_text))
+        except InvalidAddressError as exc:
+            raise ValueError(f"seed {text!r}: {exc}") from None
+        return cls(node_id, parsed.host, parsed.port)
+
+    @property
+    def address(self) -> NodeAddress:
+        return NodeAddress(self.host, self.port)
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.node_id}@{host}:{self.port}"
+        return f"{self.node_id}@{format_host_port(self.host, self.port)}"
 
 
 @attrs.frozen(kw_only=True)
@@ -120,6 +128,36 @@ class NodeSettings:
     nodes: NodeManagerConfig = attrs.field(factory=NodeManagerConfig)
     #: Extra RPC methods to serve, beside the node's own.
     handlers: dict[str, Handler[Any, Any]] = attrs.field(factory=dict)
+
+
+def dialable_host(bound_host: str) -> tuple[str, bool]:
+    """A host peers can dial for a socket bound to ``bound_host``, and
+    whether it is only a guess.
+
+    A specific address is its own answer.  For a wildcard (``::``,
+    ``0.0.0.0``) it is the address this host sends from toward the default
+    route (IPv4 first, as most peers have it), found by connecting a UDP
+    socket, which sends nothing; with no route at all, loopback, which
+    serves only this host.
+    """
+    ip = ipaddress.ip_address(bound_host)
+    if not ip.is_unspecified:
+        return bound_host, False
+    probes = [(stdlib_socket.AF_INET, "192.0.2.1")]  # TEST-NET-1: never answered
+    if ip.version == 6:
+        probes.append((stdlib_socket.AF_INET6, "2001:db8::1"))
+    for family, target in probes:
+        probe = stdlib_socket.socket(family, stdlib_socket.SOCK_DGRAM)
+        try:
+            probe.connect((target, 9))
+            host = str(probe.getsockname()[0])
+        except OSError:
+            continue
+        finally:
+            probe.close()
+        if not ipaddress.ip_address(host).is_unspecified:
+            return host, True
+    return ("127.0.0.1" if ip.version == 4 else "::1"), True
 
 
 class QUICNodeTransport:
@@ -146,10 +184,8 @@ class QUICNodeTransport:
         raise error or NodeConnectionError.unreachable(node_id)
 
     async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
-        try:
-            await self._connection(node_id, addresses)
-        except (NodeConnectionError, OSError):
-            return False
+        # A failure raises: the manager records why (and says so for seeds).
+        await self._connection(node_id, addresses)
         return True
 
     async def closest_nodes(
@@ -170,6 +206,7 @@ class PolykeyNode:
         self.joined: JoinResult | None = None
         self._joined_event = trio.Event()
         self._connections: NodeConnectionManager | None = None
+        self._rpc: RPCServer | None = None
         self._stack: Any = None
 
     @property
@@ -185,6 +222,13 @@ class PolykeyNode:
         return self._connections
 
     @property
+    def rpc_server(self) -> RPCServer:
+        """The server of the node's RPC methods (for its statistics)."""
+        if self._rpc is None:
+            raise trio.ClosedResourceError("the node is not running")
+        return self._rpc
+
+    @property
     def address(self) -> Address:
         return display_address(self.connections.socket.local_address)
 
@@ -192,16 +236,19 @@ class PolykeyNode:
         from contextlib import AsyncExitStack
 
         settings = self.settings
-        identity, created = load_or_create_identity(settings.state_dir)
-        self.identity = identity
-        log.info(
-            "%s identity %s in %s",
-            "created" if created else "loaded",
-            identity.node_id,
-            settings.state_dir,
-        )
         stack = AsyncExitStack()
         try:
+            # First the lock, so a second node on this directory touches
+            # nothing (not the identity, not the graph) and fails at once.
+            stack.callback(lock_state_dir(settings.state_dir).release)
+            identity, created = load_or_create_identity(settings.state_dir)
+            self.identity = identity
+            log.info(
+                "%s identity %s in %s",
+                "created" if created else "loaded",
+                identity.node_id,
+                settings.state_dir,
+            )
             graph = NodeGraph.open(
                 settings.state_dir / "nodes.sqlite3", identity.node_id
             )
@@ -217,10 +264,14 @@ class PolykeyNode:
                 **node_handlers(graph, active_connections=self._active_connections),
                 **settings.handlers,
             }
-            rpc = await stack.enter_async_context(
+            rpc = self._rpc = await stack.enter_async_context(
                 RPCServer(handlers, timeout=settings.rpc_timeout)
             )
             nursery = await stack.enter_async_context(trio.open_nursery())
+            # Registered at once: should a start below fail, unwinding the
+            # stack cancels the tasks already started instead of waiting
+            # for them for ever.
+            stack.callback(nursery.cancel_scope.cancel)
             self._connections = NodeConnectionManager(
                 socket,
                 identity,
@@ -233,31 +284,40 @@ class PolykeyNode:
             await nursery.start(self._connections.run)
             await nursery.start(self.manager.run)
             await nursery.start(serve_control, self, settings.state_dir)
-            stack.callback(nursery.cancel_scope.cancel)
             if settings.seeds:
                 nursery.start_soon(self._join)
         except BaseException:
+            self._connections = self._rpc = None
+            self.identity = None
             await stack.aclose()
             raise
         self._stack = stack
         host, port = self.address
-        log.info("node %s listening on %s:%d", identity.node_id, host, port)
+        log.info(
+            "node %s listening on %s", identity.node_id, format_host_port(host, port)
+        )
         return self
 
     async def _join(self) -> None:
         seeds = [
-            NodeContact(seed.node_id, (NodeAddress(seed.host, seed.port),))
-            for seed in self.settings.seeds
+            NodeContact(seed.node_id, (seed.address,)) for seed in self.settings.seeds
         ]
-        result = await self.manager.join(seeds)
-        self.joined = result
-        log.info(
-            "joined through %d of %d seeds; %d nodes in the graph",
-            result.seeds_reached,
-            len(seeds),
-            len(self.graph.closest(self.node_id, 10_000)),
-        )
-        self._joined_event.set()
+        try:
+            result = await self.manager.join(seeds)
+        except Exception:
+            # A bug, not the network's doing (the manager absorbs those): the
+            # node keeps serving, and wait_joined() still returns.
+            log.exception("joining through the seeds failed")
+        else:
+            self.joined = result
+            log.info(
+                "joined through %d of %d seeds; %d nodes in the graph",
+                result.seeds_reached,
+                len(seeds),
+                len(self.graph),
+            )
+        finally:
+            self._joined_event.set()
 
     def _active_connections(self) -> list[ActiveConnection]:
         return [
@@ -298,7 +358,7 @@ class PolykeyNode:
             if self._connections is not None:
                 await self._connections.aclose()
         result = await stack.__aexit__(exc_type, exc_value, traceback)
-        self._connections = None
+        self._connections = self._rpc = None
         log.info("node stopped")
         return bool(result)
 

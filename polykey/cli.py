@@ -11,6 +11,7 @@ Unix socket in its state directory.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 import sys
@@ -21,8 +22,16 @@ import trio
 
 from . import __version__
 from ._control import control_client
-from .agent import DEFAULT_PORT, NodeSettings, PolykeyNode, SeedNode, default_state_dir
+from .agent import (
+    DEFAULT_PORT,
+    NodeSettings,
+    PolykeyNode,
+    SeedNode,
+    default_state_dir,
+    dialable_host,
+)
 from .errors import PolykeyError
+from .nodes import format_host_port
 
 __all__ = ["main"]
 
@@ -104,35 +113,85 @@ async def run_control(command: str, state_dir: Path, node_id: str | None) -> int
         if command == "status":
             status = await client.unary("nodeStatus", {})
             print(f"NodeId: {status['nodeIdEncoded']}")
-            print(f"Address: {status['host']}:{status['port']}")
+            print(f"Address: {format_host_port(status['host'], status['port'])}")
             print(f"Graph: {status['graphSize']} nodes")
             for conn in status["connections"]:
-                print(
-                    f"Connection: {conn['nodeIdEncoded']} at {conn['host']}:{conn['port']}"
-                )
+                address = format_host_port(conn["host"], conn["port"])
+                print(f"Connection: {conn['nodeIdEncoded']} at {address}")
             return 0
         found = await client.unary("nodesFind", {"nodeIdEncoded": node_id})
     if not found["addresses"]:
         print(f"{found['nodeIdEncoded']}: not found", file=sys.stderr)
         return 1
     for host, port in found["addresses"]:
-        print(f"{found['nodeIdEncoded']} {host}:{port}")
+        print(f"{found['nodeIdEncoded']} {format_host_port(host, port)}")
     return 0
 
 
 async def run_node(settings: NodeSettings) -> None:
+    """Run a node until SIGINT or SIGTERM.
+
+    The signals are ours from the first moment, start-up included: a
+    signal while the node starts cancels the start (and the process exits);
+    once it runs, a signal stops it in order (connections closed with a
+    code, the graph flushed).
+    """
+    log = logging.getLogger("polykey.node")
+    stop = trio.Event()
+    running = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with PolykeyNode(settings) as node:
-            host, port = node.address
-            print(f"NodeId: {node.node_id}", flush=True)
-            shown = f"[{host}]" if ":" in host else host
-            print(f"Address: {shown}:{port}", flush=True)
-            print(f"Seed: {node.node_id}@{shown}:{port}", flush=True)
-            async for signum in signals:
-                logging.getLogger("polykey.node").info(
-                    "%s received: shutting down", signal.Signals(signum).name
-                )
-                break
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    log.info("%s received: shutting down", signal.Signals(signum).name)
+                    if running:
+                        stop.set()  # an ordered stop
+                    else:
+                        nursery.cancel_scope.cancel()  # abandon the start
+                    return
+
+            nursery.start_soon(watch_signals)
+            async with PolykeyNode(settings) as node:
+                running = True
+                _print_started(node)
+                await stop.wait()
+            nursery.cancel_scope.cancel()
+
+
+def _print_started(node: PolykeyNode) -> None:
+    host, port = node.address
+    seed_host, guessed = dialable_host(host)
+    print(f"NodeId: {node.node_id}", flush=True)
+    wildcard = " (all interfaces)" if guessed else ""
+    print(f"Address: {format_host_port(host, port)}{wildcard}", flush=True)
+    print(f"Seed: {node.node_id}@{format_host_port(seed_host, port)}", flush=True)
+    if guessed:
+        print(
+            "Note: the seed address is this host's address toward its default route"
+            + (
+                " (no route: loopback, for this host only)"
+                if ipaddress.ip_address(seed_host).is_loopback
+                else "; peers on other networks may need another"
+            ),
+            flush=True,
+        )
+
+
+def _one_line_errors(exc: BaseException) -> list[str] | None:
+    """The messages of an error a user can act on (ours, or the OS's), or
+    None for anything else (a bug: let its traceback show)."""
+    if isinstance(exc, BaseExceptionGroup):
+        lines: list[str] = []
+        for leaf in exc.exceptions:
+            more = _one_line_errors(leaf)
+            if more is None:
+                return None
+            lines.extend(more)
+        return lines
+    if isinstance(exc, PolykeyError | OSError):
+        return [str(exc)]
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,10 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         trio.run(run_node, settings)
-    except PolykeyError as exc:
-        print(f"polykey: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"polykey: {exc}", file=sys.stderr)
+    except (PolykeyError, OSError, BaseExceptionGroup) as exc:
+        lines = _one_line_errors(exc)
+        if lines is None:
+            raise
+        for line in dict.fromkeys(lines):
+            print(f"polykey: {line}", file=sys.stderr)
         return 1
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +46,12 @@ async def start_node(
     return process, node_id, (host, int(port))
 
 
-async def dial(node_id: NodeId, address: tuple[str, int]) -> None:
+async def dial(
+    node_id: NodeId, address: tuple[str, int], *, local_host: str = "127.0.0.1"
+) -> None:
     """Connect to the node with a pinned NodeId: both sides verify."""
     async with (
-        QUICSocket("127.0.0.1") as socket,
+        QUICSocket(local_host) as socket,
         RPCServer({}) as rpc,
         trio.open_nursery() as nursery,
     ):
@@ -258,3 +262,193 @@ async def test_restart_after_sigkill_keeps_graph(tmp_path: Path) -> None:
             await stop(proc)
     finally:
         await stop(seed)
+
+
+def test_seed_refuses_what_cannot_be_dialled() -> None:
+    node_id = NodeIdentity.generate().node_id
+    for bad, why in (
+        (f"{node_id}@[::]:1314", "unicast"),
+        (f"{node_id}@0.0.0.0:1314", "unicast"),
+        (f"{node_id}@224.0.0.1:1314", "unicast"),
+        (f"{node_id}@bad_host!:1314", "hostname"),
+        (f"{node_id}@host:x", "not a number"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            SeedNode.parse(bad)
+    # A hostname is kept (resolved when dialled), in lower case.
+    assert SeedNode.parse(f"{node_id}@LocalHost:9").host == "localhost"
+
+
+def test_a_wildcard_seed_is_refused_at_parse_time(tmp_path: Path) -> None:
+    node_id = NodeIdentity.generate().node_id
+    result = subprocess.run(
+        [sys.executable, "-m", "polykey", "node", "--state-dir", str(tmp_path),
+         "--seed", f"{node_id}@[::]:1314"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "'::' is not a unicast address" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_the_printed_seed_line_is_dialable(tmp_path: Path) -> None:
+    """Bound to the wildcard, the node prints a seed a peer can use as is."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "polykey", "node", "--port", "0",
+         "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        buffer = b""
+        with trio.fail_after(20):
+            while b"Seed:" not in buffer or not buffer.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the node exited before printing its seed"
+                buffer += chunk
+        lines = dict(
+            line.split(": ", 1) for line in buffer.decode().splitlines() if ": " in line
+        )
+        assert lines["Address"].endswith("(all interfaces)")
+        seed = SeedNode.parse(lines["Seed"])  # as a user would pass it
+        assert seed.host not in ("::", "0.0.0.0")
+        await dial(seed.node_id, (seed.host, seed.port), local_host="::")
+    finally:
+        await stop(process)
+
+
+async def test_hostname_seeds_are_resolved(tmp_path: Path) -> None:
+    async with PolykeyNode(
+        NodeSettings(state_dir=tmp_path / "seed", host="127.0.0.1", port=0)
+    ) as seed:
+        by_name = SeedNode.parse(f"{seed.node_id}@localhost:{seed.address[1]}")
+        settings = NodeSettings(
+            state_dir=tmp_path / "a", host="127.0.0.1", port=0, seeds=(by_name,)
+        )
+        async with PolykeyNode(settings) as node:
+            with trio.fail_after(30):
+                joined = await node.wait_joined()
+            assert joined is not None
+            assert joined.seeds_reached == 1
+            assert node.connections.get(seed.node_id) is not None
+
+
+async def test_a_seed_not_reached_is_reported_with_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node_id = NodeIdentity.generate().node_id
+    settings = NodeSettings(
+        state_dir=tmp_path,
+        host="127.0.0.1",
+        port=0,
+        seeds=(SeedNode.parse(f"{node_id}@no-such-host.invalid:1314"),),
+    )
+    caplog.set_level(logging.INFO, logger="polykey")
+    async with PolykeyNode(settings) as node:
+        with trio.fail_after(30):
+            joined = await node.wait_joined()
+    assert joined is not None
+    assert joined.seeds_reached == 0
+    (message,) = [
+        r.getMessage() for r in caplog.records if "not reached" in r.getMessage()
+    ]
+    assert "no-such-host.invalid:1314" in message
+    assert "cannot resolve 'no-such-host.invalid'" in message
+
+
+async def test_a_second_node_on_a_state_dir_in_use_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    process, node_id, address = await start_node(tmp_path)
+    try:
+        with trio.fail_after(15):
+            second = await trio.run_process(
+                [sys.executable, "-m", "polykey", "node", "--port", "0",
+                 "--state-dir", str(tmp_path)],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+        assert second.returncode == 1
+        err = second.stderr.decode()
+        assert f"state directory {tmp_path} is in use by another node" in err
+        assert "Traceback" not in err
+        await dial(node_id, address)  # the first one never noticed
+    finally:
+        await stop(process)
+
+
+async def test_simultaneous_first_starts_on_one_dir_one_wins(tmp_path: Path) -> None:
+    results: list[int] = []
+
+    async def start() -> None:
+        result = await trio.run_process(
+            [sys.executable, "-m", "polykey", "node", "--port", "0",
+             "--state-dir", str(tmp_path)],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        results.append(result.returncode)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            nursery.start_soon(start)
+            # The loser exits at once; then stop the winner.
+            while not results:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            holder = (tmp_path / "lock").read_text().strip()
+            os.kill(int(holder), signal.SIGTERM)
+    assert sorted(results) == [0, 1]
+    _identity, created = load_or_create_identity(tmp_path)
+    assert not created
+
+
+async def test_start_up_failing_after_the_tasks_started_does_not_hang(
+    tmp_path: Path,
+) -> None:
+    """A failure in the last start-up step (here: a live socket, not ours,
+    where the control socket goes) ends start-up with the error instead of
+    waiting for the tasks already started."""
+    (tmp_path / "keys").mkdir(parents=True)
+    squatter = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await squatter.bind(str(tmp_path / "control.sock"))
+    squatter.listen(1)
+    try:
+        settings = NodeSettings(state_dir=tmp_path, host="127.0.0.1", port=0)
+        with trio.fail_after(10), pytest.raises(OSError, match="already running"):
+            async with PolykeyNode(settings):
+                pass  # pragma: no cover
+    finally:
+        squatter.close()
+    # Nothing was left locked: a node starts there now.
+    (tmp_path / "control.sock").unlink()
+    async with PolykeyNode(settings) as node:
+        assert node.connections.socket.local_address[1] != 0
+
+
+def test_a_state_dir_too_long_for_the_control_socket_says_so(tmp_path: Path) -> None:
+    long_dir = tmp_path / ("d" * 100)
+    result = subprocess.run(
+        [sys.executable, "-m", "polykey", "node", "--port", "0",
+         "--state-dir", str(long_dir)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "too long a path for the control socket" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_busy_port_is_named(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "polykey", "node", "--host", "127.0.0.1",
+             "--port", str(port), "--state-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        f"cannot listen on UDP 127.0.0.1:{port}: Address already in use"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ from ._address import (
     NodeAddress,
     NodeContact,
     format_contact_address,
+    format_host_port,
     parse_address,
     parse_contact_address,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "RefreshSchedule",
     "encode_node_contact",
     "format_contact_address",
+    "format_host_port",
     "node_handlers",
     "parse_active_connection_message",
     "parse_address",

@@ -4,7 +4,7 @@ A :class:`NodeAddress` is ``(host, port)`` where host is an IP literal in
 canonical form (IPv4-mapped IPv6 written as IPv4) or a lower-case DNS
 hostname. What cannot be dialled is refused here, once, so nothing behind
 this module ever sees it: port 0 or out of range, scoped IPv6 (``fe80::1%eth0``
-hung Polykey's event loop, REFERENCE.md 4), unspecified and multicast
+hung Polykey's event loop, a reported bug), unspecified and multicast
 addresses, and hostnames that are not RFC 1123 names.
 
 On the wire (Polykey's ``NodeContact``) an address is the key
@@ -29,6 +29,7 @@ __all__ = [
     "NodeAddress",
     "NodeContact",
     "format_contact_address",
+    "format_host_port",
     "parse_address",
     "parse_contact_address",
 ]
@@ -109,6 +110,12 @@ class NodeAddress:
 def parse_address(host: object, port: object) -> NodeAddress:
     """A validated :class:`NodeAddress`; raises :class:`InvalidAddressError`."""
     return NodeAddress(host, port)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """``host:port`` as people type it: ``[v6]:port`` for IPv6 (brackets,
+    so the port is unambiguous), ``host:port`` otherwise."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def format_contact_address(address: NodeAddress) -> str:

@@ -17,7 +17,9 @@ the peer was seen at, which is how the node graph learns of it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket as stdlib_socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -38,6 +40,7 @@ from ..quic import (
     node_verifier,
 )
 from ..rpc import RPCClient, RPCServer
+from ._address import format_host_port
 
 __all__ = [
     "NodeConnection",
@@ -74,6 +77,14 @@ class NodeConnectionError(QUICConnectionError):
             CloseReason(CloseKind.LOCAL, reason=b"unreachable"),
             f"{node_id}: no address",
         )
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def display_address(address: tuple[Any, ...]) -> Address:
@@ -283,20 +294,10 @@ class NodeConnectionManager:
             async with self._dial_limit:
                 self.dials += 1
                 try:
-                    conn = await self._client.connect(
-                        address, verifier=node_verifier(node_id)
-                    )
-                except QUICConnectionError as exc:
+                    conn = await self._dial(node_id, address)
+                except NodeConnectionError:
                     self.dial_failures += 1
-                    raise NodeConnectionError(
-                        exc.close_reason, f"{node_id}: {exc}"
-                    ) from exc
-                except OSError as exc:
-                    self.dial_failures += 1
-                    raise NodeConnectionError(
-                        CloseReason(CloseKind.LOCAL, reason=b"unreachable"),
-                        f"{node_id} at {address}: {exc}",
-                    ) from exc
+                    raise
             if self._stopping or self._nursery is None:
                 await conn.aclose(_CLOSE_STOPPING)
                 raise trio.ClosedResourceError("the node is stopping")
@@ -304,6 +305,44 @@ class NodeConnectionManager:
         finally:
             del self._dialling[node_id]
             done.set()
+
+    async def _dial(self, node_id: NodeId, address: Address) -> QUICConnection:
+        """Dial ``address`` (a hostname: each address it resolves to, in
+        turn) with ``node_id`` pinned."""
+        host, port = address
+        targets = [address]
+        if not _is_ip_literal(host):
+            family = self.socket.host_family
+            try:
+                infos = await trio.socket.getaddrinfo(
+                    host,
+                    port,
+                    family=0 if family == stdlib_socket.AF_INET6 else family,
+                    type=stdlib_socket.SOCK_DGRAM,
+                )
+            except OSError as exc:
+                raise NodeConnectionError(
+                    CloseReason(CloseKind.LOCAL, reason=b"unresolvable"),
+                    f"{node_id}: cannot resolve {host!r}: {exc}",
+                ) from exc
+            targets = list(dict.fromkeys((str(i[4][0]), port) for i in infos))
+        error: NodeConnectionError | None = None
+        for target in targets:
+            try:
+                return await self._client.connect(
+                    target, verifier=node_verifier(node_id)
+                )
+            except QUICConnectionError as exc:
+                error = NodeConnectionError(exc.close_reason, f"{node_id}: {exc}")
+                error.__cause__ = exc
+            except OSError as exc:
+                error = NodeConnectionError(
+                    CloseReason(CloseKind.LOCAL, reason=b"unreachable"),
+                    f"{node_id} at {format_host_port(*target)}: {exc}",
+                )
+                error.__cause__ = exc
+        assert error is not None
+        raise error
 
     def statistics(self) -> dict[str, Any]:
         return {

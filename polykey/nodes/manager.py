@@ -42,7 +42,7 @@ import attrs
 import trio
 
 from ..keys import NodeId
-from ._address import NodeAddress, NodeContact
+from ._address import NodeAddress, NodeContact, format_host_port
 from ._refresh import RefreshSchedule
 from .errors import InvalidAddressError, NodeNotFoundError, OwnNodeIdError
 from .graph import PING_BATCH, NodeGraph
@@ -65,7 +65,7 @@ SELF_LOOKUP: Final = -1
 
 @attrs.frozen(kw_only=True)
 class NodeManagerConfig:
-    """Tunables; the defaults are Polykey's (REFERENCE.md 3)."""
+    """Tunables; the defaults are Polykey's (docs/nodes.md, "Polykey compatibility")."""
 
     alpha: int = DEFAULT_ALPHA
     max_contacted: int = DEFAULT_MAX_CONTACTED
@@ -339,11 +339,13 @@ class NodeManager:
             return False
         return self._clock() - seen < self.config.fresh_interval
 
-    async def _ping_many(self, contacts: Sequence[NodeContact]) -> list[bool]:
+    async def _ping_many(
+        self, contacts: Sequence[NodeContact], why: dict[NodeId, str] | None = None
+    ) -> list[bool]:
         results = [False] * len(contacts)
 
         async def one(i: int, contact: NodeContact) -> None:
-            results[i] = await self._ping_once(contact.node_id, contact.addresses)
+            results[i] = await self._ping_once(contact.node_id, contact.addresses, why)
 
         async with trio.open_nursery() as nursery:
             for i, contact in enumerate(contacts):
@@ -351,17 +353,27 @@ class NodeManager:
         return results
 
     async def _ping_once(
-        self, node_id: NodeId, addresses: Sequence[NodeAddress]
+        self,
+        node_id: NodeId,
+        addresses: Sequence[NodeAddress],
+        why: dict[NodeId, str] | None = None,
     ) -> bool:
+        """Ping ``node_id``; when it fails and ``why`` is given, record why."""
         self._stats.pings += 1
         ok = False
-        with trio.move_on_after(self.config.query_timeout):
+        reason = "unreachable"
+        with trio.move_on_after(self.config.query_timeout) as scope:
             try:
                 ok = bool(await self.transport.ping(node_id, addresses))
             except Exception as exc:
                 self._transport_error("ping", node_id, exc)
+                reason = str(exc) or type(exc).__name__
+        if scope.cancelled_caught:
+            reason = f"no answer in {self.config.query_timeout:g} s"
         if not ok:
             self._stats.ping_failures += 1
+            if why is not None:
+                why[node_id] = reason
         return ok
 
     def _transport_error(self, what: str, node_id: NodeId, exc: BaseException) -> None:
@@ -493,11 +505,18 @@ class NodeManager:
         closest = sorted(seeds, key=lambda s: s.node_id.to_int() ^ t)[
             : self.config.seed_connect
         ]
-        alive = await self._ping_many(closest)
+        why: dict[NodeId, str] = {}
+        alive = await self._ping_many(closest, why)
         for seed, ok in zip(closest, alive, strict=True):
             if ok:
                 self._seen(seed)
             else:
+                log.info(
+                    "seed %s at %s not reached: %s",
+                    seed.node_id,
+                    ", ".join(format_host_port(a.host, a.port) for a in seed.addresses),
+                    why.get(seed.node_id, "unreachable"),
+                )
                 self._failed(seed.node_id)
         self_lookup = await self._self_lookup()
         refreshed: list[int] = []

@@ -1,6 +1,6 @@
 """Settings of the QUIC layer, and the identity a node presents.
 
-Defaults follow Polykey's use of js-quic (REFERENCE.md 2): ALPN ``quic``,
+Defaults follow Polykey's use of js-quic (docs/quic.md): ALPN ``quic``,
 30 s idle timeout with a 10 s keep-alive, 1350-byte UDP payloads, 10 MiB of
 connection and 1 MiB of stream flow-control credit, 100 streams each way,
 no active migration.

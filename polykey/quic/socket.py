@@ -158,7 +158,14 @@ class QUICSocket:
                     sock.setsockopt(_stdlib_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
                 except OSError:  # pragma: no cover - best effort
                     pass
-            sock.bind((self._host, self._port))
+            try:
+                sock.bind((self._host, self._port))
+            except OSError as exc:
+                shown = f"[{self._host}]" if ":" in self._host else self._host
+                raise OSError(
+                    exc.errno,
+                    f"cannot listen on UDP {shown}:{self._port}: {exc.strerror}",
+                ) from None
             sock.setblocking(False)
             self._gso = _probe_gso(sock)
             self._gro = _enable_gro(sock)

@@ -1,4 +1,4 @@
-"""Every timeout rule of REFERENCE.md "Timeouts", under an autojump clock."""
+"""Every timeout rule of docs/rpc.md "Timeouts" (js-rpc's), under an autojump clock."""
 
 from __future__ import annotations
 
