@@ -102,7 +102,7 @@ from ._middleware import (
     run_reverse,
 )
 from ._raw import RawStream
-from ._stream import reset_stream
+from ._stream import ResettableStream, reset_stream
 
 __all__ = ["RPCServer", "ServerStatistics"]
 
@@ -129,6 +129,8 @@ class ServerStatistics:
     resets: int = 0
     peer_resets: int = 0
     internal_errors: int = 0
+    #: Calls to a method this server does not serve.
+    unknown_methods: int = 0
 
 
 class RPCServer:
@@ -456,6 +458,27 @@ class _ServerCall:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
+    async def _not_served(self, method: str) -> None:
+        # js-rpc answers a method it does not serve by cancelling the stream
+        # with code 1, never with a JSON reply, and its callers depend on
+        # that: Polykey's agent swallows ErrorRPCHandlerFailed (what code 1
+        # becomes) from its fire-and-forget calls and crashes on anything
+        # else, -32601 included.  So where the transport can reset (QUIC,
+        # MemoryStream) we do as js-rpc does; where it cannot (TCP, the
+        # control socket's Unix stream) the JSON error is the only way to
+        # say why.
+        self.server._stats.unknown_methods += 1
+        if isinstance(self.stream, ResettableStream):
+            _log.info(
+                "method %r not served (peer %s): stream reset with code %d",
+                method[:100],
+                self.transport.get("node_id", self.transport.get("peer", "?")),
+                StreamCode.HANDLER_FAILED,
+            )
+            await self._reset(StreamCode.HANDLER_FAILED)
+        else:
+            await self._send_error(RPCMethodNotFound(f"method {method!r} not found"))
+
     async def _reset(self, code: int) -> None:
         self.server._stats.resets += 1
         self.was_reset = True
@@ -490,9 +513,7 @@ class _ServerCall:
             return
         handler = server.manifest.get(request.method)
         if handler is None:
-            await self._send_error(
-                RPCMethodNotFound(f"method {request.method!r} not found")
-            )
+            await self._not_served(request.method)
             return
         params = request.params
         metadata: dict[str, Any] = {}

@@ -13,9 +13,10 @@ from polykey.rpc import (
     JSONStreamDecoder,
     MemoryStream,
     RPCInvalidParams,
-    RPCMethodNotFound,
     RPCRemoteError,
     RPCServer,
+    RPCStreamReset,
+    StreamCode,
     StreamResetError,
     UnaryHandler,
     encode_json,
@@ -88,12 +89,6 @@ HEADER = b'{"jsonrpc":"2.0","method":"echo","params":{"a":1},"id":null}'
             ErrorCode.INVALID_REQUEST,
             "ErrorRPCInvalidRequest",
         ),
-        # unknown method
-        (
-            [b'{"jsonrpc":"2.0","method":"nope","params":{}}'],
-            ErrorCode.METHOD_NOT_FOUND,
-            "ErrorRPCMethodNotFound",
-        ),
         # params not an object
         (
             [b'{"jsonrpc":"2.0","method":"echo","params":5}'],
@@ -126,6 +121,42 @@ async def test_bad_header(
             assert reset is None
             assert error_code(values) == (code, wire_type)
             await still_serving(h)
+
+
+async def test_unknown_method_resets_with_code_1_as_js_rpc_does(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # js-rpc callers (Polykey's agent among them) expect a reset with code 1
+    # (ErrorRPCHandlerFailed on their side), never a JSON error reply.
+    with trio.fail_after(60):
+        async with harness() as h:
+            values, reset = await exchange(
+                h.server, b'{"jsonrpc":"2.0","method":"nope","params":{}}'
+            )
+            assert (values, reset) == ([], StreamCode.HANDLER_FAILED)
+            assert h.server.statistics().unknown_methods == 1
+            await still_serving(h)
+
+
+async def test_unknown_method_without_reset_gets_a_json_error() -> None:
+    # A transport that cannot reset (a Unix or TCP socket) has only the JSON
+    # error to say why.
+    with trio.fail_after(10):
+        async with RPCServer(default_manifest()) as server:
+            a, b = trio.socket.socketpair()
+            peer, server_end = trio.SocketStream(a), trio.SocketStream(b)
+            await server.handle_stream(server_end)
+            await peer.send_all(b'{"jsonrpc":"2.0","method":"nope","params":{}}')
+            await peer.send_eof()
+            decoder = JSONStreamDecoder()
+            values: list[Any] = []
+            while data := await peer.receive_some():
+                values.extend(decoder.feed(data))
+            await peer.aclose()
+            assert error_code(values) == (
+                ErrorCode.METHOD_NOT_FOUND,
+                "ErrorRPCMethodNotFound",
+            )
 
 
 async def test_parse_error_after_header(autojump_clock: trio.testing.MockClock) -> None:
@@ -339,10 +370,10 @@ async def test_unknown_method_through_the_client(
 ) -> None:
     with trio.fail_after(60):
         async with harness() as h:
-            with pytest.raises(RPCRemoteError) as info:
+            with pytest.raises(RPCStreamReset) as info:
                 await h.client.unary("nope", {})
-            assert isinstance(info.value.error, RPCMethodNotFound)
-            with pytest.raises(RPCRemoteError):  # noqa: PT012
+            assert info.value.reset_code == StreamCode.HANDLER_FAILED
+            with pytest.raises(RPCStreamReset):  # noqa: PT012
                 async with h.client.duplex("nope") as call:
                     await call.send({})
                     await call.receive()

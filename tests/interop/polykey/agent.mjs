@@ -1,6 +1,10 @@
 // Runs a Polykey 1.15 agent (Polykey's own TypeScript node) as a reference
 // peer for polykey's tests. Prints one JSON line {nodeId, host, port}, then
-// runs until stdin closes, then stops the agent cleanly.
+// answers one JSON command per stdin line with one JSON line, until stdin
+// closes; then stops the agent cleanly.
+//
+//   {"op": "find", "nodeId": N}  -> {"op": "find", "nodeId": N, "address": [host, port] | null}
+//   {"op": "alive"}              -> {"op": "alive", "connections": count}
 //
 //   node agent.mjs NODE_PATH [SEED_NODE_ID@HOST:PORT ...]
 //
@@ -45,7 +49,28 @@ process.stdout.write(JSON.stringify({
   host: agent.agentServiceHost,
   port: agent.agentServicePort,
 }) + '\n');
-process.stdin.resume();
-await new Promise((resolve) => process.stdin.on('end', resolve));
+async function answer(command) {
+  if (command.op === 'find') {
+    const target = nodesUtils.decodeNodeId(command.nodeId);
+    let found;
+    try {
+      found = await agent.nodeManager.findNode({ nodeId: target }, { timer: 20000 });
+    } catch (e) {
+      found = undefined;
+    }
+    return { op: 'find', nodeId: command.nodeId, address: found ? found[0] : null };
+  }
+  if (command.op === 'alive') {
+    return { op: 'alive', connections: agent.nodeConnectionManager.connectionsActive() };
+  }
+  return { op: command.op, error: 'unknown op' };
+}
+
+const readline = await import('node:readline');
+const lines = readline.createInterface({ input: process.stdin });
+for await (const line of lines) {
+  if (!line.trim()) continue;
+  process.stdout.write(JSON.stringify(await answer(JSON.parse(line))) + '\n');
+}
 await agent.stop();
 process.exit(0);

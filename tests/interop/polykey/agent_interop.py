@@ -10,17 +10,14 @@ with what happened.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import trio
+from agents import running_agent
 
 from polykey.agent import NodeSettings, PolykeyNode
-from polykey.keys import NodeId
-
-HERE = Path(__file__).resolve().parent
 
 
 async def main(state_dir: Path) -> dict[str, Any]:
@@ -30,47 +27,26 @@ async def main(state_dir: Path) -> dict[str, Any]:
     async with PolykeyNode(settings) as node:
         host, port = node.address
         report["ours"] = str(node.node_id)
-        agent = await trio.lowlevel.open_process(
-            ["node", str(HERE / "agent.mjs"), str(state_dir / "agent"),
-             f"{node.node_id}@{host}:{port}"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )  # fmt: skip
-        assert agent.stdout is not None
-        assert agent.stdin is not None
-        try:
-            line = b""
-            with trio.fail_after(60):
-                while not line.endswith(b"\n"):
-                    chunk = await agent.stdout.receive_some()
-                    if not chunk:
-                        raise RuntimeError("the agent exited before it started")
-                    line += chunk
-            info = json.loads(line)
-            agent_id = NodeId.from_string(info["nodeId"])
-            report["agent"] = info
+        async with running_agent(
+            state_dir / "agent", [f"{node.node_id}@{host}:{port}"]
+        ) as agent:
+            report["agent"] = agent.info
             # The agent was given us as a seed: it dials us.
             with trio.move_on_after(30):
-                while node.connections.get(agent_id) is None:  # noqa: ASYNC110
+                while node.connections.get(agent.node_id) is None:  # noqa: ASYNC110
                     await trio.sleep(0.05)
-            inbound = node.connections.get(agent_id)
+            inbound = node.connections.get(agent.node_id)
             report["agent_dialled_us"] = inbound is not None and not inbound.outgoing
             with trio.fail_after(30):
-                conn = await node.connect(agent_id, (info["host"], info["port"]))
-            report["we_dialled_agent"] = conn.connection.peer_identity == agent_id
+                conn = await node.connect(agent.node_id, agent.address)
+            report["we_dialled_agent"] = conn.connection.peer_identity == agent.node_id
             report["agent_chain_length"] = len(conn.connection.peer_certificates)
             with trio.fail_after(30):
                 async with conn.rpc.server_stream(
                     "nodesClosestLocalNodesGet", {"nodeIdEncoded": str(node.node_id)}
                 ) as results:
                     report["closest"] = [r async for r in results]
-        finally:
-            await agent.stdin.aclose()
-            with trio.move_on_after(20):
-                await agent.wait()
-            if agent.returncode is None:
-                agent.kill()
-            report["agent_exit"] = agent.returncode
+        report["agent_exit"] = agent.process.returncode
     return report
 
 

@@ -61,3 +61,29 @@ def test_our_node_and_a_polykey_agent_dial_each_other_and_talk_rpc(
     # QUIC stream; its graph holds us, as it saw us connect.
     assert [entry["nodeIdEncoded"] for entry in report["closest"]] == [report["ours"]]
     assert report["agent_exit"] == 0
+
+
+def test_a_polykey_seed_survives_signalling_through_our_node(tmp_path: Path) -> None:
+    """A Polykey agent seeds our node and a second agent: the seed forwards
+    the second agent's signals to our node and must survive our answer (it
+    crashed, 3 runs of 3, when we answered an unknown method with a JSON
+    error); then everyone finds everyone."""
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, str(HERE / "three_peers.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ours_joined"], report
+    assert report["s_alive_after_p_joined"], report
+    assert report["s_alive_at_end"], report
+    addresses = report["addresses"]
+    assert report["p_found_ours"] == addresses["ours"], report
+    assert report["s_found_ours"] == addresses["ours"], report
+    assert report["ours_found_s"] == addresses["s"], report
+    assert report["ours_found_p"] == addresses["p"], report
+    assert report["s_exit"] == 0, report
+    assert report["p_exit"] == 0, report
