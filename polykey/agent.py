@@ -14,7 +14,6 @@ import functools
 import ipaddress
 import logging
 import socket as stdlib_socket
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,18 +36,19 @@ from .nodes import (
     NodeManagerConfig,
     format_host_port,
     node_handlers,
-    request_closest_local_nodes,
 )
 from .nodes.connections import (
     Address,
     NodeConnection,
-    NodeConnectionError,
     NodeConnectionManager,
     display_address,
     sticky_ttl,
 )
+from .nodes.finder import NodeFinder
+from .nodes.signalling import SignalRequest
+from .nodes.transport import QUICNodeTransport
 from .quic import QUICConfig, QUICSocket
-from .rpc import Handler, RPCServer
+from .rpc import Handler, JSONObject, RPCServer
 
 __all__ = [
     "DEFAULT_PORT",
@@ -160,39 +160,29 @@ def dialable_host(bound_host: str) -> tuple[str, bool]:
     return ("127.0.0.1" if ip.version == 4 else "::1"), True
 
 
-class QUICNodeTransport:
-    """The node manager's transport over the node's QUIC connections: a
-    node is alive if a verified connection to it can be had (Polykey pings
-    by connecting), and lookups call its ``nodesClosestLocalNodesGet``."""
+class _SignalHost:
+    """The node's connection manager as the signalling handlers'
+    :class:`~polykey.nodes.signalling.SignalHost` (the handlers are made
+    before the manager, which needs the RPC server that serves them)."""
 
     def __init__(self, node: PolykeyNode) -> None:
         self._node = node
 
-    async def _connection(
-        self, node_id: NodeId, addresses: Sequence[NodeAddress]
-    ) -> NodeConnection:
-        connections = self._node.connections
-        pooled = connections.get(node_id)
-        if pooled is not None:
-            return pooled
-        error: BaseException | None = None
-        for address in addresses:
-            try:
-                return await connections.connect(node_id, (address.host, address.port))
-            except (NodeConnectionError, OSError) as exc:
-                error = exc
-        raise error or NodeConnectionError.unreachable(node_id)
+    @property
+    def identity(self) -> NodeIdentity:
+        return self._node.connections.identity
 
-    async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
-        # A failure raises: the manager records why (and says so for seeds).
-        await self._connection(node_id, addresses)
-        return True
+    def live_connection(self, node_id: NodeId) -> NodeConnection | None:
+        return self._node.connections.live_connection(node_id)
 
-    async def closest_nodes(
-        self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
-    ) -> Sequence[NodeContact]:
-        conn = await self._connection(node_id, addresses)
-        return await request_closest_local_nodes(conn.rpc, target)
+    def forward_signal(self, target: NodeId, params: JSONObject) -> None:
+        self._node.connections.forward_signal(target, params)
+
+    def punch(self, request: SignalRequest) -> None:
+        self._node.connections.punch(request)
+
+    def now(self) -> float:
+        return trio.current_time()
 
 
 class PolykeyNode:
@@ -203,6 +193,7 @@ class PolykeyNode:
         self.identity: NodeIdentity | None = None
         self.graph: NodeGraph
         self.manager: NodeManager
+        self.finder: NodeFinder
         self.joined: JoinResult | None = None
         self._joined_event = trio.Event()
         self._connections: NodeConnectionManager | None = None
@@ -254,14 +245,15 @@ class PolykeyNode:
             )
             stack.callback(graph.close)
             self.graph = graph
-            self.manager = NodeManager(
-                graph, QUICNodeTransport(self), config=settings.nodes
-            )
             socket = await stack.enter_async_context(
                 QUICSocket(settings.host, settings.port)
             )
             handlers = {
-                **node_handlers(graph, active_connections=self._active_connections),
+                **node_handlers(
+                    graph,
+                    active_connections=self._active_connections,
+                    signal_host=_SignalHost(self),
+                ),
                 **settings.handlers,
             }
             rpc = self._rpc = await stack.enter_async_context(
@@ -272,16 +264,23 @@ class PolykeyNode:
             # stack cancels the tasks already started instead of waiting
             # for them for ever.
             stack.callback(nursery.cancel_scope.cancel)
-            self._connections = NodeConnectionManager(
+            connections = self._connections = NodeConnectionManager(
                 socket,
                 identity,
                 rpc,
                 config=settings.quic,
                 rpc_timeout=settings.rpc_timeout,
-                on_connection=self.manager.note_connection,
+                on_connection=self._on_connection,
                 ttl_for=functools.partial(sticky_ttl, identity.node_id),
             )
-            await nursery.start(self._connections.run)
+            self.manager = NodeManager(
+                graph,
+                QUICNodeTransport(connections),
+                config=settings.nodes,
+                attempt_timeout=connections.attempt_timeout,
+            )
+            self.finder = NodeFinder(self.manager, connections)
+            await nursery.start(connections.run)
             await nursery.start(self.manager.run)
             await nursery.start(serve_control, self, settings.state_dir)
             if settings.seeds:
@@ -329,6 +328,9 @@ class PolykeyNode:
             for node in self.connections.active()
         ]
 
+    def _on_connection(self, node_id: NodeId, host: str, port: int) -> None:
+        self.manager.note_connection(node_id, host, port)
+
     async def wait_joined(self) -> JoinResult | None:
         """Wait until joining through the seeds finished (None: no seeds)."""
         if self.settings.seeds:
@@ -362,6 +364,14 @@ class PolykeyNode:
         log.info("node stopped")
         return bool(result)
 
-    async def connect(self, node_id: NodeId, address: Address) -> NodeConnection:
-        """A verified connection to ``node_id`` at ``address``."""
-        return await self.connections.connect(node_id, address)
+    async def connect(
+        self, node_id: NodeId, address: Address | None = None
+    ) -> NodeConnection:
+        """A verified connection to ``node_id``: at ``address`` when given,
+        else by NodeId alone (pooled, found and dialled, or hole-punched
+        through a signaller; see :class:`polykey.nodes.NodeFinder`). The
+        caller's cancel scope bounds it; raises NodeConnectionError or
+        NodeNotFoundError."""
+        if address is not None:
+            return await self.connections.connect(node_id, address)
+        return await self.finder.connect(node_id)

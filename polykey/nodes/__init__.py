@@ -21,7 +21,12 @@ from ._messages import (
     parse_node_contact_message,
 )
 from ._refresh import RefreshSchedule
-from .connections import NodeConnection, NodeConnectionError, NodeConnectionManager
+from .connections import (
+    ConnectionPath,
+    NodeConnection,
+    NodeConnectionError,
+    NodeConnectionManager,
+)
 from .errors import (
     InvalidAddressError,
     NodeGraphCorruptError,
@@ -33,6 +38,7 @@ from .errors import (
     NodesError,
     OwnNodeIdError,
 )
+from .finder import FinderStatistics, NodeFinder
 from .graph import (
     BUCKET_COUNT,
     DEFAULT_K,
@@ -62,7 +68,20 @@ from .manager import (
     NodeManagerConfig,
     NodeManagerStatistics,
 )
-from .transport import ConnectFunction, NodeTransport, RPCNodeTransport
+from .signalling import (
+    SIGNAL_FINAL,
+    SIGNAL_INITIAL,
+    NodesConnectionSignalFinal,
+    NodesConnectionSignalInitial,
+    SignalError,
+    request_signal,
+)
+from .transport import (
+    ConnectFunction,
+    NodeTransport,
+    QUICNodeTransport,
+    RPCNodeTransport,
+)
 
 __all__ = [
     "BUCKET_COUNT",
@@ -74,9 +93,13 @@ __all__ = [
     "MAX_ADDRESSES",
     "PING",
     "PING_BATCH",
+    "SIGNAL_FINAL",
+    "SIGNAL_INITIAL",
     "ActiveConnection",
     "AddResult",
     "ConnectFunction",
+    "ConnectionPath",
+    "FinderStatistics",
     "InvalidAddressError",
     "JoinResult",
     "Lookup",
@@ -86,6 +109,7 @@ __all__ = [
     "NodeConnectionError",
     "NodeConnectionManager",
     "NodeContact",
+    "NodeFinder",
     "NodeGraph",
     "NodeGraphCorruptError",
     "NodeGraphError",
@@ -100,11 +124,15 @@ __all__ = [
     "NodesAgentAPI",
     "NodesClosestActiveConnectionsGet",
     "NodesClosestLocalNodesGet",
+    "NodesConnectionSignalFinal",
+    "NodesConnectionSignalInitial",
     "NodesError",
     "NodesPing",
     "OwnNodeIdError",
+    "QUICNodeTransport",
     "RPCNodeTransport",
     "RefreshSchedule",
+    "SignalError",
     "encode_node_contact",
     "format_contact_address",
     "format_host_port",
@@ -117,4 +145,5 @@ __all__ = [
     "request_closest_active_connections",
     "request_closest_local_nodes",
     "request_ping",
+    "request_signal",
 ]

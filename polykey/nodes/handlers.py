@@ -9,6 +9,8 @@ Polykey's methods, same names and shapes (src/nodes/agent/handlers):
 * ``nodesClosestActiveConnectionsGet`` (server stream): params
   ``{"nodeIdEncoded"}``; one ``ActiveConnectionDataMessage`` per node we hold
   a live connection to, the 20 closest to the target.
+* ``nodesConnectionSignalInitial`` and ``nodesConnectionSignalFinal``
+  (unary): hole-punch signalling, see :mod:`polykey.nodes.signalling`.
 
 And our extension (Polykey pings by connecting; a pooled connection needs a
 cheap liveness check):
@@ -55,6 +57,13 @@ from ._messages import (
     parse_node_id_message,
 )
 from .graph import DEFAULT_K, NodeGraph
+from .signalling import (
+    SIGNAL_FINAL,
+    SIGNAL_INITIAL,
+    NodesConnectionSignalFinal,
+    NodesConnectionSignalInitial,
+    SignalHost,
+)
 
 __all__ = [
     "CLOSEST_ACTIVE_CONNECTIONS",
@@ -160,12 +169,14 @@ def node_handlers(
     graph: NodeGraph,
     *,
     active_connections: Callable[[], Iterable[ActiveConnection]] | None = None,
+    signal_host: SignalHost | None = None,
     limit: int = DEFAULT_K,
 ) -> dict[str, Handler[Any, Any]]:
     """The manifest entries a node serves to other nodes.
 
     ``nodesClosestActiveConnectionsGet`` is served only with
-    ``active_connections`` (a function listing the live connections).
+    ``active_connections`` (a function listing the live connections), the
+    two signalling methods only with ``signal_host``.
     """
     handlers: dict[str, Handler[Any, Any]] = {
         CLOSEST_LOCAL_NODES: NodesClosestLocalNodesGet(graph, limit=limit),
@@ -175,6 +186,9 @@ def node_handlers(
         handlers[CLOSEST_ACTIVE_CONNECTIONS] = NodesClosestActiveConnectionsGet(
             active_connections, limit=limit
         )
+    if signal_host is not None:
+        handlers[SIGNAL_INITIAL] = NodesConnectionSignalInitial(signal_host)
+        handlers[SIGNAL_FINAL] = NodesConnectionSignalFinal(signal_host)
     return handlers
 
 

@@ -75,7 +75,8 @@ class NodeManagerConfig:
     #: ago counts as alive without a ping. Polykey always pings; without
     #: this, a popular node pings the same live members for every newcomer.
     fresh_interval: float = 60.0
-    #: Seconds for one attempt (connect + call) to one node.
+    #: Seconds for one attempt (connect + call) to one node: the ceiling
+    #: when the manager is given an ``attempt_timeout``.
     query_timeout: float = 15.0
     #: Seconds for a whole lookup.
     lookup_timeout: float = 60.0
@@ -157,8 +158,14 @@ class NodeManager:
         config: NodeManagerConfig | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        attempt_timeout: Callable[[float], float] | None = None,
     ) -> None:
+        """``attempt_timeout(ceiling)``, when given, bounds each ping and
+        query by what the network shows (the connection manager's
+        :meth:`~polykey.nodes.NodeConnectionManager.attempt_timeout`) instead
+        of ``config.query_timeout`` alone, which stays the ceiling."""
         self.graph = graph
+        self._attempt_timeout = attempt_timeout
         self.own_id = graph.own_id
         self.transport = transport
         self.config = config or NodeManagerConfig()
@@ -362,19 +369,27 @@ class NodeManager:
         self._stats.pings += 1
         ok = False
         reason = "unreachable"
-        with trio.move_on_after(self.config.query_timeout) as scope:
+        timeout = self.attempt_deadline()
+        with trio.move_on_after(timeout) as scope:
             try:
                 ok = bool(await self.transport.ping(node_id, addresses))
             except Exception as exc:
                 self._transport_error("ping", node_id, exc)
                 reason = str(exc) or type(exc).__name__
         if scope.cancelled_caught:
-            reason = f"no answer in {self.config.query_timeout:g} s"
+            reason = f"no answer in {timeout:g} s"
         if not ok:
             self._stats.ping_failures += 1
             if why is not None:
                 why[node_id] = reason
         return ok
+
+    def attempt_deadline(self) -> float:
+        """Seconds one ping or query may take."""
+        ceiling = self.config.query_timeout
+        if self._attempt_timeout is None:
+            return ceiling
+        return self._attempt_timeout(ceiling)
 
     def _transport_error(self, what: str, node_id: NodeId, exc: BaseException) -> None:
         # A peer's failure is routine; it must never take the node down.
@@ -458,7 +473,7 @@ class NodeManager:
     ) -> None:
         self._stats.queries += 1
         answer: Sequence[NodeContact] | None = None
-        with trio.move_on_after(self.config.query_timeout):
+        with trio.move_on_after(self.attempt_deadline()):
             try:
                 found = await self.transport.closest_nodes(
                     contact.node_id, contact.addresses, machine.target

@@ -10,8 +10,11 @@ every call with its own deadline, so a transport needs no timeouts.
 
 :class:`RPCNodeTransport` implements it over this package's RPC methods,
 given a function that returns an :class:`~polykey.rpc.RPCClient` connected
-to a node: over QUIC that is the connection pool's client, in the simulator
-an in-memory one.
+to a node; the simulator (``polykey.testing``) runs it over in-memory
+streams. :class:`QUICNodeTransport` is what a node runs: the same RPC calls
+over the :class:`~polykey.nodes.NodeConnectionManager`'s pooled QUIC
+connections, and, as Polykey does, a node is alive if a verified
+connection to it can be had.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from typing import Any, Protocol
 from ..keys import NodeId
 from ..rpc import RPCClient
 from ._address import NodeAddress, NodeContact
+from .connections import NodeConnection, NodeConnectionError, NodeConnectionManager
 from .graph import DEFAULT_K
 from .handlers import request_closest_local_nodes, request_ping
 
-__all__ = ["ConnectFunction", "NodeTransport", "RPCNodeTransport"]
+__all__ = ["ConnectFunction", "NodeTransport", "QUICNodeTransport", "RPCNodeTransport"]
 
 
 class NodeTransport(Protocol):
@@ -64,3 +68,36 @@ class RPCNodeTransport:
     ) -> list[NodeContact]:
         client = await self._connect(node_id, addresses)
         return await request_closest_local_nodes(client, target, limit=self.limit)
+
+
+class QUICNodeTransport:
+    """:class:`NodeTransport` over a node's QUIC connections: a pooled one,
+    or a new one dialled at the node's known addresses in turn."""
+
+    def __init__(self, connections: NodeConnectionManager) -> None:
+        self.connections = connections
+
+    async def connection(
+        self, node_id: NodeId, addresses: Sequence[NodeAddress]
+    ) -> NodeConnection:
+        pooled = self.connections.get(node_id)
+        if pooled is not None:
+            return pooled
+        error: BaseException | None = None
+        for address in addresses:
+            try:
+                return await self.connections.connect(node_id, address.as_tuple())
+            except (NodeConnectionError, OSError) as exc:
+                error = exc
+        raise error or NodeConnectionError.unreachable(node_id)
+
+    async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
+        # A failure raises: the manager records why (and says so for seeds).
+        await self.connection(node_id, addresses)
+        return True
+
+    async def closest_nodes(
+        self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
+    ) -> Sequence[NodeContact]:
+        conn = await self.connection(node_id, addresses)
+        return await request_closest_local_nodes(conn.rpc, target)

@@ -8,6 +8,7 @@ client connections dialled with ``QUICClient``/``connect``. Connections carry
 from __future__ import annotations
 
 from ._binding import quiche_version
+from ._spray import spray_delays
 from .client import QUICClient, connect
 from .config import PeerVerifier, QUICConfig, TLSIdentity
 from .connection import ConnectionStatistics, QUICConnection
@@ -23,7 +24,7 @@ from .errors import (
     TLSConfigError,
 )
 from .server import QUICServer, ServerStatistics
-from .socket import QUICSocket, SocketStatistics
+from .socket import QUICSocket, SocketStatistics, StrayWatch
 from .stream import QUICStream
 from .tls import node_tls_identity, node_verifier
 
@@ -45,6 +46,7 @@ __all__ = [
     "QuicheError",
     "ServerStatistics",
     "SocketStatistics",
+    "StrayWatch",
     "TLSAlert",
     "TLSConfigError",
     "TLSIdentity",
@@ -52,4 +54,5 @@ __all__ = [
     "node_tls_identity",
     "node_verifier",
     "quiche_version",
+    "spray_delays",
 ]

@@ -16,6 +16,7 @@ import trio
 
 from . import _binding
 from ._binding import Address
+from ._spray import spray_delays
 from .config import PeerVerifier, QUICConfig, TLSIdentity
 from .connection import QUICConnection
 from .socket import CID_LEN, QUICSocket
@@ -49,9 +50,15 @@ class QUICClient:
         *,
         verifier: PeerVerifier | None = None,
         server_name: str | None = None,
+        spray: bool = False,
     ) -> QUICConnection:
         """Connect to ``address`` (``(host, port)``); ``verifier`` overrides
-        the client's for this connection (for example, to pin a NodeId)."""
+        the client's for this connection (for example, to pin a NodeId).
+
+        ``spray``: dialling through a hole punch, re-send the first Initial
+        at short jittered intervals (see :mod:`polykey.quic._spray`) until
+        the peer answers, instead of waiting for quiche's retransmission.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         socket = self._socket
         peer = socket.normalize_address(address)
@@ -68,15 +75,30 @@ class QUICClient:
             remote_address=peer,
         )
         socket._route(scid, conn)
+        if spray:
+            conn.keep_first_flight()
         conn._start(None)
         try:
-            await conn._handshake_done.wait()
+            if spray:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_respray, conn)
+                    await conn._handshake_done.wait()
+                    nursery.cancel_scope.cancel()
+            else:
+                await conn._handshake_done.wait()
         except BaseException:
             conn._close_now(is_app=True, code=0, reason=b"connect cancelled")
             raise
         if not conn._verified:
             raise conn._error()
         return conn
+
+
+async def _respray(conn: QUICConnection) -> None:
+    for delay in spray_delays():
+        await trio.sleep(delay)
+        if not conn.resend_first_flight():
+            return
 
 
 async def connect(

@@ -129,6 +129,9 @@ class QUICConnection(trio.abc.AsyncResource):
         self._handshake_deadline = math.inf
         self._timer_scope: trio.CancelScope | None = None
         self._pending: tuple[bytes, int, Address] | None = None
+        # What we sent before the peer's first packet, kept only for a dial
+        # that re-sends it through a hole punch (see resend_first_flight).
+        self._first_flight: list[tuple[bytes, int, Address]] | None = None
         self._on_ready: list[Any] = []
         # Driver counters.
         self._datagrams_in = 0
@@ -226,6 +229,36 @@ class QUICConnection(trio.abc.AsyncResource):
             send_blocked=self._send_blocked,
             streams_open=len(self._streams),
         )
+
+    # -- hole punching ---------------------------------------------------------------
+
+    def keep_first_flight(self) -> None:
+        """Remember what is sent until the peer's first packet arrives, for
+        :meth:`resend_first_flight`. Call before the connection starts."""
+        self._first_flight = []
+
+    def resend_first_flight(self) -> bool:
+        """Send our first flight (the client's Initial) again, unchanged.
+
+        Through a hole punch the first Initial is often dropped by the far
+        NAT, which opens only once the peer has sent toward us; quiche would
+        retransmit it only after its probe timeout (about a second). The
+        identical datagram is harmless: a server that got the first copy
+        drops the rest as duplicates. Returns False, sending nothing, once
+        the peer has answered (the path is open) or the connection ended.
+        """
+        flight = self._first_flight
+        if flight is None or self._datagrams_in or self._finished:
+            self._first_flight = None
+            return False
+        for data, segment, to in flight:
+            self._socket.send_segments(memoryview(data), segment, to)
+        return True
+
+    @property
+    def answered(self) -> bool:
+        """Whether any packet from the peer has arrived."""
+        return self._datagrams_in > 0
 
     # -- errors -------------------------------------------------------------------
 
@@ -392,6 +425,8 @@ class QUICConnection(trio.abc.AsyncResource):
                 break
             sent = True
             total, segment, to = out
+            if self._first_flight is not None and not self._datagrams_in:
+                self._first_flight.append((bytes(view[:total]), segment, to))
             if not send(view[:total], segment, to):
                 self._pending = (bytes(view[:total]), segment, to)
                 self._send_blocked += 1

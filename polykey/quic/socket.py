@@ -13,7 +13,9 @@ datagram is routed synchronously:
   connection, Initials to the attached server (which may answer with version
   negotiation or Retry), everything else is dropped and counted;
 * datagrams that are not QUIC at all (hole-punching noise) are counted and
-  dropped.
+  dropped; while a :class:`StrayWatch` for their source host is open (a
+  punch in progress), their source address is noted first: it is where the
+  punching peer's NAT maps it toward us (a peer-reflexive address).
 
 ``Connection.recv`` is called inline and the connection is remembered as
 "dirty"; once the socket is drained, every dirty connection flushes what
@@ -39,6 +41,8 @@ import errno
 import math
 import socket as _stdlib_socket
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -53,7 +57,7 @@ from .errors import QuicheError
 if TYPE_CHECKING:
     from .connection import QUICConnection
 
-__all__ = ["CID_LEN", "QUICSocket", "SocketStatistics"]
+__all__ = ["CID_LEN", "QUICSocket", "SocketStatistics", "StrayWatch"]
 
 #: Length of every connection id we issue; short headers are routed by it.
 CID_LEN: Final = 16
@@ -102,6 +106,40 @@ class SocketStatistics:
     connections: int = 0
 
 
+#: Distinct sources one :class:`StrayWatch` keeps (a peer has few mappings).
+MAX_STRAY_SOURCES: Final = 8
+
+
+def _plain_host(host: str) -> str:
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class StrayWatch:
+    """The sources of datagrams from ``host`` that no connection took.
+
+    Made by :meth:`QUICSocket.watch_strays`. ``sources`` lists distinct
+    ``(host, port)`` in arrival order (at most :data:`MAX_STRAY_SOURCES`);
+    :meth:`wait_source` waits for the ``n``-th.
+    """
+
+    def __init__(self, host: str) -> None:
+        self.host = _plain_host(host)
+        self.sources: list[tuple[str, int]] = []
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def note(self, address: Address) -> None:
+        source = (_plain_host(str(address[0])), int(address[1]))
+        if source not in self.sources and len(self.sources) < MAX_STRAY_SOURCES:
+            self.sources.append(source)
+            self._lot.unpark_all()
+
+    async def wait_source(self, n: int) -> tuple[str, int]:
+        """The ``n``-th source (0-based), waiting until it is seen."""
+        while len(self.sources) <= n:
+            await self._lot.park()
+        return self.sources[n]
+
+
 class QUICSocket:
     """A UDP socket for QUIC, used as ``async with QUICSocket(...) as sock``.
 
@@ -137,6 +175,7 @@ class QUICSocket:
         self._gro = False
         self._closed = False
         self._connections: set[QUICConnection] = set()
+        self._stray_watches: dict[str, list[StrayWatch]] = {}
         self.statistics = SocketStatistics()
         self.local_address: Address = ()
 
@@ -358,6 +397,8 @@ class QUICSocket:
             header = _binding.parse_header(data, CID_LEN)
         except (QuicheError, ValueError):
             self.statistics.dropped_not_quic += 1
+            if self._stray_watches:
+                self._note_stray(address)
             return
         conn = self._routes.get(header.dcid)
         if conn is not None:
@@ -369,6 +410,26 @@ class QUICSocket:
                 self._server.handle_initial(header, data, address)
         else:
             self.statistics.dropped_unknown_connection += 1
+            if self._stray_watches:
+                self._note_stray(address)
+
+    def _note_stray(self, address: Address) -> None:
+        for watch in self._stray_watches.get(_plain_host(str(address[0])), ()):
+            watch.note(address)
+
+    @contextmanager
+    def watch_strays(self, host: str) -> Iterator[StrayWatch]:
+        """Note where datagrams from ``host`` that no connection takes come
+        from, while the block runs (see :class:`StrayWatch`)."""
+        watch = StrayWatch(host)
+        self._stray_watches.setdefault(watch.host, []).append(watch)
+        try:
+            yield watch
+        finally:
+            watches = self._stray_watches[watch.host]
+            watches.remove(watch)
+            if not watches:
+                del self._stray_watches[watch.host]
 
     def _mark_dirty(self, conn: QUICConnection) -> None:
         self._dirty.append(conn)

@@ -57,6 +57,7 @@ from ._errors import (
     RPCStreamReset,
     RPCTimedOut,
     StreamCode,
+    WireShapedError,
     error_from_wire,
     error_to_wire,
 )
@@ -159,6 +160,7 @@ __all__ = [
     "StreamResetError",
     "UnaryCaller",
     "UnaryHandler",
+    "WireShapedError",
     "encode_json",
     "error_from_wire",
     "error_to_wire",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Protocol
 
 import trio
 
@@ -53,6 +53,7 @@ __all__ = [
     "RPCStreamReset",
     "RPCTimedOut",
     "StreamCode",
+    "WireShapedError",
     "code_for_exception",
     "error_from_wire",
     "error_to_wire",
@@ -413,6 +414,14 @@ def _scrub(message: str) -> str:
     return message
 
 
+class WireShapedError(Protocol):
+    """A handler exception that writes the ``data`` of its error reply
+    itself, for peers that expect their own error shape (Polykey's
+    ``AbstractError`` JSON, for one).  ``message`` is already scrubbed."""
+
+    def rpc_error_data(self, message: str) -> dict[str, Any]: ...
+
+
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
     """The ``error`` member of a JSON-RPC error response for ``exc``.
 
@@ -422,6 +431,12 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
     ``"Type: message"`` line, so js-rpc's client can rebuild the types it
     knows (``TypeError``, ``ErrorRPCTimedOut``...).
     """
+    shape = getattr(exc, "rpc_error_data", None)
+    if callable(shape) and not isinstance(exc, RPCError):
+        # The exception writes its own ``data`` (see WireShapedError).
+        message = _scrub(str(exc.args[0]) if len(exc.args) == 1 else str(exc))
+        data = shape(message)
+        return {"code": int(ErrorCode.RPC_REMOTE), "message": message, "data": data}
     if isinstance(exc, RPCRemoteError):
         # Re-raising a downstream failure: say what it was, not where.
         name = exc.remote_type

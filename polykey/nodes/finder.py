@@ -1,0 +1,225 @@
+"""Connecting to a NodeId: direct dialling and signalled punching, raced.
+
+Theory of operation
+-------------------
+:meth:`NodeFinder.connect` runs two searches in one nursery; the first
+verified connection to the target cancels the other (and everything either
+had in flight):
+
+* **direct**: dial the addresses the graph holds for the target, then run a
+  Kademlia find (:meth:`NodeManager.find_node`); a find that reaches the
+  target leaves a pooled connection to it, otherwise its addresses are
+  dialled. This is all a public node, or one behind a full-cone NAT, needs.
+* **signalled** (Polykey's ``findNodeBySignal``): starting from the nodes we
+  hold connections to, closest to the target first, ask each
+  ``nodesClosestActiveConnectionsGet(target)``. A node that lists the
+  target holds a connection to it: it is a signaller, and we punch through
+  it (:meth:`NodeConnectionManager.connect_punched`). Nodes it lists that
+  are closer to the target than itself are reached (pooled, dialled at the
+  address it reports, or punched through it) and asked in turn, so the
+  search walks a chain of signallers toward the target. At most ``alpha``
+  are asked at once and ``max_contacted`` in all.
+
+Every attempt has its own deadline, from the connection manager's
+:meth:`~NodeConnectionManager.attempt_timeout` (what dials have taken
+lately), so a dead node costs a fraction of a second on a fast network;
+punches get a few times that (a signal, then the punch itself). The whole
+operation is bounded by the caller's cancel scope, as trio would have it:
+there is no ``timeout=`` argument. Failures inside a search are routine and
+swallowed (counted); when both searches are exhausted the target is not
+found (:class:`NodeNotFoundError`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from ..keys import NodeId
+from ._address import NodeContact
+from .connections import NodeConnection, NodeConnectionManager
+from .errors import NodeNotFoundError
+from .handlers import request_closest_active_connections
+from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED
+from .manager import NodeManager
+
+__all__ = ["FinderStatistics", "NodeFinder"]
+
+log = logging.getLogger("polykey.nodes.finder")
+
+#: A punch gets this many attempt timeouts, and at least PUNCH_MIN seconds:
+#: it is a signal round trip, then a dial through a NAT that opens late.
+_PUNCH_ATTEMPTS = 4
+_PUNCH_MIN = 3.0
+
+
+@attrs.define
+class FinderStatistics:
+    connects: int = 0
+    found_direct: int = 0
+    found_punched: int = 0
+    not_found: int = 0
+    signallers_asked: int = 0
+    search_errors: int = 0
+
+
+class NodeFinder:
+    """``await finder.connect(node_id)``: a verified connection by NodeId."""
+
+    def __init__(
+        self,
+        manager: NodeManager,
+        connections: NodeConnectionManager,
+        *,
+        alpha: int = DEFAULT_ALPHA,
+        max_contacted: int = DEFAULT_MAX_CONTACTED,
+    ) -> None:
+        self.manager = manager
+        self.connections = connections
+        self.alpha = alpha
+        self.max_contacted = max_contacted
+        self.statistics = FinderStatistics()
+
+    def _attempt(self) -> float:
+        return self.manager.attempt_deadline()
+
+    def _punch_attempt(self) -> float:
+        return max(_PUNCH_MIN, _PUNCH_ATTEMPTS * self._attempt())
+
+    async def connect(self, node_id: NodeId) -> NodeConnection:
+        """A verified connection to ``node_id``: pooled, dialled, or punched.
+
+        Bounded by the caller's cancel scope; raises NodeNotFoundError when
+        every way was tried and none worked.
+        """
+        self.statistics.connects += 1
+        pooled = self.connections.get(node_id)
+        if pooled is not None:
+            await trio.lowlevel.checkpoint()
+            return pooled
+        winner: NodeConnection | None = None
+        async with trio.open_nursery() as nursery:
+
+            def won(conn: NodeConnection) -> None:
+                nonlocal winner
+                if winner is None:
+                    winner = conn
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(self._direct, node_id, won)
+            nursery.start_soon(self._signalled, node_id, won)
+        if winner is None:
+            self.statistics.not_found += 1
+            raise NodeNotFoundError(node_id, "not reached directly or by a punch")
+        if winner.path.value == "punched":
+            self.statistics.found_punched += 1
+        else:
+            self.statistics.found_direct += 1
+        return winner
+
+    # -- direct ------------------------------------------------------------------
+
+    async def _dial_known(self, contact: NodeContact) -> NodeConnection | None:
+        for address in contact.addresses:
+            with trio.move_on_after(self._attempt()):
+                try:
+                    return await self.connections.connect(
+                        contact.node_id, address.as_tuple()
+                    )
+                except Exception as exc:
+                    self._failed("dial", contact.node_id, exc)
+        return None
+
+    async def _direct(
+        self, node_id: NodeId, won: Callable[[NodeConnection], None]
+    ) -> None:
+        known = self.manager.graph.get(node_id)
+        if known is not None:
+            conn = await self._dial_known(known)
+            if conn is not None:
+                won(conn)
+                return
+        try:
+            contact = await self.manager.find_node(node_id)
+        except NodeNotFoundError:
+            return
+        conn = self.connections.get(node_id) or await self._dial_known(contact)
+        if conn is not None:
+            won(conn)
+
+    # -- signalled -----------------------------------------------------------------
+
+    async def _signalled(
+        self, node_id: NodeId, won: Callable[[NodeConnection], None]
+    ) -> None:
+        target = node_id.to_int()
+        asked: set[NodeId] = {self.connections.node_id, node_id}
+        frontier = [c for c in self.connections.active() if c.node_id not in asked]
+        contacted = 0
+        while frontier and contacted < self.max_contacted:
+            frontier.sort(key=lambda c: c.node_id.to_int() ^ target)
+            batch = frontier[: self.alpha]
+            del frontier[: self.alpha]
+            contacted += len(batch)
+            found: list[NodeConnection] = []
+            async with trio.open_nursery() as nursery:
+                for signaller in batch:
+                    asked.add(signaller.node_id)
+                    nursery.start_soon(self._ask, node_id, signaller, asked, found, won)
+            frontier.extend(c for c in found if c.node_id not in asked)
+
+    async def _ask(
+        self,
+        node_id: NodeId,
+        signaller: NodeConnection,
+        asked: set[NodeId],
+        found: list[NodeConnection],
+        won: Callable[[NodeConnection], None],
+    ) -> None:
+        self.statistics.signallers_asked += 1
+        listing: list[NodeContact] = []
+        with trio.move_on_after(self._attempt()):
+            try:
+                listing = await request_closest_active_connections(
+                    signaller.rpc, node_id
+                )
+            except Exception as exc:
+                self._failed("nodesClosestActiveConnectionsGet", signaller.node_id, exc)
+        if any(c.node_id == node_id for c in listing):
+            with trio.move_on_after(self._punch_attempt()):
+                try:
+                    won(await self.connections.connect_punched(node_id, signaller))
+                    return
+                except Exception as exc:
+                    self._failed("punch", node_id, exc)
+        # Walk on toward the target through the nodes it is connected to.
+        target = node_id.to_int()
+        distance = signaller.node_id.to_int() ^ target
+        for contact in listing:
+            if (
+                contact.node_id in asked
+                or contact.node_id.to_int() ^ target >= distance
+            ):
+                continue
+            asked.add(contact.node_id)
+            conn = self.connections.get(contact.node_id) or await self._dial_known(
+                contact
+            )
+            if conn is None:
+                with trio.move_on_after(self._punch_attempt()):
+                    try:
+                        conn = await self.connections.connect_punched(
+                            contact.node_id, signaller
+                        )
+                    except Exception as exc:
+                        self._failed("punch", contact.node_id, exc)
+            if conn is not None:
+                found.append(conn)
+
+    def _failed(self, what: str, node_id: NodeId, exc: BaseException) -> None:
+        # A peer's failure is routine in a search; it never ends the search.
+        self.statistics.search_errors += 1
+        log.debug("%s %s failed: %r", what, node_id, exc)

@@ -1,0 +1,432 @@
+"""Hole-punch signalling, wire-compatible with Polykey 1.15.1.
+
+Theory of operation
+-------------------
+Node A wants a connection to node B, which sits behind a NAT that drops
+what B has not asked for. A node S that holds a live connection to both
+relays A's wish to B, and both then send toward each other at once:
+
+1. A calls ``S.nodesConnectionSignalInitial({"targetNodeIdEncoded": B,
+   "signature": b64url(sign_A(rawA || rawB))})``.
+2. S takes A's NodeId from A's verified certificate (never from a
+   parameter), checks the signature, requires a live connection to B, and
+   rate-limits per requesting NodeId (a token bucket: 20 tokens, 10 a
+   second, forgotten a minute after its last use). It signs
+   ``rawA || rawB || utf8(JSON {"host","port"} of A's address as S sees it)
+   || raw request signature`` and calls, fire and forget,
+   ``B.nodesConnectionSignalFinal({"sourceNodeIdEncoded": A,
+   "targetNodeIdEncoded": B, "address": {"host", "port"},
+   "requestSignature", "relaySignature"})``. It answers A at once with B's
+   address as S's connection to B sees it: ``{"host", "port"}``.
+3. B verifies both signatures (the relay signature over the address JSON
+   exactly as it arrived, re-serialised compactly in its own key order, as
+   Polykey's ``JSON.stringify`` does) and starts punching: small packets
+   from its shared QUIC socket to A's address. Polykey's target sends 4 over
+   15 s (at 0, 1, 3, 7 s); ours sprays at short jittered intervals
+   (:func:`polykey.quic.spray_delays`) until A's connection arrives.
+4. A dials B from its shared socket, re-sending its first Initial at the
+   same short intervals, and also dials wherever B's punch packets came from
+   (B's peer-reflexive address: a symmetric NAT maps B anew toward A).
+
+Signatures are 64-byte Ed25519, base64url without padding; NodeIds are the
+``v`` base32hex strings. A handler's failure goes out as Polykey's own error
+class (JSON-RPC -32006 with ``data.type`` the class name and ``data.data``
+its fields), so a Polykey agent rebuilds it. Note Polykey's naming: a bad
+*request* signature at the signaller is reported as
+``ErrorNodesConnectionSignalRelayVerificationFailed``; we do the same.
+
+The checks and the rate limiter are pure (``now`` is an argument); the
+handlers call into a :class:`SignalHost` (the node's connection manager)
+for what needs the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final, Protocol
+
+import attrs
+
+from ..keys import NodeId, NodeIdentity, NodeIdError
+from ..rpc import (
+    CallContext,
+    JSONObject,
+    JSONValue,
+    RPCClient,
+    RPCInvalidParams,
+    UnaryHandler,
+)
+from ._address import NodeAddress
+from .errors import InvalidAddressError, NodesError
+
+__all__ = [
+    "SIGNAL_FINAL",
+    "SIGNAL_INITIAL",
+    "ConnectionNotFoundError",
+    "NodeIdMissingError",
+    "NodesConnectionSignalFinal",
+    "NodesConnectionSignalInitial",
+    "RateLimiter",
+    "RelayVerificationError",
+    "RequestRateExceededError",
+    "RequestVerificationError",
+    "SignalError",
+    "SignalHost",
+    "SignalRequest",
+    "address_json",
+    "b64url_decode",
+    "b64url_encode",
+    "relay_data",
+    "request_data",
+    "request_signal",
+    "verify_final",
+]
+
+SIGNAL_INITIAL: Final = "nodesConnectionSignalInitial"
+SIGNAL_FINAL: Final = "nodesConnectionSignalFinal"
+
+_SIGNATURE_LEN: Final = 64
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+# A signature is 86 characters; anything much longer is not one.
+_MAX_B64: Final = 128
+
+# -- errors on the wire -----------------------------------------------------------
+
+_UNAVAILABLE: Final = 69  # sysexits EX_UNAVAILABLE
+_TEMPFAIL: Final = 75  # sysexits EX_TEMPFAIL
+
+
+class SignalError(NodesError):
+    """A signalling request refused; goes out as Polykey's error class."""
+
+    wire_type: ClassVar[str] = "ErrorPolykey"
+    description: ClassVar[str] = ""
+    exit_code: ClassVar[int] = _UNAVAILABLE
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+
+    def rpc_error_data(self, message: str) -> dict[str, Any]:
+        """Polykey's ``AbstractError`` JSON (see polykey.rpc.WireShapedError)."""
+        timestamp = datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="milliseconds"
+        )
+        return {
+            "type": self.wire_type,
+            "data": {
+                "message": message,
+                "timestamp": timestamp.replace("+00:00", "Z"),
+                "data": {},
+                "stack": f"{self.wire_type}: {message}" if message else self.wire_type,
+                "description": self.description,
+                "exitCode": self.exit_code,
+            },
+        }
+
+
+class NodeIdMissingError(SignalError):
+    wire_type = "ErrorAgentNodeIdMissing"
+    description = "Unable to obtain NodeId from connection certificates"
+
+
+class RequestVerificationError(SignalError):
+    wire_type = "ErrorNodesConnectionSignalRequestVerificationFailed"
+    description = "Failed to verify request message signature"
+
+
+class RelayVerificationError(SignalError):
+    wire_type = "ErrorNodesConnectionSignalRelayVerificationFailed"
+    description = "Failed to verify relay message signature"
+
+
+class ConnectionNotFoundError(SignalError):
+    wire_type = "ErrorNodeConnectionManagerConnectionNotFound"
+    description = "No existing connection was found for target NodeId"
+    exit_code = _TEMPFAIL
+
+
+class RequestRateExceededError(SignalError):
+    wire_type = "ErrorNodeConnectionManagerRequestRateExceeded"
+    description = "Rate limit exceeded while making request"
+    exit_code = _TEMPFAIL
+
+
+# -- pure pieces ----------------------------------------------------------------------
+
+
+def b64url_encode(data: bytes) -> str:
+    """base64url without padding, as Polykey sends signatures."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: object) -> bytes:
+    """Strict inverse of :func:`b64url_encode` (padding tolerated); raises
+    ValueError on anything else."""
+    if not isinstance(text, str) or len(text) > _MAX_B64 or not _B64URL.fullmatch(text):
+        raise ValueError("not base64url")
+    body = text.rstrip("=")
+    try:
+        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except ValueError:
+        raise ValueError("not base64url") from None
+
+
+def _signature(text: object, what: str) -> bytes:
+    try:
+        raw = b64url_decode(text)
+    except ValueError:
+        raise RPCInvalidParams(f"{what} must be a base64url signature") from None
+    if len(raw) != _SIGNATURE_LEN:
+        raise RPCInvalidParams(f"{what} must be a 64-byte signature")
+    return raw
+
+
+def address_json(address: Mapping[str, Any]) -> bytes:
+    """The bytes the relay signature covers for ``address``: compact JSON in
+    the mapping's own key order, as JavaScript's ``JSON.stringify`` writes
+    it (for the strings and integers an address holds)."""
+    return json.dumps(address, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def request_data(source: NodeId, target: NodeId) -> bytes:
+    """What the requester signs: raw source NodeId then raw target NodeId."""
+    return source.raw + target.raw
+
+
+def relay_data(
+    source: NodeId, target: NodeId, address: bytes, request_signature: bytes
+) -> bytes:
+    """What the signaller signs: ids, the address JSON, the request signature."""
+    return source.raw + target.raw + address + request_signature
+
+
+def _verify(signer: NodeId, signature: bytes, data: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        signer.public_key().verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _node_id(value: object, what: str) -> NodeId:
+    if isinstance(value, str):
+        try:
+            return NodeId.from_string(value)
+        except NodeIdError:
+            pass
+    raise RPCInvalidParams(f"{what} must be an encoded NodeId")
+
+
+@attrs.frozen
+class SignalRequest:
+    """A verified ``nodesConnectionSignalFinal``: punch toward ``address``."""
+
+    source: NodeId
+    target: NodeId
+    address: NodeAddress
+
+
+def verify_final(params: JSONValue, signaller: NodeId | None) -> SignalRequest:
+    """Check a ``nodesConnectionSignalFinal`` request from ``signaller``
+    (the caller's certificate NodeId) as Polykey's target does; raises
+    :class:`SignalError` or RPCInvalidParams."""
+    if not isinstance(params, dict):
+        raise RPCInvalidParams("params must be an object")
+    source = _node_id(params.get("sourceNodeIdEncoded"), "sourceNodeIdEncoded")
+    target = _node_id(params.get("targetNodeIdEncoded"), "targetNodeIdEncoded")
+    if signaller is None:
+        raise NodeIdMissingError()
+    address = params.get("address")
+    if not isinstance(address, dict):
+        raise RPCInvalidParams("address must be an object")
+    request_signature = _signature(params.get("requestSignature"), "requestSignature")
+    relay_signature = _signature(params.get("relaySignature"), "relaySignature")
+    if not _verify(source, request_signature, request_data(source, target)):
+        raise RequestVerificationError()
+    signed = relay_data(source, target, address_json(address), request_signature)
+    if not _verify(signaller, relay_signature, signed):
+        raise RelayVerificationError()
+    try:
+        where = NodeAddress(address.get("host"), address.get("port"))
+    except InvalidAddressError as exc:
+        raise RPCInvalidParams(f"address: {exc}") from None
+    return SignalRequest(source, target, where)
+
+
+@attrs.define
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """One token bucket per key (Polykey's: 20 tokens, 10 a second, a bucket
+    forgotten 60 s after its last use). At most ``max_keys`` buckets are
+    kept; the least recently used goes first. Pure: time is an argument."""
+
+    def __init__(
+        self,
+        *,
+        capacity: float = 20,
+        rate: float = 10,
+        ttl: float = 60,
+        max_keys: int = 10_000,
+    ) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.ttl = ttl
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[object, _Bucket] = OrderedDict()
+        self.refused = 0
+
+    def consume(self, key: object, now: float) -> bool:
+        """Take one token for ``key``; False (and counted) when none is left."""
+        self._expire(now)
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = _Bucket(self.capacity, now)
+        else:
+            elapsed = max(0.0, now - bucket.updated)
+            bucket.tokens = min(self.capacity, bucket.tokens + elapsed * self.rate)
+            bucket.updated = now
+        self._buckets[key] = bucket
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        if bucket.tokens < 1:
+            self.refused += 1
+            return False
+        bucket.tokens -= 1
+        return True
+
+    def _expire(self, now: float) -> None:
+        buckets = self._buckets
+        while buckets:
+            key, bucket = next(iter(buckets.items()))
+            if now - bucket.updated < self.ttl:
+                break
+            del buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+# -- the handlers ---------------------------------------------------------------------
+
+
+class SignalConnection(Protocol):
+    """What a signaller needs of its connection to the target."""
+
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+
+class SignalHost(Protocol):
+    """What the signalling handlers need of the node (its connection
+    manager implements it)."""
+
+    @property
+    def identity(self) -> NodeIdentity: ...
+
+    def live_connection(self, node_id: NodeId) -> SignalConnection | None:
+        """The live connection to ``node_id``, if we hold one."""
+
+    def forward_signal(self, target: NodeId, params: JSONObject) -> None:
+        """Call ``target``'s ``nodesConnectionSignalFinal`` with ``params``,
+        fire and forget (bounded, failures swallowed and counted)."""
+
+    def punch(self, request: SignalRequest) -> None:
+        """Start punching toward ``request.address`` in the background."""
+
+    def now(self) -> float: ...
+
+
+def _caller(ctx: CallContext) -> NodeId | None:
+    caller = ctx.transport.get("node_id")
+    return caller if isinstance(caller, NodeId) else None
+
+
+class NodesConnectionSignalInitial(UnaryHandler[JSONValue, JSONObject]):
+    """The signaller's side (step 2 of the module doc)."""
+
+    def __init__(self, host: SignalHost, limiter: RateLimiter | None = None) -> None:
+        self.host = host
+        self.limiter = limiter or RateLimiter()
+        self.forwarded = 0
+
+    async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
+        if not isinstance(params, dict):
+            raise RPCInvalidParams("params must be an object")
+        source = _caller(ctx)
+        if source is None:
+            raise NodeIdMissingError()
+        target = _node_id(params.get("targetNodeIdEncoded"), "targetNodeIdEncoded")
+        signature_text = params.get("signature")
+        signature = _signature(signature_text, "signature")
+        if not _verify(source, signature, request_data(source, target)):
+            raise RelayVerificationError()  # sic: Polykey's class for this
+        connection = self.host.live_connection(target)
+        if connection is None:
+            raise ConnectionNotFoundError()
+        if not self.limiter.consume(source, self.host.now()):
+            raise RequestRateExceededError()
+        # A's address as we see it, in the form we sign and send it.
+        seen = {
+            "host": str(ctx.transport.get("host")),
+            "port": ctx.transport.get("port"),
+        }
+        relay_signature = self.host.identity.key_pair.sign(
+            relay_data(source, target, address_json(seen), signature)
+        )
+        self.host.forward_signal(
+            target,
+            {
+                "sourceNodeIdEncoded": str(source),
+                "targetNodeIdEncoded": str(target),
+                "address": seen,
+                "requestSignature": b64url_encode(signature),
+                "relaySignature": b64url_encode(relay_signature),
+            },
+        )
+        self.forwarded += 1
+        host, port = connection.address
+        return {"host": host, "port": port}
+
+
+class NodesConnectionSignalFinal(UnaryHandler[JSONValue, JSONObject]):
+    """The target's side (step 3 of the module doc)."""
+
+    def __init__(self, host: SignalHost) -> None:
+        self.host = host
+        self.punches = 0
+
+    async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
+        request = verify_final(params, _caller(ctx))
+        if request.target != self.host.identity.node_id:
+            raise RPCInvalidParams("the signal is for another node")
+        self.host.punch(request)
+        self.punches += 1
+        return {}
+
+
+async def request_signal(
+    client: RPCClient[Any], identity: NodeIdentity, target: NodeId
+) -> NodeAddress:
+    """Ask the signaller behind ``client`` to signal ``target`` (step 1);
+    returns ``target``'s address as the signaller sees it. Raises
+    :class:`~polykey.rpc.RPCRemoteError` when it refuses and
+    InvalidAddressError when its answer is not an address."""
+    signature = identity.key_pair.sign(request_data(identity.node_id, target))
+    result = await client.unary(
+        SIGNAL_INITIAL,
+        {"targetNodeIdEncoded": str(target), "signature": b64url_encode(signature)},
+    )
+    if not isinstance(result, dict):
+        raise InvalidAddressError("the signaller's answer is not an address")
+    return NodeAddress(result.get("host"), result.get("port"))

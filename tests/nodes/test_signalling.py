@@ -1,0 +1,360 @@
+"""Hole-punch signalling: the pure checks, then real nodes over QUIC on
+loopback (initiator, signaller and target; bad input at each)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from polykey.agent import NodeSettings, PolykeyNode
+from polykey.keys import KeyPair, NodeId
+from polykey.nodes import ConnectionPath
+from polykey.nodes.signalling import (
+    SIGNAL_FINAL,
+    SIGNAL_INITIAL,
+    RateLimiter,
+    RelayVerificationError,
+    RequestVerificationError,
+    address_json,
+    b64url_decode,
+    b64url_encode,
+    relay_data,
+    request_data,
+    verify_final,
+)
+from polykey.rpc import RPCInvalidParams, RPCRemoteError
+
+# -- pure --------------------------------------------------------------------------
+
+
+@given(st.binary(max_size=96))
+def test_b64url_round_trip_without_padding(data: bytes) -> None:
+    text = b64url_encode(data)
+    assert "=" not in text
+    assert "+" not in text
+    assert "/" not in text
+    assert b64url_decode(text) == data
+
+
+@pytest.mark.parametrize("bad", ["a+b", "a/b", "ab cd", "a", "a" * 200, 7, None])
+def test_b64url_refuses_what_is_not_base64url(bad: object) -> None:
+    with pytest.raises(ValueError, match="base64url"):
+        b64url_decode(bad)
+
+
+def test_address_json_is_compact_in_the_order_received() -> None:
+    assert address_json({"host": "10.0.0.1", "port": 1314}) == (
+        b'{"host":"10.0.0.1","port":1314}'
+    )
+    assert address_json({"port": 1, "host": "::1"}) == b'{"port":1,"host":"::1"}'
+
+
+def test_rate_limiter_is_polykeys_token_bucket() -> None:
+    limiter = RateLimiter()
+    assert all(limiter.consume("a", 0.0) for _ in range(20))
+    assert not limiter.consume("a", 0.0)
+    assert limiter.consume("b", 0.0)  # per key
+    # 10 tokens a second: 0.1 s buys one more.
+    assert limiter.consume("a", 0.1)
+    assert not limiter.consume("a", 0.1)
+    assert limiter.refused == 2
+    # Forgotten 60 s after the last use; bounded in keys.
+    limiter.consume("c", 0.1)
+    assert len(limiter) == 3
+    limiter.consume("d", 61.0)
+    assert len(limiter) == 1
+    small = RateLimiter(max_keys=2)
+    for key in range(5):
+        small.consume(key, 0.0)
+    assert len(small) == 2
+
+
+class Keys:
+    def __init__(self) -> None:
+        self.pair = KeyPair.generate()
+        self.id = self.pair.node_id
+
+
+def final_params(
+    a: Keys,
+    b: Keys,
+    s: Keys,
+    address: dict[str, Any],
+    *,
+    signed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    request = a.pair.sign(request_data(a.id, b.id))
+    relay = s.pair.sign(
+        relay_data(a.id, b.id, address_json(signed or address), request)
+    )
+    return {
+        "sourceNodeIdEncoded": str(a.id),
+        "targetNodeIdEncoded": str(b.id),
+        "address": address,
+        "requestSignature": b64url_encode(request),
+        "relaySignature": b64url_encode(relay),
+    }
+
+
+def test_verify_final_accepts_the_real_thing_and_refuses_forgeries() -> None:
+    a, b, s, m = Keys(), Keys(), Keys(), Keys()
+    address = {"host": "198.51.100.7", "port": 4242}
+    request = verify_final(final_params(a, b, s, address), s.id)
+    assert (request.source, request.target) == (a.id, b.id)
+    assert request.address.as_tuple() == ("198.51.100.7", 4242)
+    # An IPv4-mapped host is verified as it was sent, punched as IPv4.
+    mapped = {"host": "::ffff:198.51.100.7", "port": 4242}
+    assert verify_final(final_params(a, b, s, mapped), s.id).address.host == (
+        "198.51.100.7"
+    )
+    # The relay signature covers the address: another address fails.
+    moved = final_params(a, b, s, {"host": "203.0.113.9", "port": 4242}, signed=address)
+    with pytest.raises(RelayVerificationError):
+        verify_final(moved, s.id)
+    # Signed by someone else than the signaller on this connection.
+    with pytest.raises(RelayVerificationError):
+        verify_final(final_params(a, b, s, address), m.id)
+    # A request signature by M, passed off as A's.
+    forged = final_params(a, b, s, address)
+    forged["requestSignature"] = b64url_encode(m.pair.sign(request_data(a.id, b.id)))
+    with pytest.raises(RequestVerificationError):
+        verify_final(forged, s.id)
+    # A's request for B replayed for another target.
+    replayed = final_params(a, b, s, address)
+    replayed["targetNodeIdEncoded"] = str(m.id)
+    with pytest.raises(RequestVerificationError):
+        verify_final(replayed, s.id)
+    for key, value in (
+        ("address", "1.2.3.4:5"),
+        ("requestSignature", "short"),
+        ("relaySignature", b64url_encode(b"x" * 63)),
+        ("sourceNodeIdEncoded", "vnope"),
+    ):
+        with pytest.raises(RPCInvalidParams):
+            verify_final({**final_params(a, b, s, address), key: value}, s.id)
+    # Signatures fine, but nothing to punch to.
+    with pytest.raises(RPCInvalidParams, match="address"):
+        verify_final(final_params(a, b, s, {"host": "0.0.0.0", "port": 1}), s.id)
+
+
+# -- real nodes over QUIC on loopback ---------------------------------------------------------
+
+
+@asynccontextmanager
+async def nodes(tmp_path: Path, *names: str) -> AsyncIterator[list[PolykeyNode]]:
+    async with trio.open_nursery() as nursery:
+        started: list[PolykeyNode] = []
+        stop = trio.Event()
+
+        async def run(
+            name: str,
+            *,
+            task_status: trio.TaskStatus[PolykeyNode] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
+            settings = NodeSettings(state_dir=tmp_path / name, host="127.0.0.1", port=0)
+            async with PolykeyNode(settings) as node:
+                task_status.started(node)
+                await stop.wait()
+
+        for name in names:
+            started.append(await nursery.start(run, name))
+        yield started
+        stop.set()
+
+
+async def test_a_punch_through_a_signaller_connects_by_the_punched_path(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
+            to_s = await a.connect(s.node_id, s.address)
+            await b.connect(s.node_id, s.address)
+            conn = await a.connections.connect_punched(b.node_id, to_s)
+            assert conn.node_id == b.node_id
+            assert conn.path is ConnectionPath.PUNCHED
+            assert await conn.rpc.unary("nodesPing", {}) == {
+                "type": "success",
+                "success": True,
+            }
+            # The signaller forwarded, the target punched, and B sees A's
+            # connection as the one its punch let in.
+            with trio.fail_after(5):
+                while b.connections.get(a.node_id) is None:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert b.connections.get(a.node_id).path is ConnectionPath.PUNCHED  # type: ignore[union-attr]
+            assert s.connections.signals_forwarded == 1
+            assert b.connections.punches == 1
+
+
+async def test_connect_by_node_id_alone_finds_the_target(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
+            await a.connect(s.node_id, s.address)
+            await b.connect(s.node_id, s.address)
+            conn = await a.connect(b.node_id)
+            assert conn.node_id == b.node_id
+            assert a.finder.statistics.connects == 1
+
+
+async def signal(
+    node: PolykeyNode, signaller: PolykeyNode, params: dict[str, Any]
+) -> dict[str, Any]:
+    conn = await node.connect(signaller.node_id, signaller.address)
+    result: dict[str, Any] = await conn.rpc.unary(SIGNAL_INITIAL, params)
+    return result
+
+
+def polykey_error(exc: RPCRemoteError) -> tuple[str, int]:
+    return exc.remote_type, exc.remote_code  # type: ignore[return-value]
+
+
+async def test_the_signaller_refuses_bad_requests_with_polykeys_errors(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(60):
+        async with nodes(tmp_path, "a", "s", "b", "m") as (a, s, b, m):
+            await b.connect(s.node_id, s.address)
+            assert a.identity is not None
+            assert m.identity is not None
+            good = b64url_encode(
+                a.identity.key_pair.sign(request_data(a.node_id, b.node_id))
+            )
+            # M replays A's signature: the requester is who its certificate
+            # says, M, and the signature is not M's.
+            with pytest.raises(RPCRemoteError) as info:
+                await signal(
+                    m, s, {"targetNodeIdEncoded": str(b.node_id), "signature": good}
+                )
+            assert (
+                info.value.remote_type
+                == "ErrorNodesConnectionSignalRelayVerificationFailed"
+            )
+            # A target the signaller holds no connection to.
+            absent = KeyPair.generate().node_id
+            to_absent = b64url_encode(
+                a.identity.key_pair.sign(request_data(a.node_id, absent))
+            )
+            with pytest.raises(RPCRemoteError) as info:
+                await signal(
+                    a, s, {"targetNodeIdEncoded": str(absent), "signature": to_absent}
+                )
+            assert (
+                info.value.remote_type == "ErrorNodeConnectionManagerConnectionNotFound"
+            )
+            # Malformed params.
+            with pytest.raises(RPCRemoteError) as info:
+                await signal(a, s, {"targetNodeIdEncoded": "vx", "signature": good})
+            assert info.value.remote_type == "ErrorRPCInvalidParams"
+            # A flood: 20 pass, then the bucket is empty; others still served.
+            outcomes: list[str] = []
+            for _ in range(40):
+                try:
+                    address = await signal(
+                        a, s, {"targetNodeIdEncoded": str(b.node_id), "signature": good}
+                    )
+                except RPCRemoteError as exc:
+                    outcomes.append(exc.remote_type or "")
+                else:
+                    assert address == {"host": "127.0.0.1", "port": b.address[1]}
+                    outcomes.append("ok")
+            refused = outcomes.count("ErrorNodeConnectionManagerRequestRateExceeded")
+            assert refused + outcomes.count("ok") == 40
+            assert 15 <= refused <= 25
+            to_b = b64url_encode(
+                m.identity.key_pair.sign(request_data(m.node_id, b.node_id))
+            )
+            await signal(
+                m, s, {"targetNodeIdEncoded": str(b.node_id), "signature": to_b}
+            )
+            # B got at most one punch per address of A (coalesced), and S
+            # kept serving throughout.
+            assert b.connections.punches <= 2
+            assert s.connections.get(b.node_id) is not None
+
+
+async def test_the_target_refuses_forged_signals(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
+            conn = await s.connect(b.node_id, b.address)
+            assert a.identity is not None
+            assert s.identity is not None
+            ka, ks = Keys(), Keys()
+            ka.pair, ka.id = a.identity.key_pair, a.node_id
+            ks.pair, ks.id = s.identity.key_pair, s.node_id
+            kb = Keys()
+            kb.id = b.node_id
+            address = {"host": "127.0.0.1", "port": a.address[1]}
+            assert (
+                await conn.rpc.unary(SIGNAL_FINAL, final_params(ka, kb, ks, address))
+                == {}
+            )
+            moved = final_params(
+                ka, kb, ks, {"host": "127.0.0.1", "port": 9}, signed=address
+            )
+            with pytest.raises(RPCRemoteError) as info:
+                await conn.rpc.unary(SIGNAL_FINAL, moved)
+            assert (
+                info.value.remote_type
+                == "ErrorNodesConnectionSignalRelayVerificationFailed"
+            )
+            # Signed by A as relay, but S is the one calling.
+            with pytest.raises(RPCRemoteError) as info:
+                await conn.rpc.unary(SIGNAL_FINAL, final_params(ka, kb, ka, address))
+            assert (
+                info.value.remote_type
+                == "ErrorNodesConnectionSignalRelayVerificationFailed"
+            )
+            assert b.connections.punches == 1
+
+
+async def test_polykeys_error_shape_on_the_wire(tmp_path: Path) -> None:
+    """What a Polykey agent's client rebuilds from: -32006, data.type the
+    class, data.data with message, timestamp, description and exitCode."""
+    from polykey.rpc import JSONStreamDecoder
+
+    with trio.fail_after(30):
+        async with nodes(tmp_path, "a", "s") as (a, s):
+            conn = await a.connect(s.node_id, s.address)
+            stream = await conn.connection.open_stream()
+            await stream.send_all_and_eof(
+                json.dumps(
+                    {
+                        "jsonrpc": "2.0",
+                        "method": SIGNAL_INITIAL,
+                        "params": {
+                            "targetNodeIdEncoded": str(s.node_id),
+                            "signature": "A" * 86,
+                        },
+                        "id": None,
+                    }
+                ).encode()
+            )
+            decoder = JSONStreamDecoder()
+            values: list[Any] = []
+            while data := await stream.receive_some():
+                values.extend(decoder.feed(data))
+            (reply,) = values
+            error = reply["error"]
+            assert error["code"] == -32006
+            assert (
+                error["data"]["type"]
+                == "ErrorNodesConnectionSignalRelayVerificationFailed"
+            )
+            fields = error["data"]["data"]
+            assert fields["description"] == "Failed to verify relay message signature"
+            assert fields["exitCode"] == 69
+            assert fields["timestamp"].endswith("Z")
+            assert "Traceback" not in json.dumps(reply)
+
+
+def test_node_id_of_keys() -> None:
+    keys = Keys()
+    assert isinstance(keys.id, NodeId)
