@@ -49,9 +49,11 @@ that reaches a router before its own host has sent anything goes to the
 router's INPUT chain, and conntrack confirms an entry for it. When the host
 then sends to that peer, its mapping would collide with that stale entry, so
 the NAT picks another port, and the peer's punches to the advertised port go
-nowhere: port-restricted pairs then punch only now and then. A dropped packet
-is never confirmed in conntrack, so with the filter the early punch leaves no
-trace. ``stateful_filter=False`` builds routers without it.
+nowhere. Measured on port-restricted pairs without the filter: 2 punches in 6
+succeed when both sides start together, 0 in 6 when one starts 0.2 s first;
+with it, 6 in 6 both ways. A packet dropped by a filter rule is never confirmed
+in conntrack, so the early punch leaves no trace. ``stateful_filter=False``
+builds routers without it.
 
 Conntrack UDP timeouts are the kernel's per-namespace defaults (30 s for an
 entry that saw one direction only, 120 s once both directions were seen). The

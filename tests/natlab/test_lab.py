@@ -175,7 +175,7 @@ async def test_unsolicited_udp_reaches_only_hosts_without_filtering() -> None:
                 await nursery.start(run_agent, host)
 
             async def listen(nat: NatType, into: dict[NatType, set[Addr]]) -> None:
-                reply = await agents[nat].ask(op="listen", seconds=1.0)
+                reply = await agents[nat].ask(op="listen", seconds=1.5)
                 into[nat] = {addr(g) for g in reply["got"]}
 
             # Phase 1: unsolicited, to each mapped address.
@@ -329,7 +329,11 @@ async def test_async_cleanup_after_an_exception() -> None:
             async with NatLab([NatType.SYMMETRIC]) as lab:
                 prefix = lab.prefix
                 assert len(lab_namespaces(prefix)) == 4
+                sleeper = await trio.lowlevel.open_process(
+                    lab.exec_argv(lab.hosts[0], ["sleep", "60"])
+                )
                 raise RuntimeError("inside the lab")
+        assert await sleeper.wait() == -signal.SIGTERM
     assert lab_namespaces(prefix) == []
 
 
@@ -347,6 +351,12 @@ _SCRIPT = textwrap.dedent(
         with NatLab([NatType.FULL_CONE]) as lab:
             body(lab)
             time.sleep(60)
+    elif sys.argv[1] == "atexit":
+        lab = NatLab([NatType.FULL_CONE])
+        lab.start()
+        body(lab)
+        sys.stdin.readline()
+        sys.exit(3)
     else:
         import trio
 
@@ -361,7 +371,7 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("mode", ["sync", "trio"])
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_a_script_killed_by_a_signal_leaves_nothing(
     mode: str, sig: signal.Signals
 ) -> None:
@@ -375,10 +385,10 @@ def test_a_script_killed_by_a_signal_leaves_nothing(
         assert len(lab_namespaces(prefix)) == 4  # inet, seed, host, router
         child.send_signal(sig)
         code = child.wait(timeout=20)
+        left = lab_namespaces(prefix)
     finally:
         child.kill()
         child.wait()
-        left = lab_namespaces(prefix)
         cleanup_stale()  # should this test fail, leave nothing behind
     # Died of the signal, as it would have without the lab (Python re-raises
     # an uncaught KeyboardInterrupt as SIGINT).
@@ -416,3 +426,28 @@ def test_cleanup_stale_removes_only_labs_of_dead_creators() -> None:
     finally:
         for ns in (stale, live, other):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def test_a_script_that_exits_without_leaving_the_lab_leaves_nothing() -> None:
+    script = _SCRIPT.format(repo=str(REPO))
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, "atexit"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdin is not None
+        assert child.stdout is not None
+        prefix, sleeper = child.stdout.readline().split()
+        assert len(lab_namespaces(prefix)) == 4
+        child.stdin.close()  # the script exits: atexit cleans up
+        code = child.wait(timeout=20)
+        left = lab_namespaces(prefix)
+    finally:
+        child.kill()
+        child.wait()
+        cleanup_stale()
+    assert code == 3
+    assert left == []
+    assert not Path(f"/proc/{sleeper}").exists() or _is_zombie(int(sleeper))
