@@ -10,6 +10,10 @@ from the network.
   size.
 * ``nodesFind`` (unary): ``{"nodeIdEncoded"}`` -> the node's addresses, found
   by an iterative lookup.
+* ``nodesPingNode`` (unary): ``{"nodeIdEncoded"}`` -> connect to that node by
+  NodeId alone (pooled, dialled or hole-punched), call its ``nodesPing``:
+  ``{"nodeIdEncoded", "success", "path", "host", "port", "rttMs"}``
+  (``success`` false with ``error`` when it cannot be reached).
 """
 
 from __future__ import annotations
@@ -23,8 +27,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .keys import NodeId, NodeIdError
-from .nodes import NodeNotFoundError, OwnNodeIdError
-from .rpc import CallContext, RPCClient, RPCInvalidParams, RPCServer, UnaryHandler
+from .nodes import NodeNotFoundError, NodesError, OwnNodeIdError, request_ping
+from .rpc import (
+    CallContext,
+    RPCClient,
+    RPCError,
+    RPCInvalidParams,
+    RPCServer,
+    UnaryHandler,
+)
 
 if TYPE_CHECKING:
     from .agent import PolykeyNode
@@ -52,10 +63,12 @@ class _Status(UnaryHandler[JSON, JSON]):
                     "nodeIdEncoded": str(c.node_id),
                     "host": c.address[0],
                     "port": c.address[1],
+                    "path": c.path.value,
+                    "outgoing": c.outgoing,
                 }
                 for c in node.connections.active()
             ],
-            "graphSize": len(node.graph.closest(node.node_id, 100_000)),
+            "graphSize": len(node.graph),
         }
 
 
@@ -78,6 +91,42 @@ class _Find(UnaryHandler[JSON, JSON]):
         return {
             "nodeIdEncoded": str(target),
             "addresses": [[a.host, a.port] for a in contact.addresses],
+        }
+
+
+class _PingNode(UnaryHandler[JSON, JSON]):
+    def __init__(self, node: PolykeyNode) -> None:
+        self.node = node
+
+    #: Long enough for a find and a punch; the caller's own timeout, if
+    #: shorter, wins (js-rpc's timeout rule).
+    timeout = 60.0
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        try:
+            target = NodeId.from_string(str(params.get("nodeIdEncoded")))
+        except NodeIdError as exc:
+            raise RPCInvalidParams(str(exc)) from None
+        if target == self.node.node_id:
+            raise RPCInvalidParams("that is this node's own NodeId")
+        started = trio.current_time()
+        try:
+            conn = await self.node.connect(target)
+            await request_ping(conn.rpc)
+        except (NodesError, RPCError, OSError) as exc:
+            return {
+                "nodeIdEncoded": str(target),
+                "success": False,
+                "error": str(exc) or type(exc).__name__,
+            }
+        host, port = conn.address
+        return {
+            "nodeIdEncoded": str(target),
+            "success": True,
+            "path": conn.path.value,
+            "host": host,
+            "port": port,
+            "rttMs": round((trio.current_time() - started) * 1000, 3),
         }
 
 
@@ -119,7 +168,11 @@ async def serve_control(
     listener = trio.SocketListener(sock)
     try:
         async with RPCServer(
-            {"nodeStatus": _Status(node), "nodesFind": _Find(node)}
+            {
+                "nodeStatus": _Status(node),
+                "nodesFind": _Find(node),
+                "nodesPingNode": _PingNode(node),
+            }
         ) as rpc:
             task_status.started()
             async with listener:

@@ -1,4 +1,4 @@
-"""The command line: ``python -m polykey node|status|find``.
+"""The command line: ``python -m polykey node|status|find|ping``.
 
 ``node`` runs a node in the foreground with embedded defaults: its state
 directory (identity, later its node graph) under the user's data directory,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import signal
 import sys
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("status", "show a running node's NodeId, address and connections"),
         ("find", "ask a running node to find another node by NodeId"),
+        ("ping", "ask a running node to connect to another by NodeId and ping it"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument(
@@ -100,31 +102,62 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"the running node's state directory (default {default_state_dir()})",
         )
-        if name == "find":
+        command.add_argument(
+            "-f",
+            "--format",
+            choices=["human", "json"],
+            default="human",
+            help="output: aligned text (default) or one JSON object",
+        )
+        if name in ("find", "ping"):
             command.add_argument(
-                "node_id", metavar="NODEID", help="the NodeId (v...) to find"
+                "node_id", metavar="NODEID", help=f"the NodeId (v...) to {name}"
             )
     return parser
 
 
-async def run_control(command: str, state_dir: Path, node_id: str | None) -> int:
+async def run_control(
+    command: str, state_dir: Path, node_id: str | None, output: str = "human"
+) -> int:
     client = control_client(state_dir)
     with trio.fail_after(90):
         if command == "status":
-            status = await client.unary("nodeStatus", {})
-            print(f"NodeId: {status['nodeIdEncoded']}")
-            print(f"Address: {format_host_port(status['host'], status['port'])}")
-            print(f"Graph: {status['graphSize']} nodes")
-            for conn in status["connections"]:
-                address = format_host_port(conn["host"], conn["port"])
-                print(f"Connection: {conn['nodeIdEncoded']} at {address}")
-            return 0
-        found = await client.unary("nodesFind", {"nodeIdEncoded": node_id})
-    if not found["addresses"]:
-        print(f"{found['nodeIdEncoded']}: not found", file=sys.stderr)
+            result = await client.unary("nodeStatus", {})
+        elif command == "find":
+            result = await client.unary("nodesFind", {"nodeIdEncoded": node_id})
+        else:
+            result = await client.unary("nodesPingNode", {"nodeIdEncoded": node_id})
+    result.pop("metadata", None)
+    ok = {"find": bool(result.get("addresses")), "ping": bool(result.get("success"))}
+    if output == "json":
+        print(json.dumps(result))
+        return 0 if ok.get(command, True) else 1
+    if command == "status":
+        print(f"NodeId: {result['nodeIdEncoded']}")
+        print(f"Address: {format_host_port(result['host'], result['port'])}")
+        print(f"Graph: {result['graphSize']} nodes")
+        for conn in result["connections"]:
+            address = format_host_port(conn["host"], conn["port"])
+            path = conn.get("path", "direct")
+            print(f"Connection: {conn['nodeIdEncoded']} at {address} ({path})")
+        return 0
+    if command == "find":
+        if not ok["find"]:
+            print(f"{result['nodeIdEncoded']}: not found", file=sys.stderr)
+            return 1
+        for host, port in result["addresses"]:
+            print(f"{result['nodeIdEncoded']} {format_host_port(host, port)}")
+        return 0
+    if not ok["ping"]:
+        print(
+            f"{result['nodeIdEncoded']}: not reached: {result.get('error')}",
+            file=sys.stderr,
+        )
         return 1
-    for host, port in found["addresses"]:
-        print(f"{found['nodeIdEncoded']} {format_host_port(host, port)}")
+    address = format_host_port(result["host"], result["port"])
+    print(
+        f"{result['nodeIdEncoded']} at {address}: {result['path']}, {result['rttMs']:.1f} ms"
+    )
     return 0
 
 
@@ -196,11 +229,15 @@ def _one_line_errors(exc: BaseException) -> list[str] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("status", "find"):
+    if args.command in ("status", "find", "ping"):
         state_dir = args.state_dir or default_state_dir()
         try:
             return trio.run(
-                run_control, args.command, state_dir, getattr(args, "node_id", None)
+                run_control,
+                args.command,
+                state_dir,
+                getattr(args, "node_id", None),
+                args.format,
             )
         except (OSError, trio.TooSlowError) as exc:
             print(
