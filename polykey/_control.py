@@ -69,6 +69,13 @@ class _Status(UnaryHandler[JSON, JSON]):
                 for c in node.connections.active()
             ],
             "graphSize": len(node.graph),
+            # Where peers see us (most recent first), and what it implies.
+            "reflexive": [
+                {"host": host, "port": port}
+                for host, port in node.connections.reflexive
+            ],
+            "behindNat": node.connections.behind_nat(),
+            "relay": node.relay_status(),
         }
 
 

@@ -45,6 +45,7 @@ from .nodes.connections import (
     sticky_ttl,
 )
 from .nodes.finder import NodeFinder
+from .nodes.relay import Circuit, RelayLimits, relay_handlers
 from .nodes.signalling import SignalRequest
 from .nodes.transport import QUICNodeTransport
 from .quic import QUICConfig, QUICSocket
@@ -120,7 +121,14 @@ class NodeSettings:
     host: str = "::"
     port: int = DEFAULT_PORT
     seeds: tuple[SeedNode, ...] = ()
-    quic: QUICConfig = attrs.field(factory=QUICConfig)
+    #: DATAGRAM frames on: relayed connections travel in them.
+    quic: QUICConfig = attrs.field(factory=lambda: QUICConfig(datagram_queue=1024))
+    #: Relaying for others: "auto" (while no peer sees us behind a NAT),
+    #: "on", or "off"; within ``relay_limits``.
+    relay: str = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "on", "off"))
+    )
+    relay_limits: RelayLimits = attrs.field(factory=RelayLimits)
     #: Default timeout of the agent's RPC server and of calls to peers
     #: (Polykey's agent uses 15 s).
     rpc_timeout: float = 15.0
@@ -160,10 +168,11 @@ def dialable_host(bound_host: str) -> tuple[str, bool]:
     return ("127.0.0.1" if ip.version == 4 else "::1"), True
 
 
-class _SignalHost:
-    """The node's connection manager as the signalling handlers'
-    :class:`~polykey.nodes.signalling.SignalHost` (the handlers are made
-    before the manager, which needs the RPC server that serves them)."""
+class _NodeHost:
+    """The node's connection manager as the signalling and relay handlers'
+    host (:class:`~polykey.nodes.signalling.SignalHost`,
+    :class:`~polykey.nodes.relay.RelayHost`): the handlers are made before
+    the manager, which needs the RPC server that serves them."""
 
     def __init__(self, node: PolykeyNode) -> None:
         self._node = node
@@ -183,6 +192,15 @@ class _SignalHost:
 
     def now(self) -> float:
         return trio.current_time()
+
+    def relay_reserve(self, node_id: NodeId, ip: str) -> float:
+        return self._node.connections.relay_reserve(node_id, ip)
+
+    async def relay_connect(self, source: NodeId, target: NodeId) -> Circuit:
+        return await self._node.connections.relay_connect(source, target)
+
+    def relay_stop(self, relay: NodeId, source: NodeId, circuit_id: bytes) -> None:
+        self._node.connections.relay_stop(relay, source, circuit_id)
 
 
 class PolykeyNode:
@@ -252,7 +270,11 @@ class PolykeyNode:
                 **node_handlers(
                     graph,
                     active_connections=self._active_connections,
-                    signal_host=_SignalHost(self),
+                    signal_host=_NodeHost(self),
+                ),
+                **relay_handlers(
+                    _NodeHost(self),
+                    None if settings.relay == "off" else settings.relay_limits,
                 ),
                 **settings.handlers,
             }
@@ -272,6 +294,8 @@ class PolykeyNode:
                 rpc_timeout=settings.rpc_timeout,
                 on_connection=self._on_connection,
                 ttl_for=functools.partial(sticky_ttl, identity.node_id),
+                relay=None if settings.relay == "off" else settings.relay_limits,
+                relay_mode=settings.relay,
             )
             self.manager = NodeManager(
                 graph,
@@ -301,6 +325,9 @@ class PolykeyNode:
         seeds = [
             NodeContact(seed.node_id, (seed.address,)) for seed in self.settings.seeds
         ]
+        for seed in self.settings.seeds:
+            # Kept for good: seeds signal and relay for us.
+            self.connections.anchor(seed.node_id, [(seed.host, seed.port)])
         try:
             result = await self.manager.join(seeds)
         except Exception:
@@ -327,6 +354,16 @@ class PolykeyNode:
             )
             for node in self.connections.active()
         ]
+
+    def relay_status(self) -> dict[str, Any]:
+        """Whether we relay for others, and the relay's counters."""
+        connections = self.connections
+        table = connections.relay_table
+        serving = table is not None and not (
+            connections.relay_mode == "auto" and connections.behind_nat()
+        )
+        stats = attrs.asdict(table.statistics) if table is not None else {}
+        return {"mode": self.settings.relay, "serving": serving, **stats}
 
     def _on_connection(self, node_id: NodeId, host: str, port: int) -> None:
         self.manager.note_connection(node_id, host, port)

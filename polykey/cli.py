@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node to join the network through (repeatable)",
     )
     node.add_argument(
+        "--relay",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="relay for nodes that cannot punch through to each other: auto"
+        " (default: while no peer sees this node behind a NAT), on, off",
+    )
+    node.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -136,6 +143,12 @@ async def run_control(
         print(f"NodeId: {result['nodeIdEncoded']}")
         print(f"Address: {format_host_port(result['host'], result['port'])}")
         print(f"Graph: {result['graphSize']} nodes")
+        for seen in result.get("reflexive", []):
+            print(f"Seen at: {format_host_port(seen['host'], seen['port'])}")
+        relay = result.get("relay", {})
+        if relay:
+            state = "serving" if relay.get("serving") else "not serving"
+            print(f"Relay: {relay.get('mode')}, {state}")
         for conn in result["connections"]:
             address = format_host_port(conn["host"], conn["port"])
             path = conn.get("path", "direct")
@@ -258,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         seeds=tuple(args.seed),
+        relay=args.relay,
     )
     try:
         trio.run(run_node, settings)

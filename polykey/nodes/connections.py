@@ -32,8 +32,10 @@ fast network instead of Polykey's 15 s.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import logging
+import math
 import os
 import socket as stdlib_socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -52,14 +54,30 @@ from ..quic import (
     QUICConnectionError,
     QUICServer,
     QUICSocket,
+    VirtualPath,
     node_tls_identity,
     node_verifier,
     spray_delays,
 )
 from ..rpc import JSONObject, RPCClient, RPCServer
 from ._address import NodeAddress, format_host_port
-from .errors import NodesError
-from .signalling import SIGNAL_FINAL, SignalRequest, request_signal
+from .errors import InvalidAddressError, NodesError
+from .handlers import PING
+from .relay import (
+    CIRCUIT_ID_LEN,
+    RELAY_CONNECT,
+    RELAY_RESERVE,
+    RELAY_STOP,
+    Circuit,
+    PermissionDeniedError,
+    RelayConnectionFailedError,
+    RelayLimits,
+    RelayMalformedError,
+    RelayTable,
+    ReservationRefusedError,
+    decode_circuit_id,
+)
+from .signalling import SIGNAL_FINAL, SignalRequest, b64url_encode, request_signal
 
 __all__ = [
     "ConnectionPath",
@@ -94,11 +112,29 @@ DEFAULT_ATTEMPT_TIMEOUT: Final = 3.0
 _ATTEMPT_RTTS: Final = 8
 
 
+#: Inner packets of a relayed connection: QUIC's minimum, so that with the
+#: circuit id they fit in one DATAGRAM of the connection to the relay.
+RELAYED_PAYLOAD: Final = 1200
+#: A circuit's target waits this long for the inner connection to arrive.
+_CIRCUIT_WAIT: Final = 30.0
+#: How long a replaced (relayed) connection lingers for calls in flight.
+_REPLACED_GRACE: Final = 5.0
+#: The first retry of a punch over a relayed connection, then doubling.
+_UPGRADE_FIRST: Final = 5.0
+_UPGRADE_MAX: Final = 300.0
+#: Anchored connections (to seeds) are pinged this often: it renews the
+#: peer's TTL of the connection, and tells us our reflexive address.
+ANCHOR_PING_INTERVAL: Final = 25.0
+#: Reflexive addresses remembered.
+_MAX_REFLEXIVE: Final = 8
+
+
 class ConnectionPath(enum.Enum):
     """How a connection came to be (in statistics, logs and the CLI)."""
 
     DIRECT = "direct"
     PUNCHED = "punched"
+    RELAYED = "relayed"
 
 
 def sticky_ttl(
@@ -119,6 +155,20 @@ class NodeConnectionError(QUICConnectionError, NodesError):
             CloseReason(CloseKind.LOCAL, reason=b"unreachable"),
             f"{node_id}: no address",
         )
+
+
+@functools.cache
+def _is_local(host: str) -> bool:
+    """Whether ``host`` is an address of this machine (binding to it works)."""
+    family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
+    probe = stdlib_socket.socket(family, stdlib_socket.SOCK_DGRAM)
+    try:
+        probe.bind((host, 0))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -174,7 +224,12 @@ class NodeConnectionManager:
         max_dials: int = 32,
         rpc_timeout: float = 15.0,
         on_connection: ConnectionCallback | None = None,
+        relay: RelayLimits | None = None,
+        relay_mode: str = "auto",
     ) -> None:
+        """``relay``: the limits of relaying for others (None: we relay for
+        nobody). ``relay_mode`` "auto" grants reservations only while no
+        peer has seen us behind a NAT; "on" always."""
         self.socket = socket
         self.identity = identity
         self.node_id = identity.node_id
@@ -185,6 +240,11 @@ class NodeConnectionManager:
             socket, tls, config=self._config, verifier=node_verifier()
         )
         self._client = QUICClient(socket, tls, config=self._config)
+        self._relayed_client = QUICClient(
+            socket,
+            tls,
+            config=attrs.evolve(self._config, max_udp_payload_size=RELAYED_PAYLOAD),
+        )
         self._ttl = ttl
         self._ttl_for = ttl_for
         self._dial_limit = trio.CapacityLimiter(max_dials)
@@ -202,6 +262,20 @@ class NodeConnectionManager:
         self._forwards = 0
         # Smoothed dial time (seconds), None before the first dial.
         self._dial_time: float | None = None
+        # Relaying: the table when we relay for others; our circuit ends,
+        # by (relay, circuit id) and by the virtual address of their path.
+        self.relay_table = RelayTable(relay) if relay is not None else None
+        self.relay_mode = relay_mode
+        self._ends: dict[tuple[NodeId, bytes], VirtualPath] = {}
+        self._end_of: dict[Address, tuple[NodeId, bytes]] = {}
+        self._reserved_with: set[NodeId] = set()
+        # Connections we keep (to seeds): never reaped, re-dialled when lost.
+        self._anchored: set[NodeId] = set()
+        # Where peers see us, most recent first.
+        self.reflexive: list[tuple[str, int]] = []
+        self.relayed_dials = 0
+        self.relayed_dial_failures = 0
+        self.upgrades = 0
         self.dials = 0
         self.dial_failures = 0
         self.punches = 0
@@ -231,9 +305,7 @@ class NodeConnectionManager:
 
     def _close_all(self) -> None:
         for node in list(self._pool.values()):
-            node.connection._close_now(
-                is_app=True, code=_CLOSE_STOPPING, reason=b"node stopping"
-            )
+            node.connection.close(_CLOSE_STOPPING, b"node stopping")
         self._pool.clear()
 
     async def aclose(self) -> None:
@@ -262,7 +334,9 @@ class NodeConnectionManager:
         node_id = conn.peer_identity
         assert isinstance(node_id, NodeId)
         now = trio.current_time()
-        if self._awaiting_punch.pop(node_id, 0.0) > now:
+        if conn.remote_address in self._end_of:
+            path = ConnectionPath.RELAYED
+        elif self._awaiting_punch.pop(node_id, 0.0) > now:
             path = ConnectionPath.PUNCHED  # it came through our punch
         node = NodeConnection(
             node_id=node_id,
@@ -274,9 +348,20 @@ class NodeConnectionManager:
             since=now,
         )
         # Keep the first connection per node; a second (both dialled at
-        # once) still serves RPC until its TTL.
-        self._pool.setdefault(node_id, node)
+        # once) still serves RPC until its TTL. But a relayed one gives way
+        # to a direct or punched one, after a grace for calls in flight.
+        pooled = self._pool.get(node_id)
         assert self._nursery is not None
+        if pooled is None or pooled.connection.closed:
+            self._pool[node_id] = node
+        elif (
+            pooled.path is ConnectionPath.RELAYED and path is not ConnectionPath.RELAYED
+        ):
+            self._pool[node_id] = node
+            self.upgrades += 1
+            log.info("%s: %s connection replaces the relayed one", node_id, path.value)
+            self._nursery.start_soon(self._close_later, pooled)
+        conn.on_datagram(functools.partial(self._datagram, node_id))
         self._nursery.start_soon(self._serve_connection, node)
         host, port = node.address
         log.info(
@@ -315,6 +400,7 @@ class NodeConnectionManager:
         finally:
             if self._pool.get(node.node_id) is node:
                 del self._pool[node.node_id]
+            self._connection_gone(node)
             if not conn.closed:
                 await conn.aclose()
             log.info("connection with %s ended: %s", node.node_id, conn.close_reason)
@@ -325,6 +411,8 @@ class NodeConnectionManager:
             await trio.sleep(max(1.0, self._ttl / 4))
             now = trio.current_time()
             for node_id, node in list(self._pool.items()):
+                if node_id in self._anchored:
+                    continue
                 ttl = self._ttl_for(node_id) if self._ttl_for else self._ttl
                 if now - node.last_used > ttl:
                     del self._pool[node_id]
@@ -547,6 +635,265 @@ class NodeConnectionManager:
                 self._punch_hosts[key[0]] = left
             else:
                 self._punch_hosts.pop(key[0], None)
+
+    # -- relaying (see polykey.nodes.relay) ------------------------------------------------
+
+    def _datagram(self, sender: NodeId, data: bytes) -> None:
+        """A DATAGRAM frame from ``sender``: for a circuit we are an end of,
+        or one we relay."""
+        circuit_id, payload = data[:CIRCUIT_ID_LEN], data[CIRCUIT_ID_LEN:]
+        end = self._ends.get((sender, circuit_id))
+        if end is not None:
+            if payload:
+                end.deliver(payload)
+            else:  # the relay closed the circuit
+                self._close_end((sender, circuit_id))
+            return
+        table = self.relay_table
+        if table is None or len(circuit_id) < CIRCUIT_ID_LEN:
+            return
+        out = table.route(sender, circuit_id, len(payload), trio.current_time())
+        if out is None:
+            return
+        if isinstance(out, Circuit):
+            self._circuit_closed(out)
+            return
+        node, out_id = out
+        pooled = self._pool.get(node)
+        if pooled is None or not pooled.connection.send_datagram(out_id + payload):
+            table.statistics.datagrams_dropped += 1
+
+    def _circuit_closed(self, circuit: Circuit) -> None:
+        # An empty datagram on a circuit tells its end that it is over.
+        for node, circuit_id in (
+            (circuit.source, circuit.source_id),
+            (circuit.target, circuit.target_id),
+        ):
+            pooled = self._pool.get(node)
+            if pooled is not None:
+                pooled.connection.send_datagram(circuit_id)
+
+    def _open_end(self, relay: NodeConnection, circuit_id: bytes) -> VirtualPath:
+        outer = relay.connection
+        path = self.socket.open_virtual_path(
+            lambda packet: outer.send_datagram(circuit_id + packet)
+        )
+        self._ends[relay.node_id, circuit_id] = path
+        self._end_of[path.address] = (relay.node_id, circuit_id)
+        return path
+
+    def _close_end(self, key: tuple[NodeId, bytes]) -> None:
+        path = self._ends.pop(key, None)
+        if path is None:
+            return
+        self._end_of.pop(path.address, None)
+        path.close()
+        for node in list(self._pool.values()):
+            if node.connection.remote_address == path.address:
+                node.connection.close(0, b"circuit closed")
+
+    def _connection_gone(self, node: NodeConnection) -> None:
+        """``node``'s connection ended: the circuits through it end too."""
+        end = self._end_of.get(node.connection.remote_address)
+        if end is not None:
+            self._close_end(end)  # an inner (relayed) connection
+        for key in [k for k in self._ends if k[0] == node.node_id]:
+            self._close_end(key)
+        if self.relay_table is not None:
+            for circuit in self.relay_table.drop_node(node.node_id):
+                self._circuit_closed(circuit)
+        self._reserved_with.discard(node.node_id)
+
+    def behind_nat(self) -> bool:
+        """Whether a peer has seen us at an address that is not ours."""
+        return any(not _is_local(host) for host, _ in self.reflexive)
+
+    def relay_reserve(self, node_id: NodeId, ip: str) -> float:
+        table = self.relay_table
+        if table is None or (self.relay_mode == "auto" and self.behind_nat()):
+            raise ReservationRefusedError("this node does not relay")
+        if self.get(node_id) is None:
+            raise PermissionDeniedError("reservations are for connected nodes")
+        now = trio.current_time()
+        return table.reserve(node_id, ip, now) - now
+
+    async def relay_connect(self, source: NodeId, target: NodeId) -> Circuit:
+        table = self.relay_table
+        if table is None:
+            raise ReservationRefusedError("this node does not relay")
+        to_target = self.get(target)
+        if to_target is None:
+            raise RelayConnectionFailedError("no connection to the target")
+        circuit = table.open(source, target, trio.current_time())
+        try:
+            with trio.fail_after(self.attempt_timeout(self._rpc_timeout)):
+                await to_target.rpc.unary(
+                    RELAY_STOP,
+                    {
+                        "sourceNodeIdEncoded": str(source),
+                        "circuit": b64url_encode(circuit.target_id),
+                    },
+                )
+        except (Exception, trio.TooSlowError) as exc:
+            table.close(circuit)
+            raise RelayConnectionFailedError(f"the target refused: {exc}") from None
+        return circuit
+
+    def relay_stop(self, relay: NodeId, source: NodeId, circuit_id: bytes) -> None:
+        conn = self.get(relay)
+        if relay not in self._reserved_with or conn is None:
+            raise PermissionDeniedError("no reservation of ours on that relay")
+        if (relay, circuit_id) in self._ends:
+            raise RelayMalformedError("that circuit is open already")
+        path = self._open_end(conn, circuit_id)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._expect_circuit, (relay, circuit_id), path)
+        log.debug("circuit from %s through %s", source, relay)
+
+    async def _expect_circuit(
+        self, key: tuple[NodeId, bytes], path: VirtualPath
+    ) -> None:
+        # The target's end: if the inner connection never comes, let go.
+        await trio.sleep(_CIRCUIT_WAIT)
+        if not any(
+            n.connection.remote_address == path.address for n in self._pool.values()
+        ):
+            self._close_end(key)
+
+    async def reserve(self, relay: NodeConnection) -> float | None:
+        """Ask ``relay`` for a reservation; seconds it lasts, or None when
+        it does not relay for us."""
+        try:
+            result = await relay.rpc.unary(RELAY_RESERVE, {})
+        except Exception as exc:
+            log.debug("no reservation on %s: %r", relay.node_id, exc)
+            return None
+        self._reserved_with.add(relay.node_id)
+        expires = result.get("expiresMs") if isinstance(result, dict) else None
+        return expires / 1000 if isinstance(expires, int) and expires > 0 else 60.0
+
+    async def connect_relayed(
+        self, node_id: NodeId, relay: NodeConnection
+    ) -> NodeConnection:
+        """A verified connection to ``node_id`` through ``relay`` (end to
+        end: the relay forwards its packets, sealed). The caller's scope
+        bounds it; raises NodeConnectionError or the relay's RelayError."""
+        if node_id == self.node_id:
+            raise ValueError("a node does not connect to itself")
+        self.relayed_dials += 1
+        result = await relay.rpc.unary(
+            RELAY_CONNECT, {"targetNodeIdEncoded": str(node_id)}
+        )
+        circuit_id = decode_circuit_id(
+            result.get("circuit") if isinstance(result, dict) else None
+        )
+        path = self._open_end(relay, circuit_id)
+        try:
+            conn = await self._relayed_client.connect(
+                path.address, verifier=node_verifier(node_id)
+            )
+        except BaseException as exc:
+            self.relayed_dial_failures += 1
+            self._close_end((relay.node_id, circuit_id))
+            if isinstance(exc, QUICConnectionError):
+                raise NodeConnectionError(
+                    exc.close_reason, f"{node_id}: {exc}"
+                ) from exc
+            raise
+        if self._stopping or self._nursery is None:
+            await conn.aclose(_CLOSE_STOPPING)
+            raise trio.ClosedResourceError("the node is stopping")
+        node = self._adopt(conn, outgoing=True, path=ConnectionPath.RELAYED)
+        self._nursery.start_soon(self._upgrade, node, relay.node_id)
+        return node
+
+    async def _upgrade(self, relayed: NodeConnection, relay_id: NodeId) -> None:
+        """Keep trying to punch through to a node we reach by relay; a
+        punched connection then takes the relayed one's place."""
+        delay = _UPGRADE_FIRST
+        node_id = relayed.node_id
+        while not relayed.connection.closed and self._pool.get(node_id) is relayed:
+            await trio.sleep(delay)
+            delay = min(delay * 2, _UPGRADE_MAX)
+            relay = self.get(relay_id)
+            if relay is None or relayed.connection.closed:
+                return
+            with trio.move_on_after(max(3.0, 4 * self.attempt_timeout())):
+                try:
+                    address = await request_signal(relay.rpc, self.identity, node_id)
+                    conn = await self._dial_punched(node_id, address)
+                except Exception as exc:
+                    log.debug("upgrade of %s: %r", node_id, exc)
+                    continue
+                self._adopt(conn, outgoing=True, path=ConnectionPath.PUNCHED)
+                return
+
+    async def _close_later(self, node: NodeConnection) -> None:
+        await trio.sleep(_REPLACED_GRACE)
+        await node.connection.aclose(_CLOSE_DUPLICATE, b"replaced")
+
+    # -- anchors: connections we keep -----------------------------------------------------
+
+    def anchor(self, node_id: NodeId, addresses: list[Address]) -> None:
+        """Keep a connection to ``node_id`` (a seed): never reaped, pinged
+        every :data:`ANCHOR_PING_INTERVAL` (which renews the peer's TTL of
+        it and tells us where we are seen), a relay reservation held on it
+        where it offers one, and re-dialled with backoff when lost."""
+        if node_id in self._anchored or self._nursery is None:
+            return
+        self._anchored.add(node_id)
+        self._nursery.start_soon(self._anchor, node_id, addresses)
+
+    async def _anchor(self, node_id: NodeId, addresses: list[Address]) -> None:
+        backoff = 1.0
+        while True:
+            conn = self.get(node_id)
+            if conn is None:
+                for address in addresses:
+                    with trio.move_on_after(self.attempt_timeout()):
+                        try:
+                            conn = await self.connect(node_id, address)
+                            break
+                        except (NodeConnectionError, OSError):
+                            pass
+            if conn is None:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
+            backoff = 1.0
+            await self._ping_anchor(conn)
+            # Behind a NAT, hold a reservation on the seed (if it relays) so
+            # that nodes a punch cannot serve reach us through it.
+            renew_at = math.inf
+            if self.behind_nat():
+                lasts = await self.reserve(conn)
+                if lasts is not None:
+                    renew_at = trio.current_time() + lasts / 2
+            while not conn.connection.closed and trio.current_time() < renew_at:
+                with trio.move_on_after(ANCHOR_PING_INTERVAL):
+                    await conn.connection.wait_closed()
+                if not conn.connection.closed:
+                    await self._ping_anchor(conn)
+
+    async def _ping_anchor(self, conn: NodeConnection) -> None:
+        with trio.move_on_after(self.attempt_timeout(self._rpc_timeout)):
+            try:
+                result = await conn.rpc.unary(PING, {})
+            except Exception:
+                return  # not ours (a Polykey seed has no nodesPing): fine
+            seen = result.get("address") if isinstance(result, dict) else None
+            if isinstance(seen, dict):
+                try:
+                    address = NodeAddress(seen.get("host"), seen.get("port"))
+                except InvalidAddressError:
+                    return
+                self._note_reflexive(address.as_tuple())
+
+    def _note_reflexive(self, address: tuple[str, int]) -> None:
+        if address in self.reflexive:
+            self.reflexive.remove(address)
+        self.reflexive.insert(0, address)
+        del self.reflexive[_MAX_REFLEXIVE:]
 
     # -- dialling, continued ------------------------------------------------------------
 

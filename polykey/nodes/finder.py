@@ -14,7 +14,11 @@ had in flight):
   hold connections to, closest to the target first, ask each
   ``nodesClosestActiveConnectionsGet(target)``. A node that lists the
   target holds a connection to it: it is a signaller, and we punch through
-  it (:meth:`NodeConnectionManager.connect_punched`). Nodes it lists that
+  it (:meth:`NodeConnectionManager.connect_punched`); if no punch has
+  worked a little later (a symmetric NAT facing a filtering one never
+  will), we also connect through it as a relay
+  (:meth:`NodeConnectionManager.connect_relayed`, see polykey.nodes.relay).
+  Nodes it lists that
   are closer to the target than itself are reached (pooled, dialled at the
   address it reports, or punched through it) and asked in turn, so the
   search walks a chain of signallers toward the target. At most ``alpha``
@@ -54,6 +58,10 @@ log = logging.getLogger("polykey.nodes.finder")
 #: it is a signal round trip, then a dial through a NAT that opens late.
 _PUNCH_ATTEMPTS = 4
 _PUNCH_MIN = 3.0
+#: The relay is tried this many attempt timeouts (at least this many
+#: seconds) after the punch began.
+_RELAY_DELAY_ATTEMPTS = 2
+_RELAY_DELAY_MIN = 1.0
 
 
 @attrs.define
@@ -61,6 +69,7 @@ class FinderStatistics:
     connects: int = 0
     found_direct: int = 0
     found_punched: int = 0
+    found_relayed: int = 0
     not_found: int = 0
     signallers_asked: int = 0
     search_errors: int = 0
@@ -116,7 +125,7 @@ class NodeFinder:
             raise NodeNotFoundError(node_id, "not reached directly or by a punch")
         if winner.path.value == "punched":
             self.statistics.found_punched += 1
-        else:
+        elif winner.path.value == "direct":
             self.statistics.found_direct += 1
         return winner
 
@@ -189,12 +198,14 @@ class NodeFinder:
             except Exception as exc:
                 self._failed("nodesClosestActiveConnectionsGet", signaller.node_id, exc)
         if any(c.node_id == node_id for c in listing):
-            with trio.move_on_after(self._punch_attempt()):
-                try:
-                    won(await self.connections.connect_punched(node_id, signaller))
-                    return
-                except Exception as exc:
-                    self._failed("punch", node_id, exc)
+            # The signaller holds a connection to the target: punch through
+            # it, and should that not work soon, connect through it as a
+            # relay (which fails at once if it offers none).
+            async with trio.open_nursery() as race:
+                race.start_soon(self._punch, node_id, signaller, won)
+                race.start_soon(self._relay, node_id, signaller, won)
+            if self.connections.get(node_id) is not None:
+                return
         # Walk on toward the target through the nodes it is connected to.
         target = node_id.to_int()
         distance = signaller.node_id.to_int() ^ target
@@ -218,6 +229,36 @@ class NodeFinder:
                         self._failed("punch", contact.node_id, exc)
             if conn is not None:
                 found.append(conn)
+
+    async def _punch(
+        self,
+        node_id: NodeId,
+        signaller: NodeConnection,
+        won: Callable[[NodeConnection], None],
+    ) -> None:
+        with trio.move_on_after(self._punch_attempt()):
+            try:
+                won(await self.connections.connect_punched(node_id, signaller))
+            except Exception as exc:
+                self._failed("punch", node_id, exc)
+
+    async def _relay(
+        self,
+        node_id: NodeId,
+        relay: NodeConnection,
+        won: Callable[[NodeConnection], None],
+    ) -> None:
+        # A punch between cone NATs takes about a round trip; give it a few
+        # attempt timeouts before the relay, a slower path, is tried.
+        await trio.sleep(max(_RELAY_DELAY_MIN, _RELAY_DELAY_ATTEMPTS * self._attempt()))
+        if self.connections.get(node_id) is not None:
+            return
+        with trio.move_on_after(self._punch_attempt()):
+            try:
+                won(await self.connections.connect_relayed(node_id, relay))
+                self.statistics.found_relayed += 1
+            except Exception as exc:
+                self._failed("relay", node_id, exc)
 
     def _failed(self, what: str, node_id: NodeId, exc: BaseException) -> None:
         # A peer's failure is routine in a search; it never ends the search.

@@ -16,7 +16,8 @@ And our extension (Polykey pings by connecting; a pooled connection needs a
 cheap liveness check):
 
 * ``nodesPing`` (unary): params ``{}``; result ``{"type": "success",
-  "success": true}``.
+  "success": true, "address": {"host", "port"}}``, the address being the
+  caller's as we see it (its reflexive address).
 
 Every handler validates its params (``RPCInvalidParams`` otherwise). The
 ``request_*`` functions are the client side: they work on any
@@ -162,7 +163,12 @@ class NodesPing(UnaryHandler[JSONObject, JSONObject]):
         return params
 
     async def handle(self, params: JSONObject, ctx: CallContext) -> JSONObject:
-        return {"type": "success", "success": True}
+        result: JSONObject = {"type": "success", "success": True}
+        host, port = ctx.transport.get("host"), ctx.transport.get("port")
+        if isinstance(host, str) and isinstance(port, int):
+            # Where we see the caller: its reflexive address.
+            result["address"] = {"host": host, "port": port}
+        return result
 
 
 def node_handlers(

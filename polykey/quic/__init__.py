@@ -24,7 +24,7 @@ from .errors import (
     TLSConfigError,
 )
 from .server import QUICServer, ServerStatistics
-from .socket import QUICSocket, SocketStatistics, StrayWatch
+from .socket import QUICSocket, SocketStatistics, StrayWatch, VirtualPath
 from .stream import QUICStream
 from .tls import node_tls_identity, node_verifier
 
@@ -50,6 +50,7 @@ __all__ = [
     "TLSAlert",
     "TLSConfigError",
     "TLSIdentity",
+    "VirtualPath",
     "connect",
     "node_tls_identity",
     "node_verifier",

@@ -791,6 +791,13 @@ class Connection:
         _check(rc, "dgram_send")
         return True
 
+    def dgram_max_writable_len(self) -> int | None:
+        """The largest datagram that fits now; None when the peer takes none."""
+        rc = lib.quiche_conn_dgram_max_writable_len(self._ptr)
+        if rc == _DONE:
+            return None
+        return _check(rc, "dgram_max_writable_len")
+
     def dgram_recv(self, buf: bytearray) -> int | None:
         rc = lib.quiche_conn_dgram_recv(self._ptr, ffi.from_buffer(buf), len(buf))
         if rc == _DONE:

@@ -73,6 +73,9 @@ class QUICConfig:
     #: Servers: connections waiting in ``accept()`` before new ones are
     #: refused.
     accept_backlog: int = 128
+    #: Offer DATAGRAM frames (RFC 9221), queueing at most this many each
+    #: way; None: off. Relayed connections travel in them.
+    datagram_queue: int | None = None
 
     def binding_config(self, identity: TLSIdentity, *, server: bool) -> _binding.Config:
         return _binding.Config(
@@ -98,4 +101,5 @@ class QUICConfig:
             # quiche's pacing only sets send_info.at, which we do not honour.
             pacing=False,
             disable_active_migration=True,
+            dgram_queue_len=self.datagram_queue,
         )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -132,6 +133,7 @@ class QUICConnection(trio.abc.AsyncResource):
         # What we sent before the peer's first packet, kept only for a dial
         # that re-sends it through a hole punch (see resend_first_flight).
         self._first_flight: list[tuple[bytes, int, Address]] | None = None
+        self._on_datagram: Callable[[bytes], None] | None = None
         self._on_ready: list[Any] = []
         # Driver counters.
         self._datagrams_in = 0
@@ -212,6 +214,11 @@ class QUICConnection(trio.abc.AsyncResource):
             await trio.lowlevel.cancel_shielded_checkpoint()
         return stream
 
+    def close(self, code: int = 0, reason: bytes = b"") -> None:
+        """Close now with an application error ``code`` and ``reason``
+        (synchronous: for code that cannot await); every stream fails."""
+        self._close_now(is_app=True, code=code, reason=reason)
+
     async def aclose(self, code: int = 0, reason: bytes = b"") -> None:
         """Close with an application error ``code`` and ``reason``. Closing
         happens at once, even when cancelled; every stream fails."""
@@ -229,6 +236,51 @@ class QUICConnection(trio.abc.AsyncResource):
             send_blocked=self._send_blocked,
             streams_open=len(self._streams),
         )
+
+    # -- datagrams (RFC 9221) -----------------------------------------------------------
+
+    def on_datagram(self, handler: Callable[[bytes], None] | None) -> None:
+        """Call ``handler(payload)`` for each DATAGRAM frame the peer sends
+        (synchronously, from the socket's reader: it must not block).
+        Needs ``QUICConfig(datagrams=True)`` on both sides."""
+        self._on_datagram = handler
+        if handler is not None and self._verified:
+            self._deliver_datagrams()
+
+    def send_datagram(self, payload: bytes) -> bool:
+        """Queue an unreliable DATAGRAM frame; sent within a few scheduling
+        rounds, with whatever else is due. False when quiche's queue is full
+        or the payload is larger than :meth:`datagram_max_size`."""
+        if self._finished or not self._verified:
+            return False
+        try:
+            queued = self._q.dgram_send(payload)
+        except QuicheError:
+            return False
+        if queued:
+            self._socket._flush_later(self)
+        return queued
+
+    def datagram_max_size(self) -> int | None:
+        """The largest DATAGRAM payload that fits now; None when the peer
+        does not take datagrams."""
+        if self._finished:
+            return None
+        return self._q.dgram_max_writable_len()
+
+    def _deliver_datagrams(self) -> None:
+        handler = self._on_datagram
+        assert handler is not None
+        buf = self._socket.scratch(65536)
+        q = self._q
+        while True:
+            try:
+                n = q.dgram_recv(buf)
+            except QuicheError:
+                return
+            if n is None:
+                return
+            handler(bytes(buf[:n]))
 
     # -- hole punching ---------------------------------------------------------------
 
@@ -310,6 +362,8 @@ class QUICConnection(trio.abc.AsyncResource):
         if not was_verified and q.is_established():
             self._verify()
         if self._verified and not self._finished:
+            if self._on_datagram is not None:
+                self._deliver_datagrams()
             self._deliver_streams()
             if self._send_waiters:
                 for stream in list(self._send_waiters):

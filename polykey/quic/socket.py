@@ -41,7 +41,7 @@ import errno
 import math
 import socket as _stdlib_socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
@@ -57,7 +57,7 @@ from .errors import QuicheError
 if TYPE_CHECKING:
     from .connection import QUICConnection
 
-__all__ = ["CID_LEN", "QUICSocket", "SocketStatistics", "StrayWatch"]
+__all__ = ["CID_LEN", "QUICSocket", "SocketStatistics", "StrayWatch", "VirtualPath"]
 
 #: Length of every connection id we issue; short headers are routed by it.
 CID_LEN: Final = 16
@@ -140,6 +140,56 @@ class StrayWatch:
         return self.sources[n]
 
 
+class VirtualPath:
+    """A path for QUIC packets that is not the UDP socket: a relayed
+    connection's packets travel inside another connection (polykey.nodes'
+    relay). Made by :meth:`QUICSocket.open_virtual_path`.
+
+    ``address`` stands where the peer's UDP address would (a reserved
+    240.0.0.0/8 address, unique on this socket): a connection dialled to it,
+    or accepted from it, is an ordinary QUICConnection. What quiche sends
+    there goes to ``send(packet)``; what arrives for it is handed in with
+    :meth:`deliver`.
+    """
+
+    def __init__(
+        self, socket: QUICSocket, address: Address, send: Callable[[bytes], bool]
+    ) -> None:
+        self._socket = socket
+        self.address = address
+        self._send = send
+        self.closed = False
+        self.packets_sent = 0
+        self.packets_received = 0
+        self.packets_dropped = 0
+
+    def send_packet(self, packet: bytes) -> None:
+        if self.closed:
+            return
+        if self._send(packet):
+            self.packets_sent += 1
+        else:
+            self.packets_dropped += 1
+
+    def deliver(self, packet: bytes) -> None:
+        """A packet from the peer: routed as if it had arrived at the socket
+        from ``address``, and processed at once."""
+        if self.closed:
+            return
+        self.packets_received += 1
+        socket = self._socket
+        # quiche decrypts in place: give it a buffer of its own.
+        socket._dispatch(memoryview(bytearray(packet)), self.address)
+        socket._process_dirty()
+
+    def close(self) -> None:
+        """Stop carrying packets; connections on the path then time out, or
+        are closed by whoever closes the path."""
+        if not self.closed:
+            self.closed = True
+            self._socket._virtual.pop(self.address, None)
+
+
 class QUICSocket:
     """A UDP socket for QUIC, used as ``async with QUICSocket(...) as sock``.
 
@@ -176,6 +226,8 @@ class QUICSocket:
         self._closed = False
         self._connections: set[QUICConnection] = set()
         self._stray_watches: dict[str, list[StrayWatch]] = {}
+        self._virtual: dict[Address, VirtualPath] = {}
+        self._virtual_next = 0
         self.statistics = SocketStatistics()
         self.local_address: Address = ()
 
@@ -484,6 +536,16 @@ class QUICSocket:
 
     # -- sending ----------------------------------------------------------------
 
+    def open_virtual_path(self, send: Callable[[bytes], bool]) -> VirtualPath:
+        """A new :class:`VirtualPath` whose packets go to ``send``."""
+        n = self._virtual_next = self._virtual_next + 1
+        if n >= 1 << 24:
+            raise RuntimeError("virtual path addresses exhausted")
+        host = f"240.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+        address = self.normalize_address((host, 9))
+        path = self._virtual[address] = VirtualPath(self, address, send)
+        return path
+
     def send_segments(self, data: memoryview, segment: int, address: Address) -> bool:
         """Send ``data`` as packets of ``segment`` bytes (the last may be
         shorter) to ``address``. Returns False if the kernel's buffer is full
@@ -492,6 +554,12 @@ class QUICSocket:
         sock = self._sock
         if sock is None or self._closed:
             return True
+        if self._virtual:
+            path = self._virtual.get(address)
+            if path is not None:
+                for start in range(0, len(data), segment):
+                    path.send_packet(bytes(data[start : start + segment]))
+                return True
         stats = self.statistics
         n = len(data)
         try:

@@ -180,10 +180,10 @@ async def test_a_punch_through_a_signaller_connects_by_the_punched_path(
             conn = await a.connections.connect_punched(b.node_id, to_s)
             assert conn.node_id == b.node_id
             assert conn.path is ConnectionPath.PUNCHED
-            assert await conn.rpc.unary("nodesPing", {}) == {
-                "type": "success",
-                "success": True,
-            }
+            pong = await conn.rpc.unary("nodesPing", {})
+            assert pong["success"] is True
+            # B tells A where it sees A: A's reflexive address.
+            assert pong["address"] == {"host": "127.0.0.1", "port": a.address[1]}
             # The signaller forwarded, the target punched, and B sees A's
             # connection as the one its punch let in.
             with trio.fail_after(5):

@@ -1,0 +1,294 @@
+"""Relayed connections: the relay's tables (pure), then real nodes over QUIC
+on loopback (a circuit end to end, limits and refusals, the upgrade)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from polykey.agent import NodeSettings, PolykeyNode
+from polykey.keys import KeyPair
+from polykey.nodes import ConnectionPath
+from polykey.nodes import connections as connections_module
+from polykey.nodes.relay import (
+    RELAY_CONNECT,
+    RELAY_STOP,
+    Circuit,
+    NoReservationError,
+    PermissionDeniedError,
+    RelayLimits,
+    RelayTable,
+    ResourceLimitError,
+)
+from polykey.rpc import (
+    CallContext,
+    RawCall,
+    RawHandler,
+    RPCRemoteError,
+    RPCStreamReset,
+    StreamCode,
+)
+
+# -- pure --------------------------------------------------------------------------
+
+
+def ids(n: int) -> list[KeyPair]:
+    return [KeyPair.generate() for _ in range(n)]
+
+
+def test_reservations_are_bounded_and_expire() -> None:
+    a, b, c = (k.node_id for k in ids(3))
+    table = RelayTable(RelayLimits(max_reservations=2, max_reservations_per_ip=1))
+    assert table.reserve(a, "10.0.0.1", 0.0) == 3600.0
+    with pytest.raises(ResourceLimitError):
+        table.reserve(b, "10.0.0.1", 0.0)  # same IP
+    table.reserve(b, "10.0.0.2", 0.0)
+    with pytest.raises(ResourceLimitError):
+        table.reserve(c, "10.0.0.3", 0.0)  # full
+    assert table.reserve(a, "10.0.0.1", 10.0) == 3610.0  # renewal is no new one
+    assert table.has_reservation(a, 3000.0)
+    assert not table.has_reservation(b, 3600.0)
+    table.expire(3700.0)
+    table.reserve(c, "10.0.0.3", 3700.0)
+    assert table.statistics.reservations_refused == 2
+
+
+def test_circuits_need_a_reservation_and_stay_within_limits() -> None:
+    a, b, c = (k.node_id for k in ids(3))
+    table = RelayTable(RelayLimits(max_circuits_per_node=2, max_circuits=3))
+    with pytest.raises(NoReservationError):
+        table.open(a, b, 0.0)
+    table.reserve(b, "10.0.0.2", 0.0)
+    with pytest.raises(PermissionDeniedError):
+        table.open(b, b, 0.0)
+    first = table.open(a, b, 0.0)
+    table.open(c, b, 0.0)
+    with pytest.raises(ResourceLimitError):
+        table.open(a, b, 0.0)  # b has 2 circuits
+    assert table.statistics.circuits == 2
+    assert first.source_id != first.target_id
+    # Datagrams are swapped onto the other end's id.
+    assert table.route(a, first.source_id, 100, 1.0) == (b, first.target_id)
+    assert table.route(b, first.target_id, 50, 1.0) == (a, first.source_id)
+    assert table.route(a, b"\x00" * 8, 1, 1.0) is None  # unknown: dropped
+    assert table.statistics.datagrams_dropped == 1
+    assert (first.to_target, first.to_source) == (100, 50)
+
+
+def test_a_circuit_ends_past_its_budget_or_duration() -> None:
+    a, b = (k.node_id for k in ids(2))
+    table = RelayTable(RelayLimits(circuit_bytes=1000, circuit_duration=60.0))
+    table.reserve(b, "10.0.0.2", 0.0)
+    circuit = table.open(a, b, 0.0)
+    assert table.route(a, circuit.source_id, 900, 1.0) == (b, circuit.target_id)
+    assert table.route(a, circuit.source_id, 200, 1.0) is circuit  # over budget
+    assert circuit.closed
+    assert table.route(a, circuit.source_id, 1, 1.0) is None
+    again = table.open(a, b, 2.0)
+    assert table.route(b, again.target_id, 1, 62.0) is again  # too old
+    assert table.statistics.circuits == 0
+    assert table.statistics.circuits_over_budget == 1
+    assert table.statistics.circuits_expired == 1
+
+
+def test_a_node_gone_takes_its_circuits() -> None:
+    a, b, c = (k.node_id for k in ids(3))
+    table = RelayTable()
+    table.reserve(b, "10.0.0.2", 0.0)
+    table.reserve(c, "10.0.0.3", 0.0)
+    one, two = table.open(a, b, 0.0), table.open(a, c, 0.0)
+    closed = table.drop_node(b)
+    assert closed == [one]
+    assert not two.closed
+    assert not table.has_reservation(b, 0.0)
+
+
+# -- real nodes over QUIC on loopback ------------------------------------------------
+
+
+@asynccontextmanager
+async def nodes(
+    tmp_path: Path, *specs: tuple[str, dict[str, object]]
+) -> AsyncIterator[list[PolykeyNode]]:
+    async with trio.open_nursery() as nursery:
+        stop = trio.Event()
+
+        async def run(
+            name: str,
+            extra: dict[str, object],
+            *,
+            task_status: trio.TaskStatus[PolykeyNode] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
+            settings = NodeSettings(
+                state_dir=tmp_path / name, host="127.0.0.1", port=0, **extra
+            )  # type: ignore[arg-type]
+            async with PolykeyNode(settings) as node:
+                task_status.started(node)
+                await stop.wait()
+
+        started = [await nursery.start(run, name, extra) for name, extra in specs]
+        yield started
+        stop.set()
+
+
+async def a_circuit(
+    a: PolykeyNode, r: PolykeyNode, b: PolykeyNode
+) -> connections_module.NodeConnection:
+    to_r = await a.connect(r.node_id, r.address)
+    b_to_r = await b.connect(r.node_id, r.address)
+    assert await b.connections.reserve(b_to_r) is not None
+    return await a.connections.connect_relayed(b.node_id, to_r)
+
+
+async def test_a_relayed_connection_is_end_to_end(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with nodes(
+            tmp_path,
+            ("a", {}),
+            ("r", {"relay": "on"}),
+            ("b", {"handlers": {"sha256": Sha256()}}),
+        ) as (a, r, b):
+            conn = await a_circuit(a, r, b)
+            assert conn.path is ConnectionPath.RELAYED
+            assert conn.connection.peer_identity == b.node_id  # verified end to end
+            pong = await conn.rpc.unary("nodesPing", {})
+            assert pong["success"] is True
+            # B sees A's connection as relayed; R forwarded, and holds one
+            # circuit between them.
+            with trio.fail_after(5):
+                while b.connections.get(a.node_id) is None:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert b.connections.get(a.node_id).path is ConnectionPath.RELAYED  # type: ignore[union-attr]
+            table = r.connections.relay_table
+            assert table is not None
+            assert table.statistics.circuits == 1
+            assert table.statistics.datagrams_forwarded > 4
+            # Bytes through it, checked end to end by B's own handler.
+            body = os.urandom(512 * 1024)
+            async with conn.rpc.raw("sha256", {}) as call:
+                await call.stream.send_all(body)
+                await call.stream.send_eof()
+                digest = b""
+                while chunk := await call.stream.receive_some():
+                    digest += chunk
+            assert digest.decode() == hashlib.sha256(body).hexdigest()
+
+
+class Sha256(RawHandler):
+    """Reads raw bytes to their end, answers their SHA-256 (hex)."""
+
+    async def handle(self, call: RawCall, ctx: CallContext) -> None:
+        stream = await call.accept({})
+        digest = hashlib.sha256()
+        while data := await stream.receive_some():
+            digest.update(data)
+        await stream.send_all(digest.hexdigest().encode())
+        await stream.send_eof()
+
+
+async def test_relay_refusals_on_the_wire(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with nodes(
+            tmp_path,
+            ("a", {}),
+            ("r", {"relay": "on"}),
+            ("b", {}),
+            ("off", {"relay": "off"}),
+        ) as (a, r, b, off):
+            to_r = await a.connect(r.node_id, r.address)
+            await b.connect(r.node_id, r.address)
+            # B holds no reservation.
+            with pytest.raises(RPCRemoteError) as info:
+                await to_r.rpc.unary(
+                    RELAY_CONNECT, {"targetNodeIdEncoded": str(b.node_id)}
+                )
+            assert info.value.remote_type == "ErrorRelayNoReservation"
+            with pytest.raises(RPCRemoteError) as info:
+                await to_r.rpc.unary(RELAY_CONNECT, {"targetNodeIdEncoded": "vnope"})
+            assert info.value.remote_type == "ErrorRPCInvalidParams"
+            # A node that does not relay does not serve the methods at all
+            # (reset with code 1, as js-rpc answers an unknown method).
+            to_off = await a.connect(off.node_id, off.address)
+            with pytest.raises(RPCStreamReset) as reset:
+                await to_off.rpc.unary(
+                    RELAY_CONNECT, {"targetNodeIdEncoded": str(b.node_id)}
+                )
+            assert reset.value.reset_code == StreamCode.HANDLER_FAILED
+            # B only opens circuits for relays it asked for a reservation.
+            to_b = await a.connect(b.node_id, b.address)
+            with pytest.raises(RPCRemoteError) as info:
+                await to_b.rpc.unary(
+                    RELAY_STOP,
+                    {"sourceNodeIdEncoded": str(a.node_id), "circuit": "AAAAAAAAAAA"},
+                )
+            assert info.value.remote_type == "ErrorRelayPermissionDenied"
+            with pytest.raises(RPCRemoteError) as info:
+                await to_b.rpc.unary(
+                    RELAY_STOP, {"sourceNodeIdEncoded": str(a.node_id), "circuit": "xx"}
+                )
+            assert info.value.remote_type == "ErrorRelayMalformed"
+            # Everyone still serves.
+            assert (await to_r.rpc.unary("nodesPing", {}))["success"]
+
+
+async def test_a_circuit_past_its_budget_ends_cleanly(tmp_path: Path) -> None:
+    tight = RelayLimits(circuit_bytes=200_000)
+    with trio.fail_after(30):
+        async with nodes(
+            tmp_path,
+            ("a", {}),
+            ("r", {"relay": "on", "relay_limits": tight}),
+            ("b", {}),
+        ) as (a, r, b):
+            conn = await a_circuit(a, r, b)
+            stream = await conn.connection.open_stream()
+            with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+                await stream.send_all(os.urandom(2 * 1024 * 1024))
+            with trio.fail_after(10):
+                await conn.connection.wait_closed()
+            table = r.connections.relay_table
+            assert table is not None
+            assert table.statistics.circuits_over_budget == 1
+            assert table.statistics.circuits == 0
+            # The nodes keep running, and can open a new circuit.
+            again = await a.connections.connect_relayed(
+                b.node_id, a.connections.get(r.node_id)
+            )  # type: ignore[arg-type]
+            assert (await again.rpc.unary("nodesPing", {}))["success"]
+
+
+async def test_a_relayed_connection_upgrades_to_a_punched_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections_module, "_UPGRADE_FIRST", 0.2)
+    with trio.fail_after(30):
+        async with nodes(tmp_path, ("a", {}), ("r", {"relay": "on"}), ("b", {})) as (
+            a,
+            r,
+            b,
+        ):
+            relayed = await a_circuit(a, r, b)
+            assert relayed.path is ConnectionPath.RELAYED
+            # On loopback the punch works at once: the punched connection
+            # takes the relayed one's place, which is closed after a grace.
+            with trio.fail_after(10):
+                while a.connections.get(b.node_id) is relayed:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            upgraded = a.connections.get(b.node_id)
+            assert upgraded is not None
+            assert upgraded.path is ConnectionPath.PUNCHED
+            assert a.connections.upgrades == 1
+            assert (await upgraded.rpc.unary("nodesPing", {}))["success"]
+            with trio.fail_after(10):
+                await relayed.connection.wait_closed()
+
+
+def test_circuit_type() -> None:
+    assert attrs.has(Circuit)
