@@ -43,10 +43,18 @@ _MAC_LEN: Final = 16
 
 @attrs.define
 class ServerStatistics:
+    """Counters of a :class:`QUICServer`; each refusal has its own."""
+
     retries_sent: int = 0
     version_negotiations_sent: int = 0
+    #: Datagrams under 1200 bytes naming a version we do not speak: dropped
+    #: unanswered (RFC 9000 5.2.2), so the server reflects nothing small.
+    short_unknown_version: int = 0
+    #: Tokens that failed their MAC, expired or came from another address.
     bad_tokens: int = 0
+    #: New clients dropped because ``accept_backlog`` was full.
     refused_backlog: int = 0
+    #: Initials of a supported version in datagrams under 1200 bytes.
     short_initials: int = 0
     accepted: int = 0
     handshakes_failed: int = 0
@@ -115,12 +123,18 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
     def handle_initial(
         self, header: _binding.Header, data: memoryview, address: Address
     ) -> None:
-        """Called by the socket for an Initial to an unknown connection id."""
+        """Called by the socket for an Initial to an unknown connection id, or
+        any long header naming a version we do not speak."""
         if self._closed:
             return
         stats = self.statistics
         send = self._socket.send_segments
         if not _binding.version_is_supported(header.version):
+            if len(data) < _binding.MIN_CLIENT_INITIAL_LEN:
+                # RFC 9000 5.2.2: no VN for a datagram too small to start a
+                # connection, or we answer 8 spoofed bytes with 11.
+                stats.short_unknown_version += 1
+                return
             packet = _binding.negotiate_version(header.scid, header.dcid)
             send(memoryview(packet), len(packet), address)
             stats.version_negotiations_sent += 1

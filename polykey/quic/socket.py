@@ -10,8 +10,9 @@ datagram is routed synchronously:
 * a short header (the bulk of traffic) is routed by the 16-byte DCID we
   chose, sliced straight out of the packet with no parsing call;
 * a long header goes through quiche's header parser: known DCIDs go to their
-  connection, Initials to the attached server (which may answer with version
-  negotiation or Retry), everything else is dropped and counted;
+  connection, Initials and packets of versions we do not speak to the
+  attached server (which may answer with version negotiation or Retry),
+  everything else is dropped and counted;
 * datagrams that are not QUIC at all (hole-punching noise) are counted and
   dropped; while a :class:`StrayWatch` for their source host is open (a
   punch in progress), their source address is noted first: it is where the
@@ -403,7 +404,13 @@ class QUICSocket:
         conn = self._routes.get(header.dcid)
         if conn is not None:
             conn._datagram(data, address)
-        elif header.type is _binding.PacketType.INITIAL:
+        elif header.type is _binding.PacketType.INITIAL or (
+            # Type bits are version-specific (QUIC v2's Initial reads as
+            # 0-RTT in v1): any long header of a version we do not speak
+            # may be asking for version negotiation; never a VN, though.
+            header.type is not _binding.PacketType.VERSION_NEGOTIATION
+            and not _binding.version_is_supported(header.version)
+        ):
             if self._server is None:
                 self.statistics.dropped_no_server += 1
             else:
