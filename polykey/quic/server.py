@@ -60,9 +60,6 @@ class ServerStatistics:
 
     retries_sent: int = 0
     version_negotiations_sent: int = 0
-    #: Datagrams under 1200 bytes naming a version we do not speak: dropped
-    #: unanswered (RFC 9000 5.2.2), so the server reflects nothing small.
-    short_unknown_version: int = 0
     #: Tokens that are malformed, forged or from another address.
     bad_tokens: int = 0
     #: Tokens older than their 10 s lifetime.
@@ -184,17 +181,14 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         self, header: _binding.Header, data: memoryview, address: Address
     ) -> None:
         """Called by the socket for an Initial to an unknown connection id, or
-        any long header naming a version we do not speak."""
+        a datagram of at least 1200 bytes naming a version we do not speak."""
         if self._closed:
             return
         stats = self.statistics
         send = self._socket.send_segments
         if not _binding.version_is_supported(header.version):
-            if len(data) < _binding.MIN_CLIENT_INITIAL_LEN:
-                # RFC 9000 5.2.2: no VN for a datagram too small to start a
-                # connection, or we answer 8 spoofed bytes with 11.
-                stats.short_unknown_version += 1
-                return
+            # The socket passes these on only in datagrams of 1200 bytes or
+            # more (RFC 9000 5.2.2): VN never answers little with much.
             packet = _binding.negotiate_version(header.scid, header.dcid)
             send(memoryview(packet), len(packet), address)
             stats.version_negotiations_sent += 1
