@@ -29,6 +29,11 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
         raise ValueError(f"{attribute.name} must not be negative")
 
 
+def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1")
+
+
 def _as_chain(chain: Iterable[bytes]) -> tuple[bytes, ...]:
     return tuple(chain)
 
@@ -73,6 +78,9 @@ class QUICConfig:
     #: Servers: connections waiting in ``accept()`` before new ones are
     #: refused.
     accept_backlog: int = 128
+    #: Servers: handshakes in flight from one IP address (any port) before
+    #: its new ones are refused, so one address cannot fill the backlog.
+    max_handshakes_per_address: int = attrs.field(default=16, validator=_at_least_one)
     #: Offer DATAGRAM frames (RFC 9221), queueing at most this many each
     #: way; None: off. Relayed connections travel in them.
     datagram_queue: int | None = None

@@ -3,15 +3,23 @@
 A new client's Initial reaches :meth:`QUICServer.handle_initial` from the
 socket's reader. With Retry on (the default, as js-quic does it) the first
 Initial is answered statelessly with a Retry carrying a token: an HMAC over
-the client's address and original destination id, with a timestamp, under a
-key that lives only in this server. Only a client that echoes a valid token
-from the same address gets a connection, so spoofed sources cost us one
-small packet, not a TLS handshake.
+the client's address, its original destination id and the id the Retry
+tells it to use next, with a timestamp, under a key that lives only in this
+server. Only a client that echoes a valid token from the same address, sent
+to that id, gets a connection, so spoofed sources cost us one small packet,
+not a TLS handshake.
+
+A token admits one connection: the server remembers the tokens it has used
+until they expire (10 s, at most ``_MAX_USED_TOKENS``), so one Retry cannot
+be replayed into many handshakes. Handshakes in flight are bounded per IP
+address (``max_handshakes_per_address``) and in all (``accept_backlog``,
+which also counts connections waiting in :meth:`accept`): one address
+cannot take every slot for the handshake timeout.
 
 A connection is handed to :meth:`accept` only once its handshake is done and
-the peer's certificate chain passed the verifier. Connections waiting to be
-accepted are bounded (``accept_backlog``); past it new clients are dropped
-(they retry) rather than queued without limit.
+the peer's certificate chain passed the verifier. Past a limit new clients
+are dropped (they retry) rather than queued without limit; every refusal is
+counted in :class:`ServerStatistics`.
 """
 
 from __future__ import annotations
@@ -39,17 +47,47 @@ __all__ = ["QUICServer", "ServerStatistics"]
 
 _TOKEN_LIFETIME_MS: Final = 10_000
 _MAC_LEN: Final = 16
+# stamp (8), odcid length (1), odcid, the Retry's scid (CID_LEN), MAC.
+_TOKEN_MIN_LEN: Final = 9 + CID_LEN + _MAC_LEN
+#: Used tokens remembered at most (16 bytes each, kept 10 s): more than the
+#: server can admit in a token's lifetime. When full, tokens are refused.
+_MAX_USED_TOKENS: Final = 65_536
 
 
 @attrs.define
 class ServerStatistics:
+    """Counters of a :class:`QUICServer`; each refusal has its own."""
+
     retries_sent: int = 0
     version_negotiations_sent: int = 0
+    #: Tokens that are malformed, forged or from another address.
     bad_tokens: int = 0
+    #: Tokens older than their 10 s lifetime.
+    expired_tokens: int = 0
+    #: Valid tokens sent to a connection id other than the one their Retry
+    #: named.
+    token_dcid_mismatch: int = 0
+    #: Tokens that had already admitted a connection.
+    reused_tokens: int = 0
+    #: Valid tokens refused because the used-token memory was full.
+    refused_token_memory: int = 0
+    #: New clients dropped because ``accept_backlog`` was full.
     refused_backlog: int = 0
+    #: New clients dropped because their IP address already had
+    #: ``max_handshakes_per_address`` handshakes in flight.
+    refused_address_limit: int = 0
+    #: Initials of a supported version in datagrams under 1200 bytes.
     short_initials: int = 0
+    #: Connections created for new clients (each a handshake in flight).
+    handshakes_started: int = 0
+    #: Handshakes in flight now.
+    handshaking: int = 0
     accepted: int = 0
     handshakes_failed: int = 0
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
 
 
 class QUICServer(trio.abc.Listener[QUICConnection]):
@@ -76,6 +114,11 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         self._ready: collections.deque[QUICConnection] = collections.deque()
         self._lot = trio.lowlevel.ParkingLot()
         self._handshaking = 0
+        # Handshakes in flight per IP address.
+        self._per_address: collections.Counter[str] = collections.Counter()
+        # MAC of each token that admitted a connection -> when it may be
+        # forgotten (ms); in insertion order, so also in that order.
+        self._used_tokens: dict[bytes, int] = {}
         self._closed = False
         self.statistics = ServerStatistics()
         socket.attach_server(self)
@@ -86,41 +129,66 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
 
     # -- tokens -------------------------------------------------------------------
 
-    def _mac(self, stamp: bytes, odcid: bytes, address: Address) -> bytes:
-        message = stamp + odcid + repr(tuple(address[:2])).encode()
+    def _mac(self, body: bytes, address: Address) -> bytes:
+        message = body + repr(tuple(address[:2])).encode()
         return hmac.new(self._key, message, hashlib.sha256).digest()[:_MAC_LEN]
 
-    def _mint_token(self, odcid: bytes, address: Address) -> bytes:
-        stamp = struct.pack("!Q", int(time.monotonic() * 1000))
-        return stamp + bytes([len(odcid)]) + odcid + self._mac(stamp, odcid, address)
+    def _mint_token(self, odcid: bytes, scid: bytes, address: Address) -> bytes:
+        """A token for a client at ``address`` whose first Initial went to
+        ``odcid``, told by our Retry to use ``scid`` next."""
+        stamp = struct.pack("!Q", _now_ms())
+        body = stamp + bytes([len(odcid)]) + odcid + scid
+        return body + self._mac(body, address)
 
-    def _check_token(self, token: bytes, address: Address) -> bytes | None:
-        """The original DCID the token vouches for, or None."""
-        if len(token) < 9 + _MAC_LEN:
+    def _check_token(
+        self, token: bytes, dcid: bytes, address: Address
+    ) -> tuple[bytes, bytes] | None:
+        """The original DCID and MAC of a token that may admit a connection
+        from ``address`` sent to ``dcid``; None (counted) if it may not."""
+        stats = self.statistics
+        if len(token) < _TOKEN_MIN_LEN or len(token) != _TOKEN_MIN_LEN + token[8]:
+            stats.bad_tokens += 1
             return None
-        stamp, length = token[:8], token[8]
-        odcid = token[9 : 9 + length]
-        mac = token[9 + length :]
-        if len(odcid) != length or len(mac) != _MAC_LEN:
+        body, mac = token[:-_MAC_LEN], token[-_MAC_LEN:]
+        if not hmac.compare_digest(mac, self._mac(body, address)):
+            stats.bad_tokens += 1
             return None
-        if not hmac.compare_digest(mac, self._mac(stamp, odcid, address)):
+        now = _now_ms()
+        if not 0 <= now - struct.unpack("!Q", body[:8])[0] <= _TOKEN_LIFETIME_MS:
+            stats.expired_tokens += 1
             return None
-        age = int(time.monotonic() * 1000) - struct.unpack("!Q", stamp)[0]
-        if not 0 <= age <= _TOKEN_LIFETIME_MS:
+        if not hmac.compare_digest(body[-CID_LEN:], dcid):
+            # Else one token would admit a connection per fresh DCID.
+            stats.token_dcid_mismatch += 1
             return None
-        return odcid
+        used = self._used_tokens
+        while used:
+            oldest = next(iter(used))
+            if used[oldest] > now:
+                break
+            del used[oldest]
+        if mac in used:
+            stats.reused_tokens += 1
+            return None
+        if len(used) >= _MAX_USED_TOKENS:
+            stats.refused_token_memory += 1
+            return None
+        return body[9:-CID_LEN], mac
 
     # -- new connections ------------------------------------------------------------
 
     def handle_initial(
         self, header: _binding.Header, data: memoryview, address: Address
     ) -> None:
-        """Called by the socket for an Initial to an unknown connection id."""
+        """Called by the socket for an Initial to an unknown connection id, or
+        a datagram of at least 1200 bytes naming a version we do not speak."""
         if self._closed:
             return
         stats = self.statistics
         send = self._socket.send_segments
         if not _binding.version_is_supported(header.version):
+            # The socket passes these on only in datagrams of 1200 bytes or
+            # more (RFC 9000 5.2.2): VN never answers little with much.
             packet = _binding.negotiate_version(header.scid, header.dcid)
             send(memoryview(packet), len(packet), address)
             stats.version_negotiations_sent += 1
@@ -133,20 +201,27 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
             return
         odcid: bytes | None = None
         scid = os.urandom(CID_LEN)
+        mac: bytes | None = None
         if self._config.retry:
             if not header.token:
-                token = self._mint_token(header.dcid, address)
+                token = self._mint_token(header.dcid, scid, address)
                 packet = _binding.retry(
                     header.scid, header.dcid, scid, token, header.version
                 )
                 send(memoryview(packet), len(packet), address)
                 stats.retries_sent += 1
                 return
-            odcid = self._check_token(header.token, address)
-            if odcid is None or len(header.dcid) != CID_LEN:
-                stats.bad_tokens += 1
+            checked = self._check_token(header.token, header.dcid, address)
+            if checked is None:
                 return
+            odcid, mac = checked
             scid = header.dcid
+        host = str(address[0])
+        if self._per_address[host] >= self._config.max_handshakes_per_address:
+            stats.refused_address_limit += 1
+            return
+        if mac is not None:
+            self._used_tokens[mac] = _now_ms() + _TOKEN_LIFETIME_MS
         try:
             q = _binding.Connection.accept(
                 self._binding_config, scid, odcid, self._socket.local_address, address
@@ -167,15 +242,24 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
             # Until the client switches to our id it keeps using its own.
             self._socket._route(header.dcid, conn)
         self._handshaking += 1
+        self._per_address[host] += 1
+        stats.handshakes_started += 1
+        stats.handshaking = self._handshaking
         conn._on_ready.append(self._connection_ready)
-        self._socket.nursery.start_soon(self._watch_handshake, conn)
+        self._socket.nursery.start_soon(self._watch_handshake, conn, host)
         conn._start(self._config.handshake_timeout)
         conn._datagram(data, address)
 
-    async def _watch_handshake(self, conn: QUICConnection) -> None:
-        # Keeps the handshaking count honest when a handshake fails.
-        await conn._handshake_done.wait()
-        self._handshaking -= 1
+    async def _watch_handshake(self, conn: QUICConnection, host: str) -> None:
+        # Keeps the handshaking counts honest when a handshake fails.
+        try:
+            await conn._handshake_done.wait()
+        finally:
+            self._handshaking -= 1
+            self.statistics.handshaking = self._handshaking
+            self._per_address[host] -= 1
+            if not self._per_address[host]:
+                del self._per_address[host]
         if not conn._verified:
             self.statistics.handshakes_failed += 1
 

@@ -10,8 +10,10 @@ datagram is routed synchronously:
 * a short header (the bulk of traffic) is routed by the 16-byte DCID we
   chose, sliced straight out of the packet with no parsing call;
 * a long header goes through quiche's header parser: known DCIDs go to their
-  connection, Initials to the attached server (which may answer with version
-  negotiation or Retry), everything else is dropped and counted;
+  connection, Initials and packets of versions we do not speak (in
+  datagrams of at least 1200 bytes) to the attached server (which may
+  answer with version negotiation or Retry), everything else is dropped and
+  counted;
 * datagrams that are not QUIC at all (hole-punching noise) are counted and
   dropped; while a :class:`StrayWatch` for their source host is open (a
   punch in progress), their source address is noted first: it is where the
@@ -93,6 +95,9 @@ class SocketStatistics:
     dropped_not_quic: int = 0
     #: QUIC packets for connection ids we do not know.
     dropped_unknown_connection: int = 0
+    #: Datagrams under 1200 bytes naming a version we do not speak: never
+    #: answered with version negotiation (RFC 9000 5.2.2).
+    dropped_short_unknown_version: int = 0
     #: Initials that arrived while no server was attached.
     dropped_no_server: int = 0
     #: Sends the kernel refused for lack of buffer space (then retried).
@@ -455,6 +460,23 @@ class QUICSocket:
         conn = self._routes.get(header.dcid)
         if conn is not None:
             conn._datagram(data, address)
+        elif header.type is not _binding.PacketType.VERSION_NEGOTIATION and (
+            not _binding.version_is_supported(header.version)
+        ):
+            # Type bits are version-specific (QUIC v2's Initial reads as
+            # 0-RTT in v1): any long header of a version we do not speak may
+            # ask for version negotiation, but only in a datagram big
+            # enough to start a connection (RFC 9000 5.2.2). A smaller one
+            # is noise (hole punching), and answering it would make us a
+            # reflector: 8 spoofed bytes in, 11 out.
+            if len(data) < _binding.MIN_CLIENT_INITIAL_LEN:
+                self.statistics.dropped_short_unknown_version += 1
+                if self._stray_watches:
+                    self._note_stray(address)
+            elif self._server is None:
+                self.statistics.dropped_no_server += 1
+            else:
+                self._server.handle_initial(header, data, address)
         elif header.type is _binding.PacketType.INITIAL:
             if self._server is None:
                 self.statistics.dropped_no_server += 1

@@ -70,9 +70,49 @@ _CLOSE = frozenset(b"}]")
 _WHITESPACE_STR = re.compile(r"[ \t\n\r]*")
 
 
+class _ConstantError(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> Any:
     # json.loads accepts NaN/Infinity, which JSON (and JSON.parse) does not.
-    raise ValueError(f"{name} is not valid JSON")
+    raise _ConstantError(f"{name} is not valid JSON")
+
+
+# What a peer is told about bad JSON is in our words: Python's own messages
+# name its internals ("use sys.set_int_max_str_digits()", "maximum recursion
+# depth") and change between versions. Keyed by the start of json's
+# JSONDecodeError.msg; anything unknown is plain "invalid JSON".
+_DECODE_ERRORS: Final = (
+    ("Expecting value", "a value was expected"),
+    ("Expecting ','", "',' was expected"),
+    ("Expecting ':'", "':' was expected"),
+    ("Expecting property name", "a quoted property name was expected"),
+    ("Unterminated string", "unterminated string"),
+    ("Invalid control character", "control character in a string"),
+    ("Invalid \\uXXXX", "bad \\u escape in a string"),
+    ("Invalid \\escape", "bad escape in a string"),
+    ("Illegal trailing comma", "trailing comma"),
+)
+
+
+def _parse_error(exc: BaseException) -> RPCParseError:
+    if isinstance(exc, RecursionError):
+        # json's C scanner recurses per level, up to the recursion limit.
+        return RPCParseError("invalid JSON: nesting too deep")
+    if isinstance(exc, json.JSONDecodeError):
+        for theirs, ours in _DECODE_ERRORS:
+            if exc.msg.startswith(theirs):
+                return RPCParseError(f"invalid JSON: {ours} at character {exc.pos}")
+        return RPCParseError(f"invalid JSON at character {exc.pos}")
+    if isinstance(exc, UnicodeDecodeError):
+        return RPCParseError(f"invalid JSON: not UTF-8 text at byte {exc.start}")
+    if isinstance(exc, _ConstantError):
+        return RPCParseError(f"invalid JSON: {exc}")
+    if "integer string conversion" in str(exc):
+        # int() refuses numbers past its digit limit (4300 by default).
+        return RPCParseError("invalid JSON: number too long")
+    return RPCParseError("invalid JSON")
 
 
 # What json.loads(data, parse_constant=...) and json.dumps(value, ...) build on
@@ -94,7 +134,7 @@ def _loads(data: bytes | bytearray) -> Any:
         return _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         # UnicodeDecodeError and JSONDecodeError are ValueErrors too.
-        raise RPCParseError(f"invalid JSON: {exc}") from None
+        raise _parse_error(exc) from None
 
 
 def encode_json(value: Any) -> bytes:

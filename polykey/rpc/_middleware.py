@@ -60,11 +60,16 @@ def metadata_timeout_ms(params: object) -> float | bool | None:
     value = meta["timeout"]
     if value is None:
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if math.isnan(value) or value < 0:
-            return False
-        return float(value)
-    return False
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if value != value or value < 0:  # NaN never equals itself
+        return False
+    try:
+        ms = float(value)
+    except OverflowError:
+        # An integer past a double's range: JSON.parse reads it as Infinity.
+        return None
+    return None if math.isinf(ms) else ms
 
 
 class ServerTimeoutMiddleware(Middleware):

@@ -89,27 +89,65 @@ async def test_without_gso_and_gro(monkeypatch: pytest.MonkeyPatch) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_unsupported_version_gets_version_negotiation() -> None:
+def _unknown_version(dcid: bytes, scid: bytes, size: int, first: int = 0xC0) -> bytes:
+    packet = (
+        bytes([first])
+        + struct.pack("!I", 0x1A2A3A4A)  # a version nobody speaks
+        + bytes([len(dcid)]) + dcid
+        + bytes([len(scid)]) + scid
+    )  # fmt: skip
+    return packet + b"\x00" * (size - len(packet))
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        0xC0,  # an Initial's type bits in v1
+        0xD0,  # QUIC v2's Initial (0-RTT's type bits in v1)
+    ],
+)
+async def test_unsupported_version_gets_version_negotiation(first: int) -> None:
     async with QUICSocket("127.0.0.1") as ss:
-        QUICServer(ss, tls_identity("server"))
+        server = QUICServer(ss, tls_identity("server"))
         raw = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
         with raw:
             await raw.bind(("127.0.0.1", 0))
             dcid, scid = os.urandom(8), os.urandom(8)
-            initial = (
-                bytes([0xC0])
-                + struct.pack("!I", 0x1A2A3A4A)  # a version nobody speaks
-                + bytes([len(dcid)]) + dcid
-                + bytes([len(scid)]) + scid
-            )  # fmt: skip
-            initial += b"\x00" * (1200 - len(initial))
-            await raw.sendto(initial, ss.local_address)
+            await raw.sendto(
+                _unknown_version(dcid, scid, 1200, first), ss.local_address
+            )
             with trio.fail_after(5):
                 answer, _ = await raw.recvfrom(2048)
         header = parse_header(answer, 8)
         assert header.type is PacketType.VERSION_NEGOTIATION
         assert header.dcid == scid
         assert header.scid == dcid
+        assert server.statistics.version_negotiations_sent == 1
+
+
+async def test_small_datagram_of_unknown_version_gets_no_answer() -> None:
+    # RFC 9000 5.2.2: a server drops datagrams under 1200 bytes naming a
+    # version it does not speak; answering makes it a reflector (8 spoofed
+    # bytes in, 11 out).
+    async with QUICSocket("127.0.0.1") as ss:
+        server = QUICServer(ss, tls_identity("server"))
+        raw = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with raw:
+            await raw.bind(("127.0.0.1", 0))
+            sizes = [8, 100, 1199]
+            for size in sizes:
+                await raw.sendto(_unknown_version(b"", b"", size), ss.local_address)
+            await raw.sendto(_unknown_version(b"", b"", 1200), ss.local_address)
+            with trio.fail_after(5):
+                answer, _ = await raw.recvfrom(2048)
+            # The only answer is the 1200-byte datagram's.
+            assert parse_header(answer, 8).type is PacketType.VERSION_NEGOTIATION
+            with trio.move_on_after(0.3):
+                extra, _ = await raw.recvfrom(2048)
+                pytest.fail(f"a second answer: {extra!r}")
+        assert ss.statistics.dropped_short_unknown_version == len(sizes)
+        assert server.statistics.version_negotiations_sent == 1
+        assert ss.statistics.datagrams_sent == 1
 
 
 async def test_initial_without_server_is_dropped_and_counted() -> None:

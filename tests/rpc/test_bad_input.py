@@ -398,3 +398,40 @@ async def test_server_survives_a_crowd_of_bad_peers(
                 for _ in range(10):
                     nursery.start_soon(still_serving, h)
             await h.settle()
+
+
+@pytest.mark.parametrize(
+    ("chunk", "message"),
+    [
+        # int() refuses more than 4300 digits, naming sys.set_int_max_str_digits()
+        (
+            b'{"method":"echo","params":{"x":' + b"1" * 100_000 + b"}}",
+            "invalid JSON: number too long",
+        ),
+        (b"9" * 100_000, "invalid JSON: number too long"),
+        # json's C scanner recurses per level: a RecursionError
+        (b"[" * 100_000 + b"]" * 100_000, "invalid JSON: nesting too deep"),
+        (
+            b'{"method":"echo","params":{"x":'
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}}",
+            "invalid JSON: nesting too deep",
+        ),
+        (b'{"method":"echo" "x"}', "invalid JSON: ',' was expected at character 17"),
+        (b'{"method":"\xff"}', "invalid JSON: not UTF-8 text at byte 11"),
+        (b'{"method":NaN}', "invalid JSON: NaN is not valid JSON"),
+    ],
+)
+async def test_parse_errors_are_told_in_our_words(
+    autojump_clock: trio.testing.MockClock, chunk: bytes, message: str
+) -> None:
+    with trio.fail_after(60):
+        async with harness() as h:
+            values, reset = await exchange(h.server, chunk)
+            assert reset is None
+            assert error_code(values) == (ErrorCode.PARSE_ERROR, "ErrorRPCParse")
+            error = values[0]["error"]
+            assert error["message"] == message
+            assert error["data"]["message"] == message
+            await still_serving(h)

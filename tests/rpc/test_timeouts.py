@@ -9,12 +9,14 @@ import trio
 import trio.testing
 
 from polykey.rpc import (
+    JSONStreamDecoder,
     RPCRemoteError,
     RPCRemoteTimedOut,
     RPCTimedOut,
     StreamResetError,
     memory_stream_pair,
 )
+from polykey.rpc._middleware import metadata_timeout_ms
 
 from .helpers import Sleep, SlowRaw, default_manifest, harness
 
@@ -247,3 +249,54 @@ async def test_timeouts_on_every_call_type(
                 assert call.header == {"ok": True}
                 await trio.sleep(10)  # proof of life: no more timeout
                 assert await call.stream.receive_some() == b"late"
+
+
+@pytest.mark.parametrize(
+    ("literal", "seen"),
+    [
+        # Past a double's range: JSON.parse reads both as Infinity.
+        (b"1" + b"0" * 400, None),
+        (b"1e400", None),
+        # Huge but finite: effectively no client timeout either.
+        (b"1" + b"0" * 300, 1e297),
+    ],
+)
+async def test_huge_metadata_timeout_is_infinite(
+    autojump_clock: trio.testing.MockClock, literal: bytes, seen: float | None
+) -> None:
+    sleep = Sleep()
+    header = (
+        b'{"jsonrpc":"2.0","method":"sleep","params":{"s":5,"metadata":{"timeout":'
+        + literal
+        + b'}},"id":null}'
+    )
+    for server_timeout in (None, 10):
+        with trio.fail_after(60):
+            async with harness(manifest_with(sleep), timeout=server_timeout) as h:  # type: ignore[arg-type]
+                peer, server_end = memory_stream_pair()
+                await h.server.handle_stream(server_end)
+                await peer.send_all(header)
+                await peer.send_eof()
+                decoder = JSONStreamDecoder()
+                values: list[object] = []
+                while data := await peer.receive_some():
+                    values.extend(decoder.feed(data))
+                await peer.aclose()
+                assert values == [
+                    {"jsonrpc": "2.0", "result": {"slept": 5}, "id": None}
+                ]
+        expected = seen if server_timeout is None else server_timeout
+        assert sleep.seen_timeout.pop() == pytest.approx(expected)
+
+
+def test_metadata_timeout_ms_reads_what_json_parse_would() -> None:
+    def read(value: object) -> float | bool | None:
+        return metadata_timeout_ms({"metadata": {"timeout": value}})
+
+    assert read(1500) == 1500.0
+    assert read(10**400) is None
+    assert read(math.inf) is None
+    assert read(-(10**400)) is False
+    assert read(math.nan) is False
+    assert read(True) is False
+    assert read("5") is False
