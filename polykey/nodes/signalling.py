@@ -357,7 +357,8 @@ class NodesConnectionSignalInitial(UnaryHandler[JSONValue, JSONObject]):
 
     def __init__(self, host: SignalHost, limiter: RateLimiter | None = None) -> None:
         self.host = host
-        self.limiter = limiter or RateLimiter()
+        # Not `limiter or ...`: a RateLimiter with no buckets yet is falsy (len 0).
+        self.limiter = limiter if limiter is not None else RateLimiter()
         self.forwarded = 0
 
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:

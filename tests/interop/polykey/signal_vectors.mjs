@@ -40,13 +40,23 @@
 //      instead of running Polykey's handler; "targetResetCode" makes it reset
 //      the stream with that code.  "relaySettled" then tells whether Polykey's
 //      signaller swallows the outcome or lets it reject (unhandled in Polykey).
-//   {"kind": "signalFinal", "peer": NAME, "params": {...}, "target": NAME?}
+//   {"kind": "signalFinal", "peer": NAME, "params": {...}, "target": NAME?,
+//    "peerCerts": false?}
 //      runs the target's real NodesConnectionSignalFinal handler; returns the
 //      reply or the error, and the punch it started (host, port).
+//      "peerCerts": false gives the connection no certificates (so the
+//      handler cannot tell who relayed).
 //   In both, params may instead be given as "paramsJson" (raw JSON text), to
 //   test key order as it arrives on the wire.
 //   {"kind": "verify", "nodeId": "v...", "dataHex": HEX, "signature": B64URL}
 //      keysUtils.verifyWithPublicKey(publicKeyFromNodeId(nodeId), data, sig).
+//   {"kind": "clientCall", "method": M, "params": {...}, "replyJson": TEXT}
+//      a unary call by Polykey's real RPCClient (configured as NodeConnection
+//      configures it, so an error reply is decoded by networkUtils.toError)
+//      whose peer answers with the JSON text replyJson; returns "ok" and the
+//      "result", or "clientSees": what the call threw (a plain object is
+//      reported as {"thrownPlainObject": true, "type", "value"}), and
+//      "wire": the exact request text the client wrote.
 //
 // Output:
 //   {
@@ -54,11 +64,16 @@
 //     "flow": {            // a whole source -> signaller -> target exchange,
 //                          // made when keys source, signaller, target and
 //                          // address are given
-//       "signalInitialRequest": JSON text the initiator sends,
+//       "signalInitialWire": the exact bytes (as text) the initiator's
+//                            RPCClient writes, params.metadata included,
+//       "signalInitialRequest": the same request re-serialised by the vectors
+//                               script (jsonrpc, method, params, id order),
 //       "request": {"signedHex", "signature", "signatureHex", "verifies"},
 //                                                         // by the source
 //       "signalInitialReply": JSON text the signaller answers,
-//       "signalFinalRequest": JSON text the signaller sends to the target,
+//       "signalFinalWire": the exact bytes (as text) the signaller's
+//                          RPCClient writes to the target,
+//       "signalFinalRequest": the same, re-serialised as above,
 //       "relay": {"addressJson", "signedHex", "signature", "signatureHex",
 //                 "verifies"},
 //                                                         // by the signaller
@@ -73,9 +88,13 @@
 // An error RESULT ("ok": false) has "reply": {"type", "message",
 // "description", "exitCode", "wire": the exact JSON text of the error reply,
 // "clientSees": what a Polykey caller's toError turns it into}.
-// The request texts here are plain JSON-RPC envelopes of the params; a real
-// Polykey caller writes {"method","jsonrpc","id","params"} and adds
-// params.metadata = {"timeout": ms | null} (see live mode).
+// The flow's two hops (initiator -> signaller, signaller -> target) and the
+// signaller's relays in signalInitial checks go through Polykey's real
+// RPCClient over an in-memory stream, so their "...Wire" texts are what a
+// Polykey caller writes: {"method","jsonrpc","id","params"} with
+// params.metadata = {"timeout": ms | null} added by js-rpc's middleware.  The
+// handlers get those params, metadata included, as on a real stream.  Other
+// request texts are plain JSON-RPC envelopes of the params.
 //
 //   echo '{"keys": {...}, "address": {...}}' | node signal_vectors.mjs
 //
@@ -101,6 +120,8 @@ const { default: NodesConnectionSignalInitial } = require(
 const { default: NodesConnectionSignalFinal } = require(
   'polykey/dist/nodes/agent/handlers/NodesConnectionSignalFinal',
 );
+const { default: agentClientManifest } = require('polykey/dist/nodes/agent/callers');
+const { RPCClient, middleware: rpcMiddleware } = require('@matrixai/rpc');
 const asyncInitUtils = require('@matrixai/async-init/dist/utils');
 const { default: Logger, LogLevel } = require('@matrixai/logger');
 
@@ -246,6 +267,79 @@ function metaFor(peer, remote, local) {
 
 const LOCAL = { host: '127.0.0.1', port: 1314 };
 
+/** The caller's side of a QUIC stream's metadata, as js-quic gives it. */
+function streamMeta(local, remote) {
+  return {
+    localHost: local.host,
+    localPort: local.port,
+    remoteHost: remote.host,
+    remotePort: remote.port,
+  };
+}
+
+/**
+ * A unary call made by Polykey's real RPCClient, configured as NodeConnection
+ * configures it, over an in-memory stream.  The far end collects the request
+ * bytes exactly as the client writes them; once they form one JSON value it
+ * hands their text to `serve`, writes back the reply text `serve` returns and
+ * ends the stream.  `record.wireJson` gets the request text; returns the
+ * result or throws what Polykey's client throws.
+ */
+async function polykeyUnary(method, params, ctx, meta, serve, record = {}) {
+  let controller;
+  const readable = new ReadableStream({
+    start: (c) => {
+      controller = c;
+    },
+  });
+  const chunks = [];
+  let served = false;
+  const writable = new WritableStream({
+    write: (chunk) => {
+      chunks.push(Buffer.from(chunk));
+      if (served) return;
+      const text = Buffer.concat(chunks).toString('utf-8');
+      try {
+        JSON.parse(text);
+      } catch {
+        return;
+      }
+      served = true;
+      record.wireJson = text;
+      // Not awaited: the client reads the reply while its write settles.
+      void Promise.resolve()
+        .then(() => serve(text))
+        .then(
+          (reply) => {
+            controller.enqueue(Buffer.from(reply, 'utf-8'));
+            controller.close();
+          },
+          (e) => controller.error(e),
+        );
+    },
+  });
+  const stream = {
+    readable,
+    writable,
+    cancel: (reason) => {
+      try {
+        controller.error(reason);
+      } catch {
+        // already ended
+      }
+    },
+    meta,
+  };
+  const client = new RPCClient({
+    manifest: agentClientManifest,
+    middlewareFactory: rpcMiddleware.defaultClientMiddlewareWrapper(),
+    streamFactory: async () => stream,
+    toError: networkUtils.toError,
+    logger,
+  });
+  return await client.methods[method](params, ctx);
+}
+
 /** Target side: a NodesConnectionSignalFinal handler whose punches are recorded. */
 function targetSide(targetPeer) {
   const ncm = targetPeer.manager();
@@ -286,7 +380,7 @@ function signallerSide(
   const relays = [];
   if (targetConnected) {
     addConnection(ncm, targetPeer.nodeId, targetAddress, {
-      nodesConnectionSignalFinal: async (params) => {
+      nodesConnectionSignalFinal: async (params, ctx) => {
         const requestJson = JSON.stringify({
           jsonrpc: '2.0',
           method: 'nodesConnectionSignalFinal',
@@ -313,15 +407,25 @@ function signallerSide(
           }
           return reply.result;
         }
-        const call = await callUnary(
+        const record = {};
+        relays.push(record);
+        return await polykeyUnary(
           'nodesConnectionSignalFinal',
-          target.handler,
           params,
-          metaFor(signallerPeer, LOCAL, targetAddress),
+          ctx,
+          streamMeta(LOCAL, targetAddress),
+          async (wireJson) => {
+            const call = await callUnary(
+              'nodesConnectionSignalFinal',
+              target.handler,
+              JSON.parse(wireJson).params,
+              metaFor(signallerPeer, LOCAL, targetAddress),
+            );
+            Object.assign(record, call);
+            return call.replyJson;
+          },
+          record,
         );
-        relays.push(call);
-        if (!call.ok) throw call.clientError;
-        return call.result;
       },
     });
   }
@@ -360,17 +464,25 @@ async function flow(peers, address, targetAddress) {
   const initiator = source.manager();
   const out = {};
   let initialCall;
+  const initialRecord = {};
   addConnection(initiator, signaller.nodeId, { host: '127.0.0.1', port: 1 }, {
-    nodesConnectionSignalInitial: async (params) => {
-      initialCall = await callUnary(
+    nodesConnectionSignalInitial: (params, ctx) =>
+      polykeyUnary(
         'nodesConnectionSignalInitial',
-        side.handler,
         params,
-        metaFor(source, address, LOCAL),
-      );
-      if (!initialCall.ok) throw initialCall.clientError;
-      return initialCall.result;
-    },
+        ctx,
+        streamMeta(address, LOCAL),
+        async (wireJson) => {
+          initialCall = await callUnary(
+            'nodesConnectionSignalInitial',
+            side.handler,
+            JSON.parse(wireJson).params,
+            metaFor(source, address, LOCAL),
+          );
+          return initialCall.replyJson;
+        },
+        initialRecord,
+      ),
   });
   let dial = null;
   initiator.createConnection = async (nodeIds, host, port) => {
@@ -384,6 +496,7 @@ async function flow(peers, address, targetAddress) {
   }
   const relaySettled = await side.relayOutcomes();
   await side.target.settle();
+  out.signalInitialWire = initialRecord.wireJson;
   out.signalInitialRequest = initialCall?.requestJson;
   const sigInit = JSON.parse(initialCall.requestJson).params.signature;
   const requestData = Buffer.concat([source.nodeId, target.nodeId]);
@@ -401,6 +514,7 @@ async function flow(peers, address, targetAddress) {
   out.signalInitialReply = initialCall?.replyJson;
   const relay = side.relays[0];
   if (relay != null) {
+    out.signalFinalWire = relay.wireJson;
     out.signalFinalRequest = relay.requestJson;
     const p = JSON.parse(relay.requestJson).params;
     const addressJson = JSON.stringify(p.address);
@@ -480,6 +594,7 @@ async function runCheck(check, peers, input) {
         out.failure = results.find((r) => !r.ok)?.reply ?? null;
       }
       out.relayed = side.relays.map((r) => r.requestJson);
+      out.relayedWire = side.relays.map((r) => r.wireJson ?? null);
       out.relayReplies = side.relays.map((r) => r.replyJson);
       out.relaySettled = relaySettled;
       out.punches = side.target.punches;
@@ -488,11 +603,14 @@ async function runCheck(check, peers, input) {
     case 'signalFinal': {
       const peer = peerOf(check.peer ?? 'signaller');
       const target = targetSide(peerOf(check.target ?? 'target'));
+      const meta = metaFor(peer, LOCAL, input.targetAddress ?? { host: '127.0.0.1', port: 55555 });
+      // A connection without certificates: nodeIdFromMeta finds no NodeId.
+      if (check.peerCerts === false) meta.remoteCertsChain = [];
       const call = await callUnary(
         'nodesConnectionSignalFinal',
         target.handler,
         check.params,
-        metaFor(peer, LOCAL, input.targetAddress ?? { host: '127.0.0.1', port: 55555 }),
+        meta,
         check.paramsJson,
       );
       await target.settle();
@@ -502,6 +620,24 @@ async function runCheck(check, peers, input) {
         reply: call.result,
         punches: target.punches,
       };
+    }
+    case 'clientCall': {
+      const record = {};
+      const meta = streamMeta(LOCAL, { host: '127.0.0.1', port: 55555 });
+      try {
+        const result = await polykeyUnary(
+          check.method,
+          check.params,
+          undefined,
+          meta,
+          () => check.replyJson,
+          record,
+        );
+        return { kind: 'clientCall', ok: true, result, wire: record.wireJson };
+      } catch (e) {
+        const clientSees = describeError(e);
+        return { kind: 'clientCall', ok: false, clientSees, wire: record.wireJson };
+      }
     }
     default:
       return { kind: check.kind, error: 'unknown kind' };
