@@ -129,10 +129,11 @@ async def test_ping_and_active_connections() -> None:
             node_handlers(NodeGraph(OWN), active_connections=lambda: conns)
         ) as client:
             assert await request_ping(client)
-            assert await client.methods.nodes_ping({}) == {
-                "type": "success",
-                "success": True,
-            }
+            pong = await client.methods.nodes_ping({})
+            assert pong["type"] == "success"
+            assert pong["success"] is True
+            # The caller's address as the handler's transport saw it.
+            assert pong["address"] == {"host": "10.9.9.9", "port": 1}
             raw = []
             async with client.methods.nodes_closest_active_connections_get(
                 {"nodeIdEncoded": near(0).encode()}
