@@ -411,4 +411,6 @@ class PolykeyNode:
         NodeNotFoundError."""
         if address is not None:
             return await self.connections.connect(node_id, address)
-        return await self.finder.connect(node_id)
+        link = await self.finder.connect(node_id)
+        assert isinstance(link, NodeConnection)  # the finder runs on ours
+        return link

@@ -37,20 +37,22 @@ found (:class:`NodeNotFoundError`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 import trio
 
 from ..keys import NodeId
+from ..rpc import RPCClient
 from ._address import NodeContact
-from .connections import NodeConnection, NodeConnectionManager
+from .connections import ConnectionPath
 from .errors import NodeNotFoundError
 from .handlers import request_closest_active_connections
 from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED
 from .manager import NodeManager
 
-__all__ = ["FinderStatistics", "NodeFinder"]
+__all__ = ["Connector", "FinderStatistics", "Link", "NodeFinder"]
 
 log = logging.getLogger("polykey.nodes.finder")
 
@@ -62,6 +64,43 @@ _PUNCH_MIN = 3.0
 #: seconds) after the punch began.
 _RELAY_DELAY_ATTEMPTS = 2
 _RELAY_DELAY_MIN = 1.0
+
+
+class Link(Protocol):
+    """A verified connection, as the finder sees it."""
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+    @property
+    def rpc(self) -> RPCClient[Any]: ...
+
+    @property
+    def path(self) -> ConnectionPath: ...
+
+
+class Connector(Protocol):
+    """What the finder needs of the node's connections:
+    :class:`~polykey.nodes.NodeConnectionManager` over QUIC, or a simulated
+    network with NAT models (``polykey.testing``) under MockClock."""
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+    def get(self, node_id: NodeId) -> Link | None:
+        """The pooled live connection to ``node_id``."""
+
+    def active(self) -> Sequence[Link]:
+        """Every live connection."""
+
+    async def connect(self, node_id: NodeId, address: tuple[str, int]) -> Link:
+        """Dial ``node_id`` at ``address``."""
+
+    async def connect_punched(self, node_id: NodeId, signaller: Any) -> Link:
+        """Punch through to ``node_id``, signalled by ``signaller``."""
+
+    async def connect_relayed(self, node_id: NodeId, relay: Any) -> Link:
+        """Connect to ``node_id`` through ``relay``."""
 
 
 @attrs.define
@@ -81,7 +120,7 @@ class NodeFinder:
     def __init__(
         self,
         manager: NodeManager,
-        connections: NodeConnectionManager,
+        connections: Connector,
         *,
         alpha: int = DEFAULT_ALPHA,
         max_contacted: int = DEFAULT_MAX_CONTACTED,
@@ -98,7 +137,7 @@ class NodeFinder:
     def _punch_attempt(self) -> float:
         return max(_PUNCH_MIN, _PUNCH_ATTEMPTS * self._attempt())
 
-    async def connect(self, node_id: NodeId) -> NodeConnection:
+    async def connect(self, node_id: NodeId) -> Link:
         """A verified connection to ``node_id``: pooled, dialled, or punched.
 
         Bounded by the caller's cancel scope; raises NodeNotFoundError when
@@ -109,10 +148,10 @@ class NodeFinder:
         if pooled is not None:
             await trio.lowlevel.checkpoint()
             return pooled
-        winner: NodeConnection | None = None
+        winner: Link | None = None
         async with trio.open_nursery() as nursery:
 
-            def won(conn: NodeConnection) -> None:
+            def won(conn: Link) -> None:
                 nonlocal winner
                 if winner is None:
                     winner = conn
@@ -131,7 +170,7 @@ class NodeFinder:
 
     # -- direct ------------------------------------------------------------------
 
-    async def _dial_known(self, contact: NodeContact) -> NodeConnection | None:
+    async def _dial_known(self, contact: NodeContact) -> Link | None:
         for address in contact.addresses:
             with trio.move_on_after(self._attempt()):
                 try:
@@ -142,9 +181,7 @@ class NodeFinder:
                     self._failed("dial", contact.node_id, exc)
         return None
 
-    async def _direct(
-        self, node_id: NodeId, won: Callable[[NodeConnection], None]
-    ) -> None:
+    async def _direct(self, node_id: NodeId, won: Callable[[Link], None]) -> None:
         known = self.manager.graph.get(node_id)
         if known is not None:
             conn = await self._dial_known(known)
@@ -161,9 +198,7 @@ class NodeFinder:
 
     # -- signalled -----------------------------------------------------------------
 
-    async def _signalled(
-        self, node_id: NodeId, won: Callable[[NodeConnection], None]
-    ) -> None:
+    async def _signalled(self, node_id: NodeId, won: Callable[[Link], None]) -> None:
         target = node_id.to_int()
         asked: set[NodeId] = {self.connections.node_id, node_id}
         frontier = [c for c in self.connections.active() if c.node_id not in asked]
@@ -173,7 +208,7 @@ class NodeFinder:
             batch = frontier[: self.alpha]
             del frontier[: self.alpha]
             contacted += len(batch)
-            found: list[NodeConnection] = []
+            found: list[Link] = []
             async with trio.open_nursery() as nursery:
                 for signaller in batch:
                     asked.add(signaller.node_id)
@@ -183,10 +218,10 @@ class NodeFinder:
     async def _ask(
         self,
         node_id: NodeId,
-        signaller: NodeConnection,
+        signaller: Link,
         asked: set[NodeId],
-        found: list[NodeConnection],
-        won: Callable[[NodeConnection], None],
+        found: list[Link],
+        won: Callable[[Link], None],
     ) -> None:
         self.statistics.signallers_asked += 1
         listing: list[NodeContact] = []
@@ -233,8 +268,8 @@ class NodeFinder:
     async def _punch(
         self,
         node_id: NodeId,
-        signaller: NodeConnection,
-        won: Callable[[NodeConnection], None],
+        signaller: Link,
+        won: Callable[[Link], None],
     ) -> None:
         with trio.move_on_after(self._punch_attempt()):
             try:
@@ -245,8 +280,8 @@ class NodeFinder:
     async def _relay(
         self,
         node_id: NodeId,
-        relay: NodeConnection,
-        won: Callable[[NodeConnection], None],
+        relay: Link,
+        won: Callable[[Link], None],
     ) -> None:
         # A punch between cone NATs takes about a round trip; give it a few
         # attempt timeouts before the relay, a slower path, is tried.
