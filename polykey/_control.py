@@ -141,6 +141,13 @@ class _Status(UnaryHandler[JSON, JSON]):
         }
 
 
+def _target(params: JSON) -> NodeId:
+    try:
+        return NodeId.from_string(str(params.get("nodeIdEncoded")))
+    except NodeIdError as exc:
+        raise RPCInvalidParams(str(exc)) from None
+
+
 class _Find(UnaryHandler[JSON, JSON]):
     def __init__(self, node: PolykeyNode) -> None:
         self.node = node
@@ -148,10 +155,7 @@ class _Find(UnaryHandler[JSON, JSON]):
 
     async def handle(self, params: JSON, ctx: CallContext) -> JSON:
         ctx.keep_deadline()
-        try:
-            target = NodeId.from_string(str(params.get("nodeIdEncoded")))
-        except NodeIdError as exc:
-            raise RPCInvalidParams(str(exc)) from None
+        target = _target(params)
         try:
             contact = await self.node.find_node(target)
         except OwnNodeIdError:
@@ -175,10 +179,7 @@ class _PingNode(UnaryHandler[JSON, JSON]):
 
     async def handle(self, params: JSON, ctx: CallContext) -> JSON:
         ctx.keep_deadline()
-        try:
-            target = NodeId.from_string(str(params.get("nodeIdEncoded")))
-        except NodeIdError as exc:
-            raise RPCInvalidParams(str(exc)) from None
+        target = _target(params)
         if target == self.node.node_id:
             raise RPCInvalidParams("that is this node's own NodeId")
         started = trio.current_time()

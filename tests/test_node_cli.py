@@ -22,24 +22,32 @@ from polykey.quic import QUICSocket
 from polykey.rpc import RPCServer
 
 
-async def start_node(
-    state_dir: Path, *extra: str
-) -> tuple[trio.Process, NodeId, tuple[str, int]]:
+async def open_node(*args: str) -> tuple[trio.Process, dict[str, str]]:
+    """``python -m polykey node ARGS``, once it printed its start-up lines
+    (``NodeId``, ``Address``, ``Seed``...), as a dict."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "polykey", "node", "--host", "127.0.0.1", "--port", "0",
-         "--state-dir", str(state_dir), *extra],
+        [sys.executable, "-m", "polykey", "node", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     assert process.stdout is not None
     buffer = b""
     with trio.fail_after(20):
-        while b"Address:" not in buffer or not buffer.endswith(b"\n"):
+        while b"Seed:" not in buffer or not buffer.endswith(b"\n"):
             chunk = await process.stdout.receive_some()
-            assert chunk, "the node exited before printing its address"
+            assert chunk, "the node exited before printing its seed"
             buffer += chunk
     lines = dict(
         line.split(": ", 1) for line in buffer.decode().splitlines() if ": " in line
+    )
+    return process, lines
+
+
+async def start_node(
+    state_dir: Path, *extra: str
+) -> tuple[trio.Process, NodeId, tuple[str, int]]:
+    process, lines = await open_node(
+        "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state_dir), *extra
     )
     node_id = NodeId.from_string(lines["NodeId"])
     host, port = lines["Address"].rsplit(":", 1)
@@ -293,23 +301,8 @@ def test_a_wildcard_seed_is_refused_at_parse_time(tmp_path: Path) -> None:
 
 async def test_the_printed_seed_line_is_dialable(tmp_path: Path) -> None:
     """Bound to the wildcard, the node prints a seed a peer can use as is."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "polykey", "node", "--port", "0",
-         "--state-dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    process, lines = await open_node("--port", "0", "--state-dir", str(tmp_path))
     try:
-        assert process.stdout is not None
-        buffer = b""
-        with trio.fail_after(20):
-            while b"Seed:" not in buffer or not buffer.endswith(b"\n"):
-                chunk = await process.stdout.receive_some()
-                assert chunk, "the node exited before printing its seed"
-                buffer += chunk
-        lines = dict(
-            line.split(": ", 1) for line in buffer.decode().splitlines() if ": " in line
-        )
         assert lines["Address"].endswith("(all interfaces)")
         seed = SeedNode.parse(lines["Seed"])  # as a user would pass it
         assert seed.host not in ("::", "0.0.0.0")

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,24 +34,24 @@ pytestmark = [
 ]
 
 
-def test_our_node_and_a_polykey_agent_dial_each_other_and_talk_rpc(
-    tmp_path: Path,
-) -> None:
+def run_in_namespace(script: str, state_dir: Path, *, timeout: float) -> Any:
+    """Run ``script`` (beside this file) in a private network namespace; its
+    last stdout line is a JSON report."""
     result = subprocess.run(
-        [
-            "unshare",
-            "-n",
-            sys.executable,
-            str(HERE / "agent_interop.py"),
-            str(tmp_path),
-        ],
+        ["unshare", "-n", sys.executable, str(HERE / script), str(state_dir)],
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_our_node_and_a_polykey_agent_dial_each_other_and_talk_rpc(
+    tmp_path: Path,
+) -> None:
+    report = run_in_namespace("agent_interop.py", tmp_path, timeout=150)
     # The agent dialled us (it had us as its seed): its QUIC client accepted
     # our node certificate and ours accepted its.
     assert report["agent_dialled_us"]
@@ -68,15 +69,7 @@ def test_a_polykey_seed_survives_signalling_through_our_node(tmp_path: Path) -> 
     the second agent's signals to our node and must survive our answer (it
     crashed, 3 runs of 3, when we answered an unknown method with a JSON
     error); then everyone finds everyone."""
-    result = subprocess.run(
-        ["unshare", "-n", sys.executable, str(HERE / "three_peers.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_in_namespace("three_peers.py", tmp_path, timeout=170)
     assert report["ours_joined"], report
     assert report["s_alive_after_p_joined"], report
     assert report["s_alive_at_end"], report
