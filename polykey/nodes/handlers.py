@@ -64,6 +64,7 @@ from .signalling import (
     NodesConnectionSignalFinal,
     NodesConnectionSignalInitial,
     SignalHost,
+    caller_node_id,
 )
 
 __all__ = [
@@ -94,11 +95,6 @@ def _target(params: JSONValue) -> NodeId:
     return node_id
 
 
-def _caller(ctx: CallContext) -> NodeId | None:
-    caller = ctx.transport.get("node_id")
-    return caller if isinstance(caller, NodeId) else None
-
-
 class NodesClosestLocalNodesGet(ServerHandler[NodeId, JSONObject]):
     """The closest nodes to the target in our graph."""
 
@@ -112,7 +108,7 @@ class NodesClosestLocalNodesGet(ServerHandler[NodeId, JSONObject]):
     async def handle(
         self, params: NodeId, ctx: CallContext
     ) -> AsyncIterator[JSONObject]:
-        caller = _caller(ctx)
+        caller = caller_node_id(ctx)
         # Snapshot first: the graph may change while we are suspended in yield.
         contacts = [
             c

@@ -48,8 +48,15 @@ from typing import Any, ClassVar, Final, Protocol
 import attrs
 
 from ..keys import NodeId
-from ..rpc import CallContext, JSONObject, JSONValue, RPCInvalidParams, UnaryHandler
-from .signalling import NodeIdMissingError, SignalError, b64url_decode, b64url_encode
+from ..rpc import CallContext, JSONObject, JSONValue, UnaryHandler
+from .signalling import (
+    NodeIdMissingError,
+    SignalError,
+    b64url_decode,
+    b64url_encode,
+    caller_node_id,
+    node_id_param,
+)
 
 __all__ = [
     "CIRCUIT_ID_LEN",
@@ -354,22 +361,14 @@ class RelayHost(Protocol):
 
 
 def _caller(ctx: CallContext) -> NodeId:
-    caller = ctx.transport.get("node_id")
-    if not isinstance(caller, NodeId):
+    caller = caller_node_id(ctx)
+    if caller is None:
         raise NodeIdMissingError()
     return caller
 
 
 def _node_id(params: JSONValue, key: str) -> NodeId:
-    from ..keys import NodeIdError
-
-    value = params.get(key) if isinstance(params, dict) else None
-    if isinstance(value, str):
-        try:
-            return NodeId.from_string(value)
-        except NodeIdError:
-            pass
-    raise RPCInvalidParams(f"{key} must be an encoded NodeId")
+    return node_id_param(params.get(key) if isinstance(params, dict) else None, key)
 
 
 class NodesRelayReserve(UnaryHandler[JSONValue, JSONObject]):

@@ -81,6 +81,8 @@ __all__ = [
     "address_json",
     "b64url_decode",
     "b64url_encode",
+    "caller_node_id",
+    "node_id_param",
     "relay_data",
     "request_data",
     "request_signal",
@@ -215,7 +217,8 @@ def _verify(signer: NodeId, signature: bytes, data: bytes) -> bool:
     return True
 
 
-def _node_id(value: object, what: str) -> NodeId:
+def node_id_param(value: object, what: str) -> NodeId:
+    """An encoded NodeId parameter; RPCInvalidParams naming ``what`` if not."""
     if isinstance(value, str):
         try:
             return NodeId.from_string(value)
@@ -239,8 +242,8 @@ def verify_final(params: JSONValue, signaller: NodeId | None) -> SignalRequest:
     :class:`SignalError` or RPCInvalidParams."""
     if not isinstance(params, dict):
         raise RPCInvalidParams("params must be an object")
-    source = _node_id(params.get("sourceNodeIdEncoded"), "sourceNodeIdEncoded")
-    target = _node_id(params.get("targetNodeIdEncoded"), "targetNodeIdEncoded")
+    source = node_id_param(params.get("sourceNodeIdEncoded"), "sourceNodeIdEncoded")
+    target = node_id_param(params.get("targetNodeIdEncoded"), "targetNodeIdEncoded")
     if signaller is None:
         raise NodeIdMissingError()
     address = params.get("address")
@@ -347,7 +350,8 @@ class SignalHost(Protocol):
     def now(self) -> float: ...
 
 
-def _caller(ctx: CallContext) -> NodeId | None:
+def caller_node_id(ctx: CallContext) -> NodeId | None:
+    """The caller's NodeId, from its verified certificate."""
     caller = ctx.transport.get("node_id")
     return caller if isinstance(caller, NodeId) else None
 
@@ -364,10 +368,10 @@ class NodesConnectionSignalInitial(UnaryHandler[JSONValue, JSONObject]):
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
         if not isinstance(params, dict):
             raise RPCInvalidParams("params must be an object")
-        source = _caller(ctx)
+        source = caller_node_id(ctx)
         if source is None:
             raise NodeIdMissingError()
-        target = _node_id(params.get("targetNodeIdEncoded"), "targetNodeIdEncoded")
+        target = node_id_param(params.get("targetNodeIdEncoded"), "targetNodeIdEncoded")
         signature_text = params.get("signature")
         signature = _signature(signature_text, "signature")
         if not _verify(source, signature, request_data(source, target)):
@@ -408,7 +412,7 @@ class NodesConnectionSignalFinal(UnaryHandler[JSONValue, JSONObject]):
         self.punches = 0
 
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
-        request = verify_final(params, _caller(ctx))
+        request = verify_final(params, caller_node_id(ctx))
         if request.target != self.host.identity.node_id:
             raise RPCInvalidParams("the signal is for another node")
         self.host.punch(request)
