@@ -1,19 +1,11 @@
-"""The local control channel: ``python -m polykey status|find`` talking to a
-running node.
+"""The local control channel: ``python -m polykey agent|nodes ...`` talking
+to a running node.
 
-A node serves a few RPC methods on a Unix socket in its state directory
+A node serves a few RPC methods (polykey/_control_methods.py; their JSON is
+listed in docs/cli.md) on a Unix socket in its state directory
 (``control.sock``, mode 0600, so only its owner can use it), with the same
 RPC as between nodes (one connection per call). Nothing here is reachable
 from the network.
-
-* ``nodeStatus`` (unary): the node's NodeId, address, connections and graph
-  size.
-* ``nodesFind`` (unary): ``{"nodeIdEncoded"}`` -> the node's addresses, found
-  by an iterative lookup.
-* ``nodesPingNode`` (unary): ``{"nodeIdEncoded"}`` -> connect to that node by
-  NodeId alone (pooled, dialled or hole-punched), call its ``nodesPing``:
-  ``{"nodeIdEncoded", "success", "path", "host", "port", "rttMs"}``
-  (``success`` false with ``error`` when it cannot be reached).
 
 Only the node's owner can connect, but a client that hangs (or a script
 that opens sockets in a loop) must not cost the node its file descriptors:
@@ -37,16 +29,8 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from .keys import NodeId, NodeIdError
-from .nodes import NodeNotFoundError, NodesError, OwnNodeIdError, request_ping
-from .rpc import (
-    CallContext,
-    RPCClient,
-    RPCError,
-    RPCInvalidParams,
-    RPCServer,
-    UnaryHandler,
-)
+from ._control_methods import control_methods
+from .rpc import RPCClient, RPCServer
 
 if TYPE_CHECKING:
     from .agent import PolykeyNode
@@ -66,9 +50,6 @@ CONTROL_SOCKET = "control.sock"
 #: Seconds a control client has to send its whole request (the RPC server's
 #: default timeout; ``nodeStatus`` answers within it too).
 REQUEST_TIMEOUT = 10.0
-#: Seconds a ``nodesFind`` call may run; its lookup gives up sooner (the
-#: node manager's ``lookup_timeout``, 60 s).
-FIND_TIMEOUT = 90.0
 #: Control clients served at once; one more is closed as soon as accepted.
 MAX_CLIENTS = 16
 #: Seconds to wait after ``accept()`` failed for want of a resource.
@@ -99,110 +80,6 @@ class ControlStatistics:
     timeouts: int = 0
 
 
-class _Status(UnaryHandler[JSON, JSON]):
-    def __init__(self, node: PolykeyNode, control: ControlServer) -> None:
-        self.node = node
-        self.control = control
-
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
-        ctx.keep_deadline()  # over the reply too: the client may not read it
-        node = self.node
-        host, port = node.address
-        stats = self.control.statistics()
-        return {
-            "nodeIdEncoded": str(node.node_id),
-            "host": host,
-            "port": port,
-            "connections": [
-                {
-                    "nodeIdEncoded": str(c.node_id),
-                    "host": c.address[0],
-                    "port": c.address[1],
-                    "path": c.path.value,
-                    "outgoing": c.outgoing,
-                }
-                for c in node.connections.active()
-            ],
-            "graphSize": len(node.graph),
-            # Where peers see us (most recent first), and what it implies.
-            "reflexive": [
-                {"host": host, "port": port}
-                for host, port in node.connections.reflexive
-            ],
-            "behindNat": node.connections.behind_nat(),
-            "relay": node.relay_status(),
-            "control": {
-                "clients": stats.clients,
-                "accepted": stats.accepted,
-                "refusedBusy": stats.refused_busy,
-                "acceptErrors": stats.accept_errors,
-                "timeouts": stats.timeouts,
-            },
-        }
-
-
-def _target(params: JSON) -> NodeId:
-    try:
-        return NodeId.from_string(str(params.get("nodeIdEncoded")))
-    except NodeIdError as exc:
-        raise RPCInvalidParams(str(exc)) from None
-
-
-class _Find(UnaryHandler[JSON, JSON]):
-    def __init__(self, node: PolykeyNode) -> None:
-        self.node = node
-        self.timeout = FIND_TIMEOUT
-
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
-        ctx.keep_deadline()
-        target = _target(params)
-        try:
-            contact = await self.node.find_node(target)
-        except OwnNodeIdError:
-            host, port = self.node.address
-            return {"nodeIdEncoded": str(target), "addresses": [[host, port]]}
-        except NodeNotFoundError:
-            return {"nodeIdEncoded": str(target), "addresses": []}
-        return {
-            "nodeIdEncoded": str(target),
-            "addresses": [[a.host, a.port] for a in contact.addresses],
-        }
-
-
-class _PingNode(UnaryHandler[JSON, JSON]):
-    def __init__(self, node: PolykeyNode) -> None:
-        self.node = node
-
-    #: Long enough for a find and a punch; the caller's own timeout, if
-    #: shorter, wins (js-rpc's timeout rule).
-    timeout = 60.0
-
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
-        ctx.keep_deadline()
-        target = _target(params)
-        if target == self.node.node_id:
-            raise RPCInvalidParams("that is this node's own NodeId")
-        started = trio.current_time()
-        try:
-            conn = await self.node.connect(target)
-            await request_ping(conn.rpc)
-        except (NodesError, RPCError, OSError) as exc:
-            return {
-                "nodeIdEncoded": str(target),
-                "success": False,
-                "error": str(exc) or type(exc).__name__,
-            }
-        host, port = conn.address
-        return {
-            "nodeIdEncoded": str(target),
-            "success": True,
-            "path": conn.path.value,
-            "host": host,
-            "port": port,
-            "rttMs": round((trio.current_time() - started) * 1000, 3),
-        }
-
-
 def _remove_stale(path: Path) -> None:
     """Remove a socket left by a node that died; refuse if one is live."""
     if not path.exists():
@@ -230,14 +107,7 @@ class ControlServer:
         self._path = state_dir / CONTROL_SOCKET
         self._max_clients = MAX_CLIENTS
         self._retry_delay = ACCEPT_RETRY_DELAY
-        self._rpc = RPCServer(
-            {
-                "nodeStatus": _Status(node, self),
-                "nodesFind": _Find(node),
-                "nodesPingNode": _PingNode(node),
-            },
-            timeout=REQUEST_TIMEOUT,
-        )
+        self._rpc = RPCServer(control_methods(node, self), timeout=REQUEST_TIMEOUT)
         self._stats = ControlStatistics()
 
     def statistics(self) -> ControlStatistics:

@@ -51,6 +51,7 @@ __all__ = [
     "default_state_dir",
     "load_or_create_identity",
     "lock_state_dir",
+    "state_dir_in_use",
 ]
 
 log = logging.getLogger("polykey.node")
@@ -81,6 +82,21 @@ class StateDirLock:
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)  # closing drops the flock
+
+
+def state_dir_in_use(state_dir: Path) -> bool:
+    """Whether a node holds ``state_dir``'s lock now."""
+    try:
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops the lock if we took it
+    return False
 
 
 def lock_state_dir(

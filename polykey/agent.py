@@ -14,6 +14,7 @@ import functools
 import ipaddress
 import logging
 import socket as stdlib_socket
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,6 +37,7 @@ from .nodes import (
     NodeManagerConfig,
     format_host_port,
     node_handlers,
+    parse_host_port,
 )
 from .nodes.connections import (
     Address,
@@ -81,25 +83,12 @@ class SeedNode:
         if not sep:
             raise ValueError(f"seed {text!r}: expected NODEID@HOST:PORT")
         node_id = NodeId.from_string(node_part)
-        if address.startswith("["):
-            host, bracket, rest = address[1:].partition("]")
-            if not bracket or not rest.startswith(":"):
-                raise ValueError(f"seed {text!r}: expected [IPV6]:PORT")
-            port_text = rest[1:]
-        else:
-            host, colon, port_text = address.rpartition(":")
-            if not colon or ":" in host:
-                raise ValueError(
-                    f"seed {text!r}: expected HOST:PORT ([IPV6]:PORT for IPv6)"
-                )
-        if not port_text.isascii() or not port_text.isdigit():
-            raise ValueError(f"seed {text!r}: port {port_text!r} is not a number")
         # What cannot be dialled is refused here, at parse time: "::" or
         # "0.0.0.0" (a listening address, not one to dial), multicast,
         # scoped IPv6, malformed names.  Hostnames are kept and resolved
         # when dialled.
         try:
-            parsed = NodeAddress(host, int(port_text))
+            parsed = parse_host_port(address)
         except InvalidAddressError as exc:
             raise ValueError(f"seed {text!r}: {exc}") from None
         return cls(node_id, parsed.host, parsed.port)
@@ -214,6 +203,11 @@ class PolykeyNode:
         self.finder: NodeFinder
         self.joined: JoinResult | None = None
         self._joined_event = trio.Event()
+        #: Set by :meth:`request_stop` (``agent stop`` on the control
+        #: socket); whoever runs the node leaves its ``async with`` then.
+        self.stop_requested = trio.Event()
+        #: Wall-clock time (seconds since the epoch) the node started.
+        self.started_at = 0.0
         self._connections: NodeConnectionManager | None = None
         self._rpc: RPCServer | None = None
         self._stack: Any = None
@@ -315,6 +309,7 @@ class PolykeyNode:
             await stack.aclose()
             raise
         self._stack = stack
+        self.started_at = time.time()
         host, port = self.address
         log.info(
             "node %s listening on %s", identity.node_id, format_host_port(host, port)
@@ -354,6 +349,11 @@ class PolykeyNode:
             )
             for node in self.connections.active()
         ]
+
+    def request_stop(self) -> None:
+        """Ask whoever runs the node to stop it (sets :attr:`stop_requested`)."""
+        log.info("stop requested")
+        self.stop_requested.set()
 
     def relay_status(self) -> dict[str, Any]:
         """Whether we relay for others, and the relay's counters."""

@@ -1,11 +1,17 @@
-"""The command line: ``python -m polykey node|status|find|ping``.
+"""The command line: ``python -m polykey`` (``polykey`` once installed).
 
-``node`` runs a node in the foreground with embedded defaults: its state
-directory (identity, later its node graph) under the user's data directory,
-created with a new identity on first start, and the default port. It prints
-its NodeId and address, logs connections, and shuts down cleanly on SIGINT
-or SIGTERM. ``status`` and ``find NODEID`` ask a running node, through the
-Unix socket in its state directory.
+* ``node`` runs a node in the foreground with embedded defaults: its state
+  directory under the user's data directory (created with a new identity on
+  first start) and the default port. It prints its NodeId, address, a seed
+  line and where its state and control socket are; logs connections; and
+  stops in order on SIGINT, SIGTERM or ``agent stop``. Options also come
+  from ``POLYKEY_*`` environment variables (docs/cli.md).
+* ``agent status|stop`` and ``nodes add|ping|find|getall|connections`` ask
+  a running node, through the Unix socket in its state directory
+  (``--state-dir`` or ``POLYKEY_STATE_DIR``). ``-f/--format human|json`` on
+  each; exit statuses from sysexits; errors as one line on stderr.
+* ``status``, ``find`` and ``ping`` are short for ``agent status``, ``nodes
+  find`` and ``nodes ping``.
 """
 
 from __future__ import annotations
@@ -14,15 +20,29 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import trio
 
 from . import __version__
-from ._control import control_client
+from ._cli_control import (
+    EX,
+    agent_status,
+    agent_stop,
+    nodes_add,
+    nodes_connections,
+    nodes_find,
+    nodes_getall,
+    nodes_ping,
+    run_command,
+)
+from ._control import CONTROL_SOCKET
+from ._logging import configure_logging
 from .agent import (
     DEFAULT_PORT,
     NodeSettings,
@@ -32,9 +52,17 @@ from .agent import (
     dialable_host,
 )
 from .errors import PolykeyError
-from .nodes import format_host_port
+from .nodes import InvalidAddressError, NodeAddress, format_host_port, parse_host_port
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with sysexits' EX_USAGE for a bad command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _seed(text: str) -> SeedNode:
@@ -54,127 +82,165 @@ def _port(text: str) -> int:
     return port
 
 
+def _address(text: str) -> NodeAddress:
+    try:
+        return parse_host_port(text)
+    except InvalidAddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"POLYKEY_{name}") or default
+
+
+def _env_seeds() -> list[SeedNode]:
+    text = os.environ.get("POLYKEY_SEEDS", "")
+    try:
+        return [_seed(part) for part in text.replace(";", " ").split()]
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"python -m polykey: error: POLYKEY_SEEDS: {exc}") from None
+
+
+def _state_dir_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"{what} (default $POLYKEY_STATE_DIR, else {default_state_dir()})",
+    )
+
+
+def _control_parent() -> _Parser:
+    parent = _Parser(add_help=False)
+    _state_dir_option(parent, "the running node's state directory")
+    parent.add_argument(
+        "-f",
+        "--format",
+        choices=["human", "json"],
+        default="human",
+        help="output: aligned text (default) or JSON",
+    )
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m polykey", description="Polykey's network stack for trio."
     )
     parser.add_argument("--version", action="version", version=f"polykey {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
     node = commands.add_parser("node", help="run a node in the foreground")
     node.add_argument(
-        "--host", default="::", help="address to listen on (default: all, dual stack)"
+        "--host",
+        default=_env("HOST", "::"),
+        help="address to listen on (default: all, dual stack; $POLYKEY_HOST)",
     )
     node.add_argument(
         "--port",
         type=_port,
-        default=DEFAULT_PORT,
-        help=f"UDP port (default {DEFAULT_PORT})",
+        default=_env("PORT", str(DEFAULT_PORT)),
+        help=f"UDP port (default {DEFAULT_PORT}; $POLYKEY_PORT)",
     )
-    node.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help=f"where the node keeps its identity (default {default_state_dir()})",
-    )
+    _state_dir_option(node, "where the node keeps its identity and graph")
     node.add_argument(
         "--seed",
         type=_seed,
         action="append",
-        default=[],
+        default=None,
         metavar="NODEID@HOST:PORT",
-        help="a node to join the network through (repeatable)",
+        help="a node to join the network through (repeatable; $POLYKEY_SEEDS,"
+        " separated by spaces or ';')",
     )
     node.add_argument(
         "--relay",
         choices=["auto", "on", "off"],
-        default="auto",
+        default=_env("RELAY", "auto"),
         help="relay for nodes that cannot punch through to each other: auto"
         " (default: while no peer sees this node behind a NAT), on, off",
     )
     node.add_argument(
         "--log-level",
-        default="info",
+        default=_env("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
-        help="logging threshold (default info)",
+        help="logging threshold (default info; $POLYKEY_LOG_LEVEL)",
+    )
+    node.add_argument(
+        "--log-format",
+        default=_env("LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="logs on stderr as text (default) or one JSON object a line",
+    )
+    node.add_argument(
+        "-f",
+        "--format",
+        choices=["human", "json"],
+        default="human",
+        help="the start-up lines as text (default) or one JSON object",
+    )
+
+    control = _control_parent()
+    agent = commands.add_parser("agent", help="the running node").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    agent.add_parser(
+        "status", parents=[control], help="LIVE or DEAD, and what it holds"
+    )
+    agent.add_parser("stop", parents=[control], help="stop it in order and wait")
+    nodes = commands.add_parser(
+        "nodes", help="other nodes, as the running node sees them"
+    )
+    nodes_sub = nodes.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    add = nodes_sub.add_parser("add", parents=[control], help="put a node in the graph")
+    add.add_argument("node_id", metavar="NODEID")
+    add.add_argument("address", type=_address, metavar="HOST:PORT")
+    add.add_argument("--no-ping", action="store_true", help="add without pinging it")
+    add.add_argument(
+        "--force", action="store_true", help="add even if it does not answer"
     )
     for name, text in (
-        ("status", "show a running node's NodeId, address and connections"),
-        ("find", "ask a running node to find another node by NodeId"),
-        ("ping", "ask a running node to connect to another by NodeId and ping it"),
+        ("ping", "connect by NodeId (direct, punched or relayed) and ping it"),
+        ("find", "find a node's address by a lookup"),
     ):
-        command = commands.add_parser(name, help=text)
-        command.add_argument(
-            "--state-dir",
-            type=Path,
-            default=None,
-            help=f"the running node's state directory (default {default_state_dir()})",
+        sub = nodes_sub.add_parser(name, parents=[control], help=text)
+        sub.add_argument("node_id", metavar="NODEID")
+    nodes_sub.add_parser("getall", parents=[control], help="the graph, by bucket")
+    nodes_sub.add_parser("connections", parents=[control], help="live connections")
+    # Short forms.
+    commands.add_parser("status", parents=[control], help="agent status")
+    for name in ("find", "ping"):
+        commands.add_parser(name, parents=[control], help=f"nodes {name}").add_argument(
+            "node_id", metavar="NODEID"
         )
-        command.add_argument(
-            "-f",
-            "--format",
-            choices=["human", "json"],
-            default="human",
-            help="output: aligned text (default) or one JSON object",
-        )
-        if name in ("find", "ping"):
-            command.add_argument(
-                "node_id", metavar="NODEID", help=f"the NodeId (v...) to {name}"
-            )
     return parser
 
 
-async def run_control(
-    command: str, state_dir: Path, node_id: str | None, output: str = "human"
-) -> int:
-    client = control_client(state_dir)
-    with trio.fail_after(90):
-        if command == "status":
-            result = await client.unary("nodeStatus", {})
-        elif command == "find":
-            result = await client.unary("nodesFind", {"nodeIdEncoded": node_id})
-        else:
-            result = await client.unary("nodesPingNode", {"nodeIdEncoded": node_id})
-    result.pop("metadata", None)
-    ok = {"find": bool(result.get("addresses")), "ping": bool(result.get("success"))}
-    if output == "json":
-        print(json.dumps(result))
-        return 0 if ok.get(command, True) else 1
-    if command == "status":
-        print(f"NodeId: {result['nodeIdEncoded']}")
-        print(f"Address: {format_host_port(result['host'], result['port'])}")
-        print(f"Graph: {result['graphSize']} nodes")
-        for seen in result.get("reflexive", []):
-            print(f"Seen at: {format_host_port(seen['host'], seen['port'])}")
-        relay = result.get("relay", {})
-        if relay:
-            state = "serving" if relay.get("serving") else "not serving"
-            print(f"Relay: {relay.get('mode')}, {state}")
-        for conn in result["connections"]:
-            address = format_host_port(conn["host"], conn["port"])
-            path = conn.get("path", "direct")
-            print(f"Connection: {conn['nodeIdEncoded']} at {address} ({path})")
-        return 0
-    if command == "find":
-        if not ok["find"]:
-            print(f"{result['nodeIdEncoded']}: not found", file=sys.stderr)
-            return 1
-        for host, port in result["addresses"]:
-            print(f"{result['nodeIdEncoded']} {format_host_port(host, port)}")
-        return 0
-    if not ok["ping"]:
-        print(
-            f"{result['nodeIdEncoded']}: not reached: {result.get('error')}",
-            file=sys.stderr,
-        )
-        return 1
-    address = format_host_port(result["host"], result["port"])
-    print(
-        f"{result['nodeIdEncoded']} at {address}: {result['path']}, {result['rttMs']:.1f} ms"
-    )
-    return 0
+def _control_command(args: argparse.Namespace) -> tuple[Any, ...]:
+    """The coroutine function and arguments for a control command."""
+    state_dir = args.state_dir or Path(_env("STATE_DIR", str(default_state_dir())))
+    common = (state_dir, args.format, sys.stdout)
+    what = (args.command, getattr(args, "action", None))
+    if what in (("agent", "status"), ("status", None)):
+        return (agent_status, *common)
+    if what == ("agent", "stop"):
+        return (agent_stop, *common)
+    if what in (("nodes", "find"), ("find", None)):
+        return (nodes_find, *common, args.node_id)
+    if what in (("nodes", "ping"), ("ping", None)):
+        return (nodes_ping, *common, args.node_id)
+    if what == ("nodes", "add"):
+        address = args.address
+        return (
+            nodes_add, *common, args.node_id, address.host, address.port,
+            not args.no_ping, args.force,
+        )  # fmt: skip
+    if what == ("nodes", "getall"):
+        return (nodes_getall, *common)
+    return (nodes_connections, *common)
 
 
-async def run_node(settings: NodeSettings) -> None:
+async def run_node(settings: NodeSettings, output: str = "human") -> None:
     """Run a node until SIGINT or SIGTERM.
 
     The signals are ours from the first moment, start-up included: a
@@ -200,28 +266,56 @@ async def run_node(settings: NodeSettings) -> None:
             nursery.start_soon(watch_signals)
             async with PolykeyNode(settings) as node:
                 running = True
-                _print_started(node)
-                await stop.wait()
+                _print_started(node, output)
+                async with trio.open_nursery() as waiting:
+
+                    async def stop_on_request() -> None:
+                        await node.stop_requested.wait()
+                        stop.set()
+
+                    waiting.start_soon(stop_on_request)
+                    await stop.wait()
+                    waiting.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
 
 
-def _print_started(node: PolykeyNode) -> None:
+def _print_started(node: PolykeyNode, output: str) -> None:
     host, port = node.address
     seed_host, guessed = dialable_host(host)
-    print(f"NodeId: {node.node_id}", flush=True)
-    wildcard = " (all interfaces)" if guessed else ""
-    print(f"Address: {format_host_port(host, port)}{wildcard}", flush=True)
-    print(f"Seed: {node.node_id}@{format_host_port(seed_host, port)}", flush=True)
+    seed = f"{node.node_id}@{format_host_port(seed_host, port)}"
+    state_dir = node.settings.state_dir
+    note = None
     if guessed:
+        note = "the seed address is this host's address toward its default route" + (
+            " (no route: loopback, for this host only)"
+            if ipaddress.ip_address(seed_host).is_loopback
+            else "; peers on other networks may need another"
+        )
+    if output == "json":
         print(
-            "Note: the seed address is this host's address toward its default route"
-            + (
-                " (no route: loopback, for this host only)"
-                if ipaddress.ip_address(seed_host).is_loopback
-                else "; peers on other networks may need another"
+            json.dumps(
+                {
+                    "nodeIdEncoded": str(node.node_id),
+                    "host": host,
+                    "port": port,
+                    "seed": seed,
+                    "stateDir": str(state_dir),
+                    "controlSocket": str(state_dir / CONTROL_SOCKET),
+                    "pid": os.getpid(),
+                    "note": note,
+                }
             ),
             flush=True,
         )
+        return
+    print(f"NodeId: {node.node_id}", flush=True)
+    wildcard = " (all interfaces)" if guessed else ""
+    print(f"Address: {format_host_port(host, port)}{wildcard}", flush=True)
+    print(f"State: {state_dir}", flush=True)
+    print(f"Control: {state_dir / CONTROL_SOCKET}", flush=True)
+    print(f"Seed: {seed}", flush=True)
+    if note:
+        print(f"Note: {note}", flush=True)
 
 
 def _one_line_errors(exc: BaseException) -> list[str] | None:
@@ -242,39 +336,19 @@ def _one_line_errors(exc: BaseException) -> list[str] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("status", "find", "ping"):
-        state_dir = args.state_dir or default_state_dir()
-        try:
-            return trio.run(
-                run_control,
-                args.command,
-                state_dir,
-                getattr(args, "node_id", None),
-                args.format,
-            )
-        except (OSError, trio.TooSlowError) as exc:
-            print(
-                f"polykey: no running node answers in {state_dir}: {exc}",
-                file=sys.stderr,
-            )
-            return 1
-        except PolykeyError as exc:
-            print(f"polykey: {exc}", file=sys.stderr)
-            return 1
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.command != "node":
+        command, *rest = _control_command(args)
+        return trio.run(run_command, command, *rest)
+    configure_logging(args.log_level, args.log_format)
     settings = NodeSettings(
-        state_dir=args.state_dir or default_state_dir(),
+        state_dir=args.state_dir or Path(_env("STATE_DIR", str(default_state_dir()))),
         host=args.host,
-        port=args.port,
-        seeds=tuple(args.seed),
+        port=int(args.port),
+        seeds=tuple(args.seed if args.seed is not None else _env_seeds()),
         relay=args.relay,
     )
     try:
-        trio.run(run_node, settings)
+        trio.run(run_node, settings, args.format)
     except (PolykeyError, OSError, BaseExceptionGroup) as exc:
         lines = _one_line_errors(exc)
         if lines is None:

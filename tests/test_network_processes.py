@@ -5,35 +5,20 @@ joining through one seed; each finds every other by NodeId (asked through
 from __future__ import annotations
 
 import signal
-import sys
 from pathlib import Path
 
 import trio
 
 from polykey.keys import NodeId
 
-from .test_node_cli import start_node, stop
+from .helpers import control_json, start_node, stop
 
 
 async def find(state_dir: Path, node_id: NodeId) -> tuple[str, int] | None:
-    result = await trio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "polykey",
-            "find",
-            str(node_id),
-            "--state-dir",
-            str(state_dir),
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    if result.returncode != 0:
+    rc, found = await control_json(state_dir, "nodes", "find", str(node_id))
+    if rc != 0:
         return None
-    _, address = result.stdout.decode().split()[:2]
-    host, port = address.rsplit(":", 1)
+    host, port = found["addresses"][0]
     return host, int(port)
 
 
@@ -66,20 +51,10 @@ async def test_five_processes_find_each_other(tmp_path: Path) -> None:
             await everyone_finds_everyone()
         # The status command talks to a live node too.
         with trio.fail_after(60):
-            status = await trio.run_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "polykey",
-                    "status",
-                    "--state-dir",
-                    str(nodes[0][0]),
-                ],
-                capture_stdout=True,
-                capture_stderr=True,
-            )
-        assert str(nodes[0][1]) in status.stdout.decode()
-        assert "Connection:" in status.stdout.decode()
+            rc, status = await control_json(nodes[0][0], "agent", "status")
+        assert rc == 0
+        assert status["nodeIdEncoded"] == str(nodes[0][1])
+        assert status["connections"]
     finally:
         for proc in processes:
             if proc.returncode is None:

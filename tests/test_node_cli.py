@@ -16,65 +16,9 @@ import trio
 
 from polykey._state import load_or_create_identity
 from polykey.agent import NodeSettings, PolykeyNode, SeedNode
-from polykey.keys import KeyFileError, NodeId, NodeIdentity, verify_chain
-from polykey.nodes.connections import NodeConnectionManager
-from polykey.quic import QUICSocket
-from polykey.rpc import RPCServer
+from polykey.keys import KeyFileError, NodeIdentity, verify_chain
 
-
-async def open_node(*args: str) -> tuple[trio.Process, dict[str, str]]:
-    """``python -m polykey node ARGS``, once it printed its start-up lines
-    (``NodeId``, ``Address``, ``Seed``...), as a dict."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "polykey", "node", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    buffer = b""
-    with trio.fail_after(20):
-        while b"Seed:" not in buffer or not buffer.endswith(b"\n"):
-            chunk = await process.stdout.receive_some()
-            assert chunk, "the node exited before printing its seed"
-            buffer += chunk
-    lines = dict(
-        line.split(": ", 1) for line in buffer.decode().splitlines() if ": " in line
-    )
-    return process, lines
-
-
-async def start_node(
-    state_dir: Path, *extra: str
-) -> tuple[trio.Process, NodeId, tuple[str, int]]:
-    process, lines = await open_node(
-        "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state_dir), *extra
-    )
-    node_id = NodeId.from_string(lines["NodeId"])
-    host, port = lines["Address"].rsplit(":", 1)
-    return process, node_id, (host, int(port))
-
-
-async def dial(
-    node_id: NodeId, address: tuple[str, int], *, local_host: str = "127.0.0.1"
-) -> None:
-    """Connect to the node with a pinned NodeId: both sides verify."""
-    async with (
-        QUICSocket(local_host) as socket,
-        RPCServer({}) as rpc,
-        trio.open_nursery() as nursery,
-    ):
-        manager = NodeConnectionManager(socket, NodeIdentity.generate(), rpc)
-        await nursery.start(manager.run)
-        with trio.fail_after(10):
-            conn = await manager.connect(node_id, address)
-        assert conn.connection.peer_identity == node_id
-        nursery.cancel_scope.cancel()
-
-
-async def stop(process: trio.Process, sig: int = signal.SIGTERM) -> int:
-    process.send_signal(sig)
-    with trio.fail_after(10):
-        return await process.wait()
+from .helpers import control_json, dial, open_node, start_node, stop
 
 
 async def test_node_serves_and_stops_cleanly_then_keeps_its_identity(
@@ -117,7 +61,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path: Path) -> None:
          "--seed", "vnope@127.0.0.1:1"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == 64  # EX_USAGE
     assert "--seed" in result.stderr
 
 
@@ -238,34 +182,21 @@ async def test_restart_after_sigkill_keeps_graph(tmp_path: Path) -> None:
         proc, node_id, _ = await start_node(
             node_dir, "--seed", f"{seed_id}@{host}:{port}"
         )
-        status = b""
         with trio.fail_after(30):
-            while b"Graph: 1 nodes" not in status:
-                result = await trio.run_process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "polykey",
-                        "status",
-                        "--state-dir",
-                        str(node_dir),
-                    ],
-                    capture_stdout=True,
-                    check=False,
-                )
-                status = result.stdout
+            while True:
+                _, status = await control_json(node_dir, "agent", "status")
+                if status["nodesTotal"] >= 1:
+                    break
+                await trio.sleep(0.1)
         await stop(proc, signal.SIGKILL)
         # No seed given this time: the graph on disk is all it has.
         proc, again, _ = await start_node(node_dir)
         try:
             assert again == node_id
             with trio.fail_after(30):
-                result = await trio.run_process(
-                    [sys.executable, "-m", "polykey", "find", str(seed_id),
-                     "--state-dir", str(node_dir)],
-                    capture_stdout=True,
-                )  # fmt: skip
-            assert result.stdout.decode().split()[1] == f"{host}:{port}"
+                rc, found = await control_json(node_dir, "nodes", "find", str(seed_id))
+            assert rc == 0
+            assert found["addresses"] == [[host, port]]
         finally:
             await stop(proc)
     finally:
@@ -294,7 +225,7 @@ def test_a_wildcard_seed_is_refused_at_parse_time(tmp_path: Path) -> None:
          "--seed", f"{node_id}@[::]:1314"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == 64  # EX_USAGE
     assert "'::' is not a unicast address" in result.stderr
     assert "Traceback" not in result.stderr
 

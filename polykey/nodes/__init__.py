@@ -13,6 +13,7 @@ from ._address import (
     format_host_port,
     parse_address,
     parse_contact_address,
+    parse_host_port,
 )
 from ._messages import (
     ActiveConnection,
@@ -140,6 +141,7 @@ __all__ = [
     "parse_active_connection_message",
     "parse_address",
     "parse_contact_address",
+    "parse_host_port",
     "parse_node_contact_message",
     "random_node_id_in_bucket",
     "request_closest_active_connections",

@@ -32,6 +32,7 @@ __all__ = [
     "format_host_port",
     "parse_address",
     "parse_contact_address",
+    "parse_host_port",
 ]
 
 #: Addresses kept per node (Polykey keeps a few; a peer cannot make it more).
@@ -110,6 +111,26 @@ class NodeAddress:
 def parse_address(host: object, port: object) -> NodeAddress:
     """A validated :class:`NodeAddress`; raises :class:`InvalidAddressError`."""
     return NodeAddress(host, port)
+
+
+def parse_host_port(text: str) -> NodeAddress:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6), as :func:`format_host_port`
+    writes it, validated as a :class:`NodeAddress` (so ``::``, multicast,
+    scoped IPv6 and port 0 are refused); raises InvalidAddressError."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise InvalidAddressError(f"{_short(text)}: expected [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or ":" in host:
+            raise InvalidAddressError(
+                f"{_short(text)}: expected HOST:PORT ([IPV6]:PORT for IPv6)"
+            )
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise InvalidAddressError(f"port {port_text!r} is not a number")
+    return NodeAddress(host, int(port_text))
 
 
 def format_host_port(host: str, port: int) -> str:

@@ -405,16 +405,20 @@ class NodeConnectionManager:
                 await conn.aclose()
             log.info("connection with %s ended: %s", node.node_id, conn.close_reason)
 
+    def ttl_of(self, node_id: NodeId) -> float | None:
+        """The idle TTL of the connection to ``node_id`` (None: kept)."""
+        if node_id in self._anchored:
+            return None
+        return self._ttl_for(node_id) if self._ttl_for else self._ttl
+
     async def _reaper(self) -> None:
         """Close connections idle for longer than their TTL."""
         while True:
             await trio.sleep(max(1.0, self._ttl / 4))
             now = trio.current_time()
             for node_id, node in list(self._pool.items()):
-                if node_id in self._anchored:
-                    continue
-                ttl = self._ttl_for(node_id) if self._ttl_for else self._ttl
-                if now - node.last_used > ttl:
+                ttl = self.ttl_of(node_id)
+                if ttl is not None and now - node.last_used > ttl:
                     del self._pool[node_id]
                     await node.connection.aclose(_CLOSE_TTL, b"idle")
 

@@ -1,0 +1,298 @@
+"""The CLI's control commands: one call to the running node each, its answer
+printed in the format asked for, and an exit status from sysexits.
+
+Human output is aligned ``key  value`` lines (lists as tables); JSON output
+is the control method's answer, one object per command, with the keys
+docs/cli.md lists. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import trio
+
+from ._control import control_client
+from ._state import state_dir_in_use
+from .nodes import format_host_port
+from .rpc import RPCError, RPCRemoteError
+
+__all__ = ["EX", "run_command"]
+
+
+class EX:
+    """sysexits(3) exit statuses."""
+
+    OK: Final = 0
+    USAGE: Final = 64
+    DATAERR: Final = 65
+    UNAVAILABLE: Final = 69
+    SOFTWARE: Final = 70
+    TEMPFAIL: Final = 75
+
+
+#: The longest a control command waits for its answer (a find gives up
+#: after 60 s in the node, a ping after 60 s).
+COMMAND_DEADLINE: Final = 95.0
+#: How long ``agent stop`` waits for the node to be gone.
+STOP_WAIT: Final = 30.0
+
+JSON = dict[str, Any]
+
+
+class CommandError(Exception):
+    """A one-line error and the exit status it means."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _exit_status(error: RPCRemoteError) -> int:
+    code = error.remote_code
+    if error.remote_type in ("ErrorRPCInvalidParams", "ErrorRPCParse"):
+        return EX.DATAERR
+    if error.remote_type == "ErrorPolykeyNodeUnreachable":
+        return EX.UNAVAILABLE
+    if error.remote_type == "ErrorRPCTimedOut" or code == -32008:
+        return EX.TEMPFAIL
+    return EX.SOFTWARE
+
+
+async def _call(state_dir: Path, method: str, params: JSON) -> JSON:
+    client = control_client(state_dir)
+    try:
+        result = await client.unary(method, params)
+    except RPCRemoteError as exc:
+        raise CommandError(exc.remote_message or str(exc), _exit_status(exc)) from None
+    except RPCError as exc:
+        raise CommandError(f"the node failed to answer: {exc}", EX.SOFTWARE) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            raise CommandError(
+                f"no node is running with state directory {state_dir}", EX.UNAVAILABLE
+            ) from None
+        raise CommandError(f"cannot reach the node: {exc}", EX.UNAVAILABLE) from None
+    if not isinstance(result, dict):
+        raise CommandError("the node's answer is not an object", EX.SOFTWARE)
+    result.pop("metadata", None)
+    return result
+
+
+# -- human output -----------------------------------------------------------------
+
+
+def _pairs(rows: Sequence[tuple[str, object]], out: TextIO) -> None:
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=out)
+
+
+def _table(
+    header: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO
+) -> None:
+    cells = [list(header)] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
+            file=out,
+        )
+
+
+def _address(entry: JSON) -> str:
+    return format_host_port(str(entry["host"]), int(entry["port"]))
+
+
+def _status_human(r: JSON, out: TextIO) -> None:
+    rows: list[tuple[str, object]] = [
+        ("status", r["status"]),
+        ("pid", r["pid"]),
+        ("nodeId", r["nodeIdEncoded"]),
+        ("address", _address(r)),
+    ]
+    rows += [("seenAt", _address(seen)) for seen in r.get("reflexive", [])]
+    rows += [
+        ("behindNat", "yes" if r.get("behindNat") else "no"),
+        ("startTime", r["startTime"]),
+        ("upTime", f"{r['upTime']:.0f} s"),
+        ("version", r["version"]),
+        ("connectionsActive", r["connectionsActive"]),
+        ("nodesTotal", r["nodesTotal"]),
+        ("rpcCallsServed", r["served"]["rpcCalls"]),
+        ("lookups", r["served"]["lookups"]),
+        (
+            "relay",
+            f"{r['relay']['mode']}, {'serving' if r['relay']['serving'] else 'not serving'}",
+        ),
+    ]
+    _pairs(rows, out)
+
+
+# -- the commands -------------------------------------------------------------------
+
+
+async def agent_status(state_dir: Path, output: str, out: TextIO) -> int:
+    try:
+        result = await _call(state_dir, "agentStatus", {})
+    except CommandError as exc:
+        if exc.status != EX.UNAVAILABLE:
+            raise
+        result = {"status": "DEAD", "stateDir": str(state_dir)}
+        if output == "json":
+            print(json.dumps(result), file=out)
+        else:
+            _pairs([("status", "DEAD"), ("stateDir", state_dir)], out)
+        return EX.UNAVAILABLE
+    if output == "json":
+        print(json.dumps(result), file=out)
+    else:
+        _status_human(result, out)
+    return EX.OK
+
+
+async def agent_stop(state_dir: Path, output: str, out: TextIO) -> int:
+    try:
+        result = await _call(state_dir, "agentStop", {})
+    except CommandError as exc:
+        if exc.status != EX.UNAVAILABLE:
+            raise
+        done = {"status": "DEAD", "stateDir": str(state_dir)}
+        print(
+            json.dumps(done) if output == "json" else "Agent is not running", file=out
+        )
+        return EX.OK
+    # Gone once its state directory's lock is free: the node lets go of it
+    # last, after closing its connections and its graph.
+    with trio.move_on_after(STOP_WAIT) as waited:
+        while state_dir_in_use(state_dir):  # noqa: ASYNC110 - a lock, not a task
+            await trio.sleep(0.05)
+    if waited.cancelled_caught:
+        raise CommandError(
+            f"the node (pid {result['pid']}) did not stop in {STOP_WAIT:g} s",
+            EX.TEMPFAIL,
+        )
+    result["status"] = "STOPPED"
+    print(json.dumps(result) if output == "json" else "Agent stopped", file=out)
+    return EX.OK
+
+
+async def nodes_add(
+    state_dir: Path, output: str, out: TextIO, node_id: str, host: str, port: int,
+    ping: bool, force: bool,
+) -> int:  # fmt: skip
+    result = await _call(
+        state_dir,
+        "nodesAdd",
+        {
+            "nodeIdEncoded": node_id,
+            "host": host,
+            "port": port,
+            "ping": ping,
+            "force": force,
+        },
+    )
+    if output == "json":
+        print(json.dumps(result), file=out)
+    else:
+        pinged = {
+            True: "answered",
+            False: "did not answer (added anyway)",
+            None: "not pinged",
+        }
+        print(
+            f"Added {result['nodeIdEncoded']} at {_address(result)}: {pinged[result['pinged']]}",
+            file=out,
+        )
+    return EX.OK
+
+
+async def nodes_find(state_dir: Path, output: str, out: TextIO, node_id: str) -> int:
+    result = await _call(state_dir, "nodesFind", {"nodeIdEncoded": node_id})
+    found = bool(result["addresses"])
+    if output == "json":
+        print(json.dumps(result), file=out)
+    elif found:
+        for host, port in result["addresses"]:
+            print(f"Found node at {format_host_port(host, port)}", file=out)
+    if not found:
+        raise CommandError(f"{node_id}: not found", EX.UNAVAILABLE)
+    return EX.OK
+
+
+async def nodes_ping(state_dir: Path, output: str, out: TextIO, node_id: str) -> int:
+    result = await _call(state_dir, "nodesPingNode", {"nodeIdEncoded": node_id})
+    if output == "json":
+        print(json.dumps(result), file=out)
+    elif result["success"]:
+        print(
+            f"Node is Active: {_address(result)}, {result['path']},"
+            f" connected in {result['connectMs']:.1f} ms, {result['rttMs']:.1f} ms in all",
+            file=out,
+        )
+    if not result["success"]:
+        raise CommandError(
+            f"{node_id}: not reached: {result.get('error')}", EX.UNAVAILABLE
+        )
+    return EX.OK
+
+
+async def nodes_getall(state_dir: Path, output: str, out: TextIO) -> int:
+    result = await _call(state_dir, "nodesGetAll", {})
+    if output == "json":
+        print(json.dumps(result["nodes"]), file=out)
+        return EX.OK
+    _table(
+        ("bucket", "nodeId", "address", "lastSeen"),
+        [
+            (
+                n["bucketIndex"],
+                n["nodeIdEncoded"],
+                ", ".join(_address(a) for a in n["addresses"]),
+                n["lastSeen"],
+            )
+            for n in result["nodes"]
+        ],
+        out,
+    )
+    return EX.OK
+
+
+async def nodes_connections(state_dir: Path, output: str, out: TextIO) -> int:
+    result = await _call(state_dir, "nodesConnections", {})
+    if output == "json":
+        print(json.dumps(result["connections"]), file=out)
+        return EX.OK
+    _table(
+        ("nodeId", "address", "path", "dir", "age s", "ttl s", "streams", "sent", "received", "rtt ms"),
+        [
+            (
+                c["nodeIdEncoded"], _address(c), c["path"], "out" if c["outgoing"] else "in",
+                f"{c['ageS']:.0f}", None if c["ttlLeftS"] is None else f"{c['ttlLeftS']:.0f}",
+                c["streams"], c["bytesSent"], c["bytesReceived"], c["rttMs"],
+            )
+            for c in result["connections"]
+        ],
+        out,
+    )  # fmt: skip
+    return EX.OK
+
+
+async def run_command(
+    command: Callable[..., Awaitable[int]], *args: object, err: TextIO = sys.stderr
+) -> int:
+    """Run one control command under its deadline; errors as one line."""
+    try:
+        with trio.fail_after(COMMAND_DEADLINE):
+            return await command(*args)
+    except CommandError as exc:
+        print(f"polykey: {exc}", file=err)
+        return exc.status
+    except trio.TooSlowError:
+        print(f"polykey: no answer in {COMMAND_DEADLINE:g} s", file=err)
+        return EX.TEMPFAIL

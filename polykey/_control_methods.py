@@ -1,0 +1,290 @@
+"""The methods a running node serves on its control socket (``_control``).
+
+Each answers with JSON whose keys docs/cli.md lists (they are stable: the
+CLI's ``--format json`` prints them as they are):
+
+* ``agentStatus`` / ``nodeStatus`` (its old name): who and where the node
+  is, since when, what it holds and has served.
+* ``agentStop``: stop the node in order (the reply comes first).
+* ``nodesAdd`` ``{nodeIdEncoded, host, port, ping?, force?}``: put a node in
+  the graph; with ``ping`` (the default) only once it answered, unless
+  ``force``.
+* ``nodesFind`` ``{nodeIdEncoded}``: its addresses, by a Kademlia lookup.
+* ``nodesPingNode`` ``{nodeIdEncoded}``: connect to it by NodeId alone
+  (dialled, punched or relayed) and call its ``nodesPing``.
+* ``nodesGetAll``: the graph, by bucket.
+* ``nodesConnections``: the live connections, with quiche's figures.
+
+A failure the operator should hear about (bad input, a node not reached) is
+an error reply with a code the CLI maps to a sysexits exit status.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from . import __version__
+from .keys import NodeId, NodeIdError
+from .nodes import (
+    InvalidAddressError,
+    NodeAddress,
+    NodeNotFoundError,
+    NodesError,
+    OwnNodeIdError,
+    request_ping,
+)
+from .rpc import CallContext, RPCError, RPCInvalidParams, UnaryHandler
+
+if TYPE_CHECKING:
+    from ._control import ControlServer
+    from .agent import PolykeyNode
+
+__all__ = ["FIND_TIMEOUT", "PING_TIMEOUT", "control_methods"]
+
+JSON = dict[str, Any]
+
+#: A find or a ping may run this long (a lookup gives up at 60 s itself).
+FIND_TIMEOUT: Final = 90.0
+PING_TIMEOUT: Final = 60.0
+
+
+class NodeUnreachable(RPCError):
+    """A node asked for could not be reached or found (exit status 69)."""
+
+    code = -32090  # ours; the CLI maps it to EX_UNAVAILABLE
+    wire_type = "ErrorPolykeyNodeUnreachable"
+    default_message = "node not reached"
+
+
+def _target(params: JSON) -> NodeId:
+    try:
+        return NodeId.from_string(str(params.get("nodeIdEncoded")))
+    except NodeIdError as exc:
+        raise RPCInvalidParams(str(exc)) from None
+
+
+def _iso(seconds: float) -> str:
+    return (
+        datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
+    )
+
+
+class _Method(UnaryHandler[JSON, JSON]):
+    def __init__(self, node: PolykeyNode, control: ControlServer) -> None:
+        self.node = node
+        self.control = control
+
+
+class AgentStatus(_Method):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        ctx.keep_deadline()  # over the reply too: the client may not read it
+        node = self.node
+        host, port = node.address
+        stats = self.control.statistics()
+        rpc = node.rpc_server.statistics()
+        manager = node.manager.statistics()
+        connections = node.connections.active()
+        return {
+            "status": "LIVE",
+            "pid": os.getpid(),
+            "version": __version__,
+            "nodeIdEncoded": str(node.node_id),
+            "host": host,
+            "port": port,
+            "startTime": _iso(node.started_at),
+            "upTime": round(time.time() - node.started_at, 3),
+            "connectionsActive": len(connections),
+            "nodesTotal": len(node.graph),
+            "graphSize": len(node.graph),  # the old name of nodesTotal
+            "connections": [
+                {
+                    "nodeIdEncoded": str(c.node_id),
+                    "host": c.address[0],
+                    "port": c.address[1],
+                    "path": c.path.value,
+                    "outgoing": c.outgoing,
+                }
+                for c in connections
+            ],
+            # Where peers see us (most recent first), and what it implies.
+            "reflexive": [
+                {"host": h, "port": p} for h, p in node.connections.reflexive
+            ],
+            "behindNat": node.connections.behind_nat(),
+            "relay": node.relay_status(),
+            "served": {
+                "rpcCalls": rpc.calls,
+                "lookups": manager.lookups,
+                "finds": manager.finds,
+            },
+            "control": {
+                "clients": stats.clients,
+                "accepted": stats.accepted,
+                "refusedBusy": stats.refused_busy,
+                "acceptErrors": stats.accept_errors,
+                "timeouts": stats.timeouts,
+            },
+        }
+
+
+class AgentStop(_Method):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        self.node.request_stop()
+        return {"status": "STOPPING", "pid": os.getpid()}
+
+
+class NodesAdd(_Method):
+    timeout = PING_TIMEOUT
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        ctx.keep_deadline()
+        target = _target(params)
+        if target == self.node.node_id:
+            raise RPCInvalidParams("that is this node's own NodeId")
+        try:
+            address = NodeAddress(params.get("host"), params.get("port"))
+        except InvalidAddressError as exc:
+            raise RPCInvalidParams(str(exc)) from None
+        ping = params.get("ping", True) is not False
+        force = params.get("force") is True
+        answered: bool | None = None
+        if ping:
+            try:
+                await self.node.connect(target, address.as_tuple())
+                answered = True
+            except (NodesError, OSError) as exc:
+                if not force:
+                    raise NodeUnreachable(f"{target} did not answer: {exc}") from None
+                answered = False
+        self.node.graph.add(target, [address], time.time())
+        return {
+            "nodeIdEncoded": str(target),
+            "host": address.host,
+            "port": address.port,
+            "added": True,
+            "pinged": answered,
+        }
+
+
+class NodesFind(_Method):
+    timeout = FIND_TIMEOUT
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        ctx.keep_deadline()
+        target = _target(params)
+        try:
+            contact = await self.node.find_node(target)
+        except OwnNodeIdError:
+            host, port = self.node.address
+            return {"nodeIdEncoded": str(target), "addresses": [[host, port]]}
+        except NodeNotFoundError:
+            return {"nodeIdEncoded": str(target), "addresses": []}
+        return {
+            "nodeIdEncoded": str(target),
+            "addresses": [[a.host, a.port] for a in contact.addresses],
+        }
+
+
+class NodesPingNode(_Method):
+    #: Long enough for a find and a punch; the caller's own timeout, if
+    #: shorter, wins (js-rpc's timeout rule).
+    timeout = PING_TIMEOUT
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        ctx.keep_deadline()
+        target = _target(params)
+        if target == self.node.node_id:
+            raise RPCInvalidParams("that is this node's own NodeId")
+        started = trio.current_time()
+        try:
+            conn = await self.node.connect(target)
+            connected = trio.current_time()
+            await request_ping(conn.rpc)
+        except (NodesError, RPCError, OSError) as exc:
+            return {
+                "nodeIdEncoded": str(target),
+                "success": False,
+                "error": str(exc) or type(exc).__name__,
+            }
+        done = trio.current_time()
+        host, port = conn.address
+        return {
+            "nodeIdEncoded": str(target),
+            "success": True,
+            "path": conn.path.value,
+            "host": host,
+            "port": port,
+            # Connecting (found, dialled, punched or relayed), then the ping.
+            "connectMs": round((connected - started) * 1000, 3),
+            "rttMs": round((done - started) * 1000, 3),
+        }
+
+
+class NodesGetAll(_Method):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        graph = self.node.graph
+        nodes = []
+        for index in graph.nonempty_buckets():
+            for contact in graph.bucket(index):
+                seen = graph.last_seen(contact.node_id)
+                nodes.append(
+                    {
+                        "nodeIdEncoded": str(contact.node_id),
+                        "bucketIndex": index,
+                        "addresses": [
+                            {"host": a.host, "port": a.port} for a in contact.addresses
+                        ],
+                        "lastSeen": _iso(seen) if seen else None,
+                    }
+                )
+        return {"nodes": nodes}
+
+
+class NodesConnections(_Method):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        node = self.node
+        now = trio.current_time()
+        out = []
+        for c in node.connections.active():
+            stats = c.connection.statistics()
+            path = stats.path
+            ttl = node.connections.ttl_of(c.node_id)
+            out.append(
+                {
+                    "nodeIdEncoded": str(c.node_id),
+                    "host": c.address[0],
+                    "port": c.address[1],
+                    "path": c.path.value,
+                    "outgoing": c.outgoing,
+                    "ageS": round(now - c.since, 3),
+                    "ttlLeftS": None
+                    if ttl is None
+                    else round(ttl - (now - c.last_used), 3),
+                    "streams": stats.streams_open,
+                    "bytesSent": stats.quiche.sent_bytes,
+                    "bytesReceived": stats.quiche.recv_bytes,
+                    "rttMs": round(path.rtt_ns / 1e6, 3) if path is not None else None,
+                }
+            )
+        return {"connections": out}
+
+
+def control_methods(node: PolykeyNode, control: ControlServer) -> dict[str, Any]:
+    status = AgentStatus(node, control)
+    return {
+        "agentStatus": status,
+        "nodeStatus": status,
+        "agentStop": AgentStop(node, control),
+        "nodesAdd": NodesAdd(node, control),
+        "nodesFind": NodesFind(node, control),
+        "nodesPingNode": NodesPingNode(node, control),
+        "nodesGetAll": NodesGetAll(node, control),
+        "nodesConnections": NodesConnections(node, control),
+    }
