@@ -156,12 +156,17 @@ class NodesAdd(_Method):
         force = params.get("force") is True
         answered: bool | None = None
         if ping:
+            # As long as a ping of the node manager's may take (a multiple of
+            # the dial times seen; 15 s at most).
+            seconds = self.node.manager.attempt_deadline()
             try:
-                await self.node.connect(target, address.as_tuple())
+                with trio.fail_after(seconds):
+                    await self.node.connect(target, address.as_tuple())
                 answered = True
-            except (NodesError, OSError) as exc:
+            except (NodesError, OSError, trio.TooSlowError) as exc:
                 if not force:
-                    raise NodeUnreachable(f"{target} did not answer: {exc}") from None
+                    why = exc if str(exc) else f"no answer in {seconds:g} s"
+                    raise NodeUnreachable(f"{target} did not answer: {why}") from None
                 answered = False
         self.node.graph.add(target, [address], time.time())
         return {

@@ -1,0 +1,224 @@
+"""Every control command against real ``python -m polykey node`` processes,
+in both formats, asserting on the JSON (not on text), and each failure's
+exit status (sysexits) and one-line message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from polykey.keys import KeyPair
+
+from .helpers import control_json, start_node, stop
+
+EX_DATAERR, EX_UNAVAILABLE, EX_USAGE = 65, 69, 64
+
+
+async def human(state_dir: Path, *args: str) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [sys.executable, "-m", "polykey", *args, "--state-dir", str(state_dir)],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_every_command_against_two_live_nodes(tmp_path: Path) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a, a_id, (host, a_port) = await start_node(a_dir)
+    b, b_id, (_, b_port) = await start_node(b_dir)
+    try:
+        with trio.fail_after(60):
+            rc, status = await control_json(a_dir, "agent", "status")
+            assert rc == 0
+            assert status["status"] == "LIVE"
+            assert status["pid"] == a.pid
+            assert status["nodeIdEncoded"] == str(a_id)
+            assert (status["host"], status["port"]) == (host, a_port)
+            for key in ("startTime", "upTime", "version", "connectionsActive",
+                        "nodesTotal", "reflexive", "behindNat", "relay", "served"):  # fmt: skip
+                assert key in status, key
+            assert status["startTime"].endswith("Z")
+
+            # nodes add (pings first), then getall shows it in its bucket.
+            rc, added = await control_json(
+                a_dir, "nodes", "add", str(b_id), f"{host}:{b_port}"
+            )
+            assert rc == 0
+            assert added["pinged"] is True
+            rc, nodes = await control_json(a_dir, "nodes", "getall")
+            assert rc == 0
+            (entry,) = nodes
+            assert entry["nodeIdEncoded"] == str(b_id)
+            assert entry["addresses"] == [{"host": host, "port": b_port}]
+            assert 0 <= entry["bucketIndex"] <= 255
+
+            rc, ping = await control_json(a_dir, "nodes", "ping", str(b_id))
+            assert rc == 0
+            assert ping["success"] is True
+            assert ping["path"] == "direct"
+            assert 0 <= ping["connectMs"] <= ping["rttMs"]
+            rc, found = await control_json(a_dir, "nodes", "find", str(b_id))
+            assert rc == 0
+            assert found["addresses"] == [[host, b_port]]
+
+            rc, connections = await control_json(a_dir, "nodes", "connections")
+            assert rc == 0
+            (conn,) = connections
+            assert conn["nodeIdEncoded"] == str(b_id)
+            assert conn["path"] == "direct"
+            assert conn["bytesSent"] > 0
+            assert conn["rttMs"] is not None
+            assert conn["ttlLeftS"] > 0
+
+            # The same in human form: aligned, readable, exit 0.
+            b_address = f"{host}:{b_port}"
+            for args, shows in (
+                (("agent", "status"), str(a_id)),
+                (("nodes", "getall"), str(b_id)),
+                (("nodes", "connections"), str(b_id)),
+                (("nodes", "ping", str(b_id)), f"Node is Active: {b_address}, direct"),
+                (("nodes", "find", str(b_id)), f"Found node at {b_address}"),
+            ):
+                rc, out, err = await human(a_dir, *args)
+                assert rc == 0, (args, err)
+                assert shows in out, (args, out)
+            rc, out, _ = await human(a_dir, "agent", "status")
+            assert f"nodeId             {a_id}" in out
+            # The short forms still work.
+            rc, short = await control_json(a_dir, "status")
+            assert rc == 0
+            assert short["nodeIdEncoded"] == str(a_id)
+
+            # agent stop: ordered, and waits until the node is gone.
+            rc, stopped = await control_json(b_dir, "agent", "stop")
+            assert rc == 0
+            assert stopped["status"] == "STOPPED"
+            assert b.poll() == 0
+            rc, dead = await control_json(b_dir, "agent", "status")
+            assert rc == EX_UNAVAILABLE
+            assert dead["status"] == "DEAD"
+            rc, again = await control_json(b_dir, "agent", "stop")
+            assert rc == 0
+            assert again["status"] == "DEAD"
+    finally:
+        for process in (a, b):
+            if process.returncode is None:
+                await stop(process)
+
+
+async def test_failures_exit_with_their_status_and_one_line(tmp_path: Path) -> None:
+    a_dir = tmp_path / "a"
+    a, _, _ = await start_node(a_dir)
+    absent = str(KeyPair.generate().node_id)
+    try:
+        with trio.fail_after(90):
+            cases = [
+                # (state dir, args, exit status, words in the message)
+                (tmp_path / "nowhere", ("agent", "status"), EX_UNAVAILABLE, None),
+                (tmp_path / "nowhere", ("nodes", "getall"), EX_UNAVAILABLE, "no node is running"),
+                (a_dir, ("nodes", "find", "vnope"), EX_DATAERR, "53 characters"),
+                (a_dir, ("nodes", "ping", "vnope"), EX_DATAERR, "53 characters"),
+                (a_dir, ("nodes", "find", absent), EX_UNAVAILABLE, "not found"),
+                (a_dir, ("nodes", "ping", absent), EX_UNAVAILABLE, "not reached"),
+                (a_dir, ("nodes", "add", absent, "127.0.0.1:9"), EX_UNAVAILABLE, "did not answer"),
+                (a_dir, ("nodes", "add", absent, "[::]:9"), EX_USAGE, "unicast"),
+                (a_dir, ("nodes", "frobnicate"), EX_USAGE, "invalid choice"),
+            ]  # fmt: skip
+            for state_dir, args, status, words in cases:
+                rc, out, err = await human(state_dir, *args)
+                assert rc == status, (args, rc, out, err)
+                assert "Traceback" not in err, args
+                if words is not None:
+                    # One line (after argparse's usage, for a bad command line).
+                    last = err.strip().splitlines()[-1]
+                    assert words in last, (args, err)
+                    if status != EX_USAGE:
+                        assert err.strip() == last, (args, err)
+            # --force adds an unreachable node anyway.
+            rc, added = await control_json(
+                a_dir, "nodes", "add", absent, "127.0.0.1:9", "--force"
+            )
+            assert rc == 0
+            assert added["pinged"] is False
+            rc, nodes = await control_json(a_dir, "nodes", "getall")
+            assert [n["nodeIdEncoded"] for n in nodes] == [absent]
+            # --no-ping adds without asking.
+            other = str(KeyPair.generate().node_id)
+            rc, added = await control_json(
+                a_dir, "nodes", "add", other, "127.0.0.1:9", "--no-ping"
+            )
+            assert rc == 0
+            assert added["pinged"] is None
+    finally:
+        await stop(a)
+
+
+async def test_node_json_start_line_and_json_logs(tmp_path: Path) -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "polykey", "node", "--host", "127.0.0.1", "--port", "0",
+         "--state-dir", str(tmp_path), "--format", "json", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        with trio.fail_after(20):
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                assert chunk
+                line += chunk
+        started = json.loads(line)
+        assert started["stateDir"] == str(tmp_path)
+        assert started["controlSocket"] == str(tmp_path / "control.sock")
+        assert (
+            started["seed"] == f"{started['nodeIdEncoded']}@127.0.0.1:{started['port']}"
+        )
+        assert started["pid"] == process.pid
+    finally:
+        await stop(process)
+    logs = b""
+    while chunk := await process.stderr.receive_some():
+        logs += chunk
+    entries = [json.loads(line) for line in logs.decode().splitlines()]
+    assert entries
+    for entry in entries:
+        assert {"time", "level", "logger", "message"} <= set(entry)
+    assert any("listening on" in e["message"] for e in entries)
+
+
+async def test_options_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        "POLYKEY_STATE_DIR": str(tmp_path),
+        "POLYKEY_HOST": "127.0.0.1",
+        "POLYKEY_PORT": "0",
+        "POLYKEY_LOG_LEVEL": "warning",
+    }
+    import os
+
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "polykey", "node", "--format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **env},
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        with trio.fail_after(20):
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                assert chunk
+                line += chunk
+        started = json.loads(line)
+        assert started["stateDir"] == str(tmp_path)
+        assert started["host"] == "127.0.0.1"
+        result = await trio.run_process(
+            [sys.executable, "-m", "polykey", "agent", "status", "-f", "json"],
+            capture_stdout=True, env={**os.environ, **env},
+        )  # fmt: skip
+        assert json.loads(result.stdout)["nodeIdEncoded"] == started["nodeIdEncoded"]
+    finally:
+        await stop(process)
