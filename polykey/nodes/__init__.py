@@ -22,6 +22,7 @@ from ._messages import (
     parse_node_contact_message,
 )
 from ._refresh import RefreshSchedule
+from ._writer import GraphWriter
 from .connections import (
     ConnectionPath,
     NodeConnection,
@@ -101,6 +102,7 @@ __all__ = [
     "ConnectFunction",
     "ConnectionPath",
     "FinderStatistics",
+    "GraphWriter",
     "InvalidAddressError",
     "JoinResult",
     "Lookup",

@@ -63,8 +63,11 @@ class SQLiteGraphStore:
         self.path = path
         self.own_id = own_id
         try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-            self._db = sqlite3.connect(path, isolation_level=None)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves. Writes
+            # may come from the graph writer's worker thread (one at a time).
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
         except sqlite3.Error as exc:
             raise NodeGraphStoreError(path, f"cannot open: {exc}") from exc
         try:

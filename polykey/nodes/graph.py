@@ -21,11 +21,19 @@ then ``b+2``... So it sorts bucket ``b``, then the union of buckets below
 it, then the buckets above it one by one, and stops at ``limit``.
 
 Persistence (optional, :meth:`NodeGraph.open`) is a SQLite file in WAL mode
-(``_store.py``). Adds, address changes and removals are committed before
-the call returns. Last-seen refreshes (:meth:`touch`), which happen on every
-contact, are only marked dirty and written with the next commit or
-:meth:`flush`: a crash can lose recent reordering, never a node.
+(``_store.py``). By itself the graph commits adds, address changes and
+removals before the call returns. Last-seen refreshes (:meth:`touch`), which
+happen on every contact, are only marked dirty and written with the next
+commit or :meth:`flush`: a crash can lose recent reordering, never a node.
 Failure counts are in memory only.
+
+A commit waits for the disk (``synchronous=FULL``: an fsync, milliseconds
+each), so in a running node writes leave the event loop:
+:class:`~polykey.nodes.GraphWriter` calls :meth:`defer_writes`, after which
+a mutation only records what is pending (the graph in memory is already
+up to date) and wakes the writer, which writes every pending change in one
+transaction in a worker thread. What is acknowledged as committed is what
+:meth:`GraphWriter.durable` has returned for; a crash loses nothing of that.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
@@ -126,6 +134,12 @@ class NodeGraph:
         self._seq = 0
         self._store = store
         self._dirty: set[bytes] = set()
+        # Deferred writes (see defer_writes): what is pending, and the
+        # writer to wake. ``version`` counts commits asked for.
+        self._defer: Callable[[], None] | None = None
+        self._pending_up: set[bytes] = set()
+        self._pending_del: set[bytes] = set()
+        self.version = 0
         if store is not None:
             self._load(store)
 
@@ -193,18 +207,66 @@ class NodeGraph:
             return
         dirty = self._dirty
         dirty.update(upserts)
-        deleted = list(deletes)
+        deleted = set(deletes)
         dirty.difference_update(deleted)
+        self.version += 1
+        if self._defer is not None:
+            self._pending_up.difference_update(deleted)
+            self._pending_up.update(dirty)
+            self._pending_del.difference_update(dirty)
+            self._pending_del.update(deleted)
+            dirty.clear()
+            self._defer()
+            return
+        rows = self._rows(dirty)
+        self._store.write(rows, [NodeId(raw) for raw in deleted])
+        dirty.clear()
+
+    def _rows(self, raws: Iterable[bytes]) -> list[StoredNode]:
         rows: list[StoredNode] = []
-        for raw in dirty:
+        for raw in raws:
             entry = self._entry(raw)
             if entry is not None:
                 contact = entry.contact
                 rows.append(
                     (contact.node_id, contact.addresses, entry.last_seen, entry.seq)
                 )
-        self._store.write(rows, [NodeId(raw) for raw in deleted])
-        dirty.clear()
+        return rows
+
+    # -- deferred writes (GraphWriter) ----------------------------------------------
+
+    def defer_writes(self, wake: Callable[[], None] | None) -> None:
+        """From now on, record mutations as pending and call ``wake()``
+        instead of writing (None: write at once again, pending first)."""
+        self._defer = wake
+        if wake is None and (self._pending_up or self._pending_del):
+            rows, deletes, _ = self.take_pending()
+            self.write(rows, deletes)
+
+    def take_pending(self) -> tuple[list[StoredNode], list[NodeId], int]:
+        """What is pending (rows as they are now, deletions) and the
+        ``version`` it brings the store to; nothing is pending after."""
+        rows = self._rows(self._pending_up)
+        deletes = [NodeId(raw) for raw in self._pending_del]
+        self._pending_up.clear()
+        self._pending_del.clear()
+        return rows, deletes, self.version
+
+    def restore_pending(self, rows: list[StoredNode], deletes: list[NodeId]) -> None:
+        """Put back what :meth:`take_pending` gave for a write that failed
+        (changes made since then win)."""
+        for node_id, *_ in rows:
+            if node_id.raw not in self._pending_del:
+                self._pending_up.add(node_id.raw)
+        for node_id in deletes:
+            if node_id.raw not in self._pending_up:
+                self._pending_del.add(node_id.raw)
+
+    def write(self, rows: list[StoredNode], deletes: list[NodeId]) -> None:
+        """Write ``rows`` and ``deletes`` in one transaction (the writer
+        calls this from its worker thread: it touches only the store)."""
+        if self._store is not None and (rows or deletes):
+            self._store.write(rows, deletes)
 
     def flush(self) -> None:
         """Write pending last-seen updates (a no-op without a store)."""
@@ -215,6 +277,7 @@ class NodeGraph:
         """Flush and close the store. The graph stays usable in memory."""
         if self._store is not None:
             try:
+                self.defer_writes(None)
                 self.flush()
             finally:
                 self._store.close()

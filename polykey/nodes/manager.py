@@ -19,7 +19,8 @@ Theory of operation
   lookup of a random NodeId in the bucket, every ``refresh_interval`` with
   jitter; buckets below the closest non-empty one are left to the
   self-lookup, which covers them), the self-lookup every
-  ``self_lookup_interval``, the eviction worker, and periodic graph flushes.
+  ``self_lookup_interval``, the eviction worker, the graph's writer (SQLite
+  off the event loop, see ``_writer.py``) and periodic flushes.
 * **Joining.** :meth:`join`: add the seeds, ping the closest few, look up our
   own NodeId, then refresh every bucket farther than our closest neighbour,
   farthest first (Kademlia's join; Polykey's syncNodeGraph).
@@ -44,6 +45,7 @@ import trio
 from ..keys import NodeId
 from ._address import NodeAddress, NodeContact, format_host_port
 from ._refresh import RefreshSchedule
+from ._writer import GraphWriter
 from .errors import InvalidAddressError, NodeNotFoundError, OwnNodeIdError
 from .graph import PING_BATCH, NodeGraph
 from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED, Lookup
@@ -165,6 +167,7 @@ class NodeManager:
         :meth:`~polykey.nodes.NodeConnectionManager.attempt_timeout`) instead
         of ``config.query_timeout`` alone, which stays the ceiling."""
         self.graph = graph
+        self.writer = GraphWriter(graph)
         self._attempt_timeout = attempt_timeout
         self.own_id = graph.own_id
         self.transport = transport
@@ -202,6 +205,8 @@ class NodeManager:
                 nursery.start_soon(self._timers)
                 nursery.start_soon(self._evictor)
                 if self.graph.persistent:
+                    # SQLite writes leave the event loop (see GraphWriter).
+                    await nursery.start(self.writer.run)
                     nursery.start_soon(self._flusher)
                 task_status.started()
         finally:
@@ -313,7 +318,12 @@ class NodeManager:
         )
         if result.status == "full":
             await self._make_room(result.bucket, {node_id: addrs})
+        await self.writer.durable()  # acknowledged: on disk
         return node_id in self.graph
+
+    async def graph_durable(self) -> None:
+        """Return once every graph change made so far is on disk."""
+        await self.writer.durable()
 
     async def _make_room(
         self, index: int, newcomers: dict[NodeId, tuple[NodeAddress, ...]]
