@@ -61,6 +61,9 @@ from ..quic import (
 )
 from ..rpc import JSONObject, RPCClient, RPCServer
 from ._address import NodeAddress, format_host_port
+from ._attempts import DEFAULT_ATTEMPT_TIMEOUT as DEFAULT_ATTEMPT_TIMEOUT
+from ._attempts import MIN_ATTEMPT_TIMEOUT as MIN_ATTEMPT_TIMEOUT
+from ._attempts import AttemptTimer
 from .errors import InvalidAddressError, NodesError
 from .handlers import PING
 from .relay import (
@@ -106,10 +109,6 @@ MAX_PUNCHES_PER_HOST: Final = 3
 MAX_FORWARDS: Final = 64
 #: Bytes of noise per punch packet (Polykey sends 32 random bytes).
 _PUNCH_BYTES: Final = 32
-#: Bounds of one attempt's deadline, and its multiple of the dial times seen.
-MIN_ATTEMPT_TIMEOUT: Final = 0.5
-DEFAULT_ATTEMPT_TIMEOUT: Final = 3.0
-_ATTEMPT_RTTS: Final = 8
 
 
 #: Inner packets of a relayed connection: QUIC's minimum, so that with the
@@ -260,8 +259,7 @@ class NodeConnectionManager:
         self._punch_hosts: dict[str, int] = {}
         self._awaiting_punch: dict[NodeId, float] = {}
         self._forwards = 0
-        # Smoothed dial time (seconds), None before the first dial.
-        self._dial_time: float | None = None
+        self._dial_times = AttemptTimer()
         # Relaying: the table when we relay for others; our circuit ends,
         # by (relay, circuit id) and by the virtual address of their path.
         self.relay_table = RelayTable(relay) if relay is not None else None
@@ -462,7 +460,7 @@ class NodeConnectionManager:
                 except NodeConnectionError:
                     self.dial_failures += 1
                     raise
-                self._note_dial_time(trio.current_time() - started)
+                self._dial_times.note(trio.current_time() - started)
             if self._stopping or self._nursery is None:
                 await conn.aclose(_CLOSE_STOPPING)
                 raise trio.ClosedResourceError("the node is stopping")
@@ -473,19 +471,11 @@ class NodeConnectionManager:
 
     # -- attempt deadlines ---------------------------------------------------------
 
-    def _note_dial_time(self, seconds: float) -> None:
-        if self._dial_time is None:
-            self._dial_time = seconds
-        else:
-            self._dial_time += (seconds - self._dial_time) / 8
-
     def attempt_timeout(self, ceiling: float = 15.0) -> float:
         """The deadline for one attempt (a dial, a query): a multiple of the
         smoothed dial time, at least :data:`MIN_ATTEMPT_TIMEOUT`, at most
         ``ceiling``; :data:`DEFAULT_ATTEMPT_TIMEOUT` before the first dial."""
-        if self._dial_time is None:
-            return min(ceiling, DEFAULT_ATTEMPT_TIMEOUT)
-        return min(ceiling, max(MIN_ATTEMPT_TIMEOUT, _ATTEMPT_RTTS * self._dial_time))
+        return self._dial_times.timeout(ceiling)
 
     # -- hole punching: the initiator ------------------------------------------------
 
