@@ -200,8 +200,11 @@ class NodeFinder:
 
     async def _signalled(self, node_id: NodeId, won: Callable[[Link], None]) -> None:
         target = node_id.to_int()
+        # Every node asked or queued to be: _ask reaches only nodes not in
+        # it, and claims them before it returns them in ``found``.
         asked: set[NodeId] = {self.connections.node_id, node_id}
         frontier = [c for c in self.connections.active() if c.node_id not in asked]
+        asked.update(c.node_id for c in frontier)
         contacted = 0
         while frontier and contacted < self.max_contacted:
             frontier.sort(key=lambda c: c.node_id.to_int() ^ target)
@@ -213,7 +216,7 @@ class NodeFinder:
                 for signaller in batch:
                     asked.add(signaller.node_id)
                     nursery.start_soon(self._ask, node_id, signaller, asked, found, won)
-            frontier.extend(c for c in found if c.node_id not in asked)
+            frontier.extend(found)
 
     async def _ask(
         self,

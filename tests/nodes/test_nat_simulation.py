@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from polykey.keys import KeyPair, NodeIdentity
 from polykey.nodes import ConnectionPath, NodeManagerConfig, NodeNotFoundError
 from polykey.nodes.connections import PUNCH_DURATION
 from polykey.nodes.finder import (
@@ -62,11 +63,12 @@ def punch_attempt(attempt: float) -> float:
     return max(_PUNCH_MIN, _PUNCH_ATTEMPTS * attempt)
 
 
-def keep_only(node: NatNode, keep: NatNode) -> None:
-    """Close every link of ``node`` but the one to ``keep`` (as idle TTLs
+def keep_only(node: NatNode, *keep: NatNode) -> None:
+    """Close every link of ``node`` but those to ``keep`` (as idle TTLs
     would), so that the finder has to work for a connection."""
+    kept = {k.node_id for k in keep}
     for link in node.connections.active():
-        if link.node_id != keep.node_id:
+        if link.node_id not in kept:
             node.connections.close(link.node_id)
 
 
@@ -216,9 +218,7 @@ async def test_a_dead_signaller_costs_one_attempt_timeout(
             b = await net.spawn(nat=PORT, join=[s1, s2])
             a = await net.spawn(nat=PORT, join=[s1, s2])
             for node in (a, b):
-                for link in node.connections.active():
-                    if link.node_id not in (s1.node_id, s2.node_id):
-                        node.connections.close(link.node_id)
+                keep_only(node, s1, s2)
             t = b.node_id.to_int()
             dead, live = sorted((s1, s2), key=lambda s: s.node_id.to_int() ^ t)
             net.kill(dead)
@@ -415,3 +415,49 @@ async def test_hello_behind_nats(autojump_clock: trio.testing.MockClock) -> None
             assert link.path is ConnectionPath.PUNCHED
             answer = await link.rpc.unary("hello", {"name": "world"})
             assert answer == {"hello": "world", "from": str(client.node_id)}
+
+
+# -- the signalled search's walk ------------------------------------------------------------
+
+
+def identity(n: int) -> NodeIdentity:
+    return NodeIdentity.generate(KeyPair.from_seed(n.to_bytes(32, "big")))
+
+
+def around(target: NodeIdentity, n: int) -> list[NodeIdentity]:
+    """``n`` identities, the one farthest from ``target`` first."""
+    t = target.node_id.to_int()
+    found = [identity(1000 + i) for i in range(n)]
+    return sorted(found, key=lambda i: i.node_id.to_int() ^ t, reverse=True)
+
+
+@pytest.mark.parametrize("middle", [NONE, PORT], ids=lambda t: f"middle-{t.value}")
+async def test_the_signalled_search_walks_a_chain_of_signallers(
+    autojump_clock: trio.testing.MockClock, middle: NatType
+) -> None:
+    """A holds a link to S only, B to M only, and S to M, M closer to B
+    than S. Asked, S lists M; the finder reaches M (dialled, or punched
+    through S when M is behind a NAT), asks it, and punches B through it."""
+    b_id = identity(1)
+    s_id, m_id = around(b_id, 2)
+    async with NatNetwork(config=QUIET, latency=L, seed=11) as net:
+        with trio.fail_after(BOUND):
+            s = await net.spawn(s_id)
+            m = await net.spawn(m_id, nat=middle, join=[s])
+            b = await net.spawn(b_id, nat=PORT, join=[s])
+            link = await b.finder.connect(m.node_id)  # B's link to M
+            a = await net.spawn(nat=PORT, join=[s])
+            keep_only(a, s)
+            keep_only(b, m)
+            keep_only(m, s, b)
+            assert m.connections.get(b.node_id) is not None
+            start = trio.current_time()
+            link = await a.finder.connect(b.node_id)
+            took = trio.current_time() - start
+        assert link.path is ConnectionPath.PUNCHED
+        assert m.connections.signals_forwarded >= 1  # M signalled B's punch
+        assert a.finder.statistics.signallers_asked == 2
+        if middle is NONE:
+            # Ask S (the lookup, which knows M, has dialled it meanwhile), ask
+            # M, signal, then the punch's Initial and its answer.
+            assert took == pytest.approx(8 * L)
