@@ -47,7 +47,7 @@ from ..keys import NodeId
 from ..rpc import RPCClient
 from ._address import NodeContact
 from .connections import ConnectionPath
-from .errors import NodeNotFoundError
+from .errors import NodeNotFoundError, OwnNodeIdError
 from .handlers import request_closest_active_connections
 from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED
 from .manager import NodeManager
@@ -141,8 +141,11 @@ class NodeFinder:
         """A verified connection to ``node_id``: pooled, dialled, or punched.
 
         Bounded by the caller's cancel scope; raises NodeNotFoundError when
-        every way was tried and none worked.
+        every way was tried and none worked, OwnNodeIdError for our own.
         """
+        if node_id == self.connections.node_id:
+            # Else the lookup raises it inside the race, as an ExceptionGroup.
+            raise OwnNodeIdError("a node does not connect to itself")
         self.statistics.connects += 1
         pooled = self.connections.get(node_id)
         if pooled is not None:

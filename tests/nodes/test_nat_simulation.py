@@ -15,7 +15,12 @@ import trio
 import trio.testing
 
 from polykey.keys import KeyPair, NodeIdentity
-from polykey.nodes import ConnectionPath, NodeManagerConfig, NodeNotFoundError
+from polykey.nodes import (
+    ConnectionPath,
+    NodeManagerConfig,
+    NodeNotFoundError,
+    OwnNodeIdError,
+)
 from polykey.nodes.connections import PUNCH_DURATION
 from polykey.nodes.finder import (
     _PUNCH_ATTEMPTS,
@@ -461,3 +466,15 @@ async def test_the_signalled_search_walks_a_chain_of_signallers(
             # Ask S (the lookup, which knows M, has dialled it meanwhile), ask
             # M, signal, then the punch's Initial and its answer.
             assert took == pytest.approx(8 * L)
+
+
+async def test_connecting_to_ourselves_is_refused_plainly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with NatNetwork(config=QUIET, latency=L, seed=12) as net:
+        with trio.fail_after(BOUND):
+            seed = await net.spawn()
+            a = await net.spawn(join=[seed])
+            with pytest.raises(OwnNodeIdError):
+                await a.finder.connect(a.node_id)  # not an ExceptionGroup
+        assert a.finder.statistics.connects == 0
