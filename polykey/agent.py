@@ -41,6 +41,7 @@ from .nodes import (
 )
 from .nodes.connections import (
     Address,
+    ConnectionPath,
     NodeConnection,
     NodeConnectionManager,
     display_address,
@@ -341,6 +342,9 @@ class PolykeyNode:
             self._joined_event.set()
 
     def _active_connections(self) -> list[ActiveConnection]:
+        # What nodesClosestActiveConnectionsGet lists: connections we could
+        # signal over, at the address the peer is seen at. A relayed one
+        # has no such address (its is a virtual path's, ours alone).
         return [
             ActiveConnection(
                 node_id=node.node_id,
@@ -348,6 +352,7 @@ class PolykeyNode:
                 primary=True,
             )
             for node in self.connections.active()
+            if node.path is not ConnectionPath.RELAYED
         ]
 
     def request_stop(self) -> None:

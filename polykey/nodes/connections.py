@@ -369,7 +369,9 @@ class NodeConnectionManager:
             node_id,
             format_host_port(host, port),
         )
-        if self._on_connection is not None:
+        # A relayed connection's address is a virtual path's, meaningful on
+        # this socket only: the graph must not learn it, nor peers hear it.
+        if self._on_connection is not None and path is not ConnectionPath.RELAYED:
             self._nursery.start_soon(self._report, node_id, host, port)
         return node
 

@@ -169,6 +169,16 @@ async def test_a_relayed_connection_is_end_to_end(tmp_path: Path) -> None:
             table = r.connections.relay_table
             assert table is not None
             assert table.statistics.circuits == 1
+            # The virtual path's address is ours alone: neither graph learns
+            # it, and neither lists the relayed connection as one to signal
+            # over.
+            for node, other in ((a, b), (b, a)):
+                known = node.graph.get(other.node_id)
+                assert known is None or all(
+                    not ad.host.startswith("240.") for ad in known.addresses
+                ), known
+                listed = [c.node_id for c in node._active_connections()]
+                assert other.node_id not in listed
             assert table.statistics.datagrams_forwarded > 4
             # Bytes through it, checked end to end by B's own handler.
             body = os.urandom(512 * 1024)
