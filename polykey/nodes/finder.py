@@ -18,11 +18,11 @@ had in flight):
   worked a little later (a symmetric NAT facing a filtering one never
   will), we also connect through it as a relay
   (:meth:`NodeConnectionManager.connect_relayed`, see polykey.nodes.relay).
-  Nodes it lists that
-  are closer to the target than itself are reached (pooled, dialled at the
-  address it reports, or punched through it) and asked in turn, so the
-  search walks a chain of signallers toward the target. At most ``alpha``
-  are asked at once and ``max_contacted`` in all.
+  The nodes it lists (the ``alpha`` closest to the target not yet asked)
+  are reached at once (pooled, dialled at the address it reports, or
+  punched through it) and asked in turn, so the search walks a chain of
+  signallers toward the target. At most ``alpha`` are asked at once and
+  ``max_contacted`` in all.
 
 Every attempt has its own deadline, from the connection manager's
 :meth:`~NodeConnectionManager.attempt_timeout` (what dials have taken
@@ -247,29 +247,36 @@ class NodeFinder:
                 race.start_soon(self._relay, node_id, signaller, won)
             if self.connections.get(node_id) is not None:
                 return
-        # Walk on toward the target through the nodes it is connected to.
+        # Walk on through the nodes it is connected to, closest to the target
+        # first (as Polykey's queue: no "closer than the signaller" rule,
+        # which dead-ends when no path gets strictly closer), at most alpha
+        # of them per signaller, reached at once.
         target = node_id.to_int()
-        distance = signaller.node_id.to_int() ^ target
-        for contact in listing:
-            if (
-                contact.node_id in asked
-                or contact.node_id.to_int() ^ target >= distance
-            ):
-                continue
-            asked.add(contact.node_id)
-            conn = self.connections.get(contact.node_id) or await self._dial_known(
-                contact
-            )
-            if conn is None:
-                with trio.move_on_after(self._punch_attempt()):
-                    try:
-                        conn = await self.connections.connect_punched(
-                            contact.node_id, signaller
-                        )
-                    except Exception as exc:
-                        self._failed("punch", contact.node_id, exc)
-            if conn is not None:
-                found.append(conn)
+        onward = sorted(
+            (c for c in listing if c.node_id not in asked),
+            key=lambda c: c.node_id.to_int() ^ target,
+        )[: self.alpha]
+        asked.update(c.node_id for c in onward)
+        async with trio.open_nursery() as nursery:
+            for contact in onward:
+                nursery.start_soon(self._reach, contact, signaller, found)
+
+    async def _reach(
+        self, contact: NodeContact, signaller: Link, found: list[Link]
+    ) -> None:
+        """Reach a node a signaller listed: pooled, dialled, or punched
+        through that signaller; add it to ``found``."""
+        conn = self.connections.get(contact.node_id) or await self._dial_known(contact)
+        if conn is None:
+            with trio.move_on_after(self._punch_attempt()):
+                try:
+                    conn = await self.connections.connect_punched(
+                        contact.node_id, signaller
+                    )
+                except Exception as exc:
+                    self._failed("punch", contact.node_id, exc)
+        if conn is not None:
+            found.append(conn)
 
     async def _punch(
         self,

@@ -478,3 +478,42 @@ async def test_connecting_to_ourselves_is_refused_plainly(
             with pytest.raises(OwnNodeIdError):
                 await a.finder.connect(a.node_id)  # not an ExceptionGroup
         assert a.finder.statistics.connects == 0
+
+
+async def test_a_mesh_of_seeds_and_nats_everyone_finds_everyone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Three seeds that know each other, 18 nodes behind NATs of every type,
+    each joined to one or two seeds; every node keeps only its links to its
+    seeds. Then each finds every other by NodeId: through a shared seed, or
+    along a chain of seeds (the walk must not stop where no seed is closer
+    to the target than the last)."""
+    import random
+
+    rng = random.Random(13)
+    async with NatNetwork(config=QUIET, latency=L, seed=13) as net:
+        with trio.fail_after(BOUND):
+            seeds = [await net.spawn()]
+            for _ in range(2):
+                seeds.append(await net.spawn(join=seeds[:1]))
+            for s in seeds:
+                for other in seeds:
+                    if other is not s:
+                        await s.finder.connect(other.node_id)
+            nodes = []
+            for i in range(18):
+                mine = rng.sample(seeds, rng.choice((1, 2)))
+                node = await net.spawn(nat=list(NatType)[i % 4], join=mine)
+                keep_only(node, *mine)
+                nodes.append(node)
+            failures = []
+            for a in nodes:
+                for b in rng.sample(nodes, 4):
+                    if b is a:
+                        continue
+                    try:
+                        with trio.fail_after(120):
+                            await a.finder.connect(b.node_id)
+                    except (NodeNotFoundError, trio.TooSlowError) as exc:
+                        failures.append((a.node_id, b.node_id, repr(exc)))
+            assert not failures, failures
