@@ -11,9 +11,14 @@ from the network.
 * ``nodesFind`` (unary): ``{"nodeIdEncoded"}`` -> the node's addresses, found
   by an iterative lookup.
 * ``nodesPingNode`` (unary): ``{"nodeIdEncoded"}`` -> connect to that node by
-  NodeId alone (pooled, dialled or hole-punched), call its ``nodesPing``:
-  ``{"nodeIdEncoded", "success", "path", "host", "port", "rttMs"}``
-  (``success`` false with ``error`` when it cannot be reached).
+  NodeId alone (pooled, dialled, hole-punched or relayed), call its
+  ``nodesPing``: ``{"nodeIdEncoded", "success", "path", "host", "port",
+  "pooled", "connectMs", "rttMs"}``, and ``"attemptMs"`` for a connection
+  made by this call (``success`` false with ``error`` when it cannot be
+  reached). ``connectMs``: from the request to the verified connection;
+  ``attemptMs``: from the start of the attempt that won (its dial, a
+  punch's signal request, a relay's circuit request) to the verified
+  connection; ``rttMs``: the request to the ``nodesPing`` answer.
 
 Only the node's owner can connect, but a client that hangs (or a script
 that opens sockets in a loop) must not cost the node its file descriptors:
@@ -182,8 +187,10 @@ class _PingNode(UnaryHandler[JSON, JSON]):
         if target == self.node.node_id:
             raise RPCInvalidParams("that is this node's own NodeId")
         started = trio.current_time()
+        pooled = self.node.connections.get(target) is not None
         try:
             conn = await self.node.connect(target)
+            connected = trio.current_time()
             await request_ping(conn.rpc)
         except (NodesError, RPCError, OSError) as exc:
             return {
@@ -192,14 +199,23 @@ class _PingNode(UnaryHandler[JSON, JSON]):
                 "error": str(exc) or type(exc).__name__,
             }
         host, port = conn.address
-        return {
+        answer: JSON = {
             "nodeIdEncoded": str(target),
             "success": True,
             "path": conn.path.value,
             "host": host,
             "port": port,
-            "rttMs": round((trio.current_time() - started) * 1000, 3),
+            "pooled": pooled,
+            "connectMs": _ms(connected - started),
+            "rttMs": _ms(trio.current_time() - started),
         }
+        if conn.attempt_started is not None and conn.since >= started:
+            answer["attemptMs"] = _ms(conn.since - conn.attempt_started)
+        return answer
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 def _remove_stale(path: Path) -> None:
