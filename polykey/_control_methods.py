@@ -208,6 +208,7 @@ class NodesPingNode(_Method):
         if target == self.node.node_id:
             raise RPCInvalidParams("that is this node's own NodeId")
         started = trio.current_time()
+        pooled = self.node.connections.get(target) is not None
         try:
             conn = await self.node.connect(target)
             connected = trio.current_time()
@@ -218,18 +219,28 @@ class NodesPingNode(_Method):
                 "success": False,
                 "error": str(exc) or type(exc).__name__,
             }
-        done = trio.current_time()
         host, port = conn.address
-        return {
+        answer: JSON = {
             "nodeIdEncoded": str(target),
             "success": True,
             "path": conn.path.value,
             "host": host,
             "port": port,
-            # Connecting (found, dialled, punched or relayed), then the ping.
-            "connectMs": round((connected - started) * 1000, 3),
-            "rttMs": round((done - started) * 1000, 3),
+            "pooled": pooled,
+            # Finding and connecting (dialled, punched or relayed), then
+            # that and the ping.
+            "connectMs": _ms(connected - started),
+            "rttMs": _ms(trio.current_time() - started),
         }
+        # The winning attempt alone: the dial; a punch from its signal
+        # request; a relayed connection from its circuit request.
+        if conn.attempt_started is not None and conn.since >= started:
+            answer["attemptMs"] = _ms(conn.since - conn.attempt_started)
+        return answer
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 class NodesGetAll(_Method):

@@ -97,7 +97,9 @@ async def test_every_command_against_two_live_nodes(tmp_path: Path) -> None:
             rc, stopped = await control_json(b_dir, "agent", "stop")
             assert rc == 0
             assert stopped["status"] == "STOPPED"
-            assert b.poll() == 0
+            # Its lock is free: the process is on its way out, cleanly.
+            with trio.fail_after(10):
+                assert await b.wait() == 0
             rc, dead = await control_json(b_dir, "agent", "status")
             assert rc == EX_UNAVAILABLE
             assert dead["status"] == "DEAD"

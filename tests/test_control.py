@@ -169,3 +169,37 @@ async def test_out_of_file_descriptors_the_node_keeps_serving(tmp_path: Path) ->
         process.kill()
         with trio.move_on_after(10):
             await process.wait()
+
+
+async def test_ping_says_how_it_connected_and_whether_it_was_pooled(
+    tmp_path: Path,
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    async with (
+        PolykeyNode(NodeSettings(state_dir=a_dir, host="127.0.0.1", port=0)) as a,
+        PolykeyNode(NodeSettings(state_dir=b_dir, host="127.0.0.1", port=0)) as b,
+    ):
+        with trio.fail_after(30):
+            # A learns B's address from a first connection, then closes it.
+            first = await a.connect(b.node_id, b.address)
+            while a.graph.get(b.node_id) is None:  # noqa: ASYNC110 - the graph has no event
+                await trio.sleep(0.01)
+            await first.connection.aclose()
+            assert a.connections.get(b.node_id) is None
+
+            def ping() -> Any:
+                return control_client(a_dir).unary(
+                    "nodesPingNode", {"nodeIdEncoded": str(b.node_id)}
+                )
+
+            fresh = await ping()
+            again = await ping()
+    assert fresh["success"], fresh
+    assert fresh["path"] == "direct"
+    assert fresh["pooled"] is False
+    # The dial began after the request; the ping came after the connection.
+    assert 0 <= fresh["attemptMs"] <= fresh["connectMs"] <= fresh["rttMs"]
+    assert again["success"], again
+    assert again["pooled"] is True
+    assert "attemptMs" not in again  # that connection was not made by this call
+    assert 0 <= again["connectMs"] <= again["rttMs"]

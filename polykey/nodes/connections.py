@@ -198,6 +198,10 @@ class NodeConnection:
     path: ConnectionPath = ConnectionPath.DIRECT
     #: When it was verified (trio time).
     since: float = 0.0
+    #: When the attempt that made it began (trio time), for outgoing ones:
+    #: the dial; for a punch, its signal request; for a relayed one, its
+    #: circuit request. None for incoming connections.
+    attempt_started: float | None = None
 
     @property
     def address(self) -> Address:
@@ -328,6 +332,7 @@ class NodeConnectionManager:
         *,
         outgoing: bool,
         path: ConnectionPath = ConnectionPath.DIRECT,
+        started: float | None = None,
     ) -> NodeConnection:
         node_id = conn.peer_identity
         assert isinstance(node_id, NodeId)
@@ -344,6 +349,7 @@ class NodeConnectionManager:
             outgoing=outgoing,
             path=path,
             since=now,
+            attempt_started=started,
         )
         # Keep the first connection per node; a second (both dialled at
         # once) still serves RPC until its TTL. But a relayed one gives way
@@ -466,7 +472,7 @@ class NodeConnectionManager:
             if self._stopping or self._nursery is None:
                 await conn.aclose(_CLOSE_STOPPING)
                 raise trio.ClosedResourceError("the node is stopping")
-            return self._adopt(conn, outgoing=True)
+            return self._adopt(conn, outgoing=True, started=started)
         finally:
             del self._dialling[node_id]
             done.set()
@@ -494,6 +500,7 @@ class NodeConnectionManager:
             return existing
         if node_id == self.node_id:
             raise ValueError("a node does not connect to itself")
+        started = trio.current_time()
         address = await request_signal(signaller.rpc, self.identity, node_id)
         self.punched_dials += 1
         async with self._dial_limit:
@@ -511,7 +518,9 @@ class NodeConnectionManager:
         if self._stopping or self._nursery is None:
             await conn.aclose(_CLOSE_STOPPING)
             raise trio.ClosedResourceError("the node is stopping")
-        return self._adopt(conn, outgoing=True, path=ConnectionPath.PUNCHED)
+        return self._adopt(
+            conn, outgoing=True, path=ConnectionPath.PUNCHED, started=started
+        )
 
     async def _dial_punched(
         self, node_id: NodeId, address: NodeAddress
@@ -777,6 +786,7 @@ class NodeConnectionManager:
         if node_id == self.node_id:
             raise ValueError("a node does not connect to itself")
         self.relayed_dials += 1
+        started = trio.current_time()
         result = await relay.rpc.unary(
             RELAY_CONNECT, {"targetNodeIdEncoded": str(node_id)}
         )
@@ -799,7 +809,9 @@ class NodeConnectionManager:
         if self._stopping or self._nursery is None:
             await conn.aclose(_CLOSE_STOPPING)
             raise trio.ClosedResourceError("the node is stopping")
-        node = self._adopt(conn, outgoing=True, path=ConnectionPath.RELAYED)
+        node = self._adopt(
+            conn, outgoing=True, path=ConnectionPath.RELAYED, started=started
+        )
         self._nursery.start_soon(self._upgrade, node, relay.node_id)
         return node
 
@@ -815,13 +827,16 @@ class NodeConnectionManager:
             if relay is None or relayed.connection.closed:
                 return
             with trio.move_on_after(max(3.0, 4 * self.attempt_timeout())):
+                started = trio.current_time()
                 try:
                     address = await request_signal(relay.rpc, self.identity, node_id)
                     conn = await self._dial_punched(node_id, address)
                 except Exception as exc:
                     log.debug("upgrade of %s: %r", node_id, exc)
                     continue
-                self._adopt(conn, outgoing=True, path=ConnectionPath.PUNCHED)
+                self._adopt(
+                    conn, outgoing=True, path=ConnectionPath.PUNCHED, started=started
+                )
                 return
 
     async def _close_later(self, node: NodeConnection) -> None:
