@@ -10,8 +10,9 @@ streams the peer opens, so RPC runs both ways over one connection.
 A connection unused for its TTL is closed (60 s by default; ``ttl_for`` may
 give longer ones: the agent uses :func:`sticky_ttl`, Polykey's 60 s rising
 to 2 h for close buckets). Dialling is bounded: concurrent
-dials to one NodeId share one attempt (a dial started while a punched one
-is in flight waits for it), and at most ``max_dials`` run at once.
+dials to one NodeId share one attempt (a dial started while a punch is
+being signalled or dialled waits for it), and at most ``max_dials`` run at
+once.
 Every verified connection is reported to ``on_connection`` with the address
 the peer was seen at, which is how the node graph learns of it.
 
@@ -411,24 +412,25 @@ class NodeConnectionManager:
             return existing
         if node_id == self.node_id:
             raise ValueError("a node does not connect to itself")
-        address = await request_signal(signaller.rpc, self.identity, node_id)
-        log.debug(
-            "%s signalled %s: dialling it at %s",
-            signaller.node_id,
-            node_id,
-            format_host_port(address.host, address.port),
-        )
-        self.punched_dials += 1
-        # From here the target opens its NAT to us: a plain dial to it that
-        # starts now would slip through the same hole and race this one (a
-        # second connection, and the wrong path on whichever wins), so
-        # connect() waits for this attempt, as for any dial in flight. A dial
-        # already in flight is left to run: its Initial may have been dropped
-        # before the hole opened.
+        # Once the signaller relays, the target opens its NAT to us, which
+        # may be before its answer reaches us: a plain dial to it started
+        # after we asked would slip through the same hole and race this one
+        # (a second connection, and the wrong path on whichever wins). So
+        # connect() waits for this attempt, as for any dial in flight, and
+        # dials itself only if it fails. A dial already in flight is left to
+        # run: its Initial went out before any hole could open.
         done: trio.Event | None = None
         if node_id not in self._dialling:
             done = self._dialling[node_id] = trio.Event()
         try:
+            address = await request_signal(signaller.rpc, self.identity, node_id)
+            log.debug(
+                "%s signalled %s: dialling it at %s",
+                signaller.node_id,
+                node_id,
+                format_host_port(address.host, address.port),
+            )
+            self.punched_dials += 1
             async with self._dial_limit:
                 try:
                     conn = await self._dial_punched(node_id, address)
