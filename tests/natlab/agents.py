@@ -59,6 +59,7 @@ async def lab_agent(
 
     Failing to start raises RuntimeError with the tail of its log."""
     log_path = node_path.with_suffix(".log")
+    node_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb")  # noqa: ASYNC230, SIM115 - closed below
     started = False
     try:
