@@ -10,7 +10,9 @@ streams the peer opens, so RPC runs both ways over one connection.
 A connection unused for its TTL is closed (60 s by default; ``ttl_for`` may
 give longer ones: the agent uses :func:`sticky_ttl`, Polykey's 60 s rising
 to 2 h for close buckets). Dialling is bounded: concurrent
-dials to one NodeId share one attempt, and at most ``max_dials`` run at once.
+dials to one NodeId share one attempt (a dial started while a punch is
+being signalled or dialled waits for it), and at most ``max_dials`` run at
+once.
 Every verified connection is reported to ``on_connection`` with the address
 the peer was seen at, which is how the node graph learns of it.
 
@@ -500,27 +502,48 @@ class NodeConnectionManager:
             return existing
         if node_id == self.node_id:
             raise ValueError("a node does not connect to itself")
+        # Once the signaller relays, the target opens its NAT to us, which
+        # may be before its answer reaches us: a plain dial to it started
+        # after we asked would slip through the same hole and race this one
+        # (a second connection, and the wrong path on whichever wins). So
+        # connect() waits for this attempt, as for any dial in flight, and
+        # dials itself only if it fails. A dial already in flight is left to
+        # run: its Initial went out before any hole could open.
         started = trio.current_time()
-        address = await request_signal(signaller.rpc, self.identity, node_id)
-        self.punched_dials += 1
-        async with self._dial_limit:
-            try:
-                conn = await self._dial_punched(node_id, address)
-            except NodeConnectionError:
-                self.punched_dial_failures += 1
-                raise
-        existing = self.get(node_id)
-        if existing is not None:
-            # Its own connection arrived meanwhile (it dialled us, or another
-            # race won): keep one.
-            await conn.aclose(_CLOSE_DUPLICATE, b"duplicate")
-            return existing
-        if self._stopping or self._nursery is None:
-            await conn.aclose(_CLOSE_STOPPING)
-            raise trio.ClosedResourceError("the node is stopping")
-        return self._adopt(
-            conn, outgoing=True, path=ConnectionPath.PUNCHED, started=started
-        )
+        done: trio.Event | None = None
+        if node_id not in self._dialling:
+            done = self._dialling[node_id] = trio.Event()
+        try:
+            address = await request_signal(signaller.rpc, self.identity, node_id)
+            log.debug(
+                "%s signalled %s: dialling it at %s",
+                signaller.node_id,
+                node_id,
+                format_host_port(address.host, address.port),
+            )
+            self.punched_dials += 1
+            async with self._dial_limit:
+                try:
+                    conn = await self._dial_punched(node_id, address)
+                except NodeConnectionError:
+                    self.punched_dial_failures += 1
+                    raise
+            existing = self.get(node_id)
+            if existing is not None:
+                # Its own connection arrived meanwhile (it dialled us, or
+                # another race won): keep one.
+                await conn.aclose(_CLOSE_DUPLICATE, b"duplicate")
+                return existing
+            if self._stopping or self._nursery is None:
+                await conn.aclose(_CLOSE_STOPPING)
+                raise trio.ClosedResourceError("the node is stopping")
+            return self._adopt(
+                conn, outgoing=True, path=ConnectionPath.PUNCHED, started=started
+            )
+        finally:
+            if done is not None:
+                del self._dialling[node_id]
+                done.set()
 
     async def _dial_punched(
         self, node_id: NodeId, address: NodeAddress
@@ -614,6 +637,11 @@ class NodeConnectionManager:
         ):
             self.punches_refused += 1
             return
+        log.debug(
+            "signal from %s: punching toward %s",
+            request.source,
+            format_host_port(*key),
+        )
         self._punching.add(key)
         self._punch_hosts[host] = self._punch_hosts.get(host, 0) + 1
         self._awaiting_punch[request.source] = trio.current_time() + PUNCH_DURATION

@@ -194,6 +194,46 @@ async def test_a_punch_through_a_signaller_connects_by_the_punched_path(
             assert b.connections.punches == 1
 
 
+@pytest.mark.parametrize("moment", ["relayed", "answered"])
+async def test_a_dial_started_during_a_punch_waits_for_it(
+    tmp_path: Path, moment: str
+) -> None:
+    """Once the signaller relays, the target's punch opens its NAT to us: a
+    plain dial started then (a lookup's, in the NAT lab with a Polykey seed
+    or under load) got through the same hole first, a second connection,
+    and the one A kept was labelled direct. From the moment the signal is
+    asked for, a dial must share the punched attempt."""
+    with trio.fail_after(30):
+        async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
+            to_s = await a.connect(s.node_id, s.address)
+            await b.connect(s.node_id, s.address)
+            manager = a.connections
+            initial = s.rpc_server.manifest[SIGNAL_INITIAL]
+            dials, punched_dials = manager.dials, manager.punched_dials
+            punched: list[Any] = []
+
+            def reached() -> bool:
+                if moment == "relayed":  # the answer is not back yet
+                    return getattr(initial, "forwarded", 0) > 0
+                return manager.punched_dials > punched_dials  # the dial is out
+
+            async with trio.open_nursery() as nursery:
+
+                async def punch() -> None:
+                    punched.append(await manager.connect_punched(b.node_id, to_s))
+
+                nursery.start_soon(punch)
+                # Each step takes round trips, on this loop, to finish.
+                while not reached():
+                    await trio.lowlevel.checkpoint()
+                assert manager.get(b.node_id) is None
+                conn = await manager.connect(b.node_id, b.address)
+            assert punched == [conn]
+            assert conn.path is ConnectionPath.PUNCHED
+            assert manager.dials == dials  # no dial of its own
+            assert b.connections.statistics()["server"]["accepted"] == 1  # a's only
+
+
 async def test_connect_by_node_id_alone_finds_the_target(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with nodes(tmp_path, "a", "s", "b") as (a, s, b):

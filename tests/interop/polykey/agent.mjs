@@ -6,7 +6,13 @@
 //   {"op": "find", "nodeId": N}  -> {"op": "find", "nodeId": N, "address": [host, port] | null}
 //   {"op": "alive"}              -> {"op": "alive", "connections": count}
 //
-//   node agent.mjs NODE_PATH [SEED_NODE_ID@HOST:PORT ...]
+//   node agent.mjs [OPTIONS] NODE_PATH [SEED_NODE_ID@HOST:PORT ...]
+//
+// Options (each `--name=value`, before or among the positional arguments):
+//   --host=H        agentServiceHost (default 127.0.0.1; `::` is Polykey's
+//                   own default, dual stack; `0.0.0.0` is IPv4 only)
+//   --port=P        agentServicePort (default 0: any free port)
+//   --log-level=L   debug, info, warn (default) or error; logs go to stderr
 //
 // Run it inside a private network namespace (`unshare -n`): the agent's
 // mDNS binds UDP on every interface and cannot be switched off.
@@ -19,7 +25,26 @@ const require = createRequire(path.join(here, 'noop.js'));
 const { default: PolykeyAgent } = require('polykey/dist/PolykeyAgent');
 const { default: Logger, LogLevel, StreamHandler } = require('@matrixai/logger');
 
-const [nodePath, ...seeds] = process.argv.slice(2);
+const options = { host: '127.0.0.1', port: '0', 'log-level': 'warn' };
+const positional = [];
+for (const arg of process.argv.slice(2)) {
+  const option = /^--([a-z-]+)=(.*)$/.exec(arg);
+  if (option === null) {
+    positional.push(arg);
+  } else if (option[1] in options) {
+    options[option[1]] = option[2];
+  } else {
+    process.stderr.write(`agent.mjs: unknown option ${arg}\n`);
+    process.exit(64);
+  }
+}
+const logLevel = LogLevel[options['log-level'].toUpperCase()];
+const agentServicePort = Number(options.port);
+if (logLevel === undefined || !Number.isInteger(agentServicePort) || positional.length < 1) {
+  process.stderr.write('usage: agent.mjs [--host=H] [--port=P] [--log-level=L] NODE_PATH [SEED ...]\n');
+  process.exit(64);
+}
+const [nodePath, ...seeds] = positional;
 const seedNodes = {};
 for (const seed of seeds) {
   const [nodeId, address] = seed.split('@');
@@ -27,13 +52,13 @@ for (const seed of seeds) {
   seedNodes[nodeId] = [address.slice(0, colon), Number(address.slice(colon + 1))];
 }
 
-const logger = new Logger('agent', LogLevel.WARN, [new StreamHandler()]);
+const logger = new Logger('agent', logLevel, [new StreamHandler()]);
 const agent = await PolykeyAgent.createPolykeyAgent({
   password: 'interop-password',
   options: {
     nodePath,
-    agentServiceHost: '127.0.0.1',
-    agentServicePort: 0,
+    agentServiceHost: options.host,
+    agentServicePort,
     clientServiceHost: '127.0.0.1',
     clientServicePort: 0,
     seedNodes,

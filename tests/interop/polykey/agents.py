@@ -4,7 +4,12 @@ private network namespace (agent_interop.py, three_peers.py).
 :func:`running_agent` starts ``agent.mjs`` and yields an :class:`Agent`
 once it printed its NodeId and address; :meth:`Agent.command` sends one
 JSON command and returns the agent's one-line answer. Leaving the block
-closes the agent's stdin (it stops cleanly) and waits for it.
+closes the agent's stdin (it stops cleanly) and waits for it, as
+:meth:`Agent.stop` does sooner.
+
+``options`` are agent.mjs's ``--name=value`` options (``--host=::``...);
+``argv_prefix`` runs it under another command (the NAT lab's ``ip netns
+exec NS``); ``stderr`` is where its log goes (default: ours).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import attrs
 import trio
@@ -61,30 +66,45 @@ class Agent:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-
-@asynccontextmanager
-async def running_agent(
-    node_path: Path, seeds: Sequence[str] = ()
-) -> AsyncIterator[Agent]:
-    process = await trio.lowlevel.open_process(
-        ["node", str(HERE / "agent.mjs"), str(node_path), *seeds],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    assert process.stdin is not None
-    try:
-        agent = Agent(process, {})
-        with trio.fail_after(60):
-            agent.info = await agent.read_line()
-        yield agent
-    finally:
+    async def stop(self, grace: float = 20.0) -> int:
+        """Close its stdin (it stops cleanly and exits), wait up to
+        ``grace`` seconds, then kill it; returns its exit status. Shielded,
+        and idempotent: leaving running_agent's block does it too."""
+        process = self.process
+        assert process.stdin is not None
         with trio.CancelScope(shield=True):
             try:
                 await process.stdin.aclose()
             except trio.BrokenResourceError:
                 pass
-            with trio.move_on_after(20):
+            with trio.move_on_after(grace):
                 await process.wait()
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+        return process.returncode
+
+
+@asynccontextmanager
+async def running_agent(
+    node_path: Path,
+    seeds: Sequence[str] = (),
+    *,
+    options: Sequence[str] = (),
+    argv_prefix: Sequence[str] = (),
+    stderr: IO[bytes] | None = None,
+) -> AsyncIterator[Agent]:
+    argv = ["node", str(HERE / "agent.mjs"), *options, str(node_path), *seeds]
+    process = await trio.lowlevel.open_process(
+        [*argv_prefix, *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+    )
+    agent = Agent(process, {})
+    try:
+        with trio.fail_after(60):
+            agent.info = await agent.read_line()
+        yield agent
+    finally:
+        await agent.stop()
