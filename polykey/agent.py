@@ -112,7 +112,7 @@ class NodeSettings:
     port: int = DEFAULT_PORT
     seeds: tuple[SeedNode, ...] = ()
     #: DATAGRAM frames on: relayed connections travel in them.
-    quic: QUICConfig = attrs.field(factory=lambda: QUICConfig(datagram_queue=1024))
+    quic: QUICConfig = attrs.field(factory=lambda: QUICConfig(datagram_queue=8192))
     #: Relaying for others: "auto" (while no peer sees us behind a NAT),
     #: "on", or "off"; within ``relay_limits``.
     relay: str = attrs.field(

@@ -178,14 +178,15 @@ class VirtualPath:
 
     def deliver(self, packet: bytes) -> None:
         """A packet from the peer: routed as if it had arrived at the socket
-        from ``address``, and processed at once."""
+        from ``address``. Processed once the input being processed now is
+        (packets delivered together are handled together), or at once."""
         if self.closed:
             return
         self.packets_received += 1
         socket = self._socket
         # quiche decrypts in place: give it a buffer of its own.
         socket._dispatch(memoryview(bytearray(packet)), self.address)
-        socket._process_dirty()
+        socket._process_dirty()  # a no-op inside processing: done after it
 
     def close(self) -> None:
         """Stop carrying packets; connections on the path then time out, or
@@ -210,6 +211,7 @@ class QUICSocket:
         self._routes: dict[bytes, QUICConnection] = {}
         self._server: _InitialHandler | None = None
         self._dirty: list[QUICConnection] = []
+        self._processing = False
         # Connections whose flush after input waits for the tasks the input
         # woke (see _flusher), each with the flusher's round when it was
         # marked; in marking order.
@@ -509,12 +511,23 @@ class QUICSocket:
         self._dirty.append(conn)
 
     def _process_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        seen: set[int] = set()
-        for conn in dirty:
-            if id(conn) not in seen:
-                seen.add(id(conn))
-                conn._after_input(defer_flush=True)
+        # Processing one connection's input may feed others (a relayed
+        # connection's packets arrive in its relay connection's datagrams,
+        # delivered from that one's _after_input): go on until none is left,
+        # so each connection handles a batch of packets in one go.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, []
+                seen: set[int] = set()
+                for conn in dirty:
+                    if id(conn) not in seen:
+                        seen.add(id(conn))
+                        conn._after_input(defer_flush=True)
+        finally:
+            self._processing = False
 
     def _flush_later(self, conn: QUICConnection) -> None:
         due = self._flush_due
