@@ -338,6 +338,8 @@ class NodeConnectionManager:
             await trio.sleep(max(1.0, self._ttl / 4))
             now = trio.current_time()
             for node_id, node in list(self._pool.items()):
+                if self._pool.get(node_id) is not node:
+                    continue  # it ended, or gave way, as we closed another
                 ttl = self.ttl_of(node_id)
                 if ttl is not None and now - node.last_used > ttl:
                     del self._pool[node_id]

@@ -163,6 +163,32 @@ async def test_idle_connections_close_after_ttl() -> None:
         assert reason.code == 1
 
 
+async def test_the_reaper_survives_connections_ending_as_it_closes() -> None:
+    async with node(ttl=0.5) as a, node() as b, node() as c:
+        with trio.fail_after(10):
+            to_b = await a.connect(b.node_id, address(b))
+            to_c = await a.connect(c.node_id, address(c))
+            close_b = to_b.connection.aclose
+
+            async def aclose(code: int = 0, reason: bytes = b"") -> None:
+                await close_b(code, reason)
+                # Meanwhile the connection to C, idle too, ends (its peer
+                # closed it, say): its task takes it out of the pool.
+                await to_c.connection.aclose()
+                while a.pooled(c.node_id) is not None:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+            to_b.connection.aclose = aclose  # type: ignore[method-assign]
+            await to_b.connection.wait_closed()
+            await trio.sleep(1.5)  # the reaper's next round
+            # A runs on (the reaper used to fail with KeyError, and the
+            # manager with it).
+            assert a.get(b.node_id) is None
+            assert a.get(c.node_id) is None
+            again = await a.connect(b.node_id, address(b))
+            assert await again.rpc.unary("whoAmI", {})
+
+
 def test_sticky_ttl_is_polykeys() -> None:
     from polykey.keys import bucket_index
     from polykey.nodes.connections import sticky_ttl
