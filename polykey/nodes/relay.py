@@ -36,7 +36,8 @@ The relay forwards ciphertext it can neither read nor forge.
    the punched connection takes the relayed one's place in the pool.
 
 The tables here are pure (time is an argument); the connection manager
-drives them and carries the datagrams.
+drives them and carries the datagrams (its part
+:class:`~polykey.nodes._relaying.Relaying`).
 """
 
 from __future__ import annotations

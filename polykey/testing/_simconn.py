@@ -155,9 +155,9 @@ class SimConnections:
             pending = self._dialling.get(node_id)
             if pending is None:
                 break
+            # If that attempt fails, we try ourselves, unless another of
+            # its waiters woke first and tries already: then we wait again.
             await pending.wait()
-            if self.get(node_id) is None:
-                break  # that attempt failed: try ourselves
         done = self._dialling[node_id] = trio.Event()
         try:
             self.dials += 1

@@ -94,6 +94,43 @@ async def test_concurrent_dials_share_one_attempt() -> None:
         assert a.dials == 1
 
 
+async def test_dials_waiting_on_a_failed_one_share_one_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with node() as a, node() as b:
+        real_dial = a._dial
+        calls = 0
+
+        async def dial(node_id: NodeId, to: tuple[str, int]) -> Any:
+            nonlocal calls
+            calls += 1
+            await trio.sleep(0.1)
+            if calls == 1:
+                raise NodeConnectionError.unreachable(node_id)
+            return await real_dial(node_id, to)
+
+        monkeypatch.setattr(a, "_dial", dial)
+        results: list[Any] = []
+
+        async def connect() -> None:
+            try:
+                results.append(await a.connect(b.node_id, address(b)))
+            except NodeConnectionError as exc:
+                results.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(connect)
+                    await trio.sleep(0.01)  # the first is the one in flight
+        # The first fails; the two that waited for it retry once, together
+        # (they used to dial each, and one of them raised KeyError).
+        failed, *connected = results
+        assert isinstance(failed, NodeConnectionError)
+        assert len({id(c) for c in connected}) == 1
+        assert a.dials == calls == 2
+
+
 async def test_wrong_node_id_fails_cleanly() -> None:
     async with node() as a, node() as b:
         impostor = NodeIdentity.generate().node_id
@@ -124,6 +161,32 @@ async def test_idle_connections_close_after_ttl() -> None:
         reason = conn.connection.close_reason
         assert reason is not None
         assert reason.code == 1
+
+
+async def test_the_reaper_survives_connections_ending_as_it_closes() -> None:
+    async with node(ttl=0.5) as a, node() as b, node() as c:
+        with trio.fail_after(10):
+            to_b = await a.connect(b.node_id, address(b))
+            to_c = await a.connect(c.node_id, address(c))
+            close_b = to_b.connection.aclose
+
+            async def aclose(code: int = 0, reason: bytes = b"") -> None:
+                await close_b(code, reason)
+                # Meanwhile the connection to C, idle too, ends (its peer
+                # closed it, say): its task takes it out of the pool.
+                await to_c.connection.aclose()
+                while a.pooled(c.node_id) is not None:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+            to_b.connection.aclose = aclose  # type: ignore[method-assign]
+            await to_b.connection.wait_closed()
+            await trio.sleep(1.5)  # the reaper's next round
+            # A runs on (the reaper used to fail with KeyError, and the
+            # manager with it).
+            assert a.get(b.node_id) is None
+            assert a.get(c.node_id) is None
+            again = await a.connect(b.node_id, address(b))
+            assert await again.rpc.unary("whoAmI", {})
 
 
 def test_sticky_ttl_is_polykeys() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -395,6 +396,45 @@ async def test_any_rfc_4787_behaviour_a_restricted_cone(
             _, a, b = await two_behind_a_seed(net, SYM, cone)
             link = await a.finder.connect(b.node_id)
         assert link.path is ConnectionPath.PUNCHED
+
+
+async def test_dials_waiting_on_a_failed_one_share_one_retry(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As NodeConnectionManager.connect (tests/nodes/test_connections.py)."""
+    async with NatNetwork(config=QUIET, latency=L, seed=16) as net:
+        with trio.fail_after(BOUND):
+            a, b = await net.spawn(), await net.spawn()
+            real_handshake = net._handshake
+            calls = 0
+
+            async def handshake(*args: Any, **kwargs: Any) -> SimLink:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    await trio.sleep(L)
+                    raise Unreachable("the first dial fails")
+                return await real_handshake(*args, **kwargs)
+
+            monkeypatch.setattr(net, "_handshake", handshake)
+            results: list[Any] = []
+
+            async def connect() -> None:
+                try:
+                    results.append(
+                        await a.connections.connect(b.node_id, b.address.as_tuple())
+                    )
+                except Unreachable as exc:
+                    results.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(connect)
+                    await trio.sleep(L / 10)  # the first is the one in flight
+            failed, *connected = results
+            assert isinstance(failed, Unreachable)
+            assert len({id(c) for c in connected}) == 1
+            assert a.connections.dials == calls == 2
 
 
 # -- docs/testing.md's example ------------------------------------------------------------

@@ -16,6 +16,7 @@ import trio
 from polykey.agent import NodeSettings, PolykeyNode
 from polykey.keys import KeyPair
 from polykey.nodes import ConnectionPath
+from polykey.nodes import _punching as punching_module
 from polykey.nodes import connections as connections_module
 from polykey.nodes.relay import (
     RELAY_CONNECT,
@@ -277,7 +278,7 @@ async def test_a_circuit_past_its_budget_ends_cleanly(tmp_path: Path) -> None:
 async def test_a_relayed_connection_upgrades_to_a_punched_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(connections_module, "_UPGRADE_FIRST", 0.2)
+    monkeypatch.setattr(punching_module, "_UPGRADE_FIRST", 0.2)
     with trio.fail_after(30):
         async with nodes(tmp_path, ("a", {}), ("r", {"relay": "on"}), ("b", {})) as (
             a,

@@ -1,0 +1,85 @@
+"""A verified connection to a node: what the pool holds and its parts share.
+
+:mod:`polykey.nodes.connections` re-exports these (import them from there);
+they are defined here so that the connection manager's parts
+(:mod:`._punching`, :mod:`._relaying`, :mod:`._anchors`), which the
+manager's module imports, can use them without an import cycle.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Final
+
+import attrs
+
+from ..keys import NodeId
+from ..quic import CloseKind, CloseReason, QUICConnection, QUICConnectionError
+from ..rpc import RPCClient
+from .errors import NodesError
+
+__all__ = [
+    "CLOSE_DUPLICATE",
+    "CLOSE_STOPPING",
+    "CLOSE_TTL",
+    "Address",
+    "ConnectionPath",
+    "NodeConnection",
+    "NodeConnectionError",
+    "display_address",
+]
+
+Address = tuple[str, int]
+
+CLOSE_TTL: Final = 0x1  # application code: closed after the TTL expired
+CLOSE_STOPPING: Final = 0x2  # application code: the node is stopping
+CLOSE_DUPLICATE: Final = 0x3  # application code: a second connection of a race
+
+
+class ConnectionPath(enum.Enum):
+    """How a connection came to be (in statistics, logs and the CLI)."""
+
+    DIRECT = "direct"
+    PUNCHED = "punched"
+    RELAYED = "relayed"
+
+
+class NodeConnectionError(QUICConnectionError, NodesError):
+    """Dialling a node failed (unreachable, wrong identity, ...)."""
+
+    @classmethod
+    def unreachable(cls, node_id: NodeId) -> NodeConnectionError:
+        return cls(
+            CloseReason(CloseKind.LOCAL, reason=b"unreachable"),
+            f"{node_id}: no address",
+        )
+
+
+def display_address(address: tuple[Any, ...]) -> Address:
+    """``(host, port)`` with IPv4-mapped IPv6 written as plain IPv4."""
+    host = str(address[0])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, int(address[1])
+
+
+@attrs.define(eq=False)
+class NodeConnection:
+    """A verified connection to ``node_id`` and the RPC client over it."""
+
+    node_id: NodeId
+    connection: QUICConnection
+    rpc: RPCClient[Any]
+    last_used: float
+    outgoing: bool
+    path: ConnectionPath = ConnectionPath.DIRECT
+    #: When it was verified (trio time).
+    since: float = 0.0
+    #: When the attempt that made it began (trio time), for outgoing ones:
+    #: the dial; for a punch, its signal request; for a relayed one, its
+    #: circuit request. None for incoming connections.
+    attempt_started: float | None = None
+
+    @property
+    def address(self) -> Address:
+        return display_address(self.connection.remote_address)

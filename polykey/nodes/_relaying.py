@@ -1,0 +1,288 @@
+"""Relaying, both roles: a relay for others, and an end of circuits.
+
+Theory of operation
+-------------------
+The protocol is :mod:`polykey.nodes.relay`'s; its tables are pure, and
+:class:`Relaying` drives them and carries the datagrams. Every pooled
+connection hands its DATAGRAM frames to :meth:`Relaying.datagram`, each
+``circuit id || payload``:
+
+- **An end.** A circuit we are an end of is a virtual path on our
+  connection to the relay (:meth:`polykey.quic.QUICSocket.open_virtual_path`),
+  known by ``(relay, circuit id)`` and by the path's address: a datagram on
+  it is a packet of the inner connection, an empty one says the relay
+  closed the circuit. The inner connection is an ordinary one, verified end
+  to end, whose packets are at most :data:`RELAYED_PAYLOAD` bytes so that
+  they fit in one datagram; the manager pools it as ``relayed`` (whatever
+  arrives at a circuit's path is) and never reports its address, which
+  means something on this socket only. The source's end is opened by
+  :meth:`Relaying.connect`; the target's by :meth:`Relaying.relay_stop`
+  (only on a relay we hold a reservation on), which lets go of it when no
+  inner connection arrived within :data:`_CIRCUIT_WAIT`.
+- **A relay.** With limits to relay within, we grant reservations to the
+  nodes connected to us (in mode "auto", only while no peer has seen us
+  behind a NAT), open circuits between a source and a reserved target
+  (asking the target first), and route each datagram to the circuit's
+  other end; a circuit past its limits is closed with an empty datagram to
+  both ends.
+- **Endings.** When a connection ends, so do the circuits through it: ours
+  on it (their inner connections are closed), the one it is the inner
+  connection of, those we relay for its node, and our reservation on it.
+
+The relayed connection's upgrade to a punched one is the puncher's
+(:meth:`polykey.nodes._punching.Puncher.upgrade`); a :class:`Relaying`
+reaches the pool only through the manager's methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from ..keys import NodeId
+from ..quic import (
+    QUICClient,
+    QUICConfig,
+    QUICConnectionError,
+    TLSIdentity,
+    VirtualPath,
+    node_verifier,
+)
+from ._connection import (
+    Address,
+    ConnectionPath,
+    NodeConnection,
+    NodeConnectionError,
+)
+from .relay import (
+    CIRCUIT_ID_LEN,
+    RELAY_CONNECT,
+    RELAY_RESERVE,
+    RELAY_STOP,
+    Circuit,
+    PermissionDeniedError,
+    RelayConnectionFailedError,
+    RelayLimits,
+    RelayMalformedError,
+    RelayTable,
+    ReservationRefusedError,
+    decode_circuit_id,
+)
+from .signalling import b64url_encode
+
+if TYPE_CHECKING:
+    from .connections import NodeConnectionManager
+
+__all__ = ["RELAYED_PAYLOAD", "Relaying"]
+
+# The manager's logger: what the parts log reads as the manager's.
+log = logging.getLogger("polykey.nodes.connections")
+
+#: Inner packets of a relayed connection: QUIC's minimum, so that with the
+#: circuit id they fit in one DATAGRAM of the connection to the relay.
+RELAYED_PAYLOAD: Final = 1200
+#: A circuit's target waits this long for the inner connection to arrive.
+_CIRCUIT_WAIT: Final = 30.0
+
+
+class Relaying:
+    """The relaying of ``manager``'s node: ``limits`` to relay for others
+    within (None: we relay for nobody), and ``mode`` ("auto" grants
+    reservations only while no peer has seen us behind a NAT; "on"
+    always). Its own client dials inner connections (``tls``, ``config``:
+    the manager's)."""
+
+    def __init__(
+        self,
+        manager: NodeConnectionManager,
+        tls: TLSIdentity,
+        config: QUICConfig,
+        limits: RelayLimits | None,
+        mode: str,
+    ) -> None:
+        self._manager = manager
+        self._client = QUICClient(
+            manager.socket,
+            tls,
+            config=attrs.evolve(config, max_udp_payload_size=RELAYED_PAYLOAD),
+        )
+        # The table when we relay for others; our circuit ends, by (relay,
+        # circuit id) and by the virtual address of their path.
+        self.table = RelayTable(limits) if limits is not None else None
+        self.mode = mode
+        self._ends: dict[tuple[NodeId, bytes], VirtualPath] = {}
+        self._end_of: dict[Address, tuple[NodeId, bytes]] = {}
+        self._reserved_with: set[NodeId] = set()
+        self.relayed_dials = 0
+        self.relayed_dial_failures = 0
+
+    # -- datagrams and circuit ends ---------------------------------------------
+
+    def datagram(self, sender: NodeId, data: bytes) -> None:
+        """A DATAGRAM frame from ``sender``: for a circuit we are an end of,
+        or one we relay."""
+        circuit_id, payload = data[:CIRCUIT_ID_LEN], data[CIRCUIT_ID_LEN:]
+        end = self._ends.get((sender, circuit_id))
+        if end is not None:
+            if payload:
+                end.deliver(payload)
+            else:  # the relay closed the circuit
+                self._close_end((sender, circuit_id))
+            return
+        table = self.table
+        if table is None or len(circuit_id) < CIRCUIT_ID_LEN:
+            return
+        out = table.route(sender, circuit_id, len(payload), trio.current_time())
+        if out is None:
+            return
+        if isinstance(out, Circuit):
+            self._circuit_closed(out)
+            return
+        node, out_id = out
+        pooled = self._manager.pooled(node)
+        if pooled is None or not pooled.connection.send_datagram(out_id + payload):
+            table.statistics.datagrams_dropped += 1
+
+    def is_end(self, address: tuple[object, ...]) -> bool:
+        """Whether ``address`` is the path of a circuit we are an end of
+        (a connection there is relayed)."""
+        return address in self._end_of
+
+    def _circuit_closed(self, circuit: Circuit) -> None:
+        # An empty datagram on a circuit tells its end that it is over.
+        for node, circuit_id in (
+            (circuit.source, circuit.source_id),
+            (circuit.target, circuit.target_id),
+        ):
+            pooled = self._manager.pooled(node)
+            if pooled is not None:
+                pooled.connection.send_datagram(circuit_id)
+
+    def _open_end(self, relay: NodeConnection, circuit_id: bytes) -> VirtualPath:
+        outer = relay.connection
+        path = self._manager.socket.open_virtual_path(
+            lambda packet: outer.send_datagram(circuit_id + packet)
+        )
+        self._ends[relay.node_id, circuit_id] = path
+        self._end_of[path.address] = (relay.node_id, circuit_id)
+        return path
+
+    def _close_end(self, key: tuple[NodeId, bytes]) -> None:
+        path = self._ends.pop(key, None)
+        if path is None:
+            return
+        self._end_of.pop(path.address, None)
+        path.close()
+        for node in self._manager.pooled_at(path.address):
+            node.connection.close(0, b"circuit closed")
+
+    def connection_gone(self, node: NodeConnection) -> None:
+        """``node``'s connection ended: the circuits through it end too."""
+        end = self._end_of.get(node.connection.remote_address)
+        if end is not None:
+            self._close_end(end)  # an inner (relayed) connection
+        for key in [k for k in self._ends if k[0] == node.node_id]:
+            self._close_end(key)
+        if self.table is not None:
+            for circuit in self.table.drop_node(node.node_id):
+                self._circuit_closed(circuit)
+        self._reserved_with.discard(node.node_id)
+
+    # -- the relay's handlers' host (RelayHost) ---------------------------------
+
+    def relay_reserve(self, node_id: NodeId, ip: str) -> float:
+        table = self.table
+        if table is None or (self.mode == "auto" and self._manager.behind_nat()):
+            raise ReservationRefusedError("this node does not relay")
+        if self._manager.get(node_id) is None:
+            raise PermissionDeniedError("reservations are for connected nodes")
+        now = trio.current_time()
+        return table.reserve(node_id, ip, now) - now
+
+    async def relay_connect(self, source: NodeId, target: NodeId) -> Circuit:
+        table = self.table
+        if table is None:
+            raise ReservationRefusedError("this node does not relay")
+        to_target = self._manager.get(target)
+        if to_target is None:
+            raise RelayConnectionFailedError("no connection to the target")
+        circuit = table.open(source, target, trio.current_time())
+        try:
+            with trio.fail_after(
+                self._manager.attempt_timeout(self._manager.rpc_timeout)
+            ):
+                await to_target.rpc.unary(
+                    RELAY_STOP,
+                    {
+                        "sourceNodeIdEncoded": str(source),
+                        "circuit": b64url_encode(circuit.target_id),
+                    },
+                )
+        except (Exception, trio.TooSlowError) as exc:
+            table.close(circuit)
+            raise RelayConnectionFailedError(f"the target refused: {exc}") from None
+        return circuit
+
+    def relay_stop(self, relay: NodeId, source: NodeId, circuit_id: bytes) -> None:
+        conn = self._manager.get(relay)
+        if relay not in self._reserved_with or conn is None:
+            raise PermissionDeniedError("no reservation of ours on that relay")
+        if (relay, circuit_id) in self._ends:
+            raise RelayMalformedError("that circuit is open already")
+        path = self._open_end(conn, circuit_id)
+        self._manager.spawn(self._expect_circuit, (relay, circuit_id), path)
+        log.debug("circuit from %s through %s", source, relay)
+
+    async def _expect_circuit(
+        self, key: tuple[NodeId, bytes], path: VirtualPath
+    ) -> None:
+        # The target's end: if the inner connection never comes, let go.
+        await trio.sleep(_CIRCUIT_WAIT)
+        if not self._manager.pooled_at(path.address):
+            self._close_end(key)
+
+    # -- using relays -------------------------------------------------------------
+
+    async def reserve(self, relay: NodeConnection) -> float | None:
+        """:meth:`NodeConnectionManager.reserve`."""
+        try:
+            result = await relay.rpc.unary(RELAY_RESERVE, {})
+        except Exception as exc:
+            log.debug("no reservation on %s: %r", relay.node_id, exc)
+            return None
+        self._reserved_with.add(relay.node_id)
+        expires = result.get("expiresMs") if isinstance(result, dict) else None
+        return expires / 1000 if isinstance(expires, int) and expires > 0 else 60.0
+
+    async def connect(self, node_id: NodeId, relay: NodeConnection) -> NodeConnection:
+        """:meth:`NodeConnectionManager.connect_relayed`, but for the
+        upgrade (which the manager starts)."""
+        if node_id == self._manager.node_id:
+            raise ValueError("a node does not connect to itself")
+        self.relayed_dials += 1
+        started = trio.current_time()
+        result = await relay.rpc.unary(
+            RELAY_CONNECT, {"targetNodeIdEncoded": str(node_id)}
+        )
+        circuit_id = decode_circuit_id(
+            result.get("circuit") if isinstance(result, dict) else None
+        )
+        path = self._open_end(relay, circuit_id)
+        try:
+            conn = await self._client.connect(
+                path.address, verifier=node_verifier(node_id)
+            )
+        except BaseException as exc:
+            self.relayed_dial_failures += 1
+            self._close_end((relay.node_id, circuit_id))
+            if isinstance(exc, QUICConnectionError):
+                raise NodeConnectionError(
+                    exc.close_reason, f"{node_id}: {exc}"
+                ) from exc
+            raise
+        return await self._manager.adopt_dialled(
+            conn, path=ConnectionPath.RELAYED, started=started
+        )
