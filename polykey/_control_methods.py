@@ -61,11 +61,15 @@ class NodeUnreachable(RPCError):
     default_message = "node not reached"
 
 
-def _target(params: JSON) -> NodeId:
+def _target(params: JSON, own: NodeId | None = None) -> NodeId:
+    """The ``nodeIdEncoded`` parameter; not ``own``, when given."""
     try:
-        return NodeId.from_string(str(params.get("nodeIdEncoded")))
+        target = NodeId.from_string(str(params.get("nodeIdEncoded")))
     except NodeIdError as exc:
         raise RPCInvalidParams(str(exc)) from None
+    if target == own:
+        raise RPCInvalidParams("that is this node's own NodeId")
+    return target
 
 
 def _iso(seconds: float) -> str:
@@ -145,9 +149,7 @@ class NodesAdd(_Method):
 
     async def handle(self, params: JSON, ctx: CallContext) -> JSON:
         ctx.keep_deadline()
-        target = _target(params)
-        if target == self.node.node_id:
-            raise RPCInvalidParams("that is this node's own NodeId")
+        target = _target(params, own=self.node.node_id)
         try:
             address = NodeAddress(params.get("host"), params.get("port"))
         except InvalidAddressError as exc:
@@ -204,9 +206,7 @@ class NodesPingNode(_Method):
 
     async def handle(self, params: JSON, ctx: CallContext) -> JSON:
         ctx.keep_deadline()
-        target = _target(params)
-        if target == self.node.node_id:
-            raise RPCInvalidParams("that is this node's own NodeId")
+        target = _target(params, own=self.node.node_id)
         started = trio.current_time()
         pooled = self.node.connections.get(target) is not None
         try:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -24,6 +25,17 @@ async def human(state_dir: Path, *args: str) -> tuple[int, str, str]:
         capture_stdout=True, capture_stderr=True, check=False,
     )  # fmt: skip
     return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def first_json_line(process: trio.Process) -> Any:
+    """The first line the process prints, as JSON."""
+    assert process.stdout is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await process.stdout.receive_some()
+        assert chunk, "the process exited"
+        line += chunk
+    return json.loads(line)
 
 
 async def test_every_command_against_two_live_nodes(tmp_path: Path) -> None:
@@ -169,12 +181,7 @@ async def test_node_json_start_line_and_json_logs(tmp_path: Path) -> None:
     assert process.stderr is not None
     try:
         with trio.fail_after(20):
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await process.stdout.receive_some()
-                assert chunk
-                line += chunk
-        started = json.loads(line)
+            started = await first_json_line(process)
         assert started["stateDir"] == str(tmp_path)
         assert started["controlSocket"] == str(tmp_path / "control.sock")
         assert (
@@ -209,12 +216,7 @@ async def test_options_from_the_environment(tmp_path: Path) -> None:
     assert process.stdout is not None
     try:
         with trio.fail_after(20):
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await process.stdout.receive_some()
-                assert chunk
-                line += chunk
-        started = json.loads(line)
+            started = await first_json_line(process)
         assert started["stateDir"] == str(tmp_path)
         assert started["host"] == "127.0.0.1"
         result = await trio.run_process(
