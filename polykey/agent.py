@@ -288,6 +288,7 @@ class PolykeyNode:
                 config=settings.quic,
                 rpc_timeout=settings.rpc_timeout,
                 on_connection=self._on_connection,
+                on_disconnect=self._on_disconnect,
                 ttl_for=functools.partial(sticky_ttl, identity.node_id),
                 relay=None if settings.relay == "off" else settings.relay_limits,
                 relay_mode=settings.relay,
@@ -370,8 +371,13 @@ class PolykeyNode:
         stats = attrs.asdict(table.statistics) if table is not None else {}
         return {"mode": self.settings.relay, "serving": serving, **stats}
 
-    def _on_connection(self, node_id: NodeId, host: str, port: int) -> None:
-        self.manager.note_connection(node_id, host, port)
+    def _on_connection(
+        self, node_id: NodeId, host: str, port: int, outgoing: bool
+    ) -> None:
+        self.manager.note_connection(node_id, host, port, outgoing)
+
+    def _on_disconnect(self, node_id: NodeId) -> None:
+        self.manager.note_disconnect(node_id)
 
     async def wait_joined(self) -> JoinResult | None:
         """Wait until joining through the seeds finished (None: no seeds)."""

@@ -14,7 +14,9 @@ dials to one NodeId share one attempt (a dial started while a punch is
 being signalled or dialled waits for it), and at most ``max_dials`` run at
 once.
 Every verified connection is reported to ``on_connection`` with the address
-the peer was seen at, which is how the node graph learns of it.
+the peer was seen at and whether we dialled it, which is how the node graph
+learns of it; the end of a node's last live connection, to
+``on_disconnect``.
 
 Each connection records the path it took: ``direct``, ``punched`` when a
 punch made it, or ``relayed`` through a relay's circuit. A relayed one
@@ -114,7 +116,9 @@ __all__ = [
 log = logging.getLogger("polykey.nodes.connections")
 
 #: Called with (node_id, host, port) for every verified connection.
-ConnectionCallback = Callable[[NodeId, str, int], Awaitable[None] | None]
+ConnectionCallback = Callable[[NodeId, str, int, bool], Awaitable[None] | None]
+#: Called with the NodeId when the last live connection to it has ended.
+DisconnectCallback = Callable[[NodeId], None]
 
 #: How long a replaced (relayed) connection lingers for calls in flight.
 _REPLACED_GRACE: Final = 5.0
@@ -158,6 +162,7 @@ class NodeConnectionManager:
         max_dials: int = 32,
         rpc_timeout: float = 15.0,
         on_connection: ConnectionCallback | None = None,
+        on_disconnect: DisconnectCallback | None = None,
         relay: RelayLimits | None = None,
         relay_mode: str = "auto",
     ) -> None:
@@ -179,6 +184,7 @@ class NodeConnectionManager:
         self._dial_limit = trio.CapacityLimiter(max_dials)
         self._rpc_timeout = rpc_timeout
         self._on_connection = on_connection
+        self._on_disconnect = on_disconnect
         self._pool: dict[NodeId, NodeConnection] = {}
         self._dialling: dict[NodeId, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -289,12 +295,14 @@ class NodeConnectionManager:
         # A relayed connection's address is a virtual path's, meaningful on
         # this socket only: the graph must not learn it, nor peers hear it.
         if self._on_connection is not None and path is not ConnectionPath.RELAYED:
-            self._nursery.start_soon(self._report, node_id, host, port)
+            self._nursery.start_soon(self._report, node_id, host, port, outgoing)
         return node
 
-    async def _report(self, node_id: NodeId, host: str, port: int) -> None:
+    async def _report(
+        self, node_id: NodeId, host: str, port: int, outgoing: bool
+    ) -> None:
         assert self._on_connection is not None
-        result = self._on_connection(node_id, host, port)
+        result = self._on_connection(node_id, host, port, outgoing)
         if result is not None:
             await result
 
@@ -317,6 +325,8 @@ class NodeConnectionManager:
         finally:
             if self._pool.get(node.node_id) is node:
                 del self._pool[node.node_id]
+                if self._on_disconnect is not None:
+                    self._on_disconnect(node.node_id)
             self._relaying.connection_gone(node)
             if not conn.closed:
                 await conn.aclose()

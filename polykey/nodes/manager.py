@@ -109,6 +109,8 @@ class NodeManagerStatistics:
     ping_failures: int = 0
     evictions: int = 0
     removed_failing: int = 0
+    #: Nodes that only ever connected to us, gone with their connection.
+    removed_unconfirmed: int = 0
     pending_dropped: int = 0
     newcomers_dropped: int = 0
     refreshes: int = 0
@@ -181,6 +183,8 @@ class NodeManager:
             rng=self._rng,
         )
         self._pending: dict[int, dict[NodeId, tuple[NodeAddress, ...]]] = {}
+        # Nodes in the graph only because they connected to us.
+        self._unconfirmed: set[NodeId] = set()
         self._pending_count = 0
         self._wake_evictor = trio.Event()
         self._stats = NodeManagerStatistics()
@@ -266,16 +270,43 @@ class NodeManager:
         if result.status == "full":
             self._queue(result.bucket, node_id, addrs)
 
-    def note_connection(self, node_id: NodeId, host: str, port: int) -> None:
+    def note_connection(
+        self, node_id: NodeId, host: str, port: int, outgoing: bool = True
+    ) -> None:
         """:meth:`note_contact` for the connection manager's ``on_connection``
         callback: an address we cannot dial back (scoped IPv6, ...) only
-        refreshes a known node; it never raises."""
+        refreshes a known node; it never raises.
+
+        A node new to the graph that connected to us (``outgoing`` false) is
+        *unconfirmed*: nothing says others can reach it (a public seed meets
+        thousands of short-lived clients, and nodes behind NATs). It stays
+        while its connection lives, which is when others can reach it,
+        through us as their signaller; when the connection ends it leaves
+        the graph (:meth:`note_disconnect`), unless we reached it ourselves
+        meanwhile. A node we dialled is confirmed.
+        """
         try:
             address = NodeAddress(host, port)
         except InvalidAddressError:
             self.graph.touch(node_id, self._clock())
             return
+        if outgoing:
+            self._unconfirmed.discard(node_id)
+        elif node_id not in self.graph:
+            self._unconfirmed.add(node_id)
         self.note_contact(node_id, address)
+
+    def note_disconnect(self, node_id: NodeId) -> None:
+        """The last connection to ``node_id`` ended: an unconfirmed node
+        leaves the graph (see :meth:`note_connection`)."""
+        if node_id in self._unconfirmed:
+            self._unconfirmed.discard(node_id)
+            if self.graph.remove(node_id):
+                self._stats.removed_unconfirmed += 1
+
+    def confirmed(self, node_id: NodeId) -> bool:
+        """Whether ``node_id`` is known reachable (not only connected to us)."""
+        return node_id not in self._unconfirmed
 
     def _queue(
         self, index: int, node_id: NodeId, addrs: tuple[NodeAddress, ...]

@@ -28,7 +28,7 @@ async def node(
 ) -> AsyncIterator[NodeConnectionManager]:
     identity = NodeIdentity.generate()
 
-    def report(node_id: NodeId, host: str, port: int) -> None:
+    def report(node_id: NodeId, host: str, port: int, outgoing: bool) -> None:
         if seen is not None:
             seen.append((node_id, host, port))
         if connected is not None:

@@ -303,3 +303,22 @@ async def test_a_relayed_connection_upgrades_to_a_punched_one(
 
 def test_circuit_type() -> None:
     assert attrs.has(Circuit)
+
+
+async def test_short_lived_clients_leave_no_entries_behind(tmp_path: Path) -> None:
+    """A seed meets clients that connect, call once and go: each enters the
+    graph unconfirmed and leaves it with its connection; a node the seed
+    dialled itself stays."""
+    from tests.helpers import dial
+
+    with trio.fail_after(60):
+        async with nodes(tmp_path, ("seed", {}), ("kept", {})) as (seed, kept):
+            await seed.connect(kept.node_id, kept.address)  # dialled by the seed
+            for _ in range(10):
+                await dial(seed.node_id, seed.address)  # a client, closed after
+            with trio.fail_after(10):
+                while seed.manager.statistics().removed_unconfirmed < 10:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            assert len(seed.graph) == 1
+            assert seed.graph.get(kept.node_id) is not None
+            assert seed.manager.confirmed(kept.node_id)
