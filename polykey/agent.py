@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from ._control import serve_control
+from ._metrics import serve_metrics
 from ._state import default_state_dir, load_or_create_identity, lock_state_dir
 from .keys import NodeId, NodeIdentity
 from .nodes import (
@@ -119,6 +120,8 @@ class NodeSettings:
         default="auto", validator=attrs.validators.in_(("auto", "on", "off"))
     )
     relay_limits: RelayLimits = attrs.field(factory=RelayLimits)
+    #: ``(host, port)`` to serve Prometheus metrics on (None: off).
+    metrics: tuple[str, int] | None = None
     #: Default timeout of the agent's RPC server and of calls to peers
     #: (Polykey's agent uses 15 s).
     rpc_timeout: float = 15.0
@@ -209,6 +212,8 @@ class PolykeyNode:
         self.stop_requested = trio.Event()
         #: Wall-clock time (seconds since the epoch) the node started.
         self.started_at = 0.0
+        #: Where ``/metrics`` is served (with ``NodeSettings.metrics``).
+        self.metrics_address: tuple[str, int] | None = None
         self._connections: NodeConnectionManager | None = None
         self._rpc: RPCServer | None = None
         self._stack: Any = None
@@ -303,6 +308,10 @@ class PolykeyNode:
             await nursery.start(connections.run)
             await nursery.start(self.manager.run)
             await nursery.start(serve_control, self, settings.state_dir)
+            if settings.metrics is not None:
+                self.metrics_address = await nursery.start(
+                    serve_metrics, self, *settings.metrics
+                )
             if settings.seeds:
                 nursery.start_soon(self._join)
         except BaseException:

@@ -89,6 +89,15 @@ def _address(text: str) -> NodeAddress:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` to listen on (``[V6]:PORT``; wildcards and port 0 fine)."""
+    host, _, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host, int(port_text)
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"POLYKEY_{name}") or default
 
@@ -159,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("RELAY", "auto"),
         help="relay for nodes that cannot punch through to each other: auto"
         " (default: while no peer sees this node behind a NAT), on, off",
+    )
+    node.add_argument(
+        "--metrics",
+        type=_listen_address,
+        default=os.environ.get("POLYKEY_METRICS") or None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by"
+        " default; $POLYKEY_METRICS)",
     )
     node.add_argument(
         "--log-level",
@@ -302,6 +319,7 @@ def _print_started(node: PolykeyNode, output: str) -> None:
                     "stateDir": str(state_dir),
                     "controlSocket": str(state_dir / CONTROL_SOCKET),
                     "pid": os.getpid(),
+                    "metrics": _metrics_url(node),
                     "note": note,
                 }
             ),
@@ -314,8 +332,17 @@ def _print_started(node: PolykeyNode, output: str) -> None:
     print(f"State: {state_dir}", flush=True)
     print(f"Control: {state_dir / CONTROL_SOCKET}", flush=True)
     print(f"Seed: {seed}", flush=True)
+    if node.metrics_address is not None:
+        print(f"Metrics: {_metrics_url(node)}", flush=True)
     if note:
         print(f"Note: {note}", flush=True)
+
+
+def _metrics_url(node: PolykeyNode) -> str | None:
+    if node.metrics_address is None:
+        return None
+    host, port = node.metrics_address
+    return f"http://{format_host_port(host, port)}/metrics"
 
 
 def _one_line_errors(exc: BaseException) -> list[str] | None:
@@ -346,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=int(args.port),
         seeds=tuple(args.seed if args.seed is not None else _env_seeds()),
         relay=args.relay,
+        metrics=_listen_address(args.metrics)
+        if isinstance(args.metrics, str)
+        else args.metrics,
     )
     try:
         trio.run(run_node, settings, args.format)

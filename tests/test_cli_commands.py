@@ -226,3 +226,73 @@ async def test_options_from_the_environment(tmp_path: Path) -> None:
         assert json.loads(result.stdout)["nodeIdEncoded"] == started["nodeIdEncoded"]
     finally:
         await stop(process)
+
+
+async def scrape(url: str) -> dict[str, float]:
+    """GET ``url``; the samples, by name and labels as written."""
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    samples = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+async def test_metrics_move_with_traffic(tmp_path: Path) -> None:
+    from polykey.keys import NodeIdentity
+    from polykey.nodes.connections import NodeConnectionManager
+    from polykey.quic import QUICSocket
+    from polykey.rpc import RPCServer
+
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "polykey", "node", "--host", "127.0.0.1", "--port", "0",
+         "--state-dir", str(tmp_path), "--format", "json", "--metrics", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(30):
+            started = await first_json_line(process)
+            url = started["metrics"]
+            before = await scrape(url)
+            assert before["polykey_graph_nodes"] == 0
+            assert before['polykey_connections{path="direct"}'] == 0
+            async with (
+                QUICSocket("127.0.0.1") as sock,
+                RPCServer({}) as rpc,
+                trio.open_nursery() as nursery,
+            ):
+                manager = NodeConnectionManager(sock, NodeIdentity.generate(), rpc)
+                await nursery.start(manager.run)
+                from polykey.keys import NodeId
+
+                conn = await manager.connect(
+                    NodeId.from_string(started["nodeIdEncoded"]),
+                    ("127.0.0.1", started["port"]),
+                )
+                for _ in range(3):
+                    await conn.rpc.unary("nodesPing", {})
+                during = await scrape(url)
+                nursery.cancel_scope.cancel()
+            assert during['polykey_rpc_calls_total{method="nodesPing"}'] == 3
+            assert during['polykey_quic_handshakes_total{outcome="accepted"}'] == 1
+            assert during['polykey_connections{path="direct"}'] == 1
+            received = 'polykey_quic_datagrams_total{direction="received"}'
+            assert during[received] > before[received]
+            assert during["polykey_graph_nodes"] == 1
+            # Anything but /metrics is 404.
+            host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                assert (await stream.receive_some()).startswith(b"HTTP/1.0 404")
+    finally:
+        await stop(process)

@@ -100,6 +100,8 @@ class NodeManagerConfig:
 @attrs.define
 class NodeManagerStatistics:
     lookups: int = 0
+    #: Rounds of every lookup, summed (with lookups: the mean).
+    lookup_rounds: int = 0
     lookups_timed_out: int = 0
     finds: int = 0
     finds_failed: int = 0
@@ -482,6 +484,7 @@ class NodeManager:
             async with trio.open_nursery() as nursery:
                 self._pump(machine, nursery)
         self._stats.lookups += 1
+        self._stats.lookup_rounds += machine.rounds
         self._stats.ignored_entries += machine.ignored
         if scope.cancelled_caught:
             self._stats.lookups_timed_out += 1

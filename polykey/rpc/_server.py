@@ -131,6 +131,8 @@ class ServerStatistics:
     internal_errors: int = 0
     #: Calls to a method this server does not serve.
     unknown_methods: int = 0
+    #: Calls by method (those the manifest serves; a header was read).
+    calls_by_method: dict[str, int] = attrs.field(factory=dict)
 
 
 class RPCServer:
@@ -245,7 +247,9 @@ class RPCServer:
 
     def statistics(self) -> ServerStatistics:
         self._stats.active_calls = len(self._calls)
-        return attrs.evolve(self._stats)
+        return attrs.evolve(
+            self._stats, calls_by_method=dict(self._stats.calls_by_method)
+        )
 
     # -- serving -------------------------------------------------------------
     async def handle_stream(
@@ -515,6 +519,8 @@ class _ServerCall:
         if handler is None:
             await self._not_served(request.method)
             return
+        by_method = server._stats.calls_by_method
+        by_method[request.method] = by_method.get(request.method, 0) + 1
         params = request.params
         metadata: dict[str, Any] = {}
         if isinstance(params, dict) and isinstance(params.get("metadata"), dict):
