@@ -24,7 +24,7 @@ doctor:
 	@bash scripts/setup.sh --check
 
 lint:
-	$(PY) -m ruff check polykey tests bench setup_quiche.py
+	$(PY) -m ruff check polykey tests bench examples setup_quiche.py
 
 typecheck:
 	$(PY) -m mypy

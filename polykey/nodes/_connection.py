@@ -9,13 +9,13 @@ manager's module imports, can use them without an import cycle.
 from __future__ import annotations
 
 import enum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 
 from ..keys import NodeId
 from ..quic import CloseKind, CloseReason, QUICConnection, QUICConnectionError
-from ..rpc import RPCClient
+from ..rpc import ClientManifest, RPCClient
 from .errors import NodesError
 
 __all__ = [
@@ -63,6 +63,9 @@ def display_address(address: tuple[Any, ...]) -> Address:
     return host, int(address[1])
 
 
+M = TypeVar("M", bound=ClientManifest)
+
+
 @attrs.define(eq=False)
 class NodeConnection:
     """A verified connection to ``node_id`` and the RPC client over it."""
@@ -83,3 +86,10 @@ class NodeConnection:
     @property
     def address(self) -> Address:
         return display_address(self.connection.remote_address)
+
+    def client(self, manifest: type[M]) -> RPCClient[M]:
+        """A typed RPC client over this connection: ``conn.client(MyAPI)``
+        (see docs/rpc.md, "Clients"); one new stream per call, as ``rpc``."""
+        return RPCClient(
+            manifest, self.connection.open_stream, timeout=self.rpc.timeout
+        )
