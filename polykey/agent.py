@@ -10,11 +10,13 @@ so a cancelled shutdown still finishes), the graph is flushed and closed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
 import socket as stdlib_socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -57,6 +59,8 @@ from .rpc import Handler, JSONObject, RPCServer
 
 __all__ = [
     "DEFAULT_PORT",
+    "EVENT_BUFFER",
+    "NodeEvent",
     "NodeSettings",
     "PolykeyNode",
     "SeedNode",
@@ -161,6 +165,23 @@ def dialable_host(bound_host: str) -> tuple[str, bool]:
     return ("127.0.0.1" if ip.version == 4 else "::1"), True
 
 
+@attrs.frozen
+class NodeEvent:
+    """Something that happened to a node: ``kind`` is "connected" (with the
+    peer's ``node_id``, ``path`` and whether we dialled), "disconnected"
+    (its last connection ended), or "joined" (joining through the seeds
+    is over)."""
+
+    kind: str
+    node_id: NodeId | None = None
+    path: str | None = None
+    outgoing: bool | None = None
+
+
+#: Events a subscriber may fall behind by before the oldest are dropped.
+EVENT_BUFFER = 256
+
+
 class _NodeHost:
     """The node's connection manager as the signalling and relay handlers'
     host (:class:`~polykey.nodes.signalling.SignalHost`,
@@ -214,6 +235,9 @@ class PolykeyNode:
         self.started_at = 0.0
         #: Where ``/metrics`` is served (with ``NodeSettings.metrics``).
         self.metrics_address: tuple[str, int] | None = None
+        self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
+        #: Events dropped because a subscriber fell behind.
+        self.events_dropped = 0
         self._connections: NodeConnectionManager | None = None
         self._rpc: RPCServer | None = None
         self._stack: Any = None
@@ -350,6 +374,7 @@ class PolykeyNode:
             )
         finally:
             self._joined_event.set()
+            self._emit(NodeEvent("joined"))
 
     def _active_connections(self) -> list[ActiveConnection]:
         # What nodesClosestActiveConnectionsGet lists: connections we could
@@ -384,9 +409,41 @@ class PolykeyNode:
         self, node_id: NodeId, host: str, port: int, outgoing: bool
     ) -> None:
         self.manager.note_connection(node_id, host, port, outgoing)
+        pooled = self.connections.get(node_id)
+        path = pooled.path.value if pooled is not None else None
+        self._emit(NodeEvent("connected", node_id, path, outgoing))
 
     def _on_disconnect(self, node_id: NodeId) -> None:
         self.manager.note_disconnect(node_id)
+        self._emit(NodeEvent("disconnected", node_id))
+
+    def _emit(self, event: NodeEvent) -> None:
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                self.events_dropped += 1
+            except trio.BrokenResourceError:
+                self._subscribers.remove(channel)
+
+    @contextlib.contextmanager
+    def events(self) -> Iterator[trio.MemoryReceiveChannel[NodeEvent]]:
+        """Subscribe to node events while the block runs::
+
+            with node.events() as events:
+                async for event in events:
+                    ...
+
+        A subscriber that falls :data:`EVENT_BUFFER` events behind loses the
+        newest (counted in ``events_dropped``), never blocks the node."""
+        send, receive = trio.open_memory_channel[NodeEvent](EVENT_BUFFER)
+        self._subscribers.append(send)
+        try:
+            yield receive
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            send.close()
 
     async def wait_joined(self) -> JoinResult | None:
         """Wait until joining through the seeds finished (None: no seeds)."""

@@ -376,3 +376,25 @@ def test_a_busy_port_is_named(tmp_path: Path) -> None:
         in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+async def test_events_say_who_connected_and_left_without_polling(
+    tmp_path: Path,
+) -> None:
+    from polykey.agent import NodeEvent
+
+    with trio.fail_after(30):
+        async with PolykeyNode(
+            NodeSettings(state_dir=tmp_path / "a", host="127.0.0.1", port=0)
+        ) as a:
+            with a.events() as events:
+                client_dir = tmp_path / "b"
+                async with PolykeyNode(
+                    NodeSettings(state_dir=client_dir, host="127.0.0.1", port=0)
+                ) as b:
+                    await b.connect(a.node_id, a.address)
+                    event = await events.receive()
+                    assert event == NodeEvent("connected", b.node_id, "direct", False)
+                # b stopped: its connection ended.
+                event = await events.receive()
+                assert event == NodeEvent("disconnected", b.node_id)
