@@ -474,7 +474,9 @@ class NodeManager:
         machine = Lookup(
             self.own_id,
             target,
-            self.graph.closest(target),
+            # More than the k closest: should those all be dead, the lookup
+            # goes on with the next of our own (it has no other source).
+            self.graph.closest(target, self.graph.k + cfg.max_contacted),
             k=self.graph.k,
             alpha=cfg.alpha,
             max_contacted=cfg.max_contacted,

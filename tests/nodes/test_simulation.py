@@ -116,3 +116,32 @@ async def test_refresh_timers_fire_on_schedule(
                 gaps = [b - a for a, b in itertools.pairwise(times)]
                 assert all(450 - 1e-6 <= g <= 750 + 1e-6 for g in gaps), gaps
             assert node.manager.statistics().refreshes >= len(by_bucket)
+
+
+async def test_a_lookup_goes_past_dead_closest_nodes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """When every one of the k nodes we know closest to a target is dead, the
+    lookup goes on with the next ones we know (it has no other source), as
+    long as its budget lasts: here 30 queries, k = 20."""
+    config = NodeManagerConfig(
+        refresh_interval=None,
+        self_lookup_interval=None,
+        max_contacted=30,
+        query_timeout=1.0,  # a dead node costs 1 s, so the lookup's 60 s last
+    )
+    async with SimulatedNetwork(config=config, seed=21, transport="direct") as net:
+        with trio.fail_after(3600):
+            seed = await net.spawn()
+            nodes = [await net.spawn(join=[seed]) for _ in range(40)]
+            me = nodes[0]
+            target = net.new_node_id()  # no node's id
+            graph = me.manager.graph
+            assert len(graph) > graph.k
+            dead = {c.node_id for c in graph.closest(target, graph.k)}
+            for node in [seed, *nodes]:
+                if node.node_id in dead:
+                    net.kill(node)
+            result = await me.manager.lookup(target)
+            assert result.contacts
+            assert not dead & {c.node_id for c in result.contacts}
