@@ -18,7 +18,16 @@ from typing import Any, Final, TextIO
 import trio
 
 from ._control import control_client
-from ._state import state_dir_in_use
+from ._state import StateDirInUseError, renew_identity, state_dir_in_use
+from .keys import (
+    CertChain,
+    CertificateError,
+    KeysError,
+    NodeIdentity,
+    load_cert_chain,
+    load_key_pair,
+    verify_chain,
+)
 from .nodes import format_host_port
 from .rpc import RPCError, RPCRemoteError
 
@@ -31,6 +40,7 @@ class EX:
     OK: Final = 0
     USAGE: Final = 64
     DATAERR: Final = 65
+    NOINPUT: Final = 66
     UNAVAILABLE: Final = 69
     SOFTWARE: Final = 70
     TEMPFAIL: Final = 75
@@ -280,6 +290,91 @@ async def nodes_connections(state_dir: Path, output: str, out: TextIO) -> int:
         ],
         out,
     )  # fmt: skip
+    return EX.OK
+
+
+# -- keys: offline, on the state directory itself ----------------------------------
+
+
+def _certificates(chain: CertChain) -> list[JSON]:
+    out = []
+    for cert, node_id in zip(chain.certificates, chain.node_ids(), strict=True):
+        out.append(
+            {
+                "nodeIdEncoded": str(node_id),
+                "notBefore": cert.not_valid_before_utc.isoformat().replace(
+                    "+00:00", "Z"
+                ),
+                "notAfter": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+            }
+        )
+    return out
+
+
+def _load_identity(state_dir: Path) -> NodeIdentity:
+    keys = state_dir / "keys"
+    try:
+        return NodeIdentity(
+            load_key_pair(keys / "private_key.pem"),
+            load_cert_chain(keys / "certificate_chain.pem"),
+        )
+    except (KeysError, FileNotFoundError, ValueError) as exc:
+        raise CommandError(f"no usable identity in {keys}: {exc}", EX.NOINPUT) from None
+
+
+async def keys_show(state_dir: Path, output: str, out: TextIO) -> int:
+    await trio.lowlevel.checkpoint()
+    identity = _load_identity(state_dir)
+    try:
+        verify_chain(identity.chain.to_der_list())
+        valid, why = True, None
+    except CertificateError as exc:
+        valid, why = False, str(exc)
+    result: JSON = {
+        "nodeIdEncoded": str(identity.node_id),
+        "keyFile": str(state_dir / "keys" / "private_key.pem"),
+        "chainValid": valid,
+        "chainError": why,
+        "certificates": _certificates(identity.chain),
+    }
+    if output == "json":
+        print(json.dumps(result), file=out)
+        return EX.OK
+    _pairs(
+        [("nodeId", result["nodeIdEncoded"]), ("keyFile", result["keyFile"]),
+         ("chain", "valid" if valid else f"INVALID: {why}")],
+        out,
+    )  # fmt: skip
+    _table(
+        ("certificate of", "not before", "not after"),
+        [
+            (c["nodeIdEncoded"], c["notBefore"], c["notAfter"])
+            for c in result["certificates"]
+        ],
+        out,
+    )
+    return EX.OK
+
+
+async def keys_renew(state_dir: Path, output: str, out: TextIO) -> int:
+    await trio.lowlevel.checkpoint()
+    _load_identity(state_dir)  # a clear error when there is none
+    try:
+        old, new = renew_identity(state_dir)
+    except StateDirInUseError as exc:
+        raise CommandError(f"{exc}: stop it first (agent stop)", EX.TEMPFAIL) from None
+    result = {
+        "previousNodeIdEncoded": str(old.node_id),
+        "nodeIdEncoded": str(new.node_id),
+        "certificates": _certificates(new.chain),
+    }
+    if output == "json":
+        print(json.dumps(result), file=out)
+    else:
+        print(
+            f"Renewed: {old.node_id} -> {new.node_id} (chain of {len(new.chain)})",
+            file=out,
+        )
     return EX.OK
 
 

@@ -38,8 +38,10 @@ from .keys import (
     KeysError,
     NodeIdentity,
     load_cert_chain,
+    load_key_pair,
     load_or_generate_key_pair,
     save_cert_chain,
+    save_key_pair,
     verify_chain,
 )
 
@@ -51,6 +53,7 @@ __all__ = [
     "default_state_dir",
     "load_or_create_identity",
     "lock_state_dir",
+    "renew_identity",
     "state_dir_in_use",
 ]
 
@@ -173,3 +176,36 @@ def load_or_create_identity(
     identity = NodeIdentity.generate(key_pair, now=now)
     save_cert_chain(identity.chain, chain_path)
     return identity, created
+
+
+def renew_identity(
+    state_dir: Path, *, now: datetime.datetime | None = None
+) -> tuple[NodeIdentity, NodeIdentity]:
+    """Move the node in ``state_dir`` to a new key pair, as Polykey renews:
+    the new certificate is issued by the old key and goes in front of the
+    chain, so a peer that dials the old NodeId can follow the chain to it.
+    The node graph is carried over to the new NodeId when the node next
+    opens it. Needs the node stopped
+    (the state directory is locked meanwhile: StateDirInUseError otherwise).
+
+    Returns (old, new). The chain is written before the key: a crash in
+    between leaves the old key with a chain for another, which the next start
+    repairs by renewing the old key's own certificate (the NodeId stays the
+    old one, consistently).
+    """
+    lock = lock_state_dir(state_dir)
+    try:
+        keys_dir = state_dir / "keys"
+        old = NodeIdentity(
+            load_key_pair(keys_dir / "private_key.pem"),
+            load_cert_chain(keys_dir / "certificate_chain.pem"),
+        )
+        new = old.renew(now=now)
+        # The graph follows on the next start: its owner is a NodeId of our
+        # chain (see NodeGraph.open's ``previous_ids``).
+        save_cert_chain(new.chain, keys_dir / "certificate_chain.pem")
+        save_key_pair(new.key_pair, keys_dir / "private_key.pem")
+        log.info("renewed the node's key: %s -> %s", old.node_id, new.node_id)
+        return old, new
+    finally:
+        lock.release()

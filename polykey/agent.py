@@ -283,7 +283,9 @@ class PolykeyNode:
                 settings.state_dir,
             )
             graph = NodeGraph.open(
-                settings.state_dir / "nodes.sqlite3", identity.node_id
+                settings.state_dir / "nodes.sqlite3",
+                identity.node_id,
+                previous_ids=identity.chain.node_ids()[1:],
             )
             stack.callback(graph.close)
             self.graph = graph

@@ -10,6 +10,8 @@
   a running node, through the Unix socket in its state directory
   (``--state-dir`` or ``POLYKEY_STATE_DIR``). ``-f/--format human|json`` on
   each; exit statuses from sysexits; errors as one line on stderr.
+* ``keys show|renew`` work on the state directory itself (renew needs the
+  node stopped).
 * ``status``, ``find`` and ``ping`` are short for ``agent status``, ``nodes
   find`` and ``nodes ping``.
 """
@@ -34,6 +36,8 @@ from ._cli_control import (
     EX,
     agent_status,
     agent_stop,
+    keys_renew,
+    keys_show,
     nodes_add,
     nodes_connections,
     nodes_find,
@@ -223,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub = nodes_sub.add_parser(name, parents=[control], help=text)
         sub.add_argument("node_id", metavar="NODEID")
     nodes_sub.add_parser("getall", parents=[control], help="the graph, by bucket")
+    keys = commands.add_parser(
+        "keys", help="the node's identity (on its state directory)"
+    )
+    keys_sub = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    keys_sub.add_parser("show", parents=[control], help="NodeId and certificate chain")
+    keys_sub.add_parser(
+        "renew", parents=[control], help="a new key pair, the chain kept (node stopped)"
+    )
     nodes_sub.add_parser("connections", parents=[control], help="live connections")
     # Short forms.
     commands.add_parser("status", parents=[control], help="agent status")
@@ -254,6 +266,10 @@ def _control_command(args: argparse.Namespace) -> tuple[Any, ...]:
         )  # fmt: skip
     if what == ("nodes", "getall"):
         return (nodes_getall, *common)
+    if what == ("keys", "show"):
+        return (keys_show, *common)
+    if what == ("keys", "renew"):
+        return (keys_renew, *common)
     return (nodes_connections, *common)
 
 

@@ -296,3 +296,68 @@ async def test_metrics_move_with_traffic(tmp_path: Path) -> None:
                 assert (await stream.receive_some()).startswith(b"HTTP/1.0 404")
     finally:
         await stop(process)
+
+
+async def test_keys_show_and_renew(tmp_path: Path) -> None:
+    from polykey.keys import NodeId, NodeIdentity
+    from polykey.nodes.connections import NodeConnectionManager
+    from polykey.quic import QUICSocket
+    from polykey.rpc import RPCServer
+
+    from .helpers import dial
+
+    state = tmp_path / "a"
+    a, old_id, address = await start_node(state)
+    other, other_id, other_address = await start_node(tmp_path / "b")
+    try:
+        with trio.fail_after(60):
+            rc, shown = await control_json(state, "keys", "show")
+            assert rc == 0
+            assert shown["nodeIdEncoded"] == str(old_id)
+            assert shown["chainValid"] is True
+            assert [c["nodeIdEncoded"] for c in shown["certificates"]] == [str(old_id)]
+            # The graph learns of another node, then renewal needs the node
+            # stopped.
+            rc, _ = await control_json(
+                state,
+                "nodes",
+                "add",
+                str(other_id),
+                f"{other_address[0]}:{other_address[1]}",
+            )
+            assert rc == 0
+            rc, _, err = await human(state, "keys", "renew")
+            assert rc == 75  # EX_TEMPFAIL
+            assert "in use by another node" in err
+            await stop(a)
+            rc, renewed = await control_json(state, "keys", "renew")
+            assert rc == 0
+            new_id = NodeId.from_string(renewed["nodeIdEncoded"])
+            assert renewed["previousNodeIdEncoded"] == str(old_id)
+            assert new_id != old_id
+            assert [c["nodeIdEncoded"] for c in renewed["certificates"]] == [
+                str(new_id),
+                str(old_id),
+            ]
+            # The node comes back as the new NodeId, with its graph, and a
+            # peer that knew the old NodeId still reaches and verifies it.
+            a, again, address = await start_node(state, "--port", "0")
+            assert again == new_id
+            rc, nodes = await control_json(state, "nodes", "getall")
+            assert [n["nodeIdEncoded"] for n in nodes] == [str(other_id)]
+            await dial(new_id, address)
+            async with (
+                QUICSocket("127.0.0.1") as sock,
+                RPCServer({}) as rpc,
+                trio.open_nursery() as nursery,
+            ):
+                peer = NodeConnectionManager(sock, NodeIdentity.generate(), rpc)
+                await nursery.start(peer.run)
+                conn = await peer.connect(old_id, address)
+                # It walked the chain to the old NodeId; the node is the new.
+                assert conn.connection.peer_identity == new_id
+                nursery.cancel_scope.cancel()
+    finally:
+        for process in (a, other):
+            if process.returncode is None:
+                await stop(process)

@@ -261,6 +261,11 @@ class CertChain:
         key = _ed25519_key(self.leaf)
         return NodeId.from_public_key(key)
 
+    def node_ids(self) -> list[NodeId]:
+        """The NodeIds of every certificate's key, leaf first: the node's
+        current NodeId, then the ones it had before renewals (unverified)."""
+        return [NodeId.from_public_key(_ed25519_key(c)) for c in self.certificates]
+
     def to_der_list(self) -> list[bytes]:
         return [cert.public_bytes(Encoding.DER) for cert in self.certificates]
 

@@ -57,11 +57,13 @@ class SQLiteGraphStore:
         own_id: NodeId,
         *,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        previous_ids: frozenset[NodeId] = frozenset(),
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
         self.path = path
         self.own_id = own_id
+        self._previous_ids = previous_ids
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves. Writes
             # may come from the graph writer's worker thread (one at a time).
@@ -116,6 +118,14 @@ class SQLiteGraphStore:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("schema") != SCHEMA_NAME:
             raise NodeGraphForeignError(self.path, "not a polykey node graph")
+        owner = meta.get("node_id")
+        if owner != self.own_id.encode() and owner in {
+            n.encode() for n in self._previous_ids
+        }:
+            # Ours under a NodeId we had before a key renewal: same nodes,
+            # seen from the new NodeId now.
+            self.set_owner(self.own_id)
+            meta["node_id"] = self.own_id.encode()
         if meta.get("node_id") != self.own_id.encode():
             raise NodeGraphForeignError(
                 self.path, f"the graph of node {meta.get('node_id')}, not {self.own_id}"
@@ -198,6 +208,18 @@ class SQLiteGraphStore:
                 raise
         except sqlite3.Error as exc:
             raise NodeGraphStoreError(self.path, f"write failed: {exc}") from exc
+
+    def set_owner(self, node_id: NodeId) -> None:
+        """Make the file the graph of ``node_id`` (after a key renewal: the
+        nodes are the same, seen from the node's new NodeId)."""
+        try:
+            self._db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'node_id'", (node_id.encode(),)
+            )
+            self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id.raw,))
+        except sqlite3.Error as exc:
+            raise NodeGraphStoreError(self.path, f"write failed: {exc}") from exc
+        self.own_id = node_id
 
     def close(self) -> None:
         self._db.close()

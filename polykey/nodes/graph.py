@@ -153,15 +153,23 @@ class NodeGraph:
         *,
         k: int = DEFAULT_K,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        previous_ids: Iterable[NodeId] = (),
     ) -> NodeGraph:
         """The graph persisted in the SQLite file ``path`` (created if absent).
 
         Raises :class:`~polykey.nodes.NodeGraphStoreError` (corrupt, foreign,
         newer version, or another node's graph) without touching the file.
+        A graph owned by one of ``previous_ids`` (NodeIds this node had
+        before key renewals) is taken over for ``own_id``.
         """
         from ._store import SQLiteGraphStore
 
-        store = SQLiteGraphStore(Path(path), own_id, synchronous=synchronous)
+        store = SQLiteGraphStore(
+            Path(path),
+            own_id,
+            synchronous=synchronous,
+            previous_ids=frozenset(previous_ids),
+        )
         try:
             return cls(own_id, k=k, store=store)
         except BaseException:
