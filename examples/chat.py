@@ -51,9 +51,10 @@ async def main() -> None:
             async with PolykeyNode(alice_settings) as alice:
                 with trio.fail_after(30):
                     await alice.wait_joined()
-                    conn = await alice.connect(bob.node_id)  # by NodeId alone
+                    client = await alice.client(bob.node_id, ChatAPI)  # by NodeId alone
+                    conn = alice.connections.get(bob.node_id)
+                    assert conn is not None
                     print(f"alice reached bob: {conn.path.value} at {conn.address}")
-                    client = conn.client(ChatAPI)
                     async with client.methods.chat() as call:
                         for text in ("hello", "how are you?"):
                             await call.send({"text": text})

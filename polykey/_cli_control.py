@@ -51,6 +51,8 @@ class EX:
 COMMAND_DEADLINE: Final = 95.0
 #: How long ``agent stop`` waits for the node to be gone.
 STOP_WAIT: Final = 30.0
+#: How often a terminal's progress line is refreshed.
+PROGRESS_INTERVAL: Final = 0.25
 
 JSON = dict[str, Any]
 
@@ -222,21 +224,69 @@ async def nodes_add(
     return EX.OK
 
 
+async def _with_progress(
+    state_dir: Path, output: str, method: str, params: JSON, target: str
+) -> JSON:
+    """Call ``method``; meanwhile, on a terminal in human format, show how
+    the node's lookup for ``target`` goes (which round, how many asked) on
+    one line of stderr. Quiet when piped or with --format json."""
+    err = sys.stderr
+    if output != "human" or not err.isatty():
+        return await _call(state_dir, method, params)
+    result: JSON = {}
+    failed: CommandError | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            nonlocal result, failed
+            try:
+                result = await _call(state_dir, method, params)
+            except CommandError as exc:
+                failed = exc  # raised below, not as an exception group
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(call)
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL)
+            try:
+                progress = await _call(state_dir, "lookupProgress", {})
+            except CommandError:
+                continue
+            for lookup in progress.get("lookups", []):
+                if lookup["targetNodeIdEncoded"] == target:
+                    print(
+                        f"\r  round {lookup['rounds']}, {lookup['contacted']} asked,"
+                        f" {lookup['responses']} answered, {lookup['failures']} failed  ",
+                        end="",
+                        file=err,
+                        flush=True,
+                    )
+    print("\r\x1b[K", end="", file=err, flush=True)
+    if failed is not None:
+        raise failed
+    return result
+
+
 async def nodes_find(state_dir: Path, output: str, out: TextIO, node_id: str) -> int:
-    result = await _call(state_dir, "nodesFind", {"nodeIdEncoded": node_id})
+    result = await _with_progress(
+        state_dir, output, "nodesFind", {"nodeIdEncoded": node_id}, node_id
+    )
     found = bool(result["addresses"])
     if output == "json":
         print(json.dumps(result), file=out)
     elif found:
+        how = f"round {result.get('foundRound')}, {result.get('queries')} asked"
         for host, port in result["addresses"]:
-            print(f"Found node at {format_host_port(host, port)}", file=out)
+            print(f"Found node at {format_host_port(host, port)} ({how})", file=out)
     if not found:
         raise CommandError(f"{node_id}: not found", EX.UNAVAILABLE)
     return EX.OK
 
 
 async def nodes_ping(state_dir: Path, output: str, out: TextIO, node_id: str) -> int:
-    result = await _call(state_dir, "nodesPingNode", {"nodeIdEncoded": node_id})
+    result = await _with_progress(
+        state_dir, output, "nodesPingNode", {"nodeIdEncoded": node_id}, node_id
+    )
     if output == "json":
         print(json.dumps(result), file=out)
     elif result["success"]:

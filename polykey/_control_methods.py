@@ -26,6 +26,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import trio
 
 from . import __version__
@@ -33,9 +34,7 @@ from .keys import NodeId, NodeIdError
 from .nodes import (
     InvalidAddressError,
     NodeAddress,
-    NodeNotFoundError,
     NodesError,
-    OwnNodeIdError,
     request_ping,
 )
 from .rpc import CallContext, RPCError, RPCInvalidParams, UnaryHandler
@@ -128,6 +127,18 @@ class AgentStatus(_Method):
                 "lookups": manager.lookups,
                 "finds": manager.finds,
             },
+            # Every component's counters, in one snapshot.
+            "statistics": {
+                **node.connections.statistics(),
+                "rpc": attrs.asdict(rpc),
+                "manager": attrs.asdict(manager),
+                "finder": attrs.asdict(node.finder.statistics),
+                "graphWriter": {
+                    "writes": node.manager.writer.writes,
+                    "writeErrors": node.manager.writer.write_errors,
+                },
+                "eventsDropped": node.events_dropped,
+            },
             "control": {
                 "clients": stats.clients,
                 "accepted": stats.accepted,
@@ -186,16 +197,20 @@ class NodesFind(_Method):
     async def handle(self, params: JSON, ctx: CallContext) -> JSON:
         ctx.keep_deadline()
         target = _target(params)
-        try:
-            contact = await self.node.find_node(target)
-        except OwnNodeIdError:
+        if target == self.node.node_id:
             host, port = self.node.address
             return {"nodeIdEncoded": str(target), "addresses": [[host, port]]}
-        except NodeNotFoundError:
-            return {"nodeIdEncoded": str(target), "addresses": []}
+        result = await self.node.manager.find(target)
+        found = result.found
         return {
             "nodeIdEncoded": str(target),
-            "addresses": [[a.host, a.port] for a in contact.addresses],
+            "addresses": [[a.host, a.port] for a in found.addresses] if found else [],
+            # How the lookup went: rounds (and the one that reached it),
+            # nodes asked, of those failed.
+            "rounds": result.rounds,
+            "foundRound": result.found_round,
+            "queries": result.queries,
+            "failures": result.failures,
         }
 
 
@@ -292,6 +307,25 @@ class NodesConnections(_Method):
         return {"connections": out}
 
 
+class LookupProgress(_Method):
+    """The lookups running now: for a CLI's progress line."""
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        return {
+            "lookups": [
+                {
+                    "targetNodeIdEncoded": str(m.target),
+                    "rounds": m.rounds,
+                    "contacted": m.contacted,
+                    "inFlight": m.in_flight,
+                    "responses": m.responses,
+                    "failures": m.failures,
+                }
+                for m in self.node.manager.running_lookups
+            ]
+        }
+
+
 def control_methods(node: PolykeyNode, control: ControlServer) -> dict[str, Any]:
     status = AgentStatus(node, control)
     return {
@@ -303,4 +337,5 @@ def control_methods(node: PolykeyNode, control: ControlServer) -> dict[str, Any]
         "nodesPingNode": NodesPingNode(node, control),
         "nodesGetAll": NodesGetAll(node, control),
         "nodesConnections": NodesConnections(node, control),
+        "lookupProgress": LookupProgress(node, control),
     }

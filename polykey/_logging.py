@@ -2,9 +2,10 @@
 object per line for log collectors (``--log-format json``).
 
 A JSON line carries ``time`` (ISO 8601, UTC), ``level``, ``logger`` and
-``message``, plus every field a log call passes in ``extra`` (``nodeId``,
-``peer``, ``address``, ``path``...), and ``error`` with the exception's type
-and message when there is one (no traceback: it would not be one line).
+``message``, plus ``nodeId`` (the node's own, once it is known), every
+field a log call passes in ``extra`` (a connection's ``peer``, ``address``,
+``path``, ``direction``; a seed's...), and ``error`` with the exception's
+type and message when there is one (no traceback: it would not be one line).
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import json
 import logging
 from typing import Final
 
-__all__ = ["JSONFormatter", "configure_logging"]
+__all__ = ["JSONFormatter", "configure_logging", "set_context"]
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Attributes every LogRecord has; anything else came in ``extra``.
 _STANDARD: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+#: Fields every JSON line carries (set_context: the node's own NodeId).
+_CONTEXT: dict[str, str] = {}
+
+
+def set_context(**fields: str) -> None:
+    """Fields for every JSON log line from now on (e.g. ``nodeId``)."""
+    _CONTEXT.update(fields)
 
 
 class JSONFormatter(logging.Formatter):
@@ -31,6 +41,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            **_CONTEXT,
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):

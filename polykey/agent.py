@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -55,7 +55,7 @@ from .nodes.relay import Circuit, RelayLimits, relay_handlers
 from .nodes.signalling import SignalRequest
 from .nodes.transport import QUICNodeTransport
 from .quic import QUICConfig, QUICSocket
-from .rpc import Handler, JSONObject, RPCServer
+from .rpc import ClientManifest, Handler, JSONObject, RPCClient, RPCServer
 
 __all__ = [
     "DEFAULT_PORT",
@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("polykey.node")
+
+M = TypeVar("M", bound=ClientManifest)
 
 #: The port a node listens on by default (Polykey's seed nodes use it too).
 DEFAULT_PORT = 1314
@@ -479,6 +481,12 @@ class PolykeyNode:
         self._connections = self._rpc = None
         log.info("node stopped")
         return bool(result)
+
+    async def client(self, node_id: NodeId, manifest: type[M]) -> RPCClient[M]:
+        """A typed RPC client to ``node_id``, by NodeId alone (see
+        :meth:`connect`), bounded by the caller's cancel scope."""
+        conn = await self.connect(node_id)
+        return conn.client(manifest)
 
     async def connect(
         self, node_id: NodeId, address: Address | None = None

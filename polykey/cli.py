@@ -47,6 +47,7 @@ from ._cli_control import (
 )
 from ._control import CONTROL_SOCKET
 from ._logging import configure_logging
+from ._logging import set_context as set_log_context
 from .agent import (
     DEFAULT_PORT,
     NodeSettings,
@@ -299,6 +300,7 @@ async def run_node(settings: NodeSettings, output: str = "human") -> None:
             nursery.start_soon(watch_signals)
             async with PolykeyNode(settings) as node:
                 running = True
+                set_log_context(nodeId=str(node.node_id))
                 _print_started(node, output)
                 async with trio.open_nursery() as waiting:
 

@@ -54,6 +54,10 @@ async def test_every_command_against_two_live_nodes(tmp_path: Path) -> None:
                         "nodesTotal", "reflexive", "behindNat", "relay", "served"):  # fmt: skip
                 assert key in status, key
             assert status["startTime"].endswith("Z")
+            snapshot = status["statistics"]
+            for part in ("socket", "server", "rpc", "manager", "finder", "graphWriter"):
+                assert part in snapshot, part
+            assert snapshot["socket"]["datagrams_received"] >= 0
 
             # nodes add (pings first), then getall shows it in its bucket.
             rc, added = await control_json(
@@ -76,6 +80,9 @@ async def test_every_command_against_two_live_nodes(tmp_path: Path) -> None:
             rc, found = await control_json(a_dir, "nodes", "find", str(b_id))
             assert rc == 0
             assert found["addresses"] == [[host, b_port]]
+            assert found["rounds"] >= 1
+            assert found["foundRound"] >= 1
+            assert found["queries"] >= 1
 
             rc, connections = await control_json(a_dir, "nodes", "connections")
             assert rc == 0
@@ -93,7 +100,7 @@ async def test_every_command_against_two_live_nodes(tmp_path: Path) -> None:
                 (("nodes", "getall"), str(b_id)),
                 (("nodes", "connections"), str(b_id)),
                 (("nodes", "ping", str(b_id)), f"Node is Active: {b_address}, direct"),
-                (("nodes", "find", str(b_id)), f"Found node at {b_address}"),
+                (("nodes", "find", str(b_id)), f"Found node at {b_address} (round "),
             ):
                 rc, out, err = await human(a_dir, *args)
                 assert rc == 0, (args, err)
@@ -184,6 +191,14 @@ async def test_node_json_start_line_and_json_logs(tmp_path: Path) -> None:
             started = await first_json_line(process)
         assert started["stateDir"] == str(tmp_path)
         assert started["controlSocket"] == str(tmp_path / "control.sock")
+        # A connection, for its log lines.
+        from polykey.keys import NodeId
+
+        from .helpers import dial
+
+        await dial(
+            NodeId.from_string(started["nodeIdEncoded"]), ("127.0.0.1", started["port"])
+        )
         assert (
             started["seed"] == f"{started['nodeIdEncoded']}@127.0.0.1:{started['port']}"
         )
@@ -198,6 +213,24 @@ async def test_node_json_start_line_and_json_logs(tmp_path: Path) -> None:
     for entry in entries:
         assert {"time", "level", "logger", "message"} <= set(entry)
     assert any("listening on" in e["message"] for e in entries)
+    # Once running, every line names the node; a connection's lines carry
+    # the peer, its address, the path and the direction as keys.
+    stopping = [e for e in entries if "SIGTERM" in e["message"]]
+    assert stopping
+    assert stopping[0]["nodeId"] == started["nodeIdEncoded"]
+    (incoming,) = [e for e in entries if "incoming direct connection" in e["message"]]
+    assert incoming["path"] == "direct"
+    assert incoming["direction"] == "incoming"
+    assert incoming["address"].startswith("127.0.0.1:")
+    assert incoming["peer"].startswith("v")
+    assert incoming["nodeId"] == started["nodeIdEncoded"]
+    ended = [
+        e
+        for e in entries
+        if e.get("peer") == incoming["peer"] and "ended" in e["message"]
+    ]
+    assert ended
+    assert ended[0]["reason"]
 
 
 async def test_options_from_the_environment(tmp_path: Path) -> None:
@@ -361,3 +394,57 @@ async def test_keys_show_and_renew(tmp_path: Path) -> None:
         for process in (a, other):
             if process.returncode is None:
                 await stop(process)
+
+
+async def test_progress_on_a_terminal_not_on_a_pipe(tmp_path: Path) -> None:
+    """A find that takes a while (three dead nodes in the graph) shows its
+    rounds on a terminal's stderr, and nothing when stderr is a pipe."""
+    import os
+    import pty
+
+    from polykey.keys import KeyPair
+
+    state = tmp_path / "a"
+    a, _, _ = await start_node(state)
+    try:
+        with trio.fail_after(60):
+            for port in (9, 10, 11):
+                dead = str(KeyPair.generate().node_id)
+                rc, _ = await control_json(
+                    state, "nodes", "add", dead, f"127.0.0.1:{port}", "--no-ping"
+                )
+                assert rc == 0
+            absent = str(KeyPair.generate().node_id)
+            argv = [sys.executable, "-m", "polykey", "nodes", "find", absent,
+                    "--state-dir", str(state)]  # fmt: skip
+            # On a terminal.
+            leader, follower = pty.openpty()
+            try:
+                process = await trio.lowlevel.open_process(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=follower,
+                )
+                os.close(follower)
+                assert await process.wait() == EX_UNAVAILABLE
+                seen = b""
+                while True:
+                    try:
+                        chunk = os.read(leader, 65536)
+                    except OSError:  # EIO: the terminal's other side is closed
+                        break
+                    if not chunk:
+                        break
+                    seen += chunk
+            finally:
+                os.close(leader)
+            assert b"round " in seen, seen
+            assert b"asked" in seen
+            # On a pipe: the error line only.
+            rc, _, err = await human(state, "nodes", "find", absent)
+            assert rc == EX_UNAVAILABLE
+            assert "round" not in err
+            assert err.strip() == f"polykey: {absent}: not found"
+    finally:
+        await stop(a)

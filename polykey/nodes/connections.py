@@ -135,6 +135,17 @@ def sticky_ttl(
     return minimum + (1 - bucket_index(own_id, node_id) / 255) * scale
 
 
+def _fields(node: NodeConnection) -> dict[str, object]:
+    """A connection's fields for structured logs (``--log-format json``)."""
+    host, port = node.address
+    return {
+        "peer": str(node.node_id),
+        "address": format_host_port(host, port),
+        "path": node.path.value,
+        "direction": "outgoing" if node.outgoing else "incoming",
+    }
+
+
 def _is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -291,6 +302,7 @@ class NodeConnectionManager:
             path.value,
             node_id,
             format_host_port(host, port),
+            extra=_fields(node),
         )
         # A relayed connection's address is a virtual path's, meaningful on
         # this socket only: the graph must not learn it, nor peers hear it.
@@ -330,7 +342,12 @@ class NodeConnectionManager:
             self._relaying.connection_gone(node)
             if not conn.closed:
                 await conn.aclose()
-            log.info("connection with %s ended: %s", node.node_id, conn.close_reason)
+            log.info(
+                "connection with %s ended: %s",
+                node.node_id,
+                conn.close_reason,
+                extra={**_fields(node), "reason": str(conn.close_reason)},
+            )
 
     async def _close_later(self, node: NodeConnection) -> None:
         await trio.sleep(_REPLACED_GRACE)

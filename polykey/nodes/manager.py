@@ -187,6 +187,8 @@ class NodeManager:
         self._pending: dict[int, dict[NodeId, tuple[NodeAddress, ...]]] = {}
         # Nodes in the graph only because they connected to us.
         self._unconfirmed: set[NodeId] = set()
+        #: The lookups running now (for progress reports; read only).
+        self.running_lookups: list[Lookup] = []
         self._pending_count = 0
         self._wake_evictor = trio.Event()
         self._stats = NodeManagerStatistics()
@@ -482,9 +484,13 @@ class NodeManager:
             max_contacted=cfg.max_contacted,
             find=find,
         )
-        with trio.move_on_after(cfg.lookup_timeout) as scope:
-            async with trio.open_nursery() as nursery:
-                self._pump(machine, nursery)
+        self.running_lookups.append(machine)
+        try:
+            with trio.move_on_after(cfg.lookup_timeout) as scope:
+                async with trio.open_nursery() as nursery:
+                    self._pump(machine, nursery)
+        finally:
+            self.running_lookups.remove(machine)
         self._stats.lookups += 1
         self._stats.lookup_rounds += machine.rounds
         self._stats.ignored_entries += machine.ignored
@@ -537,14 +543,21 @@ class NodeManager:
             self._seen(contact)
         self._pump(machine, nursery)
 
-    async def find_node(self, node_id: NodeId) -> NodeContact:
-        """Find ``node_id`` in the network; raises NodeNotFoundError."""
+    async def find(self, node_id: NodeId) -> LookupResult:
+        """Look for ``node_id`` (a find-mode lookup, counted as a find);
+        ``result.found`` is its contact, or None."""
         if node_id == self.own_id:
             raise OwnNodeIdError("a node does not look itself up by find_node")
         self._stats.finds += 1
         result = await self.lookup(node_id, find=True)
         if result.found is None:
             self._stats.finds_failed += 1
+        return result
+
+    async def find_node(self, node_id: NodeId) -> NodeContact:
+        """Find ``node_id`` in the network; raises NodeNotFoundError."""
+        result = await self.find(node_id)
+        if result.found is None:
             raise NodeNotFoundError(
                 node_id, f"{result.queries} nodes asked, {result.failures} failed"
             )
