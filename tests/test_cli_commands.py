@@ -349,6 +349,10 @@ async def test_keys_show_and_renew(tmp_path: Path) -> None:
             assert shown["nodeIdEncoded"] == str(old_id)
             assert shown["chainValid"] is True
             assert [c["nodeIdEncoded"] for c in shown["certificates"]] == [str(old_id)]
+            rc, out, _ = await human(state, "keys", "show")
+            assert rc == 0
+            assert f"nodeId   {old_id}" in out
+            assert "chain    valid" in out
             # The graph learns of another node, then renewal needs the node
             # stopped.
             rc, _ = await control_json(
