@@ -80,6 +80,7 @@ from .signalling import (
 )
 from .transport import (
     ConnectFunction,
+    ConnectionTransport,
     NodeTransport,
     QUICNodeTransport,
     RPCNodeTransport,
@@ -101,6 +102,7 @@ __all__ = [
     "AddResult",
     "ConnectFunction",
     "ConnectionPath",
+    "ConnectionTransport",
     "FinderStatistics",
     "GraphWriter",
     "InvalidAddressError",

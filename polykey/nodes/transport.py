@@ -25,11 +25,17 @@ from typing import Any, Protocol
 from ..keys import NodeId
 from ..rpc import RPCClient
 from ._address import NodeAddress, NodeContact
-from .connections import NodeConnection, NodeConnectionError, NodeConnectionManager
+from .connections import NodeConnectionError
 from .graph import DEFAULT_K
 from .handlers import request_closest_local_nodes, request_ping
 
-__all__ = ["ConnectFunction", "NodeTransport", "QUICNodeTransport", "RPCNodeTransport"]
+__all__ = [
+    "ConnectFunction",
+    "ConnectionTransport",
+    "NodeTransport",
+    "QUICNodeTransport",
+    "RPCNodeTransport",
+]
 
 
 class NodeTransport(Protocol):
@@ -70,24 +76,38 @@ class RPCNodeTransport:
         return await request_closest_local_nodes(client, target, limit=self.limit)
 
 
-class QUICNodeTransport:
-    """:class:`NodeTransport` over a node's QUIC connections: a pooled one,
-    or a new one dialled at the node's known addresses in turn."""
+class _Pool(Protocol):
+    """What :class:`ConnectionTransport` needs: the pool and a dial (the
+    connection manager, or a simulated network's connections)."""
 
-    def __init__(self, connections: NodeConnectionManager) -> None:
+    def get(self, node_id: NodeId) -> Any: ...
+
+    async def connect(self, node_id: NodeId, address: tuple[str, int]) -> Any: ...
+
+
+class ConnectionTransport:
+    """:class:`NodeTransport` over a node's connections: a pooled one, or a
+    new one dialled at the node's known addresses in turn (the last
+    failure is raised). One class for production (over the QUIC
+    :class:`~polykey.nodes.NodeConnectionManager`) and for
+    ``polykey.testing.NatNetwork`` (over its simulated links), so the
+    simulation runs the liveness and lookup code that a node runs."""
+
+    def __init__(self, connections: _Pool, *, limit: int = DEFAULT_K) -> None:
         self.connections = connections
+        self.limit = limit
 
     async def connection(
         self, node_id: NodeId, addresses: Sequence[NodeAddress]
-    ) -> NodeConnection:
+    ) -> Any:
         pooled = self.connections.get(node_id)
         if pooled is not None:
             return pooled
-        error: BaseException | None = None
+        error: Exception | None = None
         for address in addresses:
             try:
                 return await self.connections.connect(node_id, address.as_tuple())
-            except (NodeConnectionError, OSError) as exc:
+            except Exception as exc:
                 error = exc
         raise error or NodeConnectionError.unreachable(node_id)
 
@@ -100,4 +120,8 @@ class QUICNodeTransport:
         self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
     ) -> Sequence[NodeContact]:
         conn = await self.connection(node_id, addresses)
-        return await request_closest_local_nodes(conn.rpc, target)
+        return await request_closest_local_nodes(conn.rpc, target, limit=self.limit)
+
+
+#: The transport a node runs: :class:`ConnectionTransport` over QUIC.
+QUICNodeTransport = ConnectionTransport

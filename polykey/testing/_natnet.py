@@ -63,11 +63,12 @@ from ..nodes.finder import NodeFinder
 from ..nodes.graph import DEFAULT_K, NodeGraph
 from ..nodes.handlers import node_handlers
 from ..nodes.manager import JoinResult, NodeManager, NodeManagerConfig
+from ..nodes.transport import ConnectionTransport
 from ..quic import spray_delays
 from ..rpc import Handler, RPCClient, RPCServer, memory_stream_pair
 from ._nat import Endpoint, Nat, NatBehaviour, NatType
 from ._network import Unreachable
-from ._simconn import LinkTransport, SimConnections
+from ._simconn import SimConnections
 from ._simlink import (
     Attempt,
     Initial,
@@ -262,7 +263,7 @@ class NatNetwork:
         node.connections = SimConnections(self, node)
         node.manager = NodeManager(
             node.graph,
-            LinkTransport(node.connections, self.k),
+            ConnectionTransport(node.connections, limit=self.k),
             config=self.config,
             rng=random.Random(self.rng.getrandbits(64)),
             clock=trio.current_time,

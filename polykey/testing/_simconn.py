@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..keys import NodeId, NodeIdentity
-from ..nodes._address import NodeAddress, NodeContact, format_host_port
+from ..nodes._address import NodeAddress, format_host_port
 from ..nodes._attempts import AttemptTimer
 from ..nodes._messages import ActiveConnection
 from ..nodes.connections import PUNCH_DURATION, ConnectionPath
-from ..nodes.handlers import request_closest_local_nodes
 from ..nodes.signalling import SIGNAL_FINAL, SignalRequest, request_signal
 from ..quic import spray_delays
 from ..rpc import JSONObject
@@ -24,38 +22,7 @@ from ._simlink import Answer, Attempt, Initial, Noise, Packet, Refused, SimLink
 if TYPE_CHECKING:
     from ._natnet import NatNetwork, NatNode
 
-__all__ = ["LinkTransport", "SimConnections"]
-
-
-class LinkTransport:
-    """The manager's NodeTransport over the node's links (as the agent's
-    QUICNodeTransport is over its connections)."""
-
-    def __init__(self, connections: SimConnections, limit: int) -> None:
-        self._connections = connections
-        self._limit = limit
-
-    async def _link(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> SimLink:
-        pooled = self._connections.get(node_id)
-        if pooled is not None:
-            return pooled
-        error: Exception = Unreachable(f"{node_id}: no address")
-        for address in addresses:
-            try:
-                return await self._connections.connect(node_id, address.as_tuple())
-            except Unreachable as exc:
-                error = exc
-        raise error
-
-    async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
-        await self._link(node_id, addresses)
-        return True
-
-    async def closest_nodes(
-        self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
-    ) -> list[NodeContact]:
-        link = await self._link(node_id, addresses)
-        return await request_closest_local_nodes(link.rpc, target, limit=self._limit)
+__all__ = ["SimConnections"]
 
 
 class SimConnections:
