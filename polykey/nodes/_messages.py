@@ -9,7 +9,8 @@ Shapes follow Polykey's agent types (src/nodes/agent/types.ts):
   {"host", "hostName", "port", "timeout", "primary"}}}``
 * ``SuccessMessage`` (our ``nodesPing``): ``{"type": "success", "success": true}``
 
-Parsers never raise on a peer's nonsense: they return ``None`` (one bad
+The shapes are attrs classes converted by cattrs (``_wire``). Parsers
+never raise on a peer's nonsense: they return ``None`` (one bad
 entry) and the caller counts it. At most :data:`MAX_ADDRESS_KEYS` address
 entries of one contact are examined and :data:`MAX_ADDRESSES` kept.
 """
@@ -17,8 +18,8 @@ entries of one contact are examined and :data:`MAX_ADDRESSES` kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from collections.abc import Iterable
+from typing import Final
 
 import attrs
 
@@ -31,6 +32,18 @@ from ._address import (
     NodeContact,
     format_contact_address,
     parse_contact_address,
+)
+from ._wire import (
+    ActiveConnectionData,
+    ConnectionInfo,
+    ContactInfo,
+    JSONMapping,
+    NodeContactData,
+    NodeIdParams,
+    WireError,
+    address_of,
+    converter,
+    structure,
 )
 from .errors import InvalidAddressError
 
@@ -75,13 +88,14 @@ def parse_node_id(value: object) -> NodeId | None:
 
 
 def encode_node_id_message(node_id: NodeId) -> JSONObject:
-    return {"nodeIdEncoded": node_id.encode()}
+    return converter.unstructure(NodeIdParams(node_id))  # type: ignore[no-any-return]
 
 
 def parse_node_id_message(params: object) -> NodeId | None:
-    if not isinstance(params, Mapping):
+    try:
+        return structure(params, NodeIdParams).node_id
+    except WireError:
         return None
-    return parse_node_id(params.get("nodeIdEncoded"))
 
 
 def encode_node_contact(
@@ -92,87 +106,78 @@ def encode_node_contact(
         if connected_time and math.isfinite(connected_time)
         else 0
     )
-    data: dict[str, Any] = {
-        format_contact_address(address): {
-            "mode": "direct",
-            "connectedTime": max(ms, 0),
-            "scopes": ["global"],
-        }
-        for address in contact.addresses
-    }
-    return {"nodeIdEncoded": contact.node_id.encode(), "nodeContact": data}
+    info = converter.unstructure(ContactInfo(connected_time=max(ms, 0)))
+    entries = {format_contact_address(a): info for a in contact.addresses}
+    message = NodeContactData(contact.node_id, JSONMapping(entries))
+    return converter.unstructure(message)  # type: ignore[no-any-return]
 
 
-def _addresses(keys: Iterable[object]) -> list[NodeAddress]:
+def _direct(data: object) -> bool:
+    # Only direct addresses can be dialled (Polykey's findNodeByDirect).
+    try:
+        return structure(data, ContactInfo).mode == "direct"
+    except WireError:
+        return False
+
+
+def parse_node_contact_message(message: object) -> NodeContact | None:
+    """A contact from a ``NodeContactMessage``; None if unusable."""
+    try:
+        data = structure(message, NodeContactData)
+    except WireError:
+        return None
     out: list[NodeAddress] = []
-    for count, key in enumerate(keys):
+    for count, (key, info) in enumerate(data.node_contact.items()):
         if count >= MAX_ADDRESS_KEYS or len(out) >= MAX_ADDRESSES:
             break
+        if not _direct(info):
+            continue
         try:
             address = parse_contact_address(key)
         except InvalidAddressError:
             continue
         if address not in out:
             out.append(address)
-    return out
-
-
-def parse_node_contact_message(message: object) -> NodeContact | None:
-    """A contact from a ``NodeContactMessage``; None if unusable."""
-    if not isinstance(message, Mapping):
+    if not out:
         return None
-    node_id = parse_node_id(message.get("nodeIdEncoded"))
-    contact = message.get("nodeContact")
-    if node_id is None or not isinstance(contact, Mapping):
-        return None
-    keys = [
-        key
-        for key, data in list(contact.items())[:MAX_ADDRESS_KEYS]
-        # Only direct addresses can be dialled (Polykey's findNodeByDirect).
-        if isinstance(data, Mapping) and data.get("mode", "direct") == "direct"
-    ]
-    addresses = _addresses(keys)
-    if not addresses:
-        return None
-    return NodeContact(node_id, addresses)
+    return NodeContact(data.node_id, out)
 
 
 def encode_active_connections(
     node_id: NodeId, connections: Iterable[ActiveConnection]
 ) -> JSONObject:
-    data: dict[str, Any] = {}
-    for index, conn in enumerate(connections):
-        key = conn.connection_id or f"{index}"
-        data[key] = {
-            "host": conn.address.host,
-            "hostName": conn.hostname,
-            "port": conn.address.port,
-            "timeout": conn.timeout,
-            "primary": conn.primary,
-        }
-    return {"nodeId": node_id.encode(), "connections": data}
+    entries = {
+        conn.connection_id or f"{index}": converter.unstructure(
+            ConnectionInfo(
+                host=conn.address.host,
+                port=conn.address.port,
+                host_name=conn.hostname,
+                timeout=conn.timeout,
+                primary=conn.primary,
+            )
+        )
+        for index, conn in enumerate(connections)
+    }
+    message = ActiveConnectionData(node_id, JSONMapping(entries))
+    return converter.unstructure(message)  # type: ignore[no-any-return]
 
 
 def parse_active_connection_message(message: object) -> NodeContact | None:
     """A contact from an ``ActiveConnectionDataMessage``; None if unusable."""
-    if not isinstance(message, Mapping):
-        return None
-    node_id = parse_node_id(message.get("nodeId"))
-    connections = message.get("connections")
-    if node_id is None or not isinstance(connections, Mapping):
+    try:
+        data = structure(message, ActiveConnectionData)
+    except WireError:
         return None
     out: list[NodeAddress] = []
-    for count, data in enumerate(connections.values()):
+    for count, entry in enumerate(data.connections.values()):
         if count >= MAX_ADDRESS_KEYS or len(out) >= MAX_ADDRESSES:
             break
-        if not isinstance(data, Mapping):
-            continue
         try:
-            address = NodeAddress(data.get("host"), data.get("port"))
-        except (InvalidAddressError, TypeError):
+            address = address_of(structure(entry, ConnectionInfo))
+        except (WireError, InvalidAddressError):
             continue
         if address not in out:
             out.append(address)
     if not out:
         return None
-    return NodeContact(node_id, out)
+    return NodeContact(data.node_id, out)

@@ -42,17 +42,15 @@ for what needs the network.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol, TypeVar
 
 import attrs
 
-from ..keys import NodeId, NodeIdentity, NodeIdError
+from ..keys import NodeId, NodeIdentity
 from ..rpc import (
     CallContext,
     JSONObject,
@@ -62,6 +60,18 @@ from ..rpc import (
     UnaryHandler,
 )
 from ._address import NodeAddress
+from ._wire import (
+    JSONMapping,
+    NodeIdParams,
+    SignalFinalParams,
+    SignalInitialParams,
+    Signature,
+    WireError,
+    b64url_decode,
+    b64url_encode,
+    converter,
+    structure,
+)
 from .errors import InvalidAddressError, NodesError
 
 __all__ = [
@@ -92,10 +102,8 @@ __all__ = [
 SIGNAL_INITIAL: Final = "nodesConnectionSignalInitial"
 SIGNAL_FINAL: Final = "nodesConnectionSignalFinal"
 
-_SIGNATURE_LEN: Final = 64
-_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*={0,2}")
-# A signature is 86 characters; anything much longer is not one.
-_MAX_B64: Final = 128
+T = TypeVar("T")
+
 
 # -- errors on the wire -----------------------------------------------------------
 
@@ -161,33 +169,6 @@ class RequestRateExceededError(SignalError):
 # -- pure pieces ----------------------------------------------------------------------
 
 
-def b64url_encode(data: bytes) -> str:
-    """base64url without padding, as Polykey sends signatures."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: object) -> bytes:
-    """Strict inverse of :func:`b64url_encode` (padding tolerated); raises
-    ValueError on anything else."""
-    if not isinstance(text, str) or len(text) > _MAX_B64 or not _B64URL.fullmatch(text):
-        raise ValueError("not base64url")
-    body = text.rstrip("=")
-    try:
-        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    except ValueError:
-        raise ValueError("not base64url") from None
-
-
-def _signature(text: object, what: str) -> bytes:
-    try:
-        raw = b64url_decode(text)
-    except ValueError:
-        raise RPCInvalidParams(f"{what} must be a base64url signature") from None
-    if len(raw) != _SIGNATURE_LEN:
-        raise RPCInvalidParams(f"{what} must be a 64-byte signature")
-    return raw
-
-
 def address_json(address: Mapping[str, Any]) -> bytes:
     """The bytes the relay signature covers for ``address``: compact JSON in
     the mapping's own key order, as JavaScript's ``JSON.stringify`` writes
@@ -219,12 +200,17 @@ def _verify(signer: NodeId, signature: bytes, data: bytes) -> bool:
 
 def node_id_param(value: object, what: str) -> NodeId:
     """An encoded NodeId parameter; RPCInvalidParams naming ``what`` if not."""
-    if isinstance(value, str):
-        try:
-            return NodeId.from_string(value)
-        except NodeIdError:
-            pass
-    raise RPCInvalidParams(f"{what} must be an encoded NodeId")
+    try:
+        return structure({"nodeIdEncoded": value}, NodeIdParams).node_id
+    except WireError:
+        raise RPCInvalidParams(f"{what} must be an encoded NodeId") from None
+
+
+def _params(params: JSONValue, cls: type[T]) -> T:
+    try:
+        return structure(params, cls)
+    except WireError as exc:
+        raise RPCInvalidParams(str(exc)) from None
 
 
 @attrs.frozen
@@ -240,26 +226,20 @@ def verify_final(params: JSONValue, signaller: NodeId | None) -> SignalRequest:
     """Check a ``nodesConnectionSignalFinal`` request from ``signaller``
     (the caller's certificate NodeId) as Polykey's target does; raises
     :class:`SignalError` or RPCInvalidParams."""
-    if not isinstance(params, dict):
-        raise RPCInvalidParams("params must be an object")
-    source = node_id_param(params.get("sourceNodeIdEncoded"), "sourceNodeIdEncoded")
-    target = node_id_param(params.get("targetNodeIdEncoded"), "targetNodeIdEncoded")
+    p = _params(params, SignalFinalParams)
     if signaller is None:
         raise NodeIdMissingError()
-    address = params.get("address")
-    if not isinstance(address, dict):
-        raise RPCInvalidParams("address must be an object")
-    request_signature = _signature(params.get("requestSignature"), "requestSignature")
-    relay_signature = _signature(params.get("relaySignature"), "relaySignature")
-    if not _verify(source, request_signature, request_data(source, target)):
+    if not _verify(p.source, p.request_signature, request_data(p.source, p.target)):
         raise RequestVerificationError()
-    signed = relay_data(source, target, address_json(address), request_signature)
-    if not _verify(signaller, relay_signature, signed):
+    address = p.address  # as the signaller sent it: the signature covers its JSON
+    signed = relay_data(p.source, p.target, address_json(address), p.request_signature)
+    if not _verify(signaller, p.relay_signature, signed):
         raise RelayVerificationError()
     try:
         where = NodeAddress(address.get("host"), address.get("port"))
     except InvalidAddressError as exc:
         raise RPCInvalidParams(f"address: {exc}") from None
+    source, target = p.source, p.target
     return SignalRequest(source, target, where)
 
 
@@ -366,14 +346,11 @@ class NodesConnectionSignalInitial(UnaryHandler[JSONValue, JSONObject]):
         self.forwarded = 0
 
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
-        if not isinstance(params, dict):
-            raise RPCInvalidParams("params must be an object")
+        p = _params(params, SignalInitialParams)
         source = caller_node_id(ctx)
         if source is None:
             raise NodeIdMissingError()
-        target = node_id_param(params.get("targetNodeIdEncoded"), "targetNodeIdEncoded")
-        signature_text = params.get("signature")
-        signature = _signature(signature_text, "signature")
+        target, signature = p.target, p.signature
         if not _verify(source, signature, request_data(source, target)):
             raise RelayVerificationError()  # sic: Polykey's class for this
         connection = self.host.live_connection(target)
@@ -389,16 +366,14 @@ class NodesConnectionSignalInitial(UnaryHandler[JSONValue, JSONObject]):
         relay_signature = self.host.identity.key_pair.sign(
             relay_data(source, target, address_json(seen), signature)
         )
-        self.host.forward_signal(
-            target,
-            {
-                "sourceNodeIdEncoded": str(source),
-                "targetNodeIdEncoded": str(target),
-                "address": seen,
-                "requestSignature": b64url_encode(signature),
-                "relaySignature": b64url_encode(relay_signature),
-            },
+        final = SignalFinalParams(
+            source=source,
+            target=target,
+            address=JSONMapping(seen),
+            request_signature=signature,
+            relay_signature=Signature(relay_signature),
         )
+        self.host.forward_signal(target, converter.unstructure(final))
         self.forwarded += 1
         host, port = connection.address
         return {"host": host, "port": port}
@@ -428,10 +403,8 @@ async def request_signal(
     :class:`~polykey.rpc.RPCRemoteError` when it refuses and
     InvalidAddressError when its answer is not an address."""
     signature = identity.key_pair.sign(request_data(identity.node_id, target))
-    result = await client.unary(
-        SIGNAL_INITIAL,
-        {"targetNodeIdEncoded": str(target), "signature": b64url_encode(signature)},
-    )
+    request = SignalInitialParams(target=target, signature=Signature(signature))
+    result = await client.unary(SIGNAL_INITIAL, converter.unstructure(request))
     if not isinstance(result, dict):
         raise InvalidAddressError("the signaller's answer is not an address")
     return NodeAddress(result.get("host"), result.get("port"))

@@ -1,0 +1,143 @@
+"""The nodes layer's wire shapes (polykey/nodes/_wire.py): cattrs structures
+what peers send and unstructures what we send, with our own error words."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from polykey.keys import NodeId
+from polykey.nodes import NodeAddress, NodeContact
+from polykey.nodes._messages import (
+    ActiveConnection,
+    encode_active_connections,
+    encode_node_contact,
+    parse_active_connection_message,
+    parse_node_contact_message,
+)
+from polykey.nodes._wire import (
+    ConnectionInfo,
+    ContactInfo,
+    NodeIdParams,
+    SignalFinalParams,
+    SignalInitialParams,
+    Signature,
+    WireError,
+    b64url_encode,
+    converter,
+    structure,
+)
+
+A = NodeId.from_int(1 << 200)
+B = NodeId.from_int(7)
+SIG = b64url_encode(bytes(range(64)))
+
+node_ids = st.integers(min_value=0, max_value=(1 << 256) - 1).map(NodeId.from_int)
+addresses = st.builds(
+    NodeAddress,
+    st.tuples(st.integers(1, 223), st.integers(0, 255), st.integers(0, 255),
+              st.integers(1, 254)).map(lambda t: ".".join(map(str, t))),
+    st.integers(1, 65535),
+)  # fmt: skip
+
+
+@given(node_ids, st.lists(addresses, min_size=1, max_size=5, unique=True),
+       st.one_of(st.none(), st.floats(0, 2e9)))  # fmt: skip
+def test_node_contact_round_trips(
+    node_id: NodeId, addrs: list[NodeAddress], seen: float | None
+) -> None:
+    contact = NodeContact(node_id, addrs)
+    message = encode_node_contact(contact, seen)
+    assert set(message) == {"nodeIdEncoded", "nodeContact"}
+    for entry in message["nodeContact"].values():  # type: ignore[union-attr]
+        assert entry["mode"] == "direct"
+        assert entry["scopes"] == ["global"]
+        assert isinstance(entry["connectedTime"], int)
+    assert parse_node_contact_message(message) == contact
+
+
+@given(node_ids, st.lists(addresses, min_size=1, max_size=5, unique=True))
+def test_active_connections_round_trip(node_id: NodeId, addrs: list[NodeAddress]) -> None:
+    conns = [ActiveConnection(node_id, a, f"c{i}") for i, a in enumerate(addrs)]
+    message = encode_active_connections(node_id, conns)
+    assert parse_active_connection_message(message) == NodeContact(node_id, addrs)
+
+
+def test_python_names_become_polykey_keys() -> None:
+    assert converter.unstructure(NodeIdParams(A)) == {"nodeIdEncoded": str(A)}
+    assert converter.unstructure(ContactInfo(connected_time=5)) == {
+        "mode": "direct",
+        "connectedTime": 5,
+        "scopes": ["global"],
+    }
+    info = ConnectionInfo("10.0.0.1", 1, host_name="h", timeout=None)
+    assert converter.unstructure(info) == {
+        "host": "10.0.0.1",
+        "port": 1,
+        "hostName": "h",
+        "timeout": None,
+        "primary": True,
+    }
+    params = SignalInitialParams(B, Signature(bytes(range(64))))
+    assert converter.unstructure(params) == {"targetNodeIdEncoded": str(B), "signature": SIG}
+    assert structure(converter.unstructure(params), SignalInitialParams) == params
+
+
+@pytest.mark.parametrize(
+    ("value", "cls", "message"),
+    [
+        ([], NodeIdParams, "params must be an object"),
+        ({}, NodeIdParams, "nodeIdEncoded is missing"),
+        ({"nodeIdEncoded": 5}, NodeIdParams, "nodeIdEncoded must be an encoded NodeId"),
+        ({"host": "h", "port": True}, ConnectionInfo, "port must be an integer"),
+        ({"host": "h", "port": "1"}, ConnectionInfo, "port must be an integer"),
+        ({"host": "h", "port": 1, "primary": 1}, ConnectionInfo, "primary must be true or false"),
+        ({"host": "h", "port": 1, "hostName": 3}, ConnectionInfo, "hostName must be a string"),
+        ({"scopes": "global"}, ContactInfo, "scopes must be a list of strings"),
+        ({"targetNodeIdEncoded": str(B), "signature": "abc"}, SignalInitialParams,
+         "signature must be a 64-byte signature"),
+        ({"targetNodeIdEncoded": str(B), "signature": "!" * 86}, SignalInitialParams,
+         "signature must be a base64url signature"),
+        ({"targetNodeIdEncoded": str(B), "signature": "A" * 4000}, SignalInitialParams,
+         "signature must be a base64url signature"),
+        ({"sourceNodeIdEncoded": str(A), "targetNodeIdEncoded": str(B),
+          "address": "1.2.3.4:5", "requestSignature": SIG, "relaySignature": SIG},
+         SignalFinalParams, "address must be an object"),
+        # The first bad key in the shape's order is the one named.
+        ({"sourceNodeIdEncoded": "x", "targetNodeIdEncoded": 1}, SignalFinalParams,
+         "sourceNodeIdEncoded must be an encoded NodeId"),
+    ],
+)  # fmt: skip
+def test_errors_name_the_key_in_our_words(value: object, cls: type, message: str) -> None:
+    with pytest.raises(WireError) as info:
+        structure(value, cls)
+    assert str(info.value) == message
+
+
+def test_signal_address_keeps_the_senders_key_order() -> None:
+    # The relay signature covers the address's JSON as the signaller wrote it.
+    params = {
+        "sourceNodeIdEncoded": str(A),
+        "targetNodeIdEncoded": str(B),
+        "address": {"port": 1, "host": "10.0.0.1"},
+        "requestSignature": SIG,
+        "relaySignature": SIG,
+    }
+    final = structure(params, SignalFinalParams)
+    assert list(final.address) == ["port", "host"]
+    assert converter.unstructure(final) == params
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+))  # fmt: skip
+def test_any_json_is_a_contact_or_none_never_an_exception(value: object) -> None:
+    for candidate in (value, {"nodeIdEncoded": str(A), "nodeContact": value},
+                      {"nodeId": str(A), "connections": value}):  # fmt: skip
+        contact = parse_node_contact_message(candidate)
+        assert contact is None or isinstance(contact, NodeContact)
+        result = parse_active_connection_message(candidate)
+        assert result is None or isinstance(result, NodeContact)
