@@ -84,7 +84,14 @@ class SlowRaw(RawHandler):
 
 
 class Fail(UnaryHandler[JSON, JSON]):
+    """Raises ``error`` (by default one whose text must never reach the wire)."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
     async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        if self.error is not None:
+            raise self.error
         raise ValueError("boom in /home/someone/secret/project.py")
 
 

@@ -19,20 +19,14 @@ import pytest
 import trio
 
 from polykey.rpc import (
-    CallContext,
-    ClientHandler,
-    DuplexHandler,
-    RawCall,
-    RawHandler,
     RPCClient,
     RPCError,
     RPCRemoteError,
     RPCRemoteTimedOut,
     RPCServer,
     RPCTimedOut,
-    ServerHandler,
-    UnaryHandler,
 )
+from tests.rpc.helpers import Chat, Count, Echo, Fail, RawEcho, Sleep, Sum
 
 HERE = Path(__file__).parent
 PEER = HERE / "peer.js"
@@ -169,53 +163,7 @@ async def test_their_server_default_timeout() -> None:
             assert (await client.unary("sleep", {"ms": 10}))["slept"] == 10
 
 
-# ---- their client, our server ---------------------------------------------
-
-
-class Echo(UnaryHandler[JSON, JSON]):
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
-        return {"echo": params}
-
-
-class Count(ServerHandler[JSON, JSON]):
-    async def handle(self, params: JSON, ctx: CallContext) -> AsyncIterator[JSON]:
-        for i in range(params["n"]):
-            yield {"i": i}
-
-
-class Sum(ClientHandler[JSON, JSON]):
-    async def handle(self, input: AsyncIterator[JSON], ctx: CallContext) -> JSON:
-        return {"sum": sum([p["x"] async for p in input])}
-
-
-class Chat(DuplexHandler[JSON, JSON]):
-    async def handle(
-        self, input: AsyncIterator[JSON], ctx: CallContext
-    ) -> AsyncIterator[JSON]:
-        async for p in input:
-            yield {"re": p["x"]}
-
-
-class RawEcho(RawHandler):
-    async def handle(self, call: RawCall, ctx: CallContext) -> None:
-        stream = await call.accept({"hello": call.params})
-        while data := await stream.receive_some():
-            await stream.send_all(data.upper())
-        await stream.send_eof()
-
-
-class Fail(UnaryHandler[JSON, JSON]):
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
-        raise TypeError("py says no")
-
-
-class Sleep(UnaryHandler[JSON, JSON]):
-    def __init__(self, timeout: float | None = None) -> None:
-        self.timeout = timeout
-
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
-        await trio.sleep(params["s"])
-        return {"slept": params["s"]}
+# ---- their client, our server (the handlers of tests/rpc/helpers.py) ------
 
 
 async def run_js_client(port: int) -> dict[str, JSON]:
@@ -233,7 +181,7 @@ async def test_their_client_against_our_server() -> None:
         "sum": Sum(),
         "chat": Chat(),
         "rawEcho": RawEcho(),
-        "fail": Fail(),
+        "fail": Fail(TypeError("py says no")),
         "sleep": Sleep(),
         "slowDeclared": Sleep(timeout=0.3),
     }
@@ -262,11 +210,11 @@ async def test_their_client_against_our_server() -> None:
         assert not check["ok"], check
         return check["error"]  # type: ignore[no-any-return]
 
-    assert ok("unary") == {"echo": {"a": 1, "metadata": {"timeout": None}}}
-    assert ok("unaryTimer") == {"echo": {"a": 2, "metadata": {"timeout": 4000}}}
+    assert ok("unary") == {"echo": {"a": 1}, "meta": {"timeout": None}}
+    assert ok("unaryTimer") == {"echo": {"a": 2}, "meta": {"timeout": 4000}}
     assert ok("server") == [{"i": i} for i in range(4)]
     assert ok("client") == {"sum": 10}
-    assert ok("duplex") == [{"re": 1}, {"re": 2}, {"re": 3}, "done"]
+    assert ok("duplex") == [{"re": {"x": 1}}, {"re": {"x": 2}}, {"re": {"x": 3}}, "done"]
     assert ok("raw") == {"header": {"hello": {"x": 1}}, "body": "RAW BYTES"}
     # TypeError is a type js-rpc knows: rebuilt and wrapped, like its own
     error = err("error")
