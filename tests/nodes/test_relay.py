@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -123,13 +124,13 @@ async def nodes(
 
         async def run(
             name: str,
-            extra: dict[str, object],
+            extra: dict[str, Any],
             *,
             task_status: trio.TaskStatus[PolykeyNode] = trio.TASK_STATUS_IGNORED,
         ) -> None:
             settings = NodeSettings(
                 state_dir=tmp_path / name, host="127.0.0.1", port=0, **extra
-            )  # type: ignore[arg-type]
+            )
             async with PolykeyNode(settings) as node:
                 task_status.started(node)
                 await stop.wait()
@@ -269,9 +270,9 @@ async def test_a_circuit_past_its_budget_ends_cleanly(tmp_path: Path) -> None:
             assert table.statistics.circuits_over_budget == 1
             assert table.statistics.circuits == 0
             # The nodes keep running, and can open a new circuit.
-            again = await a.connections.connect_relayed(
-                b.node_id, a.connections.get(r.node_id)
-            )  # type: ignore[arg-type]
+            via = a.connections.get(r.node_id)
+            assert via is not None
+            again = await a.connections.connect_relayed(b.node_id, via)
             assert (await again.rpc.unary("nodesPing", {}))["success"]
 
 

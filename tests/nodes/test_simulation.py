@@ -37,7 +37,7 @@ async def find_all(
 def sample_pairs(
     rng: random.Random, nodes: list[SimNode], n: int
 ) -> list[tuple[SimNode, SimNode]]:
-    pairs = []
+    pairs: list[tuple[SimNode, SimNode]] = []
     while len(pairs) < n:
         a, b = rng.sample(nodes, 2)
         pairs.append((a, b))

@@ -50,7 +50,9 @@ def test_node_contact_round_trips(
     contact = NodeContact(node_id, addrs)
     message = encode_node_contact(contact, seen)
     assert set(message) == {"nodeIdEncoded", "nodeContact"}
-    for entry in message["nodeContact"].values():  # type: ignore[union-attr]
+    entries = message["nodeContact"]
+    assert isinstance(entries, dict)
+    for entry in entries.values():
         assert entry["mode"] == "direct"
         assert entry["scopes"] == ["global"]
         assert isinstance(entry["connectedTime"], int)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -222,7 +223,7 @@ def test_config_rejects_mismatched_key(
     ],
 )
 def test_config_rejects_bad_settings(
-    server_identity: tuple[bytes, bytes], kwargs: dict[str, object]
+    server_identity: tuple[bytes, bytes], kwargs: dict[str, Any]
 ) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the message varies by setting
         b.Config(

@@ -157,7 +157,7 @@ async def _through(
                 got += data
             finished = True
         nursery.cancel_scope.cancel()
-        return finished, body, bytes(got)
+    return finished, body, bytes(got)
 
 
 async def test_a_lossy_relay_costs_time_not_data() -> None:

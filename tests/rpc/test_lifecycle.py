@@ -211,10 +211,13 @@ class RecordingStream(MemoryStream):
 
 def recording_pair() -> tuple[RecordingStream, RecordingStream]:
     a, b = memory_stream_pair()
+    ends = []
     for end in (a, b):
         end.__class__ = RecordingStream
+        assert isinstance(end, RecordingStream)
         end.finals = []
-    return a, b  # type: ignore[return-value]
+        ends.append(end)
+    return ends[0], ends[1]
 
 
 async def test_last_message_goes_with_the_fin(

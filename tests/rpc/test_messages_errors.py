@@ -35,6 +35,7 @@ def test_request_validation_is_loose_like_js_rpc() -> None:
     assert parse_request({"method": "m"}) == Notification("m")
     assert parse_request({"method": "m", "params": 5, "id": None}) == Request("m", 5)
     assert parse_request({"jsonrpc": "1.0", "method": "m", "id": 3}).id == 3  # type: ignore[union-attr]
+    bad: object
     for bad in [[], "m", None, {}, {"method": 1}, {"method": "m", "id": {}}]:
         with pytest.raises(RPCInvalidRequest):
             parse_request(bad)
@@ -74,9 +75,11 @@ def test_to_wire_shapes() -> None:
 def test_hierarchy_and_codes() -> None:
     assert issubclass(RPCError, PolykeyError)
     assert RPCTimedOut.code == -32008
-    assert RPCRemoteError.code == ErrorCode.RPC_REMOTE == -32006
+    assert RPCRemoteError.code == ErrorCode.RPC_REMOTE
+    assert int(ErrorCode.RPC_REMOTE) == -32006
     assert issubclass(RPCRemoteTimedOut, RPCTimedOut)
-    assert code_for_exception(RPCTimedOut()) == StreamCode.TIMED_OUT == 7
+    assert code_for_exception(RPCTimedOut()) == StreamCode.TIMED_OUT
+    assert int(StreamCode.TIMED_OUT) == 7
     assert code_for_exception(ValueError()) == StreamCode.UNKNOWN
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from polykey.rpc import (
+    Handler,
     JSONStreamDecoder,
     RPCRemoteError,
     RPCRemoteTimedOut,
@@ -21,7 +23,7 @@ from polykey.rpc._middleware import metadata_timeout_ms
 from .helpers import Sleep, SlowRaw, default_manifest, harness
 
 
-def manifest_with(sleep: Sleep) -> dict[str, object]:
+def manifest_with(sleep: Sleep) -> dict[str, Handler[Any, Any]]:
     m = default_manifest()
     m["sleep"] = sleep
     return m
@@ -32,7 +34,7 @@ async def test_client_shorter_than_server(
 ) -> None:
     sleep = Sleep()
     with trio.fail_after(60):
-        async with harness(manifest_with(sleep), timeout=10) as h:  # type: ignore[arg-type]
+        async with harness(manifest_with(sleep), timeout=10) as h:
             start = trio.current_time()
             with pytest.raises(RPCTimedOut):
                 await h.client.methods.sleep({"s": 5}, rpc_timeout=2)
@@ -49,7 +51,7 @@ async def test_server_shorter_than_client(
 ) -> None:
     sleep = Sleep()
     with trio.fail_after(60):
-        async with harness(manifest_with(sleep), timeout=1) as h:  # type: ignore[arg-type]
+        async with harness(manifest_with(sleep), timeout=1) as h:
             start = trio.current_time()
             with pytest.raises(RPCRemoteTimedOut) as info:
                 await h.client.methods.sleep({"s": 5}, rpc_timeout=10)
@@ -69,11 +71,11 @@ async def test_handler_timeout_overrides_server_default(
 ) -> None:
     longer = Sleep(timeout=3)
     with trio.fail_after(60):
-        async with harness(manifest_with(longer), timeout=1) as h:  # type: ignore[arg-type]
+        async with harness(manifest_with(longer), timeout=1) as h:
             assert await h.client.methods.sleep({"s": 2}) == {"slept": 2}
     shorter = Sleep(timeout=0.5)
     with trio.fail_after(60):
-        async with harness(manifest_with(shorter), timeout=10) as h:  # type: ignore[arg-type]
+        async with harness(manifest_with(shorter), timeout=10) as h:
             start = trio.current_time()
             with pytest.raises(RPCTimedOut):
                 await h.client.methods.sleep({"s": 2})
@@ -85,7 +87,7 @@ async def test_client_shorter_than_handler_override(
 ) -> None:
     sleep = Sleep(timeout=30)
     with trio.fail_after(60):
-        async with harness(manifest_with(sleep)) as h:  # type: ignore[arg-type]
+        async with harness(manifest_with(sleep)) as h:
             start = trio.current_time()
             with pytest.raises(RPCTimedOut):
                 await h.client.methods.sleep({"s": 20}, rpc_timeout=4)
@@ -95,7 +97,7 @@ async def test_client_shorter_than_handler_override(
 async def test_no_timeout_anywhere(autojump_clock: trio.testing.MockClock) -> None:
     sleep = Sleep()
     with trio.fail_after(10_000):
-        async with harness(manifest_with(sleep)) as h:  # type: ignore[arg-type]
+        async with harness(manifest_with(sleep)) as h:
             # Shielded from fail_after, the call is under no deadline at all.
             with trio.CancelScope(shield=True):
                 assert await h.client.methods.sleep({"s": 5000}) == {"slept": 5000}
@@ -191,7 +193,7 @@ async def test_caller_deadline_expiring_cancels_the_handler(
 ) -> None:
     sleep = Sleep()
     with trio.fail_after(60):
-        async with harness(manifest_with(sleep)) as h:  # type: ignore[arg-type]
+        async with harness(manifest_with(sleep)) as h:
             with trio.move_on_after(2) as scope:
                 await h.client.methods.sleep({"s": 10})
             assert scope.cancelled_caught
@@ -272,7 +274,7 @@ async def test_huge_metadata_timeout_is_infinite(
     )
     for server_timeout in (None, 10):
         with trio.fail_after(60):
-            async with harness(manifest_with(sleep), timeout=server_timeout) as h:  # type: ignore[arg-type]
+            async with harness(manifest_with(sleep), timeout=server_timeout) as h:
                 peer, server_end = memory_stream_pair()
                 await h.server.handle_stream(server_end)
                 await peer.send_all(header)

@@ -1,6 +1,6 @@
 """Our node against Polykey's own agent, both in one private network namespace.
 
-Run by test_agent.py as ``unshare -n python agent_interop.py STATE_DIR``:
+Run by test_agent.py as ``unshare -n python -m tests.interop.polykey.agent_interop STATE_DIR``:
 brings up the namespace's loopback, starts a Polykey 1.15 agent with our node
 as its seed (so the agent dials us), dials the agent ourselves with its
 NodeId pinned, calls its nodesClosestLocalNodesGet, and prints one JSON line
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from agents import running_agent
 
 from polykey.agent import NodeSettings, PolykeyNode
+from tests.interop.polykey.agents import running_agent
 
 
 async def main(state_dir: Path) -> dict[str, Any]:

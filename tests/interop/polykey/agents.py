@@ -82,6 +82,7 @@ class Agent:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+        assert process.returncode is not None
         return process.returncode
 
 

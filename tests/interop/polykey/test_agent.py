@@ -35,10 +35,12 @@ pytestmark = [
 
 
 def run_in_namespace(script: str, state_dir: Path, *, timeout: float) -> Any:
-    """Run ``script`` (beside this file) in a private network namespace; its
-    last stdout line is a JSON report."""
+    """Run ``script`` (a module beside this file) in a private network
+    namespace; its last stdout line is a JSON report."""
+    module = f"tests.interop.polykey.{script.removesuffix('.py')}"
     result = subprocess.run(
-        ["unshare", "-n", sys.executable, str(HERE / script), str(state_dir)],
+        ["unshare", "-n", sys.executable, "-m", module, str(state_dir)],
+        cwd=HERE.parents[2],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -85,7 +85,7 @@ SOURCE, SIGNALLER, TARGET, MALLORY = (
 MAPPED = {"host": "::ffff:127.0.0.1", "port": 40000}
 PLAIN = {"host": "127.0.0.1", "port": 40000}
 # The signaller's connection to the target (the script's default).
-TARGET_ADDRESS = {"host": "127.0.0.1", "port": 55555}
+TARGET_ADDRESS: dict[str, Any] = {"host": "127.0.0.1", "port": 55555}
 # Polykey's caller timeout (15 s) and ours, as both put it in params.metadata.
 RPC_TIMEOUT = 15.0
 # Every trio part of the fixture or a test is bounded by this.

@@ -5,7 +5,7 @@ through S.
 P's join makes S forward P's signal to the nodes connected to it, ours
 included, with ``nodesConnectionSignalFinal`` (fire-and-forget: S swallows
 connection errors and ErrorRPCHandlerFailed, and crashes on anything else).
-Run by test_agent.py as ``unshare -n python three_peers.py STATE_DIR``; prints
+Run by test_agent.py as ``unshare -n python -m tests.interop.polykey.three_peers STATE_DIR``; prints
 one JSON line with what happened: whether S survived, and who found whom.
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from agents import running_agent
 
 from polykey.agent import NodeSettings, PolykeyNode, SeedNode
 from polykey.nodes import NodeNotFoundError
+from tests.interop.polykey.agents import running_agent
 
 
 async def main(state_dir: Path) -> dict[str, Any]:
