@@ -163,9 +163,10 @@ class QUICConnectionError(QUICError, trio.BrokenResourceError):
 
 
 class QUICStreamError(QUICError, trio.BrokenResourceError):
-    """The peer reset the stream (RESET_STREAM) or asked us to stop sending
-    (STOP_SENDING); ``code`` is the peer's application error code (the
-    attribute the RPC layer reads)."""
+    """The peer reset the stream (RESET_STREAM, ``reset`` true) or asked us to
+    stop sending (STOP_SENDING); ``code`` is the peer's application error code.
+    ``reset_code`` and ``reset`` are what the RPC layer reads (its
+    ``StreamAbort`` protocol)."""
 
     def __init__(self, stream_id: int, code: int, *, reset: bool) -> None:
         self.stream_id = stream_id
@@ -173,3 +174,7 @@ class QUICStreamError(QUICError, trio.BrokenResourceError):
         self.reset = reset
         what = "reset" if reset else "stopped"
         super().__init__(f"stream {stream_id} {what} by peer with code {code}")
+
+    @property
+    def reset_code(self) -> int:
+        return self.code

@@ -90,7 +90,7 @@ from ._middleware import (
 )
 from ._raw import RawStream
 from ._server import RPCServer, ServerStatistics
-from ._stream import ResettableStream, RPCStream, StreamResetError
+from ._stream import ResettableStream, RPCStream, StreamAbort
 
 __all__ = [
     "DEFAULT_ERROR_REGISTRY",
@@ -155,9 +155,9 @@ __all__ = [
     "ServerStatistics",
     "ServerStreamCall",
     "ServerTimeoutMiddleware",
+    "StreamAbort",
     "StreamCode",
     "StreamFactory",
-    "StreamResetError",
     "UnaryCaller",
     "UnaryHandler",
     "WireShapedError",

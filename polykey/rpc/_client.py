@@ -55,7 +55,7 @@ from ._middleware import (
     reverse_hooks,
 )
 from ._raw import RawStream
-from ._stream import reset_code_of, reset_stream
+from ._stream import abort_of, reset_stream
 
 __all__ = [
     "ClientStreamCall",
@@ -79,12 +79,13 @@ _ID_TYPES: Final = frozenset({type(None), str, int, float})
 
 def transport_error(exc: BaseException) -> RPCError:
     """The RPC error for a transport failure seen by a caller."""
-    code = reset_code_of(exc)
-    if code == StreamCode.TIMED_OUT:
-        return RPCTimedOut("stream reset by peer: timed out")
-    if code is not None:
-        return RPCStreamReset(code)
-    return RPCStreamEnded(f"stream broken: {exc}")
+    abort = abort_of(exc)
+    if abort is None:
+        return RPCStreamEnded(f"stream broken: {exc}")
+    if abort.reset_code == StreamCode.TIMED_OUT:
+        what = "reset" if abort.reset else "stopped"
+        return RPCTimedOut(f"stream {what} by peer: timed out")
+    return RPCStreamReset(abort.reset_code, reset=abort.reset)
 
 
 class _Call:

@@ -280,22 +280,28 @@ class RPCRemoteTimedOut(RPCRemoteError, RPCTimedOut):
 
 
 class RPCStreamReset(RPCError, trio.BrokenResourceError):
-    """The peer cancelled the call's stream with an application ``stream_code``.
+    """The peer cancelled the call's stream with an application ``reset_code``:
+    by RESET_STREAM (``reset`` true) or STOP_SENDING (``reset`` false).
 
-    Also a :class:`trio.BrokenResourceError`, which is what a transport raises
-    for a reset stream.
+    Also a :class:`trio.BrokenResourceError` and a
+    :class:`~polykey.rpc.StreamAbort`: what our memory streams raise for an
+    aborted stream, as QUIC streams raise ``QUICStreamError``.
     """
 
     code = ErrorCode.RPC_STREAM_ENDED
     wire_type = "ErrorRPCStreamEnded"
 
-    def __init__(self, code: int, message: str | None = None) -> None:
+    def __init__(
+        self, code: int, message: str | None = None, *, reset: bool = True
+    ) -> None:
         self.reset_code = code
+        self.reset = reset
         try:
             name = StreamCode(code).name.lower().replace("_", " ")
         except ValueError:
             name = "unknown"
-        super().__init__(message or f"stream reset by peer with code {code} ({name})")
+        what = "reset" if reset else "stopped"
+        super().__init__(message or f"stream {what} by peer with code {code} ({name})")
 
 
 def code_for_exception(exc: BaseException | None) -> StreamCode:

@@ -5,7 +5,7 @@ bounded byte buffer (``send_all`` waits while it is full, so flow control is
 real), :meth:`MemoryStream.send_eof` is a FIN, and
 :meth:`MemoryStream.reset` aborts both directions with an application code
 the way RESET_STREAM + STOP_SENDING do: buffered data is discarded and the
-peer's reads and writes raise :class:`~polykey.rpc.StreamResetError`.
+peer's reads and writes raise :class:`~polykey.rpc.RPCStreamReset`.
 ``aclose`` is graceful for what was already sent (the peer reads it, then
 EOF) and stops the receiving direction (the peer's writes then fail).
 
@@ -18,7 +18,7 @@ import operator
 
 import trio
 
-from ._stream import StreamResetError
+from ._errors import RPCStreamReset
 
 __all__ = ["DEFAULT_MEMORY_BUFFER", "MemoryStream", "memory_stream_pair"]
 
@@ -34,7 +34,7 @@ class _Pipe:
         self.buf = bytearray()
         self.limit = limit
         self.eof = False
-        # Set by the writer's reset: the reader sees StreamResetError.
+        # Set by the writer's reset: the reader sees RPCStreamReset.
         self.reset_code: int | None = None
         # Set when the reader stops (reset or close): the writer's sends fail.
         self.stopped_code: int | None = None
@@ -80,7 +80,7 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         if self._out.stopped_code is not None:
             code = self._out.stopped_code
             if code:
-                raise StreamResetError(code)
+                raise RPCStreamReset(code, reset=False)
             raise trio.BrokenResourceError("peer closed the stream")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -151,7 +151,7 @@ class MemoryStream(trio.abc.HalfCloseableStream):
                 if self._closed:
                     raise trio.ClosedResourceError("stream is closed")
                 if inc.reset_code is not None:
-                    raise StreamResetError(inc.reset_code)
+                    raise RPCStreamReset(inc.reset_code)
                 if inc.buf:
                     n = len(inc.buf) if max_bytes is None else max_bytes
                     data = bytes(inc.buf[:n])

@@ -8,10 +8,13 @@ the optional :meth:`ResettableStream.reset`; streams without it (TCP, trio's
 memory streams) are closed with :func:`trio.aclose_forcefully` instead and
 the code is lost.
 
-A transport reports a reset by the peer by raising
-:class:`StreamResetError` (a :class:`trio.BrokenResourceError`) carrying the
-code from ``receive_some`` or ``send_all``; any ``BrokenResourceError`` with
-an integer ``code`` attribute is understood the same way.
+A transport reports that the peer aborted the stream by raising a
+:class:`trio.BrokenResourceError` that is also a :class:`StreamAbort`: it
+carries the peer's application ``reset_code`` and whether the peer reset its
+sending side (RESET_STREAM, seen by ``receive_some``) or asked us to stop
+sending (STOP_SENDING, seen by ``send_all``). QUIC's ``QUICStreamError``
+and our memory streams' :class:`~polykey.rpc.RPCStreamReset` are both; any
+other ``BrokenResourceError`` is a stream that broke without a code.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import trio
 __all__ = [
     "RPCStream",
     "ResettableStream",
-    "StreamResetError",
-    "reset_code_of",
+    "StreamAbort",
+    "abort_of",
     "reset_stream",
 ]
 
@@ -38,25 +41,33 @@ class ResettableStream(Protocol):
         """Abort both directions at once with an application ``code``.
 
         Unread and unsent data is discarded; the peer's pending and later
-        ``receive_some``/``send_all`` raise :class:`StreamResetError`; ours
-        raise :class:`trio.ClosedResourceError`.  Never blocks; idempotent.
+        ``receive_some``/``send_all`` raise an error that is a
+        :class:`StreamAbort`; ours raise :class:`trio.ClosedResourceError`.
+        Never blocks; idempotent.
         """
         ...
 
 
-class StreamResetError(trio.BrokenResourceError):
-    """The peer reset the stream with an application error ``code``."""
+@runtime_checkable
+class StreamAbort(Protocol):
+    """What a transport's error says when the peer aborted the stream."""
 
-    def __init__(self, code: int) -> None:
-        self.code = code
-        super().__init__(f"stream reset by peer with code {code}")
+    @property
+    def reset_code(self) -> int:
+        """The peer's application error code."""
+        ...
+
+    @property
+    def reset(self) -> bool:
+        """True: the peer reset its side (RESET_STREAM); False: it asked us
+        to stop sending (STOP_SENDING)."""
+        ...
 
 
-def reset_code_of(exc: BaseException) -> int | None:
-    """The peer's reset code carried by a transport error, if any."""
-    code = getattr(exc, "code", None)
-    if isinstance(exc, trio.BrokenResourceError) and isinstance(code, int):
-        return code
+def abort_of(exc: BaseException) -> StreamAbort | None:
+    """The peer's abort carried by a transport error, if it is one."""
+    if isinstance(exc, trio.BrokenResourceError) and isinstance(exc, StreamAbort):
+        return exc
     return None
 
 

@@ -17,7 +17,6 @@ from polykey.rpc import (
     RPCServer,
     RPCStreamReset,
     StreamCode,
-    StreamResetError,
     UnaryHandler,
     encode_json,
     memory_stream_pair,
@@ -33,8 +32,8 @@ async def read_all(peer: MemoryStream) -> tuple[list[Any], int | None]:
     try:
         while data := await peer.receive_some():
             values.extend(decoder.feed(data))
-    except StreamResetError as exc:
-        return values, exc.code
+    except RPCStreamReset as exc:
+        return values, exc.reset_code
     values.extend(decoder.feed_eof())
     return values, None
 

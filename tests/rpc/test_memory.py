@@ -9,7 +9,7 @@ import trio.testing
 from polykey.rpc import (
     MemoryStream,
     ResettableStream,
-    StreamResetError,
+    RPCStreamReset,
     memory_stream_pair,
 )
 
@@ -31,11 +31,14 @@ async def test_reset_reaches_both_directions_of_the_peer() -> None:
         assert isinstance(a, ResettableStream)
         await a.send_all(b"unread data is discarded")
         a.reset(7)
-        with pytest.raises(StreamResetError) as info:
+        with pytest.raises(RPCStreamReset) as info:
             await b.receive_some()
-        assert info.value.code == 7
-        with pytest.raises(StreamResetError):
+        assert info.value.reset_code == 7
+        assert info.value.reset  # RESET_STREAM, seen by the reader
+        with pytest.raises(RPCStreamReset) as info:
             await b.send_all(b"x")
+        assert info.value.reset_code == 7
+        assert not info.value.reset  # STOP_SENDING, seen by the writer
         assert b.reset_received == 7
         assert b.stop_received == 7
         with pytest.raises(trio.ClosedResourceError):
@@ -50,11 +53,11 @@ async def test_reset_wakes_a_blocked_peer() -> None:
         async with trio.open_nursery() as nursery:
 
             async def blocked_send() -> None:
-                with pytest.raises(StreamResetError):
+                with pytest.raises(RPCStreamReset):
                     await a.send_all(b"more than four bytes")
 
             async def blocked_receive() -> None:
-                with pytest.raises(StreamResetError):
+                with pytest.raises(RPCStreamReset):
                     await a.receive_some()
 
             nursery.start_soon(blocked_send)

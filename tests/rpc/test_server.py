@@ -15,7 +15,7 @@ from polykey.rpc import (
     RPCRemoteError,
     RPCServer,
     RPCStreamReset,
-    StreamResetError,
+    StreamAbort,
     memory_stream_pair,
 )
 
@@ -230,6 +230,27 @@ async def test_breaking_out_of_a_server_stream_early(
 
 
 async def test_stream_reset_error_carries_code() -> None:
-    exc = StreamResetError(4)
+    exc = RPCStreamReset(4)
     assert isinstance(exc, trio.BrokenResourceError)
-    assert exc.code == 4
+    assert isinstance(exc, StreamAbort)
+    assert exc.reset_code == 4
+    assert exc.reset
+    assert "reset by peer" in str(exc)
+    stopped = RPCStreamReset(4, reset=False)
+    assert not stopped.reset
+    assert "stopped by peer" in str(stopped)
+
+
+def test_a_quic_stop_sending_reaches_the_caller_as_stopped_not_reset() -> None:
+    from polykey.quic import QUICStreamError
+    from polykey.rpc._client import transport_error
+
+    stopped = transport_error(QUICStreamError(0, 3, reset=False))
+    assert isinstance(stopped, RPCStreamReset)
+    assert (stopped.reset_code, stopped.reset) == (3, False)
+    assert "stopped by peer" in str(stopped)
+    reset = transport_error(QUICStreamError(0, 3, reset=True))
+    assert isinstance(reset, RPCStreamReset)
+    assert reset.reset
+    # A stream broken without a code is not an abort.
+    assert not isinstance(transport_error(trio.BrokenResourceError()), RPCStreamReset)

@@ -14,8 +14,8 @@ from polykey.rpc import (
     JSONStreamDecoder,
     RPCRemoteError,
     RPCRemoteTimedOut,
+    RPCStreamReset,
     RPCTimedOut,
-    StreamResetError,
     memory_stream_pair,
 )
 from polykey.rpc._middleware import metadata_timeout_ms
@@ -114,9 +114,9 @@ async def test_timeout_before_header_resets_with_code_7(
             peer, server_end = memory_stream_pair()
             await h.server.handle_stream(server_end)
             start = trio.current_time()
-            with pytest.raises(StreamResetError) as info:
+            with pytest.raises(RPCStreamReset) as info:
                 await peer.receive_some()
-            assert info.value.code == 7
+            assert info.value.reset_code == 7
             assert trio.current_time() - start == pytest.approx(1.5)
             await peer.aclose()
             await h.settle()
