@@ -29,7 +29,13 @@ from typing import Any, Final, TypeAlias
 import attrs
 
 from ._quiche import ffi, lib
-from .errors import QuicheError, StreamReset, StreamStopped, TLSConfigError
+from .errors import (
+    QuicheError,
+    QuicheErrorCode,
+    StreamReset,
+    StreamStopped,
+    TLSConfigError,
+)
 
 __all__ = [
     "MAX_CONN_ID_LEN",
@@ -56,9 +62,10 @@ PROTOCOL_VERSION: Final[int] = lib.QUICHE_PROTOCOL_VERSION
 MAX_CONN_ID_LEN: Final[int] = lib.QUICHE_MAX_CONN_ID_LEN
 MIN_CLIENT_INITIAL_LEN: Final[int] = lib.QUICHE_MIN_CLIENT_INITIAL_LEN
 
-_DONE: Final = -1
-_STREAM_STOPPED: Final = -15
-_STREAM_RESET: Final = -16
+# Plain ints for the hot paths' comparisons.
+_DONE: Final = int(QuicheErrorCode.DONE)
+_STREAM_STOPPED: Final = int(QuicheErrorCode.STREAM_STOPPED)
+_STREAM_RESET: Final = int(QuicheErrorCode.STREAM_RESET)
 _UINT62_MAX: Final = (1 << 62) - 1
 
 #: ``(host, port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6:
@@ -319,9 +326,6 @@ class Config:
         disable_active_migration: bool = True,
         cc_algorithm: str = "cubic",
         grease: bool = True,
-        early_data: bool = False,
-        hystart: bool = True,
-        pacing: bool = True,
         dgram_queue_len: int | None = None,
         active_connection_id_limit: int = 2,
     ) -> None:
@@ -394,10 +398,8 @@ class Config:
             "cc_algorithm",
         )
         lib.quiche_config_grease(c, grease)
-        if early_data:
-            lib.quiche_config_enable_early_data(c)
-        lib.quiche_config_enable_hystart(c, hystart)
-        lib.quiche_config_enable_pacing(c, pacing)
+        # Pacing only sets send_info.at, which the socket does not honour.
+        lib.quiche_config_enable_pacing(c, False)
         if dgram_queue_len is not None:
             if not 0 < dgram_queue_len <= 65536:
                 raise ValueError("dgram_queue_len must be in 1..65536")
@@ -643,12 +645,6 @@ class Connection:
         self._to_cache = (raw, address)
         return address
 
-    def send_quantum(self) -> int:
-        return lib.quiche_conn_send_quantum(self._ptr)  # type: ignore[no-any-return]
-
-    def max_send_udp_payload_size(self) -> int:
-        return lib.quiche_conn_max_send_udp_payload_size(self._ptr)  # type: ignore[no-any-return]
-
     # -- timers -------------------------------------------------------------
 
     def timeout(self) -> float | None:
@@ -729,18 +725,6 @@ class Connection:
             raise QuicheError(n, f"stream_capacity({stream_id})")
         return n  # type: ignore[no-any-return]
 
-    def stream_writable(self, stream_id: int, length: int) -> bool:
-        """Whether ``length`` bytes fit now; if not, quiche reports the
-        stream in :meth:`writable` once they do."""
-        rc = lib.quiche_conn_stream_writable(self._ptr, stream_id, length)
-        if rc < 0:
-            if rc == _DONE:
-                return False
-            if rc == _STREAM_STOPPED:
-                raise StreamStopped(stream_id, 0)
-            raise QuicheError(rc, f"stream_writable({stream_id})")
-        return bool(rc)
-
     def stream_readable(self, stream_id: int) -> bool:
         return bool(lib.quiche_conn_stream_readable(self._ptr, stream_id))
 
@@ -753,16 +737,8 @@ class Connection:
         sid = lib.quiche_conn_stream_readable_next(self._ptr)
         return None if sid < 0 else sid
 
-    def writable_next(self) -> int | None:
-        """Pop the next stream that became writable."""
-        sid = lib.quiche_conn_stream_writable_next(self._ptr)
-        return None if sid < 0 else sid
-
     def readable(self) -> list[int]:
         return self._collect(lib.quiche_conn_readable(self._ptr))
-
-    def writable(self) -> list[int]:
-        return self._collect(lib.quiche_conn_writable(self._ptr))
 
     def _collect(self, it: Any) -> list[int]:
         if it == ffi.NULL:
@@ -820,12 +796,6 @@ class Connection:
     def is_established(self) -> bool:
         return bool(lib.quiche_conn_is_established(self._ptr))
 
-    def is_in_early_data(self) -> bool:
-        return bool(lib.quiche_conn_is_in_early_data(self._ptr))
-
-    def is_readable(self) -> bool:
-        return bool(lib.quiche_conn_is_readable(self._ptr))
-
     def is_draining(self) -> bool:
         return bool(lib.quiche_conn_is_draining(self._ptr))
 
@@ -870,18 +840,11 @@ class Connection:
     def source_id(self) -> bytes:
         return self._bytes_of(lib.quiche_conn_source_id)
 
-    def destination_id(self) -> bytes:
-        return self._bytes_of(lib.quiche_conn_destination_id)
-
     def trace_id(self) -> str:
         return self._bytes_of(lib.quiche_conn_trace_id).decode(errors="replace")
 
     def application_protocol(self) -> bytes:
         return self._bytes_of(lib.quiche_conn_application_proto)
-
-    def server_name(self) -> str | None:
-        name = self._bytes_of(lib.quiche_conn_server_name)
-        return name.decode(errors="replace") if name else None
 
     def peer_cert_chain(self) -> list[bytes]:
         """The peer's certificates as DER, leaf first (empty before the

@@ -106,8 +106,6 @@ class QUICConfig:
             max_stream_window=self.max_stream_window,
             cc_algorithm=self.cc_algorithm,
             grease=self.grease,
-            # quiche's pacing only sets send_info.at, which we do not honour.
-            pacing=False,
             disable_active_migration=True,
             dgram_queue_len=self.datagram_queue,
         )

@@ -23,38 +23,39 @@ __all__ = [
     "QUICError",
     "QUICStreamError",
     "QuicheError",
+    "QuicheErrorCode",
     "StreamReset",
     "StreamStopped",
     "TLSAlert",
     "TLSConfigError",
 ]
 
-# quiche.h's enum quiche_error, by code.
-_QUICHE_ERROR_NAMES = {
-    -1: "DONE",
-    -2: "BUFFER_TOO_SHORT",
-    -3: "UNKNOWN_VERSION",
-    -4: "INVALID_FRAME",
-    -5: "INVALID_PACKET",
-    -6: "INVALID_STATE",
-    -7: "INVALID_STREAM_STATE",
-    -8: "INVALID_TRANSPORT_PARAM",
-    -9: "CRYPTO_FAIL",
-    -10: "TLS_FAIL",
-    -11: "FLOW_CONTROL",
-    -12: "STREAM_LIMIT",
-    -13: "FINAL_SIZE",
-    -14: "CONGESTION_CONTROL",
-    -15: "STREAM_STOPPED",
-    -16: "STREAM_RESET",
-    -17: "ID_LIMIT",
-    -18: "OUT_OF_IDENTIFIERS",
-    -19: "KEY_UPDATE",
-    -20: "CRYPTO_BUFFER_EXCEEDED",
-    -21: "INVALID_ACK_RANGE",
-    -22: "OPTIMISTIC_ACK_DETECTED",
-    -23: "INVALID_DCID_INITIALIZATION",
-}
+class QuicheErrorCode(enum.IntEnum):
+    """quiche.h's ``enum quiche_error``: the one place its codes are named."""
+
+    DONE = -1
+    BUFFER_TOO_SHORT = -2
+    UNKNOWN_VERSION = -3
+    INVALID_FRAME = -4
+    INVALID_PACKET = -5
+    INVALID_STATE = -6
+    INVALID_STREAM_STATE = -7
+    INVALID_TRANSPORT_PARAM = -8
+    CRYPTO_FAIL = -9
+    TLS_FAIL = -10
+    FLOW_CONTROL = -11
+    STREAM_LIMIT = -12
+    FINAL_SIZE = -13
+    CONGESTION_CONTROL = -14
+    STREAM_STOPPED = -15
+    STREAM_RESET = -16
+    ID_LIMIT = -17
+    OUT_OF_IDENTIFIERS = -18
+    KEY_UPDATE = -19
+    CRYPTO_BUFFER_EXCEEDED = -20
+    INVALID_ACK_RANGE = -21
+    OPTIMISTIC_ACK_DETECTED = -22
+    INVALID_DCID_INITIALIZATION = -23
 
 
 class QUICError(PolykeyError):
@@ -66,7 +67,10 @@ class QuicheError(QUICError):
 
     def __init__(self, code: int, context: str = "") -> None:
         self.code = code
-        self.name = _QUICHE_ERROR_NAMES.get(code, "UNKNOWN")
+        try:
+            self.name = QuicheErrorCode(code).name
+        except ValueError:
+            self.name = "UNKNOWN"
         where = f"{context}: " if context else ""
         super().__init__(f"{where}quiche error {self.name} ({code})")
 
@@ -77,7 +81,10 @@ class StreamReset(QuicheError):
     def __init__(self, stream_id: int, error_code: int) -> None:
         self.stream_id = stream_id
         self.error_code = error_code
-        super().__init__(-16, f"stream {stream_id} reset by peer, code {error_code}")
+        super().__init__(
+            QuicheErrorCode.STREAM_RESET,
+            f"stream {stream_id} reset by peer, code {error_code}",
+        )
 
 
 class StreamStopped(QuicheError):
@@ -86,7 +93,10 @@ class StreamStopped(QuicheError):
     def __init__(self, stream_id: int, error_code: int) -> None:
         self.stream_id = stream_id
         self.error_code = error_code
-        super().__init__(-15, f"stream {stream_id} stopped by peer, code {error_code}")
+        super().__init__(
+            QuicheErrorCode.STREAM_STOPPED,
+            f"stream {stream_id} stopped by peer, code {error_code}",
+        )
 
 
 class TLSConfigError(QUICError):

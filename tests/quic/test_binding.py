@@ -498,3 +498,19 @@ def test_fin_retransmitted_with_data_already_read_is_delivered(
         _deliver_until_quiet(server, client, SERVER)
     assert client.stream_recv(0, buf) == (0, True)
     assert client.stream_finished(0)
+
+
+def test_quiche_error_codes_are_named_as_quiche_h_names_them() -> None:
+    import re
+    from pathlib import Path
+
+    from polykey.quic.errors import QuicheErrorCode
+
+    header = Path(__file__).parents[2] / "_quiche_build/vendor/quiche/include/quiche.h"
+    if not header.exists():
+        pytest.skip("quiche.h is not unpacked (scripts/setup.sh does it)")
+    declared = {
+        name: int(code)
+        for name, code in re.findall(r"QUICHE_ERR_([A-Z_]+) = (-\d+)", header.read_text())
+    }
+    assert declared == {e.name: e.value for e in QuicheErrorCode}
