@@ -13,15 +13,16 @@ from typing import Any
 
 import attrs
 
+from ..keys import NodeId
 from . import _binding
 
 __all__ = ["PeerVerifier", "QUICConfig", "TLSIdentity"]
 
 #: Called with the peer's certificate chain (DER, leaf first) right after the
-#: handshake. Returns what the connection exposes as ``peer_identity`` (a
-#: NodeId for polykey nodes); raises :class:`~polykey.quic.PeerVerificationError`
+#: handshake. Returns the peer's NodeId, which the connection exposes as
+#: ``peer_identity``; raises :class:`~polykey.quic.PeerVerificationError`
 #: to refuse the peer.
-PeerVerifier = Callable[[Sequence[bytes]], Any]
+PeerVerifier = Callable[[Sequence[bytes]], NodeId]
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from ..keys import NodeId
 from . import _binding
 from ._binding import Address
 from .config import PeerVerifier, QUICConfig
@@ -100,7 +101,7 @@ class QUICConnection(trio.abc.AsyncResource):
         self._verifier = verifier
         self.remote_address = remote_address
         self.local_address = socket.local_address
-        self.peer_identity: Any = None
+        self.peer_identity: NodeId | None = None
         self.peer_certificates: tuple[bytes, ...] = ()
         self.close_reason: CloseReason | None = None
         self._route_ids: set[bytes] = set()

@@ -22,7 +22,7 @@ from polykey.quic import QUICClient, QUICConfig, QUICServer, QUICSocket
 from polykey.quic import _binding as b
 from polykey.quic.socket import CID_LEN
 
-from .conftest import tls_identity
+from .helpers import tls_identity
 from .test_loopback import echo_streams
 
 Address = tuple[str, int]

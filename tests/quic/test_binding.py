@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from polykey.quic import _binding as b
 from polykey.quic.errors import QuicheError, StreamReset, StreamStopped, TLSConfigError
 
-from .conftest import plain_identity
+from .helpers import plain_identity
 
 SERVER = ("127.0.0.1", 4433)
 CLIENT = ("127.0.0.1", 50000)

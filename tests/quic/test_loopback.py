@@ -21,7 +21,7 @@ from polykey.quic import (
     QUICStreamError,
 )
 
-from .conftest import open_pair
+from .helpers import open_pair
 
 
 async def receive_until_error(stream: QUICStream) -> None:
@@ -159,7 +159,7 @@ async def test_bulk_transfer_both_ways_with_hash() -> None:
 
 async def test_many_connections_to_one_server() -> None:
     async with QUICSocket("127.0.0.1") as server_socket:
-        from .conftest import tls_identity
+        from .helpers import tls_identity
 
         # 200 clients dialling at once stand for 200 addresses: lift the
         # per-address cap on handshakes in flight (test_admission.py).
@@ -203,7 +203,7 @@ async def test_both_nodes_dial_each_other_on_shared_sockets() -> None:
     """Each socket runs a server and dials the other at the same moment."""
     from polykey.quic import QUICClient
 
-    from .conftest import tls_identity
+    from .helpers import tls_identity
 
     async with QUICSocket("127.0.0.1") as a, QUICSocket("127.0.0.1") as b:
         servers = [QUICServer(a, tls_identity("a")), QUICServer(b, tls_identity("b"))]
@@ -506,7 +506,7 @@ async def test_connect_cancelled_leaves_nothing_behind() -> None:
     async with QUICSocket("127.0.0.1") as dead, QUICSocket("127.0.0.1") as cs:
         from polykey.quic import QUICClient
 
-        from .conftest import tls_identity
+        from .helpers import tls_identity
 
         client = QUICClient(cs, tls_identity("client"))
         with trio.move_on_after(0.3) as scope:

@@ -11,7 +11,7 @@ import trio
 from polykey.quic import CloseKind, QUICConfig, QUICConnection, QUICServer, QUICSocket
 from polykey.testing import LossyUDPRelay
 
-from .conftest import tls_identity
+from .helpers import tls_identity
 from .test_loopback import echo_streams
 
 

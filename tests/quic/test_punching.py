@@ -10,7 +10,7 @@ import trio
 
 from polykey.quic import QUICClient, QUICServer, QUICSocket, spray_delays
 
-from .conftest import tls_identity
+from .helpers import tls_identity
 
 
 class Gate:

@@ -13,7 +13,7 @@ import polykey.quic.socket as quic_socket
 from polykey.quic import QUICClient, QUICServer, QUICSocket
 from polykey.quic._binding import PacketType, parse_header
 
-from .conftest import tls_identity
+from .helpers import tls_identity
 from .test_loopback import echo_streams
 
 

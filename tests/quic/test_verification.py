@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 
 import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from polykey.keys import NodeIdentity
+from polykey.keys import NodeId, NodeIdentity
 from polykey.quic import (
     CloseKind,
     QUICClient,
@@ -22,7 +23,7 @@ from polykey.quic import (
     node_verifier,
 )
 
-from .conftest import tls_identity
+from .helpers import tls_identity
 
 CRYPTO_ERROR = 0x100
 
@@ -141,7 +142,7 @@ async def test_plain_certificate_is_not_a_node() -> None:
 
 
 async def test_verifier_bug_refuses_peer_without_taking_socket_down() -> None:
-    def broken(chain: object) -> object:
+    def broken(chain: Sequence[bytes]) -> NodeId:
         raise RuntimeError("verifier bug")
 
     server_id = NodeIdentity.generate()

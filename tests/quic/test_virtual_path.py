@@ -21,7 +21,7 @@ from polykey.quic import (
     VirtualPath,
 )
 
-from .conftest import tls_identity
+from .helpers import tls_identity
 
 OUTER = QUICConfig(datagram_queue=1024)
 #: Inner packets must fit in an outer DATAGRAM with our 8-byte circuit id.

@@ -26,7 +26,7 @@ from polykey.quic import (
     node_verifier,
 )
 
-from .conftest import (
+from .helpers import (
     HERE,
     Echoes,
     NodeCredentials,

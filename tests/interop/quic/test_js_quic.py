@@ -35,7 +35,7 @@ from polykey.quic import (
     node_verifier,
 )
 
-from .conftest import (
+from .helpers import (
     HERE,
     Echoes,
     NodeCredentials,
