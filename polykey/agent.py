@@ -71,6 +71,14 @@ __all__ = [
 log = logging.getLogger("polykey.node")
 
 M = TypeVar("M", bound=ClientManifest)
+T = TypeVar("T")
+
+
+def _running(part: T | None) -> T:
+    """A running node's part; ClosedResourceError when it is not running."""
+    if part is None:
+        raise trio.ClosedResourceError("the node is not running")
+    return part
 
 #: The port a node listens on by default (Polykey's seed nodes use it too).
 DEFAULT_PORT = 1314
@@ -225,9 +233,6 @@ class PolykeyNode:
     def __init__(self, settings: NodeSettings | None = None) -> None:
         self.settings = settings or NodeSettings()
         self.identity: NodeIdentity | None = None
-        self.graph: NodeGraph
-        self.manager: NodeManager
-        self.finder: NodeFinder
         self.joined: JoinResult | None = None
         self._joined_event = trio.Event()
         #: Set by :meth:`request_stop` (``agent stop`` on the control
@@ -240,9 +245,14 @@ class PolykeyNode:
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
         #: Events dropped because a subscriber fell behind.
         self.events_dropped = 0
+        # The running parts: all None outside ``async with`` (their
+        # properties raise trio.ClosedResourceError then).
+        self._graph: NodeGraph | None = None
+        self._manager: NodeManager | None = None
+        self._finder: NodeFinder | None = None
         self._connections: NodeConnectionManager | None = None
         self._rpc: RPCServer | None = None
-        self._stack: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
 
     @property
     def node_id(self) -> NodeId:
@@ -252,26 +262,43 @@ class PolykeyNode:
 
     @property
     def connections(self) -> NodeConnectionManager:
-        if self._connections is None:
-            raise trio.ClosedResourceError("the node is not running")
-        return self._connections
+        return _running(self._connections)
+
+    @property
+    def graph(self) -> NodeGraph:
+        return _running(self._graph)
+
+    @property
+    def manager(self) -> NodeManager:
+        return _running(self._manager)
+
+    @manager.setter
+    def manager(self, manager: NodeManager) -> None:
+        # polykey.testing's networks run a node's manager over their links.
+        self._manager = manager
+
+    @property
+    def finder(self) -> NodeFinder:
+        return _running(self._finder)
+
+    @finder.setter
+    def finder(self, finder: NodeFinder) -> None:
+        self._finder = finder
 
     @property
     def rpc_server(self) -> RPCServer:
         """The server of the node's RPC methods (for its statistics)."""
-        if self._rpc is None:
-            raise trio.ClosedResourceError("the node is not running")
-        return self._rpc
+        return _running(self._rpc)
 
     @property
     def address(self) -> Address:
         return display_address(self.connections.socket.local_address)
 
     async def __aenter__(self) -> PolykeyNode:
-        from contextlib import AsyncExitStack
-
+        if self._stack is not None:
+            raise trio.BusyResourceError("the node is already running")
         settings = self.settings
-        stack = AsyncExitStack()
+        stack = contextlib.AsyncExitStack()
         try:
             # First the lock, so a second node on this directory touches
             # nothing (not the identity, not the graph) and fails at once.
@@ -290,7 +317,7 @@ class PolykeyNode:
                 previous_ids=identity.chain.node_ids()[1:],
             )
             stack.callback(graph.close)
-            self.graph = graph
+            self._graph = graph
             socket = await stack.enter_async_context(
                 QUICSocket(settings.host, settings.port)
             )
@@ -326,15 +353,15 @@ class PolykeyNode:
                 relay=None if settings.relay == "off" else settings.relay_limits,
                 relay_mode=settings.relay,
             )
-            self.manager = NodeManager(
+            manager = self._manager = NodeManager(
                 graph,
                 QUICNodeTransport(connections),
                 config=settings.nodes,
                 attempt_timeout=connections.attempt_timeout,
             )
-            self.finder = NodeFinder(self.manager, connections)
+            self._finder = NodeFinder(manager, connections)
             await nursery.start(connections.run)
-            await nursery.start(self.manager.run)
+            await nursery.start(manager.run)
             await nursery.start(serve_control, self, settings.state_dir)
             if settings.metrics is not None:
                 self.metrics_address = await nursery.start(
@@ -343,7 +370,7 @@ class PolykeyNode:
             if settings.seeds:
                 nursery.start_soon(self._join)
         except BaseException:
-            self._connections = self._rpc = None
+            self._forget_parts()
             self.identity = None
             await stack.aclose()
             raise
@@ -354,6 +381,10 @@ class PolykeyNode:
             "node %s listening on %s", identity.node_id, format_host_port(host, port)
         )
         return self
+
+    def _forget_parts(self) -> None:
+        self._connections = self._rpc = None
+        self._graph = self._manager = self._finder = None
 
     async def _join(self) -> None:
         seeds = [
@@ -471,14 +502,18 @@ class PolykeyNode:
         traceback: TracebackType | None,
     ) -> bool:
         stack, self._stack = self._stack, None
+        if stack is None:
+            raise trio.ClosedResourceError("the node is not running")
         # Close connections with a code first, even when cancelled; the
         # stack (entered in __aenter__, so exited outside any new scope)
         # then stops the tasks and the socket.
         with trio.CancelScope(shield=True):
             if self._connections is not None:
                 await self._connections.aclose()
-        result = await stack.__aexit__(exc_type, exc_value, traceback)
-        self._connections = self._rpc = None
+        try:
+            result = await stack.__aexit__(exc_type, exc_value, traceback)
+        finally:
+            self._forget_parts()
         log.info("node stopped")
         return bool(result)
 
