@@ -1,0 +1,116 @@
+"""What one small RPC call costs, counted in events rather than timed: trio
+task steps, scheduler rounds (waits for I/O) and UDP datagrams, for unary
+calls over real QUIC on loopback.
+
+A regression guard: the counts are stable from run to run (the same within
+a few percent on an idle and on a loaded machine), so a change that adds a
+task switch or a packet to every call fails here. Each ceiling is what main
+measured when it was set, plus a margin; lower it when a change makes calls
+cheaper, and say so in the commit.
+
+Measured when set (200 sequential calls, after 20 to warm up): 25.6 task
+steps, 10.0 scheduler rounds and 4.0 datagrams per call (both sides);
+64 calls in flight: 4.2 datagrams per call (calls in flight barely share
+packets yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from polykey.keys import NodeIdentity
+from polykey.quic import (
+    QUICClient,
+    QUICServer,
+    QUICSocket,
+    node_tls_identity,
+    node_verifier,
+)
+from polykey.rpc import RPCClient, RPCServer
+
+from .helpers import API, default_manifest
+from .test_over_quic import serve_rpc
+
+STEPS_PER_CALL = 28.0
+ROUNDS_PER_CALL = 11.0
+DATAGRAMS_PER_CALL = 4.5
+DATAGRAMS_PER_CALL_64 = 4.6
+
+
+class _Counter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.steps = 0
+        self.rounds = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.rounds += 1
+
+
+@asynccontextmanager
+async def _pair() -> AsyncIterator[tuple[RPCClient[API], QUICSocket, QUICSocket]]:
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    async with (
+        QUICSocket("127.0.0.1") as sa,
+        QUICSocket("127.0.0.1") as sb,
+        RPCServer(default_manifest(), timeout=10) as rpc,
+        trio.open_nursery() as nursery,
+    ):
+        server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
+        conn = await QUICClient(sa, node_tls_identity(a)).connect(
+            sb.local_address, verifier=node_verifier(b.node_id)
+        )
+        nursery.start_soon(serve_rpc, await server.accept(), rpc)
+        client = RPCClient(API, conn.open_stream)
+        for _ in range(20):  # warm up: streams, credit, caches
+            await client.methods.echo({"x": 1})
+        await trio.sleep(0.1)  # let the last ACKs go
+        yield client, sa, sb
+        nursery.cancel_scope.cancel()
+
+
+def _datagrams(*socks: QUICSocket) -> int:
+    return sum(s.statistics.datagrams_sent for s in socks)
+
+
+async def test_a_sequential_unary_call_costs_no_more_than_it_did() -> None:
+    calls = 200
+    with trio.fail_after(30):
+        async with _pair() as (client, sa, sb):
+            counter = _Counter()
+            before = _datagrams(sa, sb)
+            trio.lowlevel.add_instrument(counter)
+            try:
+                for i in range(calls):
+                    assert (await client.methods.echo({"i": i}))["echo"] == {"i": i}
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            datagrams = _datagrams(sa, sb) - before
+    assert counter.steps / calls <= STEPS_PER_CALL, counter.steps / calls
+    assert counter.rounds / calls <= ROUNDS_PER_CALL, counter.rounds / calls
+    assert datagrams / calls <= DATAGRAMS_PER_CALL, datagrams / calls
+    # And it is a real count: every call sends at least its request and reply.
+    assert datagrams >= 2 * calls
+
+
+async def test_calls_in_flight_share_packets() -> None:
+    calls, in_flight = 640, 64
+    with trio.fail_after(30):
+        async with _pair() as (client, sa, sb):
+            before = _datagrams(sa, sb)
+            limiter = trio.CapacityLimiter(in_flight)
+
+            async def one(i: int) -> None:
+                async with limiter:
+                    assert (await client.methods.echo({"i": i}))["echo"] == {"i": i}
+
+            async with trio.open_nursery() as nursery:
+                for i in range(calls):
+                    nursery.start_soon(one, i)
+            datagrams = _datagrams(sa, sb) - before
+    assert datagrams / calls <= DATAGRAMS_PER_CALL_64, datagrams / calls
