@@ -20,6 +20,7 @@ and relaying only through the manager's methods.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import socket as stdlib_socket
 from typing import TYPE_CHECKING, Final
@@ -29,6 +30,7 @@ import trio
 from ..keys import NodeId
 from ._address import NodeAddress
 from ._connection import Address, NodeConnection, NodeConnectionError
+from ._failures import PEER_FAILURES
 from .errors import InvalidAddressError
 from .handlers import PING
 
@@ -42,6 +44,8 @@ __all__ = ["ANCHOR_PING_INTERVAL", "Anchors"]
 ANCHOR_PING_INTERVAL: Final = 25.0
 #: Reflexive addresses remembered.
 _MAX_REFLEXIVE: Final = 8
+
+log = logging.getLogger("polykey.nodes.anchors")
 
 
 @functools.cache
@@ -120,8 +124,11 @@ class Anchors:
         with trio.move_on_after(manager.attempt_timeout(manager.rpc_timeout)):
             try:
                 result = await conn.rpc.unary(PING, {})
-            except Exception:
-                return  # not ours (a Polykey seed has no nodesPing): fine
+            except PEER_FAILURES as exc:
+                # Not ours (a Polykey seed has no nodesPing), or gone: the
+                # connection's own liveness tells which.
+                log.debug("anchor ping to %s failed: %r", conn.node_id, exc)
+                return
             seen = result.get("address") if isinstance(result, dict) else None
             if isinstance(seen, dict):
                 try:

@@ -46,6 +46,7 @@ import trio
 from ..keys import NodeId
 from ..rpc import RPCClient
 from ._address import NodeContact
+from ._failures import note_failure
 from .connections import ConnectionPath
 from .errors import NodeNotFoundError, OwnNodeIdError
 from .handlers import request_closest_active_connections
@@ -112,6 +113,9 @@ class FinderStatistics:
     not_found: int = 0
     signallers_asked: int = 0
     search_errors: int = 0
+    #: Of those, failures that were bugs of ours, not a peer's (logged at
+    #: WARNING with the traceback).
+    unexpected_errors: int = 0
 
 
 class NodeFinder:
@@ -310,5 +314,7 @@ class NodeFinder:
 
     def _failed(self, what: str, node_id: NodeId, exc: BaseException) -> None:
         # A peer's failure is routine in a search; it never ends the search.
+        # Neither does a bug of ours in one attempt, but it is told.
         self.statistics.search_errors += 1
-        log.debug("%s %s failed: %r", what, node_id, exc)
+        if not note_failure(log, what, node_id, exc):
+            self.statistics.unexpected_errors += 1

@@ -44,6 +44,7 @@ import trio
 
 from ..keys import NodeId
 from ._address import NodeAddress, NodeContact, format_host_port
+from ._failures import note_failure
 from ._refresh import RefreshSchedule
 from ._writer import GraphWriter
 from .errors import InvalidAddressError, NodeNotFoundError, OwnNodeIdError
@@ -118,6 +119,9 @@ class NodeManagerStatistics:
     refreshes: int = 0
     self_lookups: int = 0
     transport_errors: int = 0
+    #: Of those, bugs of ours rather than a peer's failure (logged at
+    #: WARNING with the traceback; the attempt fails, the node runs on).
+    unexpected_errors: int = 0
     #: Entries of peers' answers that were ignored (bogus, ours, repeats,
     #: beyond the cap).
     ignored_entries: int = 0
@@ -438,8 +442,10 @@ class NodeManager:
 
     def _transport_error(self, what: str, node_id: NodeId, exc: BaseException) -> None:
         # A peer's failure is routine; it must never take the node down.
+        # Neither may a bug of ours in one attempt, but it is told.
         self._stats.transport_errors += 1
-        log.debug("%s %s failed: %r", what, node_id, exc)
+        if not note_failure(log, what, node_id, exc):
+            self._stats.unexpected_errors += 1
 
     async def ping(
         self, node_id: NodeId, addresses: Sequence[NodeAddress] | None = None

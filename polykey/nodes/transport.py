@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from ..keys import NodeId
 from ..rpc import RPCClient
 from ._address import NodeAddress, NodeContact
+from ._failures import PEER_FAILURES
 from .connections import NodeConnectionError
 from .graph import DEFAULT_K
 from .handlers import request_closest_local_nodes, request_ping
@@ -107,7 +108,7 @@ class ConnectionTransport:
         for address in addresses:
             try:
                 return await self.connections.connect(node_id, address.as_tuple())
-            except Exception as exc:
+            except PEER_FAILURES as exc:  # try the next; a bug propagates
                 error = exc
         raise error or NodeConnectionError.unreachable(node_id)
 

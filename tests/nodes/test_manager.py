@@ -214,3 +214,46 @@ async def test_note_connection_never_raises(
         assert b.node_id in a.graph
         a.manager.note_connection(a.node_id, "10.1.1.1", 1314)
         assert a.node_id not in a.graph
+
+
+class _BuggyFor:
+    """A transport that hits a bug of ours (not a peer's failure) whenever
+    it talks to ``victim``, and behaves otherwise."""
+
+    def __init__(self, inner: object, victim: object) -> None:
+        self.inner = inner
+        self.victim = victim
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def closest_nodes(self, node_id: object, *args: object) -> object:
+        if node_id == self.victim:
+            raise ZeroDivisionError("a bug in our code")
+        return await self.inner.closest_nodes(node_id, *args)  # type: ignore[attr-defined]
+
+    async def ping(self, node_id: object, *args: object) -> object:
+        if node_id == self.victim:
+            raise ZeroDivisionError("a bug in our code")
+        return await self.inner.ping(node_id, *args)  # type: ignore[attr-defined]
+
+
+async def test_a_bug_in_one_attempt_is_told_and_the_lookup_goes_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with SimulatedNetwork(config=QUIET, transport="direct") as net:
+        seed = await net.spawn()
+        nodes = [await net.spawn(join=[seed]) for _ in range(12)]
+        finder, target = nodes[0], nodes[-1]
+        victim = next(c.node_id for c in finder.graph if c.node_id != target.node_id)
+        finder.manager.transport = _BuggyFor(finder.manager.transport, victim)  # type: ignore[assignment]
+        with trio.fail_after(300), caplog.at_level("WARNING", "polykey.nodes.manager"):
+            assert not await finder.manager.ping(victim)
+            found = await finder.manager.find_node(target.node_id)
+        assert found.node_id == target.node_id
+        stats = finder.manager.statistics()
+        assert stats.unexpected_errors >= 1
+        warned = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert warned
+        assert all(str(victim) in r.getMessage() for r in warned)
+        assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in warned)
