@@ -331,7 +331,7 @@ class NodeConnectionManager:
             while True:
                 stream = await conn.accept_stream()
                 node.last_used = trio.current_time()
-                await self._rpc_server.handle_stream(stream, meta)
+                await self._rpc_server.handle_stream(stream, meta, connection=node)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
