@@ -202,6 +202,9 @@ class NodeConnectionManager:
         self._stopping = False
         self._dial_times = AttemptTimer()
         self.upgrades = 0
+        #: Unexpected exceptions in a connection's task or a callback
+        #: (logged at WARNING with the peer; the node goes on).
+        self.task_errors = 0
         self.dials = 0
         self.dial_failures = 0
         # The parts (see the module doc): each owns what it does.
@@ -314,9 +317,13 @@ class NodeConnectionManager:
         self, node_id: NodeId, host: str, port: int, outgoing: bool
     ) -> None:
         assert self._on_connection is not None
-        result = self._on_connection(node_id, host, port, outgoing)
-        if result is not None:
-            await result
+        try:
+            result = self._on_connection(node_id, host, port, outgoing)
+            if result is not None:
+                await result
+        except Exception:
+            # A bug in the callback: the connection and the node go on.
+            self._task_failed("connection callback", node_id, (host, port))
 
     async def _serve_connection(self, node: NodeConnection) -> None:
         conn = node.connection
@@ -334,11 +341,19 @@ class NodeConnectionManager:
                 await self._rpc_server.handle_stream(stream, meta, connection=node)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:
+            # A bug: this connection ends (below), the node does not.
+            self._task_failed("connection task", node.node_id, node.address)
         finally:
             if self._pool.get(node.node_id) is node:
                 del self._pool[node.node_id]
                 if self._on_disconnect is not None:
-                    self._on_disconnect(node.node_id)
+                    try:
+                        self._on_disconnect(node.node_id)
+                    except Exception:
+                        self._task_failed(
+                            "disconnect callback", node.node_id, node.address
+                        )
             self._relaying.connection_gone(node)
             if not conn.closed:
                 await conn.aclose()
@@ -348,6 +363,16 @@ class NodeConnectionManager:
                 conn.close_reason,
                 extra={**_fields(node), "reason": str(conn.close_reason)},
             )
+
+    def _task_failed(self, what: str, node_id: NodeId, address: Address) -> None:
+        self.task_errors += 1
+        log.warning(
+            "%s for %s at %s failed unexpectedly",
+            what,
+            node_id,
+            format_host_port(*address),
+            exc_info=True,
+        )
 
     async def _close_later(self, node: NodeConnection) -> None:
         await trio.sleep(_REPLACED_GRACE)
@@ -662,6 +687,7 @@ class NodeConnectionManager:
             "signals_forwarded": self.signals_forwarded,
             "signals_dropped": self.signals_dropped,
             "signal_failures": self.signal_failures,
+            "task_errors": self.task_errors,
             "attempt_timeout": self.attempt_timeout(),
             "server": attrs.asdict(self._server.statistics),
             "socket": attrs.asdict(self.socket.statistics),
