@@ -208,7 +208,12 @@ async def test_a_handlers_bug_answers_internal_error_and_the_server_goes_on(
             client, identity = clients[0], clients.identities[0]
             # What goes on the wire: the stream as the client reads it.
             stream = await clients.conns[0].open_stream()
-            request: JSON = {"jsonrpc": "2.0", "method": "buggy", "params": {}, "id": None}
+            request: JSON = {
+                "jsonrpc": "2.0",
+                "method": "buggy",
+                "params": {},
+                "id": None,
+            }
             await stream.send_all(json.dumps(request).encode())
             wire = b""
             while chunk := await stream.receive_some():
