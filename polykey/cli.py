@@ -163,8 +163,8 @@ def _limits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> NodeLi
     try:
         return NodeLimits(**given)
     except ValueError as exc:
-        name = str(exc).split()[0]
-        parser.error(f"--{name.replace('_', '-')}: {exc}")
+        flag = "--" + str(exc).split()[0].replace("_", "-")
+        parser.exit(EX.USAGE, f"{parser.prog} node: error: {flag}: {exc}\n")
 
 
 def _env(name: str, default: str) -> str:
