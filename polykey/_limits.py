@@ -40,10 +40,10 @@ class NodeLimits:
 
     #: Incoming connections held at once, handshaking or verified
     #: (``ServerStatistics.refused_connections``).
-    max_connections: int = attrs.field(default=1024, validator=_at_least(1))
+    max_connections: int = attrs.field(default=512, validator=_at_least(1))
     #: The same, per remote IPv4 address or IPv6 /64: nodes behind one NAT
     #: share it (``refused_connections_per_address``).
-    max_connections_per_address: int = attrs.field(default=64, validator=_at_least(1))
+    max_connections_per_address: int = attrs.field(default=16, validator=_at_least(1))
     #: Handshakes in flight per remote address (``refused_address_limit``).
     max_handshakes_per_address: int = attrs.field(default=16, validator=_at_least(1))
     #: New handshakes per second per remote address, beyond a burst of
@@ -59,15 +59,23 @@ class NodeLimits:
     max_streams: int = attrs.field(default=100, validator=_at_least(1))
     #: Unidirectional streams: neither Polykey nor we use them.
     max_streams_uni: int = attrs.field(default=0, validator=_at_least(0))
-    #: Flow-control credit (bytes) quiche may grow to per stream and per
-    #: connection: what a peer can make us buffer unread.
-    stream_window: int = attrs.field(default=16 * 1024 * 1024, validator=_at_least(1))
+    #: Flow-control credit (bytes) a peer starts with per stream and per
+    #: connection: what it can make us buffer unread (out of order data
+    #: included) until we read; quiche grows it, while we read fast, up to
+    #: the windows below.
+    stream_credit: int = attrs.field(default=1024 * 1024, validator=_at_least(1))
+    connection_credit: int = attrs.field(
+        default=2 * 1024 * 1024, validator=_at_least(1)
+    )
+    #: (QUICConfig's 16 and 24 MiB are for bulk transfers on long fat
+    #: paths; a node's RPC needs far less.)
+    stream_window: int = attrs.field(default=4 * 1024 * 1024, validator=_at_least(1))
     connection_window: int = attrs.field(
-        default=24 * 1024 * 1024, validator=_at_least(1)
+        default=8 * 1024 * 1024, validator=_at_least(1)
     )
     #: RPC calls in flight on the node (``RPCServer`` ``refused_busy``) and
     #: on one connection (``refused_busy_connection``).
-    max_calls: int = attrs.field(default=512, validator=_at_least(1))
+    max_calls: int = attrs.field(default=256, validator=_at_least(1))
     max_calls_per_connection: int = attrs.field(default=64, validator=_at_least(1))
     #: Bytes of one JSON-RPC message (``error_responses``, -32003).
     max_message_size: int = attrs.field(default=1024 * 1024, validator=_at_least(1))
@@ -86,6 +94,8 @@ class NodeLimits:
             accept_backlog=self.accept_backlog,
             initial_max_streams_bidi=self.max_streams,
             initial_max_streams_uni=self.max_streams_uni,
+            initial_max_stream_data=self.stream_credit,
+            initial_max_data=self.connection_credit,
             max_stream_window=self.stream_window,
             max_connection_window=self.connection_window,
         )

@@ -115,6 +115,8 @@ _LIMIT_HELP: dict[str, str] = {
     "accept_backlog": "handshakes plus connections not yet served",
     "max_streams": "bidirectional streams a peer may open at once",
     "max_streams_uni": "unidirectional streams (unused by Polykey)",
+    "stream_credit": "bytes a peer may send on a stream before we read",
+    "connection_credit": "bytes a peer may send on a connection before we read",
     "stream_window": "bytes of flow-control credit per stream, at most",
     "connection_window": "bytes of flow-control credit per connection, at most",
     "max_calls": "RPC calls in flight on the node",
