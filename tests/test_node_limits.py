@@ -190,3 +190,14 @@ def test_bad_limits_exit_with_one_line(
     assert named in errors[0]
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # refused before anything started
+
+
+def test_node_limits_replace_the_quic_settings() -> None:
+    limits = NodeLimits(max_streams=7, connection_credit=1000, handshake_rate=3.0)
+    quic = limits.quic_config(NodeSettings().quic)
+    assert quic.initial_max_streams_bidi == 7
+    assert quic.initial_max_streams_uni == 0
+    assert quic.initial_max_data == 1000
+    assert quic.handshake_rate == 3.0
+    assert quic.max_connections == limits.max_connections
+    assert quic.datagram_queue == NodeSettings().quic.datagram_queue  # kept

@@ -195,3 +195,17 @@ async def test_a_handshake_left_unfinished_holds_its_slot_until_it_times_out() -
             await connections_drop_to(server, 0)
             assert await dial(clients, "127.0.0.2", ss.local_address) is not None
             assert server.statistics.handshakes_failed == 1
+
+
+async def test_no_unidirectional_streams_offered_bidirectional_ones_work() -> None:
+    from .conftest import open_pair
+
+    async with open_pair(server_config=QUICConfig(initial_max_streams_uni=0)) as pair:
+        client_conn, server_conn = await pair.connect()
+        with trio.move_on_after(0.3) as waited:
+            await client_conn.open_stream(unidirectional=True)
+        assert waited.cancelled_caught  # the peer offers none: the opener waits
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        await cs.send_all(b"bidi")
+        with trio.fail_after(5):
+            assert await ss.receive_some() == b"bidi"
