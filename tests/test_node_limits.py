@@ -142,7 +142,25 @@ async def test_a_failing_connection_callback_does_not_end_the_node(
                 again = await connect(peer, a)
                 assert again is not None
                 assert await again.rpc.unary("echo", {"x": 2}) == {"echo": 2}
-            assert a.connections.statistics()["task_errors"] >= 2
+            # Two new connections, two more failed callbacks.
+            with trio.fail_after(10):
+                while a.connections.statistics()["task_errors"] < 4:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            assert a.connections.task_errors == 4
+
+            # A task of the connection manager's (a punch, a relay circuit's
+            # watcher, an anchor) failing is the same.
+            async def fails(peer: object) -> None:
+                await trio.lowlevel.checkpoint()
+                raise KeyError("lost track")
+
+            a.connections.spawn(fails, c.node_id)
+            with trio.fail_after(10):
+                while a.connections.task_errors < 5:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            again = await connect(b, a)
+            assert again is not None
+            assert await again.rpc.unary("echo", {"x": 3}) == {"echo": 3}
     warnings = [
         r.getMessage()
         for r in caplog.records
@@ -150,6 +168,7 @@ async def test_a_failing_connection_callback_does_not_end_the_node(
     ]
     assert any("connection callback" in w and str(b.node_id) in w for w in warnings)
     assert any("disconnect callback" in w for w in warnings)
+    assert any("fails" in w and str(c.node_id) in w for w in warnings)
 
 
 def test_limit_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:

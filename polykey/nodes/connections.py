@@ -498,9 +498,25 @@ class NodeConnectionManager:
 
     def spawn(self, fn: Callable[[*_Args], Awaitable[object]], *args: *_Args) -> None:
         """Run ``fn(*args)`` as one of the manager's tasks (cancelled when it
-        stops). The manager must be :attr:`running`."""
+        stops). The manager must be :attr:`running`. An unexpected
+        exception in it is logged at WARNING and counted (``task_errors``),
+        never the end of the manager."""
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(self._guarded, fn, *args)
+
+    async def _guarded(
+        self, fn: Callable[[*_Args], Awaitable[object]], *args: *_Args
+    ) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            self.task_errors += 1
+            log.warning(
+                "task %s(%s) failed unexpectedly",
+                getattr(fn, "__qualname__", fn),
+                ", ".join(str(arg) for arg in args)[:300],
+                exc_info=True,
+            )
 
     def pooled(self, node_id: NodeId) -> NodeConnection | None:
         """The pool's connection to ``node_id``, closed or not (unlike
