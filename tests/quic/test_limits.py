@@ -11,7 +11,7 @@ import trio
 from polykey.quic import QUICClient, QUICConfig, QUICConnection, QUICServer, QUICSocket
 from polykey.quic._admission import Admission, AdmissionLimits, Refusal, address_key
 
-from .conftest import tls_identity
+from .helpers import tls_identity
 from .test_loopback import echo_streams
 
 
@@ -198,7 +198,7 @@ async def test_a_handshake_left_unfinished_holds_its_slot_until_it_times_out() -
 
 
 async def test_no_unidirectional_streams_offered_bidirectional_ones_work() -> None:
-    from .conftest import open_pair
+    from .helpers import open_pair
 
     async with open_pair(server_config=QUICConfig(initial_max_streams_uni=0)) as pair:
         client_conn, server_conn = await pair.connect()
