@@ -1,10 +1,11 @@
 """NodeLimits: what one node lets its peers make it hold, in one place.
 
 The defaults are for a public seed on a small VM (1 vCPU, 1 GiB): every
-limit is far above what Polykey nodes do (a node keeps a few dozen
-connections and makes a few calls on each at once) and low enough that
-filling all of them at once stays within the machine. docs/operations.md
-has each limit, what it protects and the counter that says it bit.
+limit is far above what Polykey nodes do (a node keeps a connection to its
+seeds and makes a few calls on each at once) and low enough that one
+address (an IPv4 address, an IPv6 /64) holds a small share of the node.
+docs/operations.md has each limit, what it protects, the counter that says
+it bit, and the worst case of what peers can make the node buffer.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ not a TLS handshake.
 
 A token admits one connection: the server remembers the tokens it has used
 until they expire (10 s, at most ``_MAX_USED_TOKENS``), so one Retry cannot
-be replayed into many handshakes. Handshakes in flight are bounded per IP
+be replayed into many handshakes. Handshakes in flight are bounded per
 address (``max_handshakes_per_address``) and in all (``accept_backlog``,
 which also counts connections waiting in :meth:`accept`): one address
 cannot take every slot for the handshake timeout.
@@ -79,8 +79,8 @@ class ServerStatistics:
     refused_token_memory: int = 0
     #: New clients dropped because ``accept_backlog`` was full.
     refused_backlog: int = 0
-    #: New clients dropped because their IP address already had
-    #: ``max_handshakes_per_address`` handshakes in flight.
+    #: New clients dropped because their address (IPv4, or IPv6 /64)
+    #: already had ``max_handshakes_per_address`` handshakes in flight.
     refused_address_limit: int = 0
     #: New clients dropped because ``max_connections`` were held.
     refused_connections: int = 0
