@@ -50,7 +50,8 @@ CONTROL_SOCKET = "control.sock"
 #: Seconds a control client has to send its whole request (the RPC server's
 #: default timeout; ``nodeStatus`` answers within it too).
 REQUEST_TIMEOUT = 10.0
-#: Control clients served at once; one more is closed as soon as accepted.
+#: Control clients served at once; one more is closed as soon as accepted
+#: (a node passes its ``NodeLimits.control_clients``).
 MAX_CLIENTS = 16
 #: Seconds to wait after ``accept()`` failed for want of a resource.
 ACCEPT_RETRY_DELAY = 0.1
@@ -102,10 +103,12 @@ class ControlServer:
     """Serves the control methods on ``state_dir/control.sock``, within the
     limits above."""
 
-    def __init__(self, node: PolykeyNode, state_dir: Path) -> None:
+    def __init__(
+        self, node: PolykeyNode, state_dir: Path, *, max_clients: int | None = None
+    ) -> None:
         self._node = node
         self._path = state_dir / CONTROL_SOCKET
-        self._max_clients = MAX_CLIENTS
+        self._max_clients = MAX_CLIENTS if max_clients is None else max_clients
         self._retry_delay = ACCEPT_RETRY_DELAY
         self._rpc = RPCServer(control_methods(node, self), timeout=REQUEST_TIMEOUT)
         self._stats = ControlStatistics()
@@ -189,11 +192,15 @@ async def serve_control(
     node: PolykeyNode,
     state_dir: Path,
     *,
+    max_clients: int | None = None,
     task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control methods on ``state_dir/control.sock`` until
-    cancelled; the socket file is removed on the way out."""
-    await ControlServer(node, state_dir).serve(task_status=task_status)
+    cancelled; the socket file is removed on the way out. ``max_clients``
+    replaces ``MAX_CLIENTS`` (a node's ``NodeLimits.control_clients``)."""
+    await ControlServer(node, state_dir, max_clients=max_clients).serve(
+        task_status=task_status
+    )
 
 
 def control_client(state_dir: Path) -> RPCClient[Any]:

@@ -85,7 +85,10 @@ def render_metrics(node: PolykeyNode) -> str:
         [({"reason": r}, server[k]) for r, k in (
             ("backlog", "refused_backlog"), ("address_limit", "refused_address_limit"),
             ("bad_token", "bad_tokens"), ("reused_token", "reused_tokens"),
-            ("token_dcid_mismatch", "token_dcid_mismatch"))],
+            ("token_dcid_mismatch", "token_dcid_mismatch"),
+            ("connections", "refused_connections"),
+            ("connections_per_address", "refused_connections_per_address"),
+            ("handshake_rate", "refused_handshake_rate"))],
     )  # fmt: skip
     out += _family(
         "polykey_quic_retries_sent_total",
@@ -128,7 +131,7 @@ def render_metrics(node: PolykeyNode) -> str:
         "polykey_rpc_outcomes_total", "counter", "RPC calls that did not simply answer",
         [({"outcome": o}, getattr(rpc, o)) for o in (
             "timeouts", "error_responses", "resets", "peer_resets", "internal_errors",
-            "refused")],
+            "refused", "refused_busy", "refused_busy_connection", "handler_bugs")],
     )  # fmt: skip
     out += _family(
         "polykey_lookups_total", "counter", "Kademlia lookups, and finds",

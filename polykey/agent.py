@@ -25,6 +25,7 @@ import attrs
 import trio
 
 from ._control import serve_control
+from ._limits import NodeLimits
 from ._metrics import serve_metrics
 from ._state import default_state_dir, load_or_create_identity, lock_state_dir
 from .keys import NodeId, NodeIdentity
@@ -61,6 +62,7 @@ __all__ = [
     "DEFAULT_PORT",
     "EVENT_BUFFER",
     "NodeEvent",
+    "NodeLimits",
     "NodeSettings",
     "PolykeyNode",
     "SeedNode",
@@ -134,6 +136,9 @@ class NodeSettings:
         default="auto", validator=attrs.validators.in_(("auto", "on", "off"))
     )
     relay_limits: RelayLimits = attrs.field(factory=RelayLimits)
+    #: What peers (and control clients) may make the node hold; its QUIC
+    #: limits replace the same fields of ``quic``.
+    limits: NodeLimits = attrs.field(factory=NodeLimits)
     #: ``(host, port)`` to serve Prometheus metrics on (None: off).
     metrics: tuple[str, int] | None = None
     #: Default timeout of the agent's RPC server and of calls to peers
@@ -333,8 +338,15 @@ class PolykeyNode:
                 ),
                 **settings.handlers,
             }
+            limits = settings.limits
             rpc = self._rpc = await stack.enter_async_context(
-                RPCServer(handlers, timeout=settings.rpc_timeout)
+                RPCServer(
+                    handlers,
+                    timeout=settings.rpc_timeout,
+                    max_message_size=limits.max_message_size,
+                    max_calls=limits.max_calls,
+                    max_calls_per_connection=limits.max_calls_per_connection,
+                )
             )
             nursery = await stack.enter_async_context(trio.open_nursery())
             # Registered at once: should a start below fail, unwinding the
@@ -345,7 +357,7 @@ class PolykeyNode:
                 socket,
                 identity,
                 rpc,
-                config=settings.quic,
+                config=limits.quic_config(settings.quic),
                 rpc_timeout=settings.rpc_timeout,
                 on_connection=self._on_connection,
                 on_disconnect=self._on_disconnect,
@@ -362,7 +374,14 @@ class PolykeyNode:
             self._finder = NodeFinder(manager, connections)
             await nursery.start(connections.run)
             await nursery.start(manager.run)
-            await nursery.start(serve_control, self, settings.state_dir)
+            await nursery.start(
+                functools.partial(
+                    serve_control,
+                    self,
+                    settings.state_dir,
+                    max_clients=limits.control_clients,
+                )
+            )
             if settings.metrics is not None:
                 self.metrics_address = await nursery.start(
                     serve_metrics, self, *settings.metrics

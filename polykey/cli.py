@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import attrs
 import trio
 
 from . import __version__
@@ -50,6 +51,7 @@ from ._logging import configure_logging
 from ._logging import set_context as set_log_context
 from .agent import (
     DEFAULT_PORT,
+    NodeLimits,
     NodeSettings,
     PolykeyNode,
     SeedNode,
@@ -101,6 +103,70 @@ def _listen_address(text: str) -> tuple[str, int]:
     if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
     return host, int(port_text)
+
+
+#: ``node`` flags for the fields of NodeLimits, with what each bounds.
+_LIMIT_HELP: dict[str, str] = {
+    "max_connections": "incoming connections held at once",
+    "max_connections_per_address": "the same, per IPv4 address or IPv6 /64",
+    "max_handshakes_per_address": "handshakes in flight per address",
+    "handshake_rate": "new handshakes a second per address",
+    "handshake_burst": "new handshakes per address at once, beyond the rate",
+    "accept_backlog": "handshakes plus connections not yet served",
+    "max_streams": "bidirectional streams a peer may open at once",
+    "max_streams_uni": "unidirectional streams (unused by Polykey)",
+    "stream_credit": "bytes a peer may send on a stream before we read",
+    "connection_credit": "bytes a peer may send on a connection before we read",
+    "stream_window": "bytes of flow-control credit per stream, at most",
+    "connection_window": "bytes of flow-control credit per connection, at most",
+    "max_calls": "RPC calls in flight on the node",
+    "max_calls_per_connection": "RPC calls in flight on one connection",
+    "max_message_size": "bytes of one RPC message",
+    "control_clients": "control-socket clients served at once",
+}
+
+
+def _number(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+    return parse
+
+
+def _limit_options(node: argparse.ArgumentParser) -> None:
+    group = node.add_argument_group(
+        "limits", "what peers may make the node hold (docs/operations.md)"
+    )
+    defaults = NodeLimits()
+    for field in attrs.fields(NodeLimits):
+        name = field.name
+        env = f"POLYKEY_{name.upper()}"
+        default = getattr(defaults, name)
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"limit_{name}",
+            type=_number(float if isinstance(default, float) else int),
+            default=os.environ.get(env) or None,
+            metavar="N",
+            help=f"{_LIMIT_HELP[name]} (default {default}; ${env})",
+        )
+
+
+def _limits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> NodeLimits:
+    given = {
+        field.name: getattr(args, f"limit_{field.name}")
+        for field in attrs.fields(NodeLimits)
+        if getattr(args, f"limit_{field.name}") is not None
+    }
+    try:
+        return NodeLimits(**given)
+    except ValueError as exc:
+        flag = "--" + str(exc).split()[0].replace("_", "-")
+        parser.exit(EX.USAGE, f"{parser.prog} node: error: {flag}: {exc}\n")
 
 
 def _env(name: str, default: str) -> str:
@@ -201,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="human",
         help="the start-up lines as text (default) or one JSON object",
     )
+    _limit_options(node)
 
     control = _control_parent()
     agent = commands.add_parser("agent", help="the running node").add_subparsers(
@@ -380,7 +447,8 @@ def _one_line_errors(exc: BaseException) -> list[str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command != "node":
         command, *rest = _control_command(args)
         return trio.run(run_command, command, *rest)
@@ -391,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=int(args.port),
         seeds=tuple(args.seed if args.seed is not None else _env_seeds()),
         relay=args.relay,
+        limits=_limits(args, parser),
         metrics=_listen_address(args.metrics)
         if isinstance(args.metrics, str)
         else args.metrics,

@@ -18,7 +18,7 @@ import trio
 
 import polykey._control as control
 from polykey._control import CONTROL_SOCKET, control_client
-from polykey.agent import NodeSettings, PolykeyNode
+from polykey.agent import NodeLimits, NodeSettings, PolykeyNode
 
 
 def open_idle(path: Path, n: int) -> list[socket.socket]:
@@ -69,9 +69,13 @@ async def node_status(state_dir: Path) -> Any:
 async def test_extra_clients_are_closed_at_once_idle_ones_after_the_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(control, "MAX_CLIENTS", 4)
     monkeypatch.setattr(control, "REQUEST_TIMEOUT", 1.0)
-    settings = NodeSettings(state_dir=tmp_path, host="127.0.0.1", port=0)
+    settings = NodeSettings(
+        state_dir=tmp_path,
+        host="127.0.0.1",
+        port=0,
+        limits=NodeLimits(control_clients=4),
+    )
     with trio.fail_after(30):
         async with PolykeyNode(settings):
             clients = open_idle(tmp_path / CONTROL_SOCKET, 10)
@@ -100,15 +104,20 @@ _NODE_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import trio
     import polykey._control as control
-    from polykey.agent import NodeSettings, PolykeyNode
+    from polykey.agent import NodeLimits, NodeSettings, PolykeyNode
 
     HEADROOM = 8
     control.REQUEST_TIMEOUT = 1.5
-    control.MAX_CLIENTS = 1000  # so the descriptor limit is met first
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     async def main():
-        settings = NodeSettings(state_dir=Path(sys.argv[1]), host="127.0.0.1", port=0)
+        settings = NodeSettings(
+            state_dir=Path(sys.argv[1]),
+            host="127.0.0.1",
+            port=0,
+            # So the descriptor limit is met first.
+            limits=NodeLimits(control_clients=1000),
+        )
         async with PolykeyNode(settings):
             in_use = len(os.listdir("/proc/self/fd"))
             _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

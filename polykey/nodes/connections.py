@@ -202,6 +202,9 @@ class NodeConnectionManager:
         self._stopping = False
         self._dial_times = AttemptTimer()
         self.upgrades = 0
+        #: Unexpected exceptions in a connection's task or a callback
+        #: (logged at WARNING with the peer; the node goes on).
+        self.task_errors = 0
         self.dials = 0
         self.dial_failures = 0
         # The parts (see the module doc): each owns what it does.
@@ -314,9 +317,13 @@ class NodeConnectionManager:
         self, node_id: NodeId, host: str, port: int, outgoing: bool
     ) -> None:
         assert self._on_connection is not None
-        result = self._on_connection(node_id, host, port, outgoing)
-        if result is not None:
-            await result
+        try:
+            result = self._on_connection(node_id, host, port, outgoing)
+            if result is not None:
+                await result
+        except Exception:
+            # A bug in the callback: the connection and the node go on.
+            self._task_failed("connection callback", node_id, (host, port))
 
     async def _serve_connection(self, node: NodeConnection) -> None:
         conn = node.connection
@@ -331,14 +338,22 @@ class NodeConnectionManager:
             while True:
                 stream = await conn.accept_stream()
                 node.last_used = trio.current_time()
-                await self._rpc_server.handle_stream(stream, meta)
+                await self._rpc_server.handle_stream(stream, meta, connection=node)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:
+            # A bug: this connection ends (below), the node does not.
+            self._task_failed("connection task", node.node_id, node.address)
         finally:
             if self._pool.get(node.node_id) is node:
                 del self._pool[node.node_id]
                 if self._on_disconnect is not None:
-                    self._on_disconnect(node.node_id)
+                    try:
+                        self._on_disconnect(node.node_id)
+                    except Exception:
+                        self._task_failed(
+                            "disconnect callback", node.node_id, node.address
+                        )
             self._relaying.connection_gone(node)
             if not conn.closed:
                 await conn.aclose()
@@ -348,6 +363,16 @@ class NodeConnectionManager:
                 conn.close_reason,
                 extra={**_fields(node), "reason": str(conn.close_reason)},
             )
+
+    def _task_failed(self, what: str, node_id: NodeId, address: Address) -> None:
+        self.task_errors += 1
+        log.warning(
+            "%s for %s at %s failed unexpectedly",
+            what,
+            node_id,
+            format_host_port(*address),
+            exc_info=True,
+        )
 
     async def _close_later(self, node: NodeConnection) -> None:
         await trio.sleep(_REPLACED_GRACE)
@@ -473,9 +498,25 @@ class NodeConnectionManager:
 
     def spawn(self, fn: Callable[[*_Args], Awaitable[object]], *args: *_Args) -> None:
         """Run ``fn(*args)`` as one of the manager's tasks (cancelled when it
-        stops). The manager must be :attr:`running`."""
+        stops). The manager must be :attr:`running`. An unexpected
+        exception in it is logged at WARNING and counted (``task_errors``),
+        never the end of the manager."""
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(self._guarded, fn, *args)
+
+    async def _guarded(
+        self, fn: Callable[[*_Args], Awaitable[object]], *args: *_Args
+    ) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            self.task_errors += 1
+            log.warning(
+                "task %s(%s) failed unexpectedly",
+                getattr(fn, "__qualname__", fn),
+                ", ".join(str(arg) for arg in args)[:300],
+                exc_info=True,
+            )
 
     def pooled(self, node_id: NodeId) -> NodeConnection | None:
         """The pool's connection to ``node_id``, closed or not (unlike
@@ -662,6 +703,7 @@ class NodeConnectionManager:
             "signals_forwarded": self.signals_forwarded,
             "signals_dropped": self.signals_dropped,
             "signal_failures": self.signal_failures,
+            "task_errors": self.task_errors,
             "attempt_timeout": self.attempt_timeout(),
             "server": attrs.asdict(self._server.statistics),
             "socket": attrs.asdict(self.socket.statistics),

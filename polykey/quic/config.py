@@ -35,6 +35,20 @@ def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> Non
         raise ValueError(f"{attribute.name} must be at least 1")
 
 
+def _optional_count(
+    _: object, attribute: attrs.Attribute[Any], value: int | None
+) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1 (or None)")
+
+
+def _optional_rate(
+    _: object, attribute: attrs.Attribute[Any], value: float | None
+) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be positive (or None)")
+
+
 def _as_chain(chain: Iterable[bytes]) -> tuple[bytes, ...]:
     return tuple(chain)
 
@@ -82,6 +96,17 @@ class QUICConfig:
     #: Servers: handshakes in flight from one IP address (any port) before
     #: its new ones are refused, so one address cannot fill the backlog.
     max_handshakes_per_address: int = attrs.field(default=16, validator=_at_least_one)
+    #: Servers: connections held (handshaking or verified) before new
+    #: clients are refused; None: no limit (a node sets one: NodeLimits).
+    max_connections: int | None = attrs.field(default=None, validator=_optional_count)
+    #: Servers: the same, per remote IPv4 address or IPv6 /64.
+    max_connections_per_address: int | None = attrs.field(
+        default=None, validator=_optional_count
+    )
+    #: Servers: new handshakes per second per remote address (a token
+    #: bucket holding ``handshake_burst``); None: no limit.
+    handshake_rate: float | None = attrs.field(default=None, validator=_optional_rate)
+    handshake_burst: int = attrs.field(default=20, validator=_at_least_one)
     #: Offer DATAGRAM frames (RFC 9221), queueing at most this many each
     #: way; None: off. Relayed connections travel in them.
     datagram_queue: int | None = None

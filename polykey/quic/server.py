@@ -11,10 +11,15 @@ not a TLS handshake.
 
 A token admits one connection: the server remembers the tokens it has used
 until they expire (10 s, at most ``_MAX_USED_TOKENS``), so one Retry cannot
-be replayed into many handshakes. Handshakes in flight are bounded per IP
+be replayed into many handshakes. Handshakes in flight are bounded per
 address (``max_handshakes_per_address``) and in all (``accept_backlog``,
 which also counts connections waiting in :meth:`accept`): one address
 cannot take every slot for the handshake timeout.
+
+Beyond that, optional limits of :class:`QUICConfig` (the node sets them,
+see ``polykey/quic/_admission.py``): connections held (handshaking or
+verified) in all and per address, and new handshakes per second per
+address. An "address" is an IPv4 address or an IPv6 /64 throughout.
 
 A connection is handed to :meth:`accept` only once its handshake is done and
 the peer's certificate chain passed the verifier. Past a limit new clients
@@ -37,6 +42,7 @@ import attrs
 import trio
 
 from . import _binding
+from ._admission import Admission, AdmissionLimits, Refusal, address_key
 from ._binding import Address
 from .config import PeerVerifier, QUICConfig, TLSIdentity
 from .connection import QUICConnection
@@ -73,9 +79,19 @@ class ServerStatistics:
     refused_token_memory: int = 0
     #: New clients dropped because ``accept_backlog`` was full.
     refused_backlog: int = 0
-    #: New clients dropped because their IP address already had
-    #: ``max_handshakes_per_address`` handshakes in flight.
+    #: New clients dropped because their address (IPv4, or IPv6 /64)
+    #: already had ``max_handshakes_per_address`` handshakes in flight.
     refused_address_limit: int = 0
+    #: New clients dropped because ``max_connections`` were held.
+    refused_connections: int = 0
+    #: New clients dropped because their address (IPv4, or IPv6 /64) held
+    #: ``max_connections_per_address``.
+    refused_connections_per_address: int = 0
+    #: New clients dropped because their address started handshakes faster
+    #: than ``handshake_rate`` allows.
+    refused_handshake_rate: int = 0
+    #: Connections held now (handshaking or verified), once admitted.
+    connections: int = 0
     #: Initials of a supported version in datagrams under 1200 bytes.
     short_initials: int = 0
     #: Connections created for new clients (each a handshake in flight).
@@ -88,6 +104,15 @@ class ServerStatistics:
 
 def _now_ms() -> int:
     return int(time.monotonic() * 1000)
+
+
+def _count_refusal(stats: ServerStatistics, refusal: Refusal) -> None:
+    if refusal is Refusal.CONNECTIONS:
+        stats.refused_connections += 1
+    elif refusal is Refusal.CONNECTIONS_PER_ADDRESS:
+        stats.refused_connections_per_address += 1
+    else:
+        stats.refused_handshake_rate += 1
 
 
 class QUICServer(trio.abc.Listener[QUICConnection]):
@@ -119,6 +144,15 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         # MAC of each token that admitted a connection -> when it may be
         # forgotten (ms); in insertion order, so also in that order.
         self._used_tokens: dict[bytes, int] = {}
+        config = self._config
+        self._admission = Admission(
+            AdmissionLimits(
+                max_connections=config.max_connections,
+                max_connections_per_address=config.max_connections_per_address,
+                handshake_rate=config.handshake_rate,
+                handshake_burst=config.handshake_burst,
+            )
+        )
         self._closed = False
         self.statistics = ServerStatistics()
         socket.attach_server(self)
@@ -216,9 +250,13 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
                 return
             odcid, mac = checked
             scid = header.dcid
-        host = str(address[0])
+        host = address_key(str(address[0]))
         if self._per_address[host] >= self._config.max_handshakes_per_address:
             stats.refused_address_limit += 1
+            return
+        refusal = self._admission.admit(host, _now_ms() / 1000)
+        if refusal is not None:
+            _count_refusal(stats, refusal)
             return
         if mac is not None:
             self._used_tokens[mac] = _now_ms() + _TOKEN_LIFETIME_MS
@@ -227,6 +265,7 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
                 self._binding_config, scid, odcid, self._socket.local_address, address
             )
         except (QuicheError, ValueError):
+            self._admission.release(host)
             stats.handshakes_failed += 1
             return
         conn = QUICConnection(
@@ -244,6 +283,7 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         self._handshaking += 1
         self._per_address[host] += 1
         stats.handshakes_started += 1
+        stats.connections = self._admission.connections
         stats.handshaking = self._handshaking
         conn._on_ready.append(self._connection_ready)
         self._socket.nursery.start_soon(self._watch_handshake, conn, host)
@@ -251,17 +291,23 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         conn._datagram(data, address)
 
     async def _watch_handshake(self, conn: QUICConnection, host: str) -> None:
-        # Keeps the handshaking counts honest when a handshake fails.
+        # Keeps the handshaking and connection counts honest however the
+        # connection ends.
         try:
-            await conn._handshake_done.wait()
+            try:
+                await conn._handshake_done.wait()
+            finally:
+                self._handshaking -= 1
+                self.statistics.handshaking = self._handshaking
+                self._per_address[host] -= 1
+                if not self._per_address[host]:
+                    del self._per_address[host]
+            if not conn._verified:
+                self.statistics.handshakes_failed += 1
+            await conn.wait_closed()
         finally:
-            self._handshaking -= 1
-            self.statistics.handshaking = self._handshaking
-            self._per_address[host] -= 1
-            if not self._per_address[host]:
-                del self._per_address[host]
-        if not conn._verified:
-            self.statistics.handshakes_failed += 1
+            self._admission.release(host)
+            self.statistics.connections = self._admission.connections
 
     def _connection_ready(self, conn: QUICConnection) -> None:
         if self._closed:

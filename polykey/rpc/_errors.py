@@ -395,15 +395,21 @@ class ErrorRegistry:
 DEFAULT_ERROR_REGISTRY: Final = ErrorRegistry()
 for _cls in _ALL_LIBRARY_ERRORS:
     DEFAULT_ERROR_REGISTRY.register(_cls)
-for _builtin in (
-    ValueError,
-    TypeError,
-    KeyError,
-    LookupError,
-    RuntimeError,
-    NotImplementedError,
-    PermissionError,
-):
+#: Builtins a handler may raise as its answer (the default registry rebuilds
+#: them); exactly these types, not their subclasses (RecursionError is a
+#: RuntimeError, UnicodeDecodeError a ValueError: both are bugs).
+_ANSWER_BUILTINS: Final = frozenset(
+    {
+        ValueError,
+        TypeError,
+        KeyError,
+        LookupError,
+        RuntimeError,
+        NotImplementedError,
+        PermissionError,
+    }
+)
+for _builtin in _ANSWER_BUILTINS:
     DEFAULT_ERROR_REGISTRY.register(_builtin)
 del _cls, _builtin
 
@@ -418,6 +424,18 @@ def _scrub(message: str) -> str:
     if len(message) > _MAX_MESSAGE:
         message = message[: _MAX_MESSAGE - 3] + "..."
     return message
+
+
+def is_answer(exc: BaseException) -> bool:
+    """Whether a handler's exception is meant for its caller: one of ours
+    (``PolykeyError``), one that writes its own wire shape, or one of the
+    builtins the default registry knows. Anything else is a bug, answered
+    as -32603 without its text."""
+    return (
+        isinstance(exc, PolykeyError)
+        or callable(getattr(exc, "rpc_error_data", None))
+        or type(exc) in _ANSWER_BUILTINS
+    )
 
 
 class WireShapedError(Protocol):

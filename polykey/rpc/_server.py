@@ -44,6 +44,7 @@ Nothing a peer sends can raise out of a call task.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import math
@@ -52,6 +53,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Generator,
+    Hashable,
     Mapping,
     Sequence,
 )
@@ -61,11 +63,13 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ._codec import DEFAULT_MAX_MESSAGE_SIZE
+from ._codec import DEFAULT_MAX_MESSAGE_SIZE, encode_json
 from ._conn import EOF, MessageConn
 from ._context import CallContext
 from ._errors import (
     RPCError,
+    RPCHandlerFailed,
+    RPCInternalError,
     RPCInvalidParams,
     RPCMethodNotFound,
     RPCMissingResponse,
@@ -73,6 +77,7 @@ from ._errors import (
     RPCTimedOut,
     StreamCode,
     error_to_wire,
+    is_answer,
 )
 from ._handlers import (
     ClientHandler,
@@ -131,6 +136,14 @@ class ServerStatistics:
     internal_errors: int = 0
     #: Calls to a method this server does not serve.
     unknown_methods: int = 0
+    #: Calls refused at once because ``max_calls`` were in flight.
+    refused_busy: int = 0
+    #: Calls refused at once because their connection had
+    #: ``max_calls_per_connection`` in flight.
+    refused_busy_connection: int = 0
+    #: Handler exceptions that were bugs, not answers: -32603 on the wire,
+    #: the traceback in the log (WARNING).
+    handler_bugs: int = 0
     #: Calls by method (those the manifest serves; a header was read).
     calls_by_method: dict[str, int] = attrs.field(factory=dict)
 
@@ -145,7 +158,11 @@ class RPCServer:
     ``middleware`` factories run after the timeout middleware.  ``linger``
     bounds the wait for a client's FIN after a call has answered.
     ``close_grace`` is how long leaving the ``async with`` block lets
-    in-flight calls finish.
+    in-flight calls finish.  ``max_calls`` bounds the calls in flight, and
+    ``max_calls_per_connection`` those of one ``connection`` given to
+    :meth:`handle_stream`: a call beyond either is refused at once, by a
+    reset with code 1 where the stream can be reset (what js-rpc does for a
+    method it does not serve), else by a -32000 error.
     """
 
     def __init__(
@@ -158,9 +175,17 @@ class RPCServer:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         linger: float = 5.0,
         close_grace: float = 5.0,
+        max_calls: int | None = None,
+        max_calls_per_connection: int | None = None,
     ) -> None:
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be >= 0 or None")
+        for name, limit in (
+            ("max_calls", max_calls),
+            ("max_calls_per_connection", max_calls_per_connection),
+        ):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be at least 1 or None")
         for name, handler in manifest.items():
             if not isinstance(name, str) or not isinstance(handler, Handler):
                 raise TypeError(f"manifest entry {name!r} is not a Handler")
@@ -173,6 +198,9 @@ class RPCServer:
         self.max_message_size = max_message_size
         self.linger = linger
         self.close_grace = close_grace
+        self.max_calls = max_calls
+        self.max_calls_per_connection = max_calls_per_connection
+        self._per_connection: collections.Counter[Hashable] = collections.Counter()
         factories: list[MiddlewareFactory] = []
         if timeout_middleware:
             factories.append(ServerTimeoutMiddleware)
@@ -256,18 +284,27 @@ class RPCServer:
         self,
         stream: trio.abc.HalfCloseableStream,
         transport_meta: Mapping[str, Any] | None = None,
+        *,
+        connection: Hashable | None = None,
     ) -> None:
         """Serve the call on ``stream`` as a task of this server.
 
         Returns at once.  A server that is stopping refuses the stream
-        (reset with code 0).
+        (reset with code 0); one past its limits refuses it with code 1.
+        ``connection`` (any hashable: the transport's connection) is what
+        ``max_calls_per_connection`` counts by.
         """
         if self._state is not _State.RUNNING or self._nursery is None:
             self._stats.refused += 1
             await reset_stream(stream, StreamCode.UNKNOWN)
             return
+        if self._busy(connection):
+            self._nursery.start_soon(self._refuse_busy, stream)
+            return
         call = self._register(stream, transport_meta)
-        self._nursery.start_soon(self._run_call, call)
+        if connection is not None:
+            self._per_connection[connection] += 1
+        self._nursery.start_soon(self._run_call, call, connection)
 
     async def serve_stream(
         self,
@@ -279,7 +316,57 @@ class RPCServer:
             self._stats.refused += 1
             await reset_stream(stream, StreamCode.UNKNOWN)
             return
+        if self._busy(None):
+            await self._refuse_busy(stream)
+            return
         await self._run_call(self._register(stream, transport_meta))
+
+    def _busy(self, connection: Hashable | None) -> bool:
+        """Whether a new call (of ``connection``) is past a limit; counted."""
+        if self.max_calls is not None and len(self._calls) >= self.max_calls:
+            self._stats.refused_busy += 1
+            return True
+        limit = self.max_calls_per_connection
+        if (
+            limit is not None
+            and connection is not None
+            and self._per_connection[connection] >= limit
+        ):
+            self._stats.refused_busy_connection += 1
+            return True
+        return False
+
+    async def _refuse_busy(self, stream: trio.abc.HalfCloseableStream) -> None:
+        # As js-rpc refuses a method it does not serve: a reset with code 1
+        # where there is one, else a JSON error (not reading the request).
+        if not isinstance(stream, ResettableStream):
+            wire = error_to_wire(RPCHandlerFailed("too many calls in flight"))
+            reply = {"jsonrpc": "2.0", "error": wire, "id": None}
+            with trio.move_on_after(_REPLY_GRACE):
+                try:
+                    await stream.send_all(encode_json(reply))
+                    await stream.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await reset_stream(stream, StreamCode.HANDLER_FAILED)
+
+    def _handler_bug(
+        self, exc: BaseException, method: str, transport: Mapping[str, Any]
+    ) -> RPCInternalError:
+        """What a handler's unexpected exception is answered with; logged
+        with the peer it came from, the traceback kept off the wire."""
+        self._stats.handler_bugs += 1
+        peer = transport.get("node_id", transport.get("peer", "?"))
+        host, port = transport.get("host"), transport.get("port")
+        where = f" at {host}:{port}" if host is not None else ""
+        _log.warning(
+            "RPC handler %r failed unexpectedly (peer %s%s); answered -32603",
+            method[:100],
+            peer,
+            where,
+            exc_info=exc,
+        )
+        return RPCInternalError()
 
     def _register(
         self, stream: trio.abc.HalfCloseableStream, meta: Mapping[str, Any] | None
@@ -291,7 +378,9 @@ class RPCServer:
         self._stats.calls += 1
         return call
 
-    async def _run_call(self, call: _ServerCall) -> None:
+    async def _run_call(
+        self, call: _ServerCall, connection: Hashable | None = None
+    ) -> None:
         try:
             await call.run()
         except Exception:
@@ -300,6 +389,10 @@ class RPCServer:
             self._stats.internal_errors += 1
             _log.exception("RPC call failed unexpectedly")
         finally:
+            if connection is not None:
+                self._per_connection[connection] -= 1
+                if self._per_connection[connection] <= 0:
+                    del self._per_connection[connection]
             self._calls.discard(call)
             if not self._calls:
                 self._idle.set()
@@ -835,6 +928,9 @@ class _ServerCall:
     async def _send_error(self, exc: BaseException) -> None:
         if self.output_done or self.peer_gone:
             return
+        if not is_answer(exc):
+            method = self.ctx.method if self.ctx is not None else "?"
+            exc = self.server._handler_bug(exc, method, self.transport)
         wire = error_to_wire(exc)
         message: Response | ErrorResponse = ErrorResponse(
             ErrorObject(wire["code"], wire["message"], wire["data"])
