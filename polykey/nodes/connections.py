@@ -115,8 +115,10 @@ __all__ = [
 
 log = logging.getLogger("polykey.nodes.connections")
 
-#: Called with (node_id, host, port) for every verified connection.
-ConnectionCallback = Callable[[NodeId, str, int, bool], Awaitable[None] | None]
+#: Called with (node_id, host, port, outgoing) for every verified connection,
+#: at once and synchronously (a bug in it is logged, never the end of the
+#: connection).
+ConnectionCallback = Callable[[NodeId, str, int, bool], None]
 #: Called with the NodeId when the last live connection to it has ended.
 DisconnectCallback = Callable[[NodeId], None]
 
@@ -310,20 +312,12 @@ class NodeConnectionManager:
         # A relayed connection's address is a virtual path's, meaningful on
         # this socket only: the graph must not learn it, nor peers hear it.
         if self._on_connection is not None and path is not ConnectionPath.RELAYED:
-            self._nursery.start_soon(self._report, node_id, host, port, outgoing)
+            try:
+                self._on_connection(node_id, host, port, outgoing)
+            except Exception:
+                # A bug in the callback: the connection and the node go on.
+                self._task_failed("connection callback", node_id, (host, port))
         return node
-
-    async def _report(
-        self, node_id: NodeId, host: str, port: int, outgoing: bool
-    ) -> None:
-        assert self._on_connection is not None
-        try:
-            result = self._on_connection(node_id, host, port, outgoing)
-            if result is not None:
-                await result
-        except Exception:
-            # A bug in the callback: the connection and the node go on.
-            self._task_failed("connection callback", node_id, (host, port))
 
     async def _serve_connection(self, node: NodeConnection) -> None:
         conn = node.connection
