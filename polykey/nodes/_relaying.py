@@ -36,6 +36,7 @@ reaches the pool only through the manager's methods.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -44,6 +45,7 @@ import trio
 
 from ..keys import NodeId
 from ..quic import (
+    DatagramForward,
     QUICClient,
     QUICConfig,
     QUICConnectionError,
@@ -111,7 +113,11 @@ class Relaying:
         )
         # The table when we relay for others; our circuit ends, by (relay,
         # circuit id) and by the virtual address of their path.
-        self.table = RelayTable(limits) if limits is not None else None
+        self.table = (
+            RelayTable(limits, on_close=self._unforward) if limits is not None else None
+        )
+        # The relay's fast lanes: per open circuit, its forward each way.
+        self._forwards: dict[Circuit, list[DatagramForward]] = {}
         self.mode = mode
         self._ends: dict[tuple[NodeId, bytes], VirtualPath] = {}
         self._end_of: dict[Address, tuple[NodeId, bytes]] = {}
@@ -162,9 +168,8 @@ class Relaying:
                 pooled.connection.send_datagram(circuit_id)
 
     def _open_end(self, relay: NodeConnection, circuit_id: bytes) -> VirtualPath:
-        outer = relay.connection
         path = self._manager.socket.open_virtual_path(
-            lambda packet: outer.send_datagram(circuit_id + packet)
+            carrier=relay.connection, prefix=circuit_id
         )
         self._ends[relay.node_id, circuit_id] = path
         self._end_of[path.address] = (relay.node_id, circuit_id)
@@ -224,7 +229,52 @@ class Relaying:
         except (Exception, trio.TooSlowError) as exc:
             table.close(circuit)
             raise RelayConnectionFailedError(f"the target refused: {exc}") from None
+        self._forward(circuit)
         return circuit
+
+    def _forward(self, circuit: Circuit) -> None:
+        # Each way, the circuit's datagrams are forwarded in C within what
+        # is left of its budget; one past it (or any from a connection that
+        # is not pooled) reaches datagram() and the table's route().
+        table = self.table
+        assert table is not None
+        ends = (
+            (circuit.source, circuit.source_id, circuit.target, circuit.target_id),
+            (circuit.target, circuit.target_id, circuit.source, circuit.source_id),
+        )
+        forwards: list[DatagramForward] = []
+        for sender, sender_id, receiver, receiver_id in ends:
+            inbound, outbound = (
+                self._manager.pooled(sender),
+                self._manager.pooled(receiver),
+            )
+            if inbound is None or outbound is None or circuit.closed:
+                continue
+            forwards.append(
+                inbound.connection.forward_datagrams(
+                    sender_id,
+                    outbound.connection,
+                    receiver_id,
+                    budget=table.budget_left(circuit, sender),
+                    on_forwarded=functools.partial(self._forwarded, circuit, sender),
+                )
+            )
+        self._forwards[circuit] = forwards
+
+    def _forwarded(
+        self, circuit: Circuit, sender: NodeId, datagrams: int, size: int, dropped: int
+    ) -> None:
+        # A batch went by in C: account it; past its time, the circuit ends.
+        table = self.table
+        assert table is not None
+        if not table.account(
+            circuit, sender, datagrams, size, dropped, trio.current_time()
+        ):
+            self._circuit_closed(circuit)
+
+    def _unforward(self, circuit: Circuit) -> None:
+        for forward in self._forwards.pop(circuit, ()):
+            forward.close()
 
     def relay_stop(self, relay: NodeId, source: NodeId, circuit_id: bytes) -> None:
         conn = self._manager.get(relay)

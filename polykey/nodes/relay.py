@@ -23,7 +23,9 @@ The relay forwards ciphertext it can neither read nor forge.
 3. **Packets.** A opens a virtual path for ``id_A`` on its connection to R
    (:meth:`polykey.quic.QUICSocket.open_virtual_path`) and dials B's NodeId
    at it. Each QUIC packet of the inner connection travels as one DATAGRAM
-   frame (RFC 9221) ``circuit id || packet``; R swaps the id and forwards.
+   frame (RFC 9221) ``circuit id || packet``; R swaps the id and forwards
+   (in C, :meth:`polykey.quic.QUICConnection.forward_datagrams`, within the
+   circuit's byte budget; the table hears what went after each batch).
    B's QUIC server accepts the inner connection like any other. Inner
    packets are at most 1200 bytes (QUIC's minimum), so they fit in one
    outer datagram.
@@ -194,9 +196,12 @@ class RelayTable:
         limits: RelayLimits | None = None,
         *,
         token: Callable[[int], bytes] = os.urandom,
+        on_close: Callable[[Circuit], None] | None = None,
     ) -> None:
         self.limits = limits or RelayLimits()
         self._token = token
+        #: Called with each circuit as it closes, however it does.
+        self.on_close = on_close
         self._reservations: dict[NodeId, _Reservation] = {}
         # (the node a datagram comes from, its circuit id) -> circuit
         self._ends: dict[tuple[NodeId, bytes], Circuit] = {}
@@ -302,6 +307,38 @@ class RelayTable:
         self.statistics.bytes_forwarded += size
         return out
 
+    def account(
+        self,
+        circuit: Circuit,
+        sender: NodeId,
+        datagrams: int,
+        size: int,
+        dropped: int,
+        now: float,
+    ) -> bool:
+        """``datagrams`` of ``size`` payload bytes in all that were forwarded
+        from ``sender`` on ``circuit`` without :meth:`route` (the caller's
+        fast path, which stays within :meth:`budget_left`), ``dropped`` of
+        them by the next hop. Closes the circuit if it has run out of time;
+        returns whether it is still open."""
+        if sender == circuit.source:
+            circuit.to_target += size
+        else:
+            circuit.to_source += size
+        stats = self.statistics
+        stats.datagrams_forwarded += datagrams
+        stats.bytes_forwarded += size
+        stats.datagrams_dropped += dropped
+        if not circuit.closed and now >= circuit.expires:
+            stats.circuits_expired += 1
+            self.close(circuit)
+        return not circuit.closed
+
+    def budget_left(self, circuit: Circuit, sender: NodeId) -> int:
+        """Payload bytes ``sender`` may still send on ``circuit``."""
+        spent = circuit.to_target if sender == circuit.source else circuit.to_source
+        return max(0, self.limits.circuit_bytes - spent)
+
     def close(self, circuit: Circuit) -> None:
         if circuit.closed:
             return
@@ -315,6 +352,8 @@ class RelayTable:
             else:
                 self._per_node.pop(node, None)
         self.statistics.circuits -= 1
+        if self.on_close is not None:
+            self.on_close(circuit)
 
     def circuits(self) -> Iterator[Circuit]:
         seen: set[int] = set()
