@@ -12,8 +12,8 @@ connection hands its DATAGRAM frames to :meth:`Relaying.datagram`, each
   known by ``(relay, circuit id)`` and by the path's address: a datagram on
   it is a packet of the inner connection, an empty one says the relay
   closed the circuit. The inner connection is an ordinary one, verified end
-  to end, whose packets are at most :data:`RELAYED_PAYLOAD` bytes so that
-  they fit in one datagram; the manager pools it as ``relayed`` (whatever
+  to end, whose packets are at most the circuit's ``maxPacket`` (or
+  :data:`RELAYED_PAYLOAD`) bytes so that they fit in one datagram; the manager pools it as ``relayed`` (whatever
   arrives at a circuit's path is) and never reports its address, which
   means something on this socket only. The source's end is opened by
   :meth:`Relaying.connect`; the target's by :meth:`Relaying.relay_stop`
@@ -83,8 +83,9 @@ __all__ = ["RELAYED_PAYLOAD", "Relaying"]
 # The manager's logger: what the parts log reads as the manager's.
 log = logging.getLogger("polykey.nodes.connections")
 
-#: Inner packets of a relayed connection: QUIC's minimum, so that with the
-#: circuit id they fit in one DATAGRAM of the connection to the relay.
+#: Inner packets of a relayed connection when the relay names no larger
+#: size: QUIC's minimum, so that with the circuit id they fit in one
+#: DATAGRAM of the connection to the relay.
 RELAYED_PAYLOAD: Final = 1200
 #: A circuit's target waits this long for the inner connection to arrive.
 _CIRCUIT_WAIT: Final = 30.0
@@ -106,11 +107,10 @@ class Relaying:
         mode: str,
     ) -> None:
         self._manager = manager
-        self._client = QUICClient(
-            manager.socket,
-            tls,
-            config=attrs.evolve(config, max_udp_payload_size=RELAYED_PAYLOAD),
-        )
+        self._tls = tls
+        self._config = config
+        # Clients that dial inner connections, by their largest packet.
+        self._clients: dict[int, QUICClient] = {}
         # The table when we relay for others; our circuit ends, by (relay,
         # circuit id) and by the virtual address of their path.
         self.table = (
@@ -215,6 +215,14 @@ class Relaying:
         if to_target is None:
             raise RelayConnectionFailedError("no connection to the target")
         circuit = table.open(source, target, trio.current_time())
+        from_source = self._manager.pooled(source)
+        rooms = [
+            node.connection.datagram_max_size()
+            for node in (from_source, to_target)
+            if node is not None
+        ]
+        if len(rooms) == 2 and None not in rooms:
+            circuit.max_packet = min(r for r in rooms if r is not None) - CIRCUIT_ID_LEN
         try:
             with trio.fail_after(
                 self._manager.attempt_timeout(self._manager.rpc_timeout)
@@ -307,6 +315,17 @@ class Relaying:
         expires = result.get("expiresMs") if isinstance(result, dict) else None
         return expires / 1000 if isinstance(expires, int) and expires > 0 else 60.0
 
+    def _packet_size(self, relay: NodeConnection, answer: object) -> int:
+        # The relay's maxPacket, within what our own connection to it
+        # carries and our configured largest packet; bigger packets are
+        # fewer packets, each handled three times on the way.
+        size = self._config.max_udp_payload_size
+        named = answer.get("maxPacket") if isinstance(answer, dict) else None
+        room = relay.connection.datagram_max_size()
+        if not isinstance(named, int) or isinstance(named, bool) or room is None:
+            return RELAYED_PAYLOAD
+        return max(RELAYED_PAYLOAD, min(size, named, room - CIRCUIT_ID_LEN))
+
     async def connect(self, node_id: NodeId, relay: NodeConnection) -> NodeConnection:
         """:meth:`NodeConnectionManager.connect_relayed`, but for the
         upgrade (which the manager starts)."""
@@ -320,11 +339,17 @@ class Relaying:
         circuit_id = decode_circuit_id(
             result.get("circuit") if isinstance(result, dict) else None
         )
+        size = self._packet_size(relay, result)
+        client = self._clients.get(size)
+        if client is None:
+            client = self._clients[size] = QUICClient(
+                self._manager.socket,
+                self._tls,
+                config=attrs.evolve(self._config, max_udp_payload_size=size),
+            )
         path = self._open_end(relay, circuit_id)
         try:
-            conn = await self._client.connect(
-                path.address, verifier=node_verifier(node_id)
-            )
+            conn = await client.connect(path.address, verifier=node_verifier(node_id))
         except BaseException as exc:
             self.relayed_dial_failures += 1
             self._close_end((relay.node_id, circuit_id))

@@ -19,7 +19,9 @@ The relay forwards ciphertext it can neither read nor forge.
    8-byte circuit ids, and calls ``B.nodesRelayStop({"sourceNodeIdEncoded":
    A, "circuit": id_B})``: B opens a virtual path for ``id_B`` on its
    connection to R. R then answers A ``{"circuit": id_A, "durationMs",
-   "bytes"}``. Circuit ids are base64url on the wire.
+   "bytes", "maxPacket"}``, the last the largest inner packet that fits in
+   one DATAGRAM with the circuit id on both of R's connections. Circuit ids
+   are base64url on the wire.
 3. **Packets.** A opens a virtual path for ``id_A`` on its connection to R
    (:meth:`polykey.quic.QUICSocket.open_virtual_path`) and dials B's NodeId
    at it. Each QUIC packet of the inner connection travels as one DATAGRAM
@@ -27,8 +29,9 @@ The relay forwards ciphertext it can neither read nor forge.
    (in C, :meth:`polykey.quic.QUICConnection.forward_datagrams`, within the
    circuit's byte budget; the table hears what went after each batch).
    B's QUIC server accepts the inner connection like any other. Inner
-   packets are at most 1200 bytes (QUIC's minimum), so they fit in one
-   outer datagram.
+   packets are at most ``maxPacket`` bytes (A announces that as its largest
+   UDP payload, which bounds B's packets too; never under QUIC's minimum of
+   1200), so they fit in one outer datagram.
 4. **Limits**, per :class:`RelayLimits`: reservations (in all, per IP),
    circuits (in all, per node), and per circuit a duration and a byte budget
    each way. A circuit past its budget is closed: R tells each end with an
@@ -171,6 +174,9 @@ class Circuit:
     to_target: int = 0
     to_source: int = 0
     closed: bool = False
+    #: The largest inner packet both of the relay's connections carry in one
+    #: DATAGRAM with the circuit id (None: not known, QUIC's 1200 bytes).
+    max_packet: int | None = None
 
 
 @attrs.define
@@ -433,7 +439,13 @@ class NodesRelayConnect(UnaryHandler[JSONValue, JSONObject]):
         source = _caller(ctx)
         target = _node_id(params, "targetNodeIdEncoded")
         circuit = await self.host.relay_connect(source, target)
-        return {"circuit": b64url_encode(circuit.source_id), **self.limits.to_wire()}
+        answer: JSONObject = {
+            "circuit": b64url_encode(circuit.source_id),
+            **self.limits.to_wire(),
+        }
+        if circuit.max_packet is not None:
+            answer["maxPacket"] = circuit.max_packet
+        return answer
 
 
 class NodesRelayStop(UnaryHandler[JSONValue, JSONObject]):
