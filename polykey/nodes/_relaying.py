@@ -258,15 +258,20 @@ class Relaying:
             )
             if inbound is None or outbound is None or circuit.closed:
                 continue
-            forwards.append(
-                inbound.connection.forward_datagrams(
+            try:
+                forward = inbound.connection.forward_datagrams(
                     sender_id,
                     outbound.connection,
                     receiver_id,
                     budget=table.budget_left(circuit, sender),
                     on_forwarded=functools.partial(self._forwarded, circuit, sender),
                 )
-            )
+            except ValueError:
+                # The id is routed on that connection already (one of our
+                # own circuit ends through the sender, its id chosen by
+                # the sender): this way stays on the slow path.
+                continue
+            forwards.append(forward)
         self._forwards[circuit] = forwards
 
     def _forwarded(

@@ -229,7 +229,10 @@ class VirtualPath:
             dcid = packet[1 : 1 + CID_LEN]
             conn = socket._routes.get(dcid)
             if conn is not None and conn.remote_address == self.address:
-                self._carrier._carry_to(self._prefix, conn, dcid)
+                try:
+                    self._carrier._carry_to(self._prefix, conn, dcid)
+                except ValueError:
+                    pass  # the prefix is routed otherwise: stay in Python
         socket._process_dirty()  # a no-op inside processing: done after it
 
     def close(self) -> None:
