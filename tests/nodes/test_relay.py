@@ -199,13 +199,15 @@ async def test_a_relayed_connection_is_end_to_end(tmp_path: Path) -> None:
                 slow += 1
                 return route(*args)
 
-            table.route = counted  # type: ignore[method-assign]
+            table.route = counted  # type: ignore[method-assign,assignment]
             conn = await a_circuit(a, r, b)
             assert conn.path is ConnectionPath.RELAYED
             assert conn.connection.peer_identity == b.node_id  # verified end to end
             # Inner packets as big as both of R's connections carry with the
             # circuit id (1350-byte outer packets): more than QUIC's minimum.
-            assert conn.connection._q.max_send_udp_payload_size() > 1250
+            path = conn.connection.statistics().path
+            assert path is not None
+            assert path.pmtu > 1250
             pong = await conn.rpc.unary("nodesPing", {})
             assert pong["success"] is True
             # B sees A's connection as relayed; R forwarded, and holds one

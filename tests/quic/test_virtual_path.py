@@ -277,7 +277,7 @@ async def _carried(
         for forward in forwards:
             forward.close()
             assert forward.closed
-        return finished, body, bytes(got), counts
+    return finished, body, bytes(got), counts
 
 
 async def test_a_relay_forwards_in_c_and_the_ends_deliver_in_c() -> None:
