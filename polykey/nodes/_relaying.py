@@ -13,9 +13,10 @@ connection hands its DATAGRAM frames to :meth:`Relaying.datagram`, each
   it is a packet of the inner connection, an empty one says the relay
   closed the circuit. The inner connection is an ordinary one, verified end
   to end, whose packets are at most the circuit's ``maxPacket`` (or
-  :data:`RELAYED_PAYLOAD`) bytes so that they fit in one datagram; the manager pools it as ``relayed`` (whatever
-  arrives at a circuit's path is) and never reports its address, which
-  means something on this socket only. The source's end is opened by
+  :data:`RELAYED_PAYLOAD`) bytes so that they fit in one datagram; the
+  manager pools it as ``relayed`` (whatever arrives at a circuit's path is)
+  and never reports its address, which means something on this socket
+  only. The source's end is opened by
   :meth:`Relaying.connect`; the target's by :meth:`Relaying.relay_stop`
   (only on a relay we hold a reservation on), which lets go of it when no
   inner connection arrived within :data:`_CIRCUIT_WAIT`.
@@ -215,14 +216,12 @@ class Relaying:
         if to_target is None:
             raise RelayConnectionFailedError("no connection to the target")
         circuit = table.open(source, target, trio.current_time())
+        # The largest inner packet that fits, with the id, both ways.
         from_source = self._manager.pooled(source)
-        rooms = [
-            node.connection.datagram_max_size()
-            for node in (from_source, to_target)
-            if node is not None
-        ]
-        if len(rooms) == 2 and None not in rooms:
-            circuit.max_packet = min(r for r in rooms if r is not None) - CIRCUIT_ID_LEN
+        room_in = from_source.connection.datagram_max_size() if from_source else None
+        room_out = to_target.connection.datagram_max_size()
+        if room_in is not None and room_out is not None:
+            circuit.max_packet = min(room_in, room_out) - CIRCUIT_ID_LEN
         try:
             with trio.fail_after(
                 self._manager.attempt_timeout(self._manager.rpc_timeout)

@@ -488,7 +488,7 @@ class DatagramRoute:
     prefix swapped (:meth:`forward`), or fed to a connection as received
     packets (:meth:`deliver`). It keeps the connection it points to alive."""
 
-    __slots__ = ("_slot", "out", "prefix")
+    __slots__ = ("_array", "_slot", "out", "prefix")
 
     _FORWARD: Final = 1
     _DELIVER: Final = 2
@@ -500,7 +500,9 @@ class DatagramRoute:
             raise ValueError(f"a route prefix is 1 to {self.PREFIX_MAX} bytes")
         self.prefix = prefix
         self.out = out
-        # The struct lives here until a table takes it into its array.
+        # The struct lives here until a table takes it into its array,
+        # which the route then keeps alive too (its slot points into it).
+        self._array: Any = None
         slot = self._slot = ffi.new("pk_dgram_route *")
         slot.kind = kind
         ffi.memmove(slot.prefix, prefix, len(prefix))
@@ -576,7 +578,7 @@ class DatagramRoutes:
             self.routes.remove(route)
             standalone = ffi.new("pk_dgram_route *")
             ffi.memmove(standalone, route._slot, ffi.sizeof("pk_dgram_route"))
-            route._slot = standalone
+            route._slot, route._array = standalone, None
             self._rebuild()
 
     def _rebuild(self) -> None:
@@ -585,7 +587,7 @@ class DatagramRoutes:
         size = ffi.sizeof("pk_dgram_route")
         for i, route in enumerate(self.routes):
             ffi.memmove(array + i, route._slot, size)
-            route._slot = array + i  # kept alive by self._array
+            route._slot, route._array = array + i, array
         self._array = array
         self._n = n
 

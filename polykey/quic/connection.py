@@ -316,11 +316,13 @@ class QUICConnection(trio.abc.AsyncResource):
                     n = q.dgram_recv(buf)
                 else:
                     n = q.dgram_route(routes.table, buf)
-                    # Before the handler sees the frame no route took: a
-                    # relay's budget check needs what the routes carried.
-                    routes.settle()
             except QuicheError:
-                return
+                n = None
+            finally:
+                # Before the handler sees the frame no route took: a
+                # relay's budget check needs what the routes carried.
+                if routes is not None:
+                    routes.settle()
             if n is None:
                 return
             if handler is not None:
