@@ -257,6 +257,24 @@ ssize_t pk_conn_send_batch(quiche_conn *conn, uint8_t *out, size_t out_len,
 size_t pk_conn_recv_segments(quiche_conn *conn, uint8_t *buf, size_t len,
                              size_t segment, const uint8_t *dcid, size_t dcid_len,
                              const quiche_recv_info *info);
+typedef struct {
+    uint32_t kind;
+    uint8_t prefix[16];
+    quiche_conn *out;
+    uint8_t out_prefix[16];
+    uint64_t budget;
+    uint8_t dcid[20];
+    size_t dcid_len;
+    const quiche_recv_info *info;
+    uint64_t datagrams;
+    uint64_t bytes;
+    uint64_t dropped;
+} pk_dgram_route;
+ssize_t pk_conn_dgram_route(quiche_conn *conn, pk_dgram_route *routes, size_t n_routes,
+                            size_t prefix_len, uint8_t *buf, size_t buf_len);
+size_t pk_conn_dgram_send_segments(quiche_conn *conn, const uint8_t *prefix,
+                                   size_t prefix_len, const uint8_t *data, size_t len,
+                                   size_t segment, uint8_t *scratch, size_t scratch_len);
 """
 
 

@@ -403,7 +403,8 @@ def report(
     the seed: B cannot be reached directly through these NATs, and the seed
     is the relay, so both transfers leave A through its NAT over the same
     first hop; the relayed one also crosses the seed and B's NAT, inside
-    DATAGRAM frames (1200-byte inner packets, encrypted twice)."""
+    DATAGRAM frames (inner packets up to the relay's maxPacket, 1302
+    bytes between our nodes, encrypted twice)."""
     )
     mismatch = [t for t in all_tries if t.ok and t.b_path != t.path]
     pooled = [t for t in all_tries if t.pooled]

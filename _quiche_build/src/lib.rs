@@ -11,6 +11,12 @@
 //! * `pk_conn_send_batch`: several `quiche_conn_send` calls into one buffer
 //!   of equal-sized segments, ready for one GSO `sendmsg`, so Python makes one
 //!   call per batch instead of one per packet.
+//! * `pk_conn_dgram_route` / `pk_conn_dgram_send_segments`: QUIC packets
+//!   carried inside DATAGRAM frames of another connection (a relayed
+//!   connection), routed by a fixed-length prefix (the circuit id) without a
+//!   trip through Python per packet: a relay swaps the prefix and queues the
+//!   frame on the other connection, an end feeds the packet to its inner
+//!   connection, a sender queues a whole GSO batch in one call.
 //!
 //! Everything here must stay panic-free: a panic across `extern "C"` aborts
 //! the whole Python process.
@@ -256,6 +262,12 @@ extern "C" {
         conn: *mut quiche::Connection, out: *mut u8, out_len: size_t,
         out_info: *mut SendInfo,
     ) -> ssize_t;
+    fn quiche_conn_dgram_recv(
+        conn: *mut quiche::Connection, buf: *mut u8, buf_len: size_t,
+    ) -> ssize_t;
+    fn quiche_conn_dgram_send(
+        conn: *mut quiche::Connection, buf: *const u8, buf_len: size_t,
+    ) -> ssize_t;
     fn quiche_conn_send_on_path(
         conn: *mut quiche::Connection, out: *mut u8, out_len: size_t,
         from: *const sockaddr, from_len: socklen_t, to: *const sockaddr,
@@ -340,4 +352,155 @@ pub extern "C" fn pk_conn_recv_segments(
         off += n;
     }
     off
+}
+
+/// The longest prefix (circuit id) and connection id a route matches.
+const ROUTE_PREFIX_MAX: usize = 16;
+const ROUTE_CID_MAX: usize = 20;
+/// Route kinds: unused, forward to another connection's datagrams, deliver
+/// to an inner connection as a received packet.
+const ROUTE_NONE: u32 = 0;
+const ROUTE_FORWARD: u32 = 1;
+const ROUTE_DELIVER: u32 = 2;
+
+/// One datagram route of a connection; the caller owns the array and keeps
+/// `out` (and `info`) alive while the route is in it.
+#[repr(C)]
+pub struct DgramRoute {
+    kind: u32,
+    /// Datagrams starting with these `prefix_len` bytes take this route.
+    prefix: [u8; ROUTE_PREFIX_MAX],
+    out: *mut quiche::Connection,
+    /// Forward: the prefix swapped in, and the payload bytes the route may
+    /// still carry (a datagram that would pass it goes back to the caller).
+    out_prefix: [u8; ROUTE_PREFIX_MAX],
+    budget: u64,
+    /// Deliver: only short-header packets for this connection id (anything
+    /// else, a handshake packet or a migrated id, goes back to the caller),
+    /// fed to `out` as arriving from `info`.
+    dcid: [u8; ROUTE_CID_MAX],
+    dcid_len: size_t,
+    info: *const RecvInfo,
+    /// Counters, only ever added to: datagrams taken, their payload bytes,
+    /// and of them those the other connection's queue refused (forward).
+    datagrams: u64,
+    bytes: u64,
+    dropped: u64,
+}
+
+fn take(route: &mut DgramRoute, data: *mut u8, n: usize, plen: usize) -> bool {
+    let payload = n - plen;
+    match route.kind {
+        ROUTE_FORWARD => {
+            if payload as u64 > route.budget {
+                return false;
+            }
+            unsafe {
+                ptr::copy_nonoverlapping(route.out_prefix.as_ptr(), data, plen);
+            }
+            let rc = unsafe { quiche_conn_dgram_send(route.out, data, n) };
+            if rc < 0 {
+                route.dropped += 1;
+            }
+            route.budget -= payload as u64;
+        },
+        ROUTE_DELIVER => {
+            let packet = unsafe { slice::from_raw_parts(data.add(plen), payload) };
+            let cid = &route.dcid[..route.dcid_len.min(ROUTE_CID_MAX)];
+            if payload <= cid.len() + 1
+                || packet[0] & 0x80 != 0
+                || &packet[1..1 + cid.len()] != cid
+            {
+                return false;
+            }
+            // Errors on single packets are quiche's to handle, as in
+            // pk_conn_recv_segments.
+            unsafe { quiche_conn_recv(route.out, data.add(plen), payload, route.info) };
+        },
+        _ => return false,
+    }
+    route.datagrams += 1;
+    route.bytes += payload as u64;
+    true
+}
+
+/// Drain `conn`'s received DATAGRAM frames through `routes`: each frame of
+/// more than `prefix_len` bytes whose prefix names a route is taken by it
+/// (forwarded or delivered, counted). Stops at the first frame no route
+/// takes, leaving it in `buf`, and returns its length for the caller to
+/// handle (then it calls again); returns QUICHE_ERR_DONE when the queue is
+/// empty, or another negative quiche error.
+#[no_mangle]
+pub extern "C" fn pk_conn_dgram_route(
+    conn: *mut quiche::Connection, routes: *mut DgramRoute, n_routes: size_t,
+    prefix_len: size_t, buf: *mut u8, buf_len: size_t,
+) -> ssize_t {
+    if conn.is_null() || buf.is_null() || prefix_len > ROUTE_PREFIX_MAX {
+        return QUICHE_ERR_DONE;
+    }
+    let routes: &mut [DgramRoute] = if routes.is_null() || n_routes == 0 {
+        &mut []
+    } else {
+        unsafe { slice::from_raw_parts_mut(routes, n_routes) }
+    };
+    loop {
+        let rc = unsafe { quiche_conn_dgram_recv(conn, buf, buf_len) };
+        if rc < 0 {
+            return rc;
+        }
+        let n = rc as usize;
+        if n <= prefix_len {
+            return rc;
+        }
+        let prefix = unsafe { slice::from_raw_parts(buf, prefix_len) };
+        let found = routes.iter_mut().find(|r| {
+            r.kind != ROUTE_NONE && !r.out.is_null() && &r.prefix[..prefix_len] == prefix
+        });
+        let taken = match found {
+            Some(route) => take(route, buf, n, prefix_len),
+            None => false,
+        };
+        if !taken {
+            return rc;
+        }
+    }
+}
+
+/// Queue the packets of `data` (`segment` bytes each, the last may be
+/// shorter: a send batch) on `conn` as DATAGRAM frames, each `prefix` then
+/// the packet, built in `scratch`. Returns how many were queued; the rest
+/// the queue refused (dropped, as a lossy link drops them).
+#[no_mangle]
+pub extern "C" fn pk_conn_dgram_send_segments(
+    conn: *mut quiche::Connection, prefix: *const u8, prefix_len: size_t,
+    data: *const u8, len: size_t, segment: size_t, scratch: *mut u8,
+    scratch_len: size_t,
+) -> size_t {
+    if conn.is_null()
+        || data.is_null()
+        || scratch.is_null()
+        || segment == 0
+        || (prefix.is_null() && prefix_len > 0)
+    {
+        return 0;
+    }
+    if prefix_len + segment.min(len) > scratch_len {
+        return 0;
+    }
+    if prefix_len > 0 {
+        unsafe { ptr::copy_nonoverlapping(prefix, scratch, prefix_len) };
+    }
+    let mut queued = 0;
+    let mut off = 0usize;
+    while off < len {
+        let n = segment.min(len - off);
+        unsafe {
+            ptr::copy_nonoverlapping(data.add(off), scratch.add(prefix_len), n);
+            if quiche_conn_dgram_send(conn, scratch, prefix_len + n) >= 0 {
+                queued += 1;
+            }
+        }
+        off += n;
+    }
+    queued
 }

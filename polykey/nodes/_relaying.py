@@ -12,10 +12,11 @@ connection hands its DATAGRAM frames to :meth:`Relaying.datagram`, each
   known by ``(relay, circuit id)`` and by the path's address: a datagram on
   it is a packet of the inner connection, an empty one says the relay
   closed the circuit. The inner connection is an ordinary one, verified end
-  to end, whose packets are at most :data:`RELAYED_PAYLOAD` bytes so that
-  they fit in one datagram; the manager pools it as ``relayed`` (whatever
-  arrives at a circuit's path is) and never reports its address, which
-  means something on this socket only. The source's end is opened by
+  to end, whose packets are at most the circuit's ``maxPacket`` (or
+  :data:`RELAYED_PAYLOAD`) bytes so that they fit in one datagram; the
+  manager pools it as ``relayed`` (whatever arrives at a circuit's path is)
+  and never reports its address, which means something on this socket
+  only. The source's end is opened by
   :meth:`Relaying.connect`; the target's by :meth:`Relaying.relay_stop`
   (only on a relay we hold a reservation on), which lets go of it when no
   inner connection arrived within :data:`_CIRCUIT_WAIT`.
@@ -36,6 +37,7 @@ reaches the pool only through the manager's methods.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -44,6 +46,7 @@ import trio
 
 from ..keys import NodeId
 from ..quic import (
+    DatagramForward,
     QUICClient,
     QUICConfig,
     QUICConnectionError,
@@ -81,8 +84,9 @@ __all__ = ["RELAYED_PAYLOAD", "Relaying"]
 # The manager's logger: what the parts log reads as the manager's.
 log = logging.getLogger("polykey.nodes.connections")
 
-#: Inner packets of a relayed connection: QUIC's minimum, so that with the
-#: circuit id they fit in one DATAGRAM of the connection to the relay.
+#: Inner packets of a relayed connection when the relay names no larger
+#: size: QUIC's minimum, so that with the circuit id they fit in one
+#: DATAGRAM of the connection to the relay.
 RELAYED_PAYLOAD: Final = 1200
 #: A circuit's target waits this long for the inner connection to arrive.
 _CIRCUIT_WAIT: Final = 30.0
@@ -104,14 +108,17 @@ class Relaying:
         mode: str,
     ) -> None:
         self._manager = manager
-        self._client = QUICClient(
-            manager.socket,
-            tls,
-            config=attrs.evolve(config, max_udp_payload_size=RELAYED_PAYLOAD),
-        )
+        self._tls = tls
+        self._config = config
+        # Clients that dial inner connections, by their largest packet.
+        self._clients: dict[int, QUICClient] = {}
         # The table when we relay for others; our circuit ends, by (relay,
         # circuit id) and by the virtual address of their path.
-        self.table = RelayTable(limits) if limits is not None else None
+        self.table = (
+            RelayTable(limits, on_close=self._unforward) if limits is not None else None
+        )
+        # The relay's fast lanes: per open circuit, its forward each way.
+        self._forwards: dict[Circuit, list[DatagramForward]] = {}
         self.mode = mode
         self._ends: dict[tuple[NodeId, bytes], VirtualPath] = {}
         self._end_of: dict[Address, tuple[NodeId, bytes]] = {}
@@ -162,9 +169,8 @@ class Relaying:
                 pooled.connection.send_datagram(circuit_id)
 
     def _open_end(self, relay: NodeConnection, circuit_id: bytes) -> VirtualPath:
-        outer = relay.connection
         path = self._manager.socket.open_virtual_path(
-            lambda packet: outer.send_datagram(circuit_id + packet)
+            carrier=relay.connection, prefix=circuit_id
         )
         self._ends[relay.node_id, circuit_id] = path
         self._end_of[path.address] = (relay.node_id, circuit_id)
@@ -210,6 +216,12 @@ class Relaying:
         if to_target is None:
             raise RelayConnectionFailedError("no connection to the target")
         circuit = table.open(source, target, trio.current_time())
+        # The largest inner packet that fits, with the id, both ways.
+        from_source = self._manager.pooled(source)
+        room_in = from_source.connection.datagram_max_size() if from_source else None
+        room_out = to_target.connection.datagram_max_size()
+        if room_in is not None and room_out is not None:
+            circuit.max_packet = min(room_in, room_out) - CIRCUIT_ID_LEN
         try:
             with trio.fail_after(
                 self._manager.attempt_timeout(self._manager.rpc_timeout)
@@ -224,7 +236,57 @@ class Relaying:
         except (Exception, trio.TooSlowError) as exc:
             table.close(circuit)
             raise RelayConnectionFailedError(f"the target refused: {exc}") from None
+        self._forward(circuit)
         return circuit
+
+    def _forward(self, circuit: Circuit) -> None:
+        # Each way, the circuit's datagrams are forwarded in C within what
+        # is left of its budget; one past it (or any from a connection that
+        # is not pooled) reaches datagram() and the table's route().
+        table = self.table
+        assert table is not None
+        ends = (
+            (circuit.source, circuit.source_id, circuit.target, circuit.target_id),
+            (circuit.target, circuit.target_id, circuit.source, circuit.source_id),
+        )
+        forwards: list[DatagramForward] = []
+        for sender, sender_id, receiver, receiver_id in ends:
+            inbound, outbound = (
+                self._manager.pooled(sender),
+                self._manager.pooled(receiver),
+            )
+            if inbound is None or outbound is None or circuit.closed:
+                continue
+            try:
+                forward = inbound.connection.forward_datagrams(
+                    sender_id,
+                    outbound.connection,
+                    receiver_id,
+                    budget=table.budget_left(circuit, sender),
+                    on_forwarded=functools.partial(self._forwarded, circuit, sender),
+                )
+            except ValueError:
+                # The id is routed on that connection already (one of our
+                # own circuit ends through the sender, its id chosen by
+                # the sender): this way stays on the slow path.
+                continue
+            forwards.append(forward)
+        self._forwards[circuit] = forwards
+
+    def _forwarded(
+        self, circuit: Circuit, sender: NodeId, datagrams: int, size: int, dropped: int
+    ) -> None:
+        # A batch went by in C: account it; past its time, the circuit ends.
+        table = self.table
+        assert table is not None
+        if not table.account(
+            circuit, sender, datagrams, size, dropped, trio.current_time()
+        ):
+            self._circuit_closed(circuit)
+
+    def _unforward(self, circuit: Circuit) -> None:
+        for forward in self._forwards.pop(circuit, ()):
+            forward.close()
 
     def relay_stop(self, relay: NodeId, source: NodeId, circuit_id: bytes) -> None:
         conn = self._manager.get(relay)
@@ -257,6 +319,17 @@ class Relaying:
         expires = result.get("expiresMs") if isinstance(result, dict) else None
         return expires / 1000 if isinstance(expires, int) and expires > 0 else 60.0
 
+    def _packet_size(self, relay: NodeConnection, answer: object) -> int:
+        # The relay's maxPacket, within what our own connection to it
+        # carries and our configured largest packet; bigger packets are
+        # fewer packets, each handled three times on the way.
+        size = self._config.max_udp_payload_size
+        named = answer.get("maxPacket") if isinstance(answer, dict) else None
+        room = relay.connection.datagram_max_size()
+        if not isinstance(named, int) or isinstance(named, bool) or room is None:
+            return RELAYED_PAYLOAD
+        return max(RELAYED_PAYLOAD, min(size, named, room - CIRCUIT_ID_LEN))
+
     async def connect(self, node_id: NodeId, relay: NodeConnection) -> NodeConnection:
         """:meth:`NodeConnectionManager.connect_relayed`, but for the
         upgrade (which the manager starts)."""
@@ -270,11 +343,17 @@ class Relaying:
         circuit_id = decode_circuit_id(
             result.get("circuit") if isinstance(result, dict) else None
         )
+        size = self._packet_size(relay, result)
+        client = self._clients.get(size)
+        if client is None:
+            client = self._clients[size] = QUICClient(
+                self._manager.socket,
+                self._tls,
+                config=attrs.evolve(self._config, max_udp_payload_size=size),
+            )
         path = self._open_end(relay, circuit_id)
         try:
-            conn = await self._client.connect(
-                path.address, verifier=node_verifier(node_id)
-            )
+            conn = await client.connect(path.address, verifier=node_verifier(node_id))
         except BaseException as exc:
             self.relayed_dial_failures += 1
             self._close_end((relay.node_id, circuit_id))

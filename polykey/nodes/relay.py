@@ -19,14 +19,19 @@ The relay forwards ciphertext it can neither read nor forge.
    8-byte circuit ids, and calls ``B.nodesRelayStop({"sourceNodeIdEncoded":
    A, "circuit": id_B})``: B opens a virtual path for ``id_B`` on its
    connection to R. R then answers A ``{"circuit": id_A, "durationMs",
-   "bytes"}``. Circuit ids are base64url on the wire.
+   "bytes", "maxPacket"}``, the last the largest inner packet that fits in
+   one DATAGRAM with the circuit id on both of R's connections. Circuit ids
+   are base64url on the wire.
 3. **Packets.** A opens a virtual path for ``id_A`` on its connection to R
    (:meth:`polykey.quic.QUICSocket.open_virtual_path`) and dials B's NodeId
    at it. Each QUIC packet of the inner connection travels as one DATAGRAM
-   frame (RFC 9221) ``circuit id || packet``; R swaps the id and forwards.
+   frame (RFC 9221) ``circuit id || packet``; R swaps the id and forwards
+   (in C, :meth:`polykey.quic.QUICConnection.forward_datagrams`, within the
+   circuit's byte budget; the table hears what went after each batch).
    B's QUIC server accepts the inner connection like any other. Inner
-   packets are at most 1200 bytes (QUIC's minimum), so they fit in one
-   outer datagram.
+   packets are at most ``maxPacket`` bytes (A announces that as its largest
+   UDP payload, which bounds B's packets too; never under QUIC's minimum of
+   1200), so they fit in one outer datagram.
 4. **Limits**, per :class:`RelayLimits`: reservations (in all, per IP),
    circuits (in all, per node), and per circuit a duration and a byte budget
    each way. A circuit past its budget is closed: R tells each end with an
@@ -169,6 +174,9 @@ class Circuit:
     to_target: int = 0
     to_source: int = 0
     closed: bool = False
+    #: The largest inner packet both of the relay's connections carry in one
+    #: DATAGRAM with the circuit id (None: not known, QUIC's 1200 bytes).
+    max_packet: int | None = None
 
 
 @attrs.define
@@ -194,9 +202,12 @@ class RelayTable:
         limits: RelayLimits | None = None,
         *,
         token: Callable[[int], bytes] = os.urandom,
+        on_close: Callable[[Circuit], None] | None = None,
     ) -> None:
         self.limits = limits or RelayLimits()
         self._token = token
+        #: Called with each circuit as it closes, however it does.
+        self.on_close = on_close
         self._reservations: dict[NodeId, _Reservation] = {}
         # (the node a datagram comes from, its circuit id) -> circuit
         self._ends: dict[tuple[NodeId, bytes], Circuit] = {}
@@ -302,6 +313,38 @@ class RelayTable:
         self.statistics.bytes_forwarded += size
         return out
 
+    def account(
+        self,
+        circuit: Circuit,
+        sender: NodeId,
+        datagrams: int,
+        size: int,
+        dropped: int,
+        now: float,
+    ) -> bool:
+        """``datagrams`` of ``size`` payload bytes in all that were forwarded
+        from ``sender`` on ``circuit`` without :meth:`route` (the caller's
+        fast path, which stays within :meth:`budget_left`), ``dropped`` of
+        them by the next hop. Closes the circuit if it has run out of time;
+        returns whether it is still open."""
+        if sender == circuit.source:
+            circuit.to_target += size
+        else:
+            circuit.to_source += size
+        stats = self.statistics
+        stats.datagrams_forwarded += datagrams
+        stats.bytes_forwarded += size
+        stats.datagrams_dropped += dropped
+        if not circuit.closed and now >= circuit.expires:
+            stats.circuits_expired += 1
+            self.close(circuit)
+        return not circuit.closed
+
+    def budget_left(self, circuit: Circuit, sender: NodeId) -> int:
+        """Payload bytes ``sender`` may still send on ``circuit``."""
+        spent = circuit.to_target if sender == circuit.source else circuit.to_source
+        return max(0, self.limits.circuit_bytes - spent)
+
     def close(self, circuit: Circuit) -> None:
         if circuit.closed:
             return
@@ -315,6 +358,8 @@ class RelayTable:
             else:
                 self._per_node.pop(node, None)
         self.statistics.circuits -= 1
+        if self.on_close is not None:
+            self.on_close(circuit)
 
     def circuits(self) -> Iterator[Circuit]:
         seen: set[int] = set()
@@ -394,7 +439,13 @@ class NodesRelayConnect(UnaryHandler[JSONValue, JSONObject]):
         source = _caller(ctx)
         target = _node_id(params, "targetNodeIdEncoded")
         circuit = await self.host.relay_connect(source, target)
-        return {"circuit": b64url_encode(circuit.source_id), **self.limits.to_wire()}
+        answer: JSONObject = {
+            "circuit": b64url_encode(circuit.source_id),
+            **self.limits.to_wire(),
+        }
+        if circuit.max_packet is not None:
+            answer["maxPacket"] = circuit.max_packet
+        return answer
 
 
 class NodesRelayStop(UnaryHandler[JSONValue, JSONObject]):

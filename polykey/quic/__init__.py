@@ -8,6 +8,7 @@ client connections dialled with ``QUICClient``/``connect``. Connections carry
 from __future__ import annotations
 
 from ._binding import quiche_version
+from ._carrier import DatagramForward
 from ._spray import spray_delays
 from .client import QUICClient, connect
 from .config import PeerVerifier, QUICConfig, TLSIdentity
@@ -32,6 +33,7 @@ __all__ = [
     "CloseKind",
     "CloseReason",
     "ConnectionStatistics",
+    "DatagramForward",
     "PeerVerificationError",
     "PeerVerifier",
     "QUICClient",

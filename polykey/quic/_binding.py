@@ -44,6 +44,8 @@ __all__ = [
     "Address",
     "Config",
     "Connection",
+    "DatagramRoute",
+    "DatagramRoutes",
     "Header",
     "PacketType",
     "PathStats",
@@ -480,6 +482,116 @@ class PathStats:
 _STATS_FIELDS = tuple(f.name for f in attrs.fields(Stats))
 
 
+class DatagramRoute:
+    """One route of a :class:`DatagramRoutes`: datagrams starting with
+    ``prefix`` are forwarded to another connection's datagrams with the
+    prefix swapped (:meth:`forward`), or fed to a connection as received
+    packets (:meth:`deliver`). It keeps the connection it points to alive."""
+
+    __slots__ = ("_array", "_slot", "out", "prefix")
+
+    _FORWARD: Final = 1
+    _DELIVER: Final = 2
+    PREFIX_MAX: Final = 16
+    CID_MAX: Final = 20
+
+    def __init__(self, kind: int, prefix: bytes, out: Connection) -> None:
+        if not 0 < len(prefix) <= self.PREFIX_MAX:
+            raise ValueError(f"a route prefix is 1 to {self.PREFIX_MAX} bytes")
+        self.prefix = prefix
+        self.out = out
+        # The struct lives here until a table takes it into its array,
+        # which the route then keeps alive too (its slot points into it).
+        self._array: Any = None
+        slot = self._slot = ffi.new("pk_dgram_route *")
+        slot.kind = kind
+        ffi.memmove(slot.prefix, prefix, len(prefix))
+        slot.out = out._ptr
+
+    @classmethod
+    def forward(
+        cls, prefix: bytes, out: Connection, out_prefix: bytes, budget: int
+    ) -> DatagramRoute:
+        if len(out_prefix) != len(prefix):
+            raise ValueError("both prefixes of a route have one length")
+        route = cls(cls._FORWARD, prefix, out)
+        ffi.memmove(route._slot.out_prefix, out_prefix, len(out_prefix))
+        route.budget = budget
+        return route
+
+    @classmethod
+    def deliver(cls, prefix: bytes, out: Connection, dcid: bytes) -> DatagramRoute:
+        route = cls(cls._DELIVER, prefix, out)
+        route._slot.info = out._recv_info
+        route.dcid = dcid
+        return route
+
+    @property
+    def budget(self) -> int:
+        """Payload bytes a forward may still carry."""
+        return int(self._slot.budget)
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self._slot.budget = max(0, min(value, 2**64 - 1))
+
+    @property
+    def dcid(self) -> bytes:
+        return bytes(ffi.buffer(self._slot.dcid, self._slot.dcid_len))
+
+    @dcid.setter
+    def dcid(self, value: bytes) -> None:
+        """The connection id a delivered packet must carry."""
+        if len(value) > self.CID_MAX:
+            raise ValueError("connection id too long")
+        ffi.memmove(self._slot.dcid, value, len(value))
+        self._slot.dcid_len = len(value)
+
+    def counters(self) -> tuple[int, int, int]:
+        """Datagrams taken, their payload bytes, and of them dropped (the
+        other connection's queue was full); totals."""
+        slot = self._slot
+        return int(slot.datagrams), int(slot.bytes), int(slot.dropped)
+
+
+class DatagramRoutes:
+    """The routes of one connection's received datagrams, by a prefix of
+    ``prefix_len`` bytes, for :meth:`Connection.dgram_route`. Routes change
+    rarely (a circuit opens or closes): the C array is rebuilt each time."""
+
+    def __init__(self, prefix_len: int) -> None:
+        self.prefix_len = prefix_len
+        self.routes: list[DatagramRoute] = []
+        self._array: Any = ffi.NULL
+        self._n = 0
+
+    def add(self, route: DatagramRoute) -> None:
+        if len(route.prefix) != self.prefix_len:
+            raise ValueError(f"route prefixes here are {self.prefix_len} bytes")
+        if any(r.prefix == route.prefix for r in self.routes):
+            raise ValueError("a route for that prefix exists")
+        self.routes.append(route)
+        self._rebuild()
+
+    def remove(self, route: DatagramRoute) -> None:
+        if route in self.routes:
+            self.routes.remove(route)
+            standalone = ffi.new("pk_dgram_route *")
+            ffi.memmove(standalone, route._slot, ffi.sizeof("pk_dgram_route"))
+            route._slot, route._array = standalone, None
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        n = len(self.routes)
+        array = ffi.new("pk_dgram_route[]", n) if n else ffi.NULL
+        size = ffi.sizeof("pk_dgram_route")
+        for i, route in enumerate(self.routes):
+            ffi.memmove(array + i, route._slot, size)
+            route._slot, route._array = array + i, array
+        self._array = array
+        self._n = n
+
+
 class Connection:
     """One ``quiche_conn``. Not thread-safe (neither is quiche); trio's
     single thread is exactly right."""
@@ -779,6 +891,30 @@ class Connection:
         if rc == _DONE:
             return None
         return _check(rc, "dgram_recv")
+
+    def dgram_route(self, routes: DatagramRoutes, buf: bytearray) -> int | None:
+        """Drain received datagrams through ``routes`` (one C call); returns
+        the length of the first one no route took, left in ``buf``, or None
+        once the queue is empty."""
+        rc = lib.pk_conn_dgram_route(
+            self._ptr, routes._array, routes._n, routes.prefix_len,
+            ffi.from_buffer(buf), len(buf),
+        )  # fmt: skip
+        if rc == _DONE:
+            return None
+        return _check(rc, "dgram_recv")
+
+    def dgram_send_segments(
+        self, prefix: bytes, data: memoryview, segment: int, scratch: bytearray
+    ) -> int:
+        """Queue each ``segment``-sized packet of ``data`` as a datagram
+        ``prefix || packet`` (one C call); returns how many were queued."""
+        if segment <= 0 or len(prefix) + min(segment, len(data)) > len(scratch):
+            raise ValueError("segment does not fit the scratch buffer")
+        return lib.pk_conn_dgram_send_segments(  # type: ignore[no-any-return]
+            self._ptr, prefix, len(prefix), ffi.from_buffer(data), len(data),
+            segment, ffi.from_buffer(scratch), len(scratch),
+        )  # fmt: skip
 
     # -- closing and state ----------------------------------------------------
 

@@ -43,6 +43,7 @@ import trio
 from ..keys import NodeId
 from . import _binding
 from ._binding import Address
+from ._carrier import CarrierRoutes, DatagramForward, ForwardCallback
 from .config import PeerVerifier, QUICConfig
 from .errors import (
     CloseKind,
@@ -135,6 +136,8 @@ class QUICConnection(trio.abc.AsyncResource):
         # that re-sends it through a hole punch (see resend_first_flight).
         self._first_flight: list[tuple[bytes, int, Address]] | None = None
         self._on_datagram: Callable[[bytes], None] | None = None
+        # Routes of our datagrams that never reach Python (see _carrier).
+        self._carrier_routes: CarrierRoutes | None = None
         self._on_ready: list[Any] = []
         # Driver counters.
         self._datagrams_in = 0
@@ -262,6 +265,39 @@ class QUICConnection(trio.abc.AsyncResource):
             self._socket._flush_later(self)
         return queued
 
+    def forward_datagrams(
+        self,
+        prefix: bytes,
+        target: QUICConnection,
+        target_prefix: bytes,
+        *,
+        budget: int,
+        on_forwarded: ForwardCallback | None = None,
+    ) -> DatagramForward:
+        """Forward the peer's DATAGRAM frames that start with ``prefix`` to
+        ``target``, with ``target_prefix`` in its place, without a trip
+        through Python per frame (a relay's circuit), at most ``budget``
+        payload bytes; a frame past it, or an empty one, goes to the
+        :meth:`on_datagram` handler. ``on_forwarded(datagrams, bytes,
+        dropped)`` hears what was forwarded after each batch. Every prefix
+        routed on a connection has one length."""
+        if self._carrier_routes is None:
+            self._carrier_routes = CarrierRoutes(len(prefix))
+        return self._carrier_routes.forward(
+            prefix, target, target_prefix, budget, on_forwarded
+        )
+
+    def _carry_to(self, prefix: bytes, inner: QUICConnection, dcid: bytes) -> None:
+        """Deliver our datagrams ``prefix || short-header packet for dcid``
+        to ``inner`` directly (a virtual path's fast lane)."""
+        if self._carrier_routes is None:
+            self._carrier_routes = CarrierRoutes(len(prefix))
+        self._carrier_routes.deliver(prefix, inner, dcid)
+
+    def _stop_carrying(self, prefix: bytes) -> None:
+        if self._carrier_routes is not None:
+            self._carrier_routes.undeliver(prefix)
+
     def datagram_max_size(self) -> int | None:
         """The largest DATAGRAM payload that fits now; None when the peer
         does not take datagrams."""
@@ -271,17 +307,26 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def _deliver_datagrams(self) -> None:
         handler = self._on_datagram
-        assert handler is not None
+        routes = self._carrier_routes
         buf = self._socket.scratch(65536)
         q = self._q
         while True:
             try:
-                n = q.dgram_recv(buf)
+                if routes is None:
+                    n = q.dgram_recv(buf)
+                else:
+                    n = q.dgram_route(routes.table, buf)
             except QuicheError:
-                return
+                n = None
+            finally:
+                # Before the handler sees the frame no route took: a
+                # relay's budget check needs what the routes carried.
+                if routes is not None:
+                    routes.settle()
             if n is None:
                 return
-            handler(bytes(buf[:n]))
+            if handler is not None:
+                handler(bytes(buf[:n]))
 
     # -- hole punching ---------------------------------------------------------------
 
@@ -363,7 +408,7 @@ class QUICConnection(trio.abc.AsyncResource):
         if not was_verified and q.is_established():
             self._verify()
         if self._verified and not self._finished:
-            if self._on_datagram is not None:
+            if self._on_datagram is not None or self._carrier_routes is not None:
                 self._deliver_datagrams()
             self._deliver_streams()
             if self._send_waiters:

@@ -155,26 +155,63 @@ class VirtualPath:
     or accepted from it, is an ordinary QUICConnection. What quiche sends
     there goes to ``send(packet)``; what arrives for it is handed in with
     :meth:`deliver`.
+
+    With a ``carrier`` instead of ``send``, packets travel as the carrier's
+    DATAGRAM frames ``prefix || packet`` both ways, routed in C (see
+    polykey.quic._carrier): a send batch is queued in one call, and once a
+    connection on the path has had a short-header packet delivered, the
+    carrier's frames for it reach it without Python. The rest (handshake
+    packets, empty frames) still goes through the carrier's ``on_datagram``
+    handler, which hands it to :meth:`deliver`.
     """
 
     def __init__(
-        self, socket: QUICSocket, address: Address, send: Callable[[bytes], bool]
+        self,
+        socket: QUICSocket,
+        address: Address,
+        send: Callable[[bytes], bool] | None,
+        carrier: QUICConnection | None = None,
+        prefix: bytes = b"",
     ) -> None:
         self._socket = socket
         self.address = address
         self._send = send
+        self._carrier = carrier
+        self._prefix = prefix
+        self._scratch = bytearray(len(prefix) + 65536) if carrier is not None else None
         self.closed = False
         self.packets_sent = 0
         self.packets_received = 0
         self.packets_dropped = 0
 
-    def send_packet(self, packet: bytes) -> None:
+    def send_segments(self, data: memoryview, segment: int) -> None:
+        """Send the packets of a send batch (``segment`` bytes each, the
+        last may be shorter)."""
         if self.closed:
             return
-        if self._send(packet):
-            self.packets_sent += 1
-        else:
-            self.packets_dropped += 1
+        carrier = self._carrier
+        if carrier is None:
+            assert self._send is not None
+            for start in range(0, len(data), segment):
+                if self._send(bytes(data[start : start + segment])):
+                    self.packets_sent += 1
+                else:
+                    self.packets_dropped += 1
+            return
+        count = -(-len(data) // segment)
+        queued = 0
+        if not carrier._finished and carrier._verified:
+            assert self._scratch is not None
+            try:
+                queued = carrier._q.dgram_send_segments(
+                    self._prefix, data, segment, self._scratch
+                )
+            except ValueError:  # a packet too big for a frame: dropped
+                queued = 0
+        self.packets_sent += queued
+        self.packets_dropped += count - queued
+        if queued:
+            carrier._socket._flush_later(carrier)
 
     def deliver(self, packet: bytes) -> None:
         """A packet from the peer: routed as if it had arrived at the socket
@@ -186,6 +223,16 @@ class VirtualPath:
         socket = self._socket
         # quiche decrypts in place: give it a buffer of its own.
         socket._dispatch(memoryview(bytearray(packet)), self.address)
+        if self._carrier is not None and packet and not packet[0] & 0x80:
+            # A short header: the connection it is for takes the next ones
+            # straight from the carrier.
+            dcid = packet[1 : 1 + CID_LEN]
+            conn = socket._routes.get(dcid)
+            if conn is not None and conn.remote_address == self.address:
+                try:
+                    self._carrier._carry_to(self._prefix, conn, dcid)
+                except ValueError:
+                    pass  # the prefix is routed otherwise: stay in Python
         socket._process_dirty()  # a no-op inside processing: done after it
 
     def close(self) -> None:
@@ -194,6 +241,8 @@ class VirtualPath:
         if not self.closed:
             self.closed = True
             self._socket._virtual.pop(self.address, None)
+            if self._carrier is not None:
+                self._carrier._stop_carrying(self._prefix)
 
 
 class QUICSocket:
@@ -571,14 +620,27 @@ class QUICSocket:
 
     # -- sending ----------------------------------------------------------------
 
-    def open_virtual_path(self, send: Callable[[bytes], bool]) -> VirtualPath:
-        """A new :class:`VirtualPath` whose packets go to ``send``."""
+    def open_virtual_path(
+        self,
+        send: Callable[[bytes], bool] | None = None,
+        *,
+        carrier: QUICConnection | None = None,
+        prefix: bytes = b"",
+    ) -> VirtualPath:
+        """A new :class:`VirtualPath` whose packets go to ``send``, or travel
+        as ``carrier``'s DATAGRAM frames after ``prefix``."""
+        if (send is None) == (carrier is None):
+            raise ValueError("a virtual path needs one of send and carrier")
+        if carrier is not None and not prefix:
+            raise ValueError("a carried path needs a prefix")
         n = self._virtual_next = self._virtual_next + 1
         if n >= 1 << 24:
             raise RuntimeError("virtual path addresses exhausted")
         host = f"240.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
         address = self.normalize_address((host, 9))
-        path = self._virtual[address] = VirtualPath(self, address, send)
+        path = self._virtual[address] = VirtualPath(
+            self, address, send, carrier, prefix
+        )
         return path
 
     def send_segments(self, data: memoryview, segment: int, address: Address) -> bool:
@@ -592,8 +654,7 @@ class QUICSocket:
         if self._virtual:
             path = self._virtual.get(address)
             if path is not None:
-                for start in range(0, len(data), segment):
-                    path.send_packet(bytes(data[start : start + segment]))
+                path.send_segments(data, segment)
                 return True
         stats = self.statistics
         n = len(data)

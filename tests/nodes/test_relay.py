@@ -100,6 +100,38 @@ def test_a_circuit_ends_past_its_budget_or_duration() -> None:
     assert table.statistics.circuits_expired == 1
 
 
+def test_what_a_fast_path_forwarded_is_accounted_and_bounded() -> None:
+    a, b = (k.node_id for k in ids(2))
+    closed: list[Circuit] = []
+    table = RelayTable(
+        RelayLimits(circuit_bytes=1000, circuit_duration=60.0), on_close=closed.append
+    )
+    table.reserve(b, "10.0.0.2", 0.0)
+    circuit = table.open(a, b, 0.0)
+    assert table.budget_left(circuit, a) == table.budget_left(circuit, b) == 1000
+    assert table.account(circuit, a, 3, 700, 1, 1.0)
+    assert (circuit.to_target, circuit.to_source) == (700, 0)
+    assert table.budget_left(circuit, a) == 300
+    assert table.budget_left(circuit, b) == 1000
+    stats = table.statistics
+    assert (stats.datagrams_forwarded, stats.bytes_forwarded) == (3, 700)
+    assert stats.datagrams_dropped == 1
+    # The slow path agrees: what is left is what route() lets through.
+    assert table.route(a, circuit.source_id, 300, 2.0) == (b, circuit.target_id)
+    assert table.budget_left(circuit, a) == 0
+    assert not closed
+    # Past its duration, the next batch accounted closes it.
+    assert not table.account(circuit, b, 1, 10, 0, 60.0)
+    assert circuit.closed
+    assert closed == [circuit]
+    assert stats.circuits_expired == 1
+    # However a circuit closes, on_close hears it once.
+    again = table.open(a, b, 61.0)
+    table.drop_node(b)
+    table.close(again)
+    assert closed == [circuit, again]
+
+
 def test_a_node_gone_takes_its_circuits() -> None:
     a, b, c = (k.node_id for k in ids(3))
     table = RelayTable()
@@ -157,9 +189,25 @@ async def test_a_relayed_connection_is_end_to_end(tmp_path: Path) -> None:
             ("r", {"relay": "on"}),
             ("b", {"handlers": {"sha256": Sha256()}}),
         ) as (a, r, b):
+            table = r.connections.relay_table
+            assert table is not None
+            slow = 0
+            route = table.route
+
+            def counted(*args: Any) -> Any:
+                nonlocal slow
+                slow += 1
+                return route(*args)
+
+            table.route = counted  # type: ignore[method-assign,assignment]
             conn = await a_circuit(a, r, b)
             assert conn.path is ConnectionPath.RELAYED
             assert conn.connection.peer_identity == b.node_id  # verified end to end
+            # Inner packets as big as both of R's connections carry with the
+            # circuit id (1350-byte outer packets): more than QUIC's minimum.
+            path = conn.connection.statistics().path
+            assert path is not None
+            assert path.pmtu > 1250
             pong = await conn.rpc.unary("nodesPing", {})
             assert pong["success"] is True
             # B sees A's connection as relayed; R forwarded, and holds one
@@ -191,6 +239,10 @@ async def test_a_relayed_connection_is_end_to_end(tmp_path: Path) -> None:
                 while chunk := await call.stream.receive_some():
                     digest += chunk
             assert digest.decode() == hashlib.sha256(body).hexdigest()
+            # R forwarded the circuit's datagrams in C: its table accounted
+            # for them all, route() (the slow path) saw none of them.
+            assert table.statistics.datagrams_forwarded > len(body) // 1400
+            assert slow == 0
 
 
 class Sha256(RawHandler):
@@ -269,6 +321,8 @@ async def test_a_circuit_past_its_budget_ends_cleanly(tmp_path: Path) -> None:
             assert table is not None
             assert table.statistics.circuits_over_budget == 1
             assert table.statistics.circuits == 0
+            # Forwarded in C, within the budget each way.
+            assert 0 < table.statistics.bytes_forwarded <= 2 * tight.circuit_bytes
             # The nodes keep running, and can open a new circuit.
             via = a.connections.get(r.node_id)
             assert via is not None

@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 
 import attrs
+import pytest
 import trio
 
 from polykey.quic import (
@@ -194,3 +195,135 @@ async def test_a_relay_that_alters_every_packet_gets_no_connection() -> None:
         ok, _, got = await _through(flip, 1000, seconds=2)
     assert not ok
     assert got == b""
+
+
+async def _carried(
+    budget: int, size: int, seconds: float
+) -> tuple[bool, bytes, bytes, dict[str, int]]:
+    """A connection whose packets travel as DATAGRAM frames of two carriers
+    through a relay that forwards them in C (forward_datagrams), with the
+    ends' paths carried in C too; ``size`` bytes sent over it. Returns
+    (whether the stream reached its end, sent, received, counts)."""
+    counts = {"relay_handler": 0, "end_handler": 0, "forwarded": 0, "bytes": 0}
+    async with (
+        QUICSocket("127.0.0.1") as a_sock,
+        QUICSocket("127.0.0.1") as r_sock,
+        QUICSocket("127.0.0.1") as b_sock,
+    ):
+        r_server = QUICServer(r_sock, tls_identity("relay"), config=OUTER)
+        a_to_r = await QUICClient(a_sock, tls_identity("a"), config=OUTER).connect(
+            r_sock.local_address
+        )
+        r_from_a = await r_server.accept()
+        b_to_r = await QUICClient(b_sock, tls_identity("b"), config=OUTER).connect(
+            r_sock.local_address
+        )
+        r_from_b = await r_server.accept()
+        cid_a, cid_b = os.urandom(8), os.urandom(8)
+
+        def relay_handler(payload: bytes) -> None:
+            counts["relay_handler"] += 1  # what the forwards did not take
+
+        def forwarded(datagrams: int, size: int, dropped: int) -> None:
+            counts["forwarded"] += datagrams
+            counts["bytes"] += size
+
+        r_from_a.on_datagram(relay_handler)
+        r_from_b.on_datagram(relay_handler)
+        forwards = [
+            r_from_a.forward_datagrams(
+                cid_a, r_from_b, cid_b, budget=budget, on_forwarded=forwarded
+            ),
+            r_from_b.forward_datagrams(
+                cid_b, r_from_a, cid_a, budget=budget, on_forwarded=forwarded
+            ),
+        ]
+        path_a = a_sock.open_virtual_path(carrier=a_to_r, prefix=cid_a)
+        path_b = b_sock.open_virtual_path(carrier=b_to_r, prefix=cid_b)
+
+        def end(path: VirtualPath) -> Callable[[bytes], None]:
+            def deliver(data: bytes) -> None:
+                counts["end_handler"] += 1
+                path.deliver(data[8:])
+
+            return deliver
+
+        a_to_r.on_datagram(end(path_a))
+        b_to_r.on_datagram(end(path_b))
+
+        inner_server = QUICServer(b_sock, tls_identity("b-inner"), config=OUTER)
+        body = os.urandom(size)
+        got = bytearray()
+        finished = False
+        with trio.move_on_after(seconds):
+            inner = await QUICClient(
+                a_sock, tls_identity("a-inner"), config=INNER
+            ).connect(path_a.address)
+            accepted = await inner_server.accept()
+            assert accepted.remote_address == path_b.address
+            stream = await inner.open_stream()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.send_all_and_eof, body)
+                peer = await accepted.accept_stream()
+                while data := await peer.receive_some():
+                    got += data
+                finished = True
+            counts["inner_in"] = accepted.statistics().datagrams_in
+        counts["counted"] = sum(f.counters()[0] for f in forwards)
+        counts["sent_by_a"] = path_a.packets_sent
+        # What reaches the handler once the forwards are gone (the inner
+        # connections' last packets) does not count.
+        counts["relay_handler_open"] = counts["relay_handler"]
+        for forward in forwards:
+            forward.close()
+            assert forward.closed
+    return finished, body, bytes(got), counts
+
+
+async def test_a_relay_forwards_in_c_and_the_ends_deliver_in_c() -> None:
+    with trio.fail_after(30):
+        ok, sent, got, counts = await _carried(1 << 30, 2 * 1024 * 1024, 25)
+    assert ok
+    assert hashlib.sha256(got).digest() == hashlib.sha256(sent).digest()
+    # Every frame went relay to relay in C, and the owner heard of each.
+    assert counts["relay_handler_open"] == 0
+    assert counts["forwarded"] == counts["counted"] > 1500
+    assert counts["bytes"] > len(sent)
+    # The ends' handlers saw the handshake, C delivered the rest.
+    assert counts["end_handler"] < 50
+    assert counts["inner_in"] > 1000
+    assert counts["sent_by_a"] > 1000
+
+
+async def test_a_forward_stops_at_its_budget() -> None:
+    budget = 100_000
+    with trio.fail_after(30):
+        ok, _, got, counts = await _carried(budget, 1024 * 1024, 3)
+    assert not ok
+    assert len(got) < budget
+    # Each way at most the budget; later frames reach the relay's handler.
+    assert 0 < counts["bytes"] <= 2 * budget
+    assert counts["relay_handler"] > 0
+
+
+async def test_a_carried_path_needs_a_prefix_and_one_way_to_send() -> None:
+    with trio.fail_after(10):
+        async with QUICSocket("127.0.0.1") as sock, QUICSocket("127.0.0.1") as peer:
+            server = QUICServer(peer, tls_identity("b"), config=OUTER)
+            conn = await QUICClient(sock, tls_identity("a"), config=OUTER).connect(
+                peer.local_address
+            )
+            other = await server.accept()
+            with pytest.raises(ValueError, match="prefix"):
+                sock.open_virtual_path(carrier=conn)
+            with pytest.raises(ValueError, match="one of"):
+                sock.open_virtual_path(lambda p: True, carrier=conn, prefix=b"x" * 8)
+            with pytest.raises(ValueError, match="one of"):
+                sock.open_virtual_path()
+            conn.forward_datagrams(b"a" * 8, conn, b"b" * 8, budget=1)
+            with pytest.raises(ValueError, match="exists"):
+                conn.forward_datagrams(b"a" * 8, conn, b"c" * 8, budget=1)
+            with pytest.raises(ValueError, match="bytes"):
+                conn.forward_datagrams(b"d" * 4, conn, b"e" * 4, budget=1)
+            with pytest.raises(ValueError, match="one length"):
+                other.forward_datagrams(b"d" * 8, conn, b"e" * 4, budget=1)
