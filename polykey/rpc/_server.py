@@ -95,6 +95,7 @@ from ._messages import (
     Response,
     as_request,
     parse_request,
+    result_wire,
 )
 from ._middleware import (
     Middleware,
@@ -124,6 +125,14 @@ _log = logging.getLogger("polykey.rpc")
 
 #: How long a best-effort reply may take once the call is being torn down.
 _REPLY_GRACE: Final = 1.0
+
+# The states and events of every message sent, looked up once: reading an
+# Enum member off its class costs 0.2 us in CPython 3.11 (a global, 0.02).
+_TORN: Final = Output.TORN
+_SEND: Final = ServerEvent.SEND
+_SENT: Final = ServerEvent.SENT
+_SENT_LAST: Final = ServerEvent.SENT_LAST
+_NO_ACTION: Final = Action.NONE
 
 
 class _State(enum.Enum):
@@ -492,8 +501,10 @@ class _ServerCall:
     def _event(self, event: ServerEvent) -> None:
         """Report ``event`` to the state machine and do what it asks."""
         action = self.state.handle(event)
-        if action is Action.NONE:
-            return
+        if action is not Action.NONE:
+            self._act(action)
+
+    def _act(self, action: Action) -> None:
         if action is Action.CANCEL_CALL:  # only on the way into Output.GONE
             self.server._stats.peer_resets += 1
             self.scope.cancel()
@@ -842,7 +853,8 @@ class _ServerCall:
     # -- output ----------------------------------------------------------------
     async def _send_value(self, value: Any, *, last: bool = False) -> None:
         # ``last``: the FIN goes with the value (see _finish).
-        if self.state.output is Output.TORN:
+        state = self.state
+        if state.output is _TORN:
             raise trio.BrokenResourceError("an earlier send was interrupted")
         if self.late_deadline is not None:
             await self._send_value_late(value, last)
@@ -854,7 +866,7 @@ class _ServerCall:
         # scope outside the call: that leaves the stream torn.  A
         # cancellation already pending stops us before anything is sent.
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._event(ServerEvent.SEND)
+        state.handle(_SEND)  # never owes an action
         try:
             await self.conn.send(value, last=last)
         except trio.BrokenResourceError:
@@ -863,7 +875,9 @@ class _ServerCall:
         except trio.Cancelled:
             self._event(ServerEvent.SEND_CUT)
             raise
-        self._event(ServerEvent.SENT_LAST if last else ServerEvent.SENT)
+        action = state.handle(_SENT_LAST if last else _SENT)
+        if action is not _NO_ACTION:
+            self._act(action)
 
     async def _send_value_late(self, value: Any, last: bool) -> None:
         # The last reply after the call scope ended: bounded by its own short
@@ -890,12 +904,16 @@ class _ServerCall:
     async def _send_result(self, result: Any, *, last: bool = False) -> None:
         if self.state.answered:
             return
-        message: Response | ErrorResponse = Response(result)
-        for hook in self.reverse:
-            message = await hook(message)
+        if self.reverse:
+            message: Response | ErrorResponse = Response(result)
+            for hook in self.reverse:
+                message = await hook(message)
+            wire = message.to_wire()
+        else:
+            wire = result_wire(result)
         if self.ctx is not None:
             self.ctx.proof_of_life()
-        await self._send_value(message.to_wire(), last=last)
+        await self._send_value(wire, last=last)
 
     async def _send_error(self, exc: BaseException) -> None:
         if self.state.answered or self.state.output is Output.GONE:

@@ -73,13 +73,19 @@ __all__ = [
 ]
 
 
+class _Enum(enum.Enum):
+    # Identity hashing in C: Enum's own __hash__ is Python code, and the
+    # transition tables are looked up several times per call.
+    __hash__ = object.__hash__
+
+
 class CallStateError(RPCInternalError):
     """An event the call's state does not allow: a bug in polykey's RPC
     driver, never a peer's doing."""
 
 
 # -- the server's call ---------------------------------------------------------
-class Output(enum.Enum):
+class Output(_Enum):
     """What the server has written."""
 
     AWAITING_HEADER = "awaiting header"
@@ -97,7 +103,7 @@ class Output(enum.Enum):
     GONE = "gone"
 
 
-class Input(enum.Enum):
+class Input(_Enum):
     """What the server has read of the client's input."""
 
     OPEN = "open"
@@ -107,7 +113,7 @@ class Input(enum.Enum):
     BROKEN = "broken"
 
 
-class ServerEvent(enum.Enum):
+class ServerEvent(_Enum):
     HEADER = "header"  # a header for a method served here
     SEND = "send"  # a message write starts
     SENT = "sent"
@@ -123,7 +129,7 @@ class ServerEvent(enum.Enum):
     DRAIN = "drain"  # we start reading to the client's FIN
 
 
-class Action(enum.Enum):
+class Action(_Enum):
     """What the driver must do after a transition."""
 
     NONE = "none"
@@ -133,7 +139,7 @@ class Action(enum.Enum):
     CANCEL_CALL = "cancel call"
 
 
-class Stop(enum.Enum):
+class Stop(_Enum):
     """Why the call scope was cancelled."""
 
     FORCED = "forced"  # the server's aclose() ran out of time
@@ -142,7 +148,7 @@ class Stop(enum.Enum):
     CANCELLED = "cancelled"  # the handler cancelled ctx.cancel_scope
 
 
-class EndAction(enum.Enum):
+class EndAction(_Enum):
     CLOSE = "close"  # nothing more to send or read
     DRAIN = "drain"  # read to the client's FIN (up to linger), then close
     REPLY = "reply"  # answer late (Ending.stop says with what), then close
@@ -210,6 +216,9 @@ _OUTPUT: Final[Mapping[tuple[Output, ServerEvent], tuple[Output, Action]]] = {
     (_S.TORN, _E.RESET): (_S.RESET, _A.NONE),
 }
 
+_GONE: Final = Output.GONE
+_NO_ACTION: Final = Action.NONE
+
 _I = Input
 _INPUT: Final[Mapping[tuple[Input, ServerEvent], Input]] = {
     (_I.OPEN, _E.INPUT_END): _I.ENDED,
@@ -226,9 +235,7 @@ _INPUT_EVENTS: Final = frozenset(event for _, event in _INPUT)
 #: Output states in which nothing more is written (a send is not attempted).
 _ANSWERED: Final = frozenset({_S.CLOSED, _S.RAW_CLOSED, _S.RESET})
 #: Output states a late reply cannot be written in: it gets a reset instead.
-_UNREPLYABLE: Final = frozenset(
-    {_S.AWAITING_HEADER, _S.RAW, _S.RAW_CLOSED, _S.TORN}
-)
+_UNREPLYABLE: Final = frozenset({_S.AWAITING_HEADER, _S.RAW, _S.RAW_CLOSED, _S.TORN})
 
 
 @attrs.define
@@ -243,23 +250,22 @@ class ServerCallState:
     def handle(self, event: ServerEvent) -> Action:
         """Apply ``event``; the action the driver owes it."""
         output = self.output
-        if output is Output.GONE:
-            return Action.NONE
+        if output is _GONE:
+            return _NO_ACTION
         try:
-            self.output, action = _OUTPUT[output, event]
+            new, action = _OUTPUT[output, event]
         except KeyError:
             raise CallStateError(
                 f"server call: {event.value!r} in output state {output.value!r}"
             ) from None
-        if event in _INPUT_EVENTS and self.output is not Output.GONE:
+        if event in _INPUT_EVENTS and new is not _GONE:
             try:
                 self.input = _INPUT[self.input, event]
             except KeyError:
-                self.output = output
                 raise CallStateError(
-                    f"server call: {event.value!r} in input state "
-                    f"{self.input.value!r}"
+                    f"server call: {event.value!r} in input state {self.input.value!r}"
                 ) from None
+        self.output = new
         return action
 
     def stop_call(self, stop: Stop) -> None:
@@ -306,14 +312,14 @@ class ServerCallState:
 
 
 # -- the client's call ---------------------------------------------------------
-class Outgoing(enum.Enum):
+class Outgoing(_Enum):
     """The client's request side."""
 
     OPEN = "open"
     CLOSED = "closed"  # our FIN went (or is going)
 
 
-class Incoming(enum.Enum):
+class Incoming(_Enum):
     """The client's response side."""
 
     OPEN = "open"
@@ -324,9 +330,8 @@ class Incoming(enum.Enum):
     RAW = "raw"  # a raw call's bytes belong to the caller now
 
 
-class ClientEvent(enum.Enum):
+class ClientEvent(_Enum):
     SEND_EOF = "send eof"  # our FIN goes (alone or with a last message)
-    RESULT = "result"
     ERROR_RESPONSE = "error response"
     FIN_RECEIVED = "fin received"
     LINGER = "linger"
@@ -339,19 +344,17 @@ _OUTGOING: Final[Mapping[tuple[Outgoing, ClientEvent], Outgoing]] = {
 }
 _IN = Incoming
 _INCOMING: Final[Mapping[tuple[Incoming, ClientEvent], Incoming]] = {
-    (_IN.OPEN, _CE.RESULT): _IN.OPEN,
     (_IN.OPEN, _CE.ERROR_RESPONSE): _IN.ERRORED,
     (_IN.OPEN, _CE.FIN_RECEIVED): _IN.ENDED,
     (_IN.OPEN, _CE.LINGER): _IN.LINGERING,
     (_IN.OPEN, _CE.RAW): _IN.RAW,
-    (_IN.LINGERING, _CE.RESULT): _IN.LINGERING,
     (_IN.LINGERING, _CE.ERROR_RESPONSE): _IN.ERRORED,
     (_IN.LINGERING, _CE.FIN_RECEIVED): _IN.ENDED,
 }
 _ANSWERS: Final = frozenset({_IN.ENDED, _IN.ERRORED, _IN.RAW})
 
 
-class ClientEnd(enum.Enum):
+class ClientEnd(_Enum):
     #: Send our FIN if it has not gone; close gracefully if the server's
     #: FIN was read (:attr:`ClientCallState.graceful`), else forcefully.
     FINISH = "finish"
