@@ -293,6 +293,9 @@ class ServerCallState:
         ``deadline_passed``: its deadline is in the past.
         """
         output = self.output
+        if output is Output.SENDING or output is Output.SENDING_THEN_CANCEL:
+            # A write ends (whole, cut or broken) before its scope does.
+            raise CallStateError("server call: ended with a message being sent")
         if output is Output.GONE or output is Output.RESET:
             return Ending(EndAction.CLOSE)
         if cancelled and output is not Output.CLOSED:
