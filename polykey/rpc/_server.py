@@ -27,7 +27,7 @@ task reads the client's FIN itself.  Per call that is one task, one cancel
 scope and the stream operations themselves, which matters: unary calls are
 the hot path.
 
-How a call ends:
+How a call ends (decided from the call's states, see _state.py):
 
 * handler result or error -> response(s), FIN, then wait (up to ``linger``)
   for the client's FIN so a TCP peer never sees an RST, then close;

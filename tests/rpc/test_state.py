@@ -146,7 +146,7 @@ def test_the_peer_going_cancels_the_call_once() -> None:
             False,
             (EndAction.RESET, Stop.CANCELLED, StreamCode.HANDLER_FAILED),
         ),
-        # A cut message without the call scope cancelled: reset 3.
+        # A cut message without the call scope cancelled: reset 4.
         (
             (E.HEADER, E.SEND, E.SEND_CUT),
             None,
