@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, Generic, Literal, NoReturn, TypeAlias, TypeVar
+from types import TracebackType
+from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar
 
 import trio
 
@@ -298,11 +299,62 @@ class _Call:
         await trio.aclose_forcefully(self.stream)
 
 
-def _raise_cancelled(scope: trio.CancelScope, method: str) -> NoReturn:
+def _cancelled_error(scope: trio.CancelScope, method: str) -> RPCError:
     """The call scope caught a cancellation: its deadline, or a cancel."""
     if trio.current_time() >= scope.deadline:
-        raise RPCTimedOut(f"call to {method!r} timed out")
-    raise RPCStreamEnded(f"call to {method!r} was cancelled")
+        return RPCTimedOut(f"call to {method!r} timed out")
+    return RPCStreamEnded(f"call to {method!r} was cancelled")
+
+
+class _CallBlock:
+    """``async with`` one call: the call scope around opening the stream,
+    the caller's block, and the call's end (close, or abort on the way out
+    of an exception).  Every call type goes through it.
+
+    A class rather than an ``@asynccontextmanager``: unary calls are the hot
+    path, and an async generator costs trio's asyncgen hooks on every call.
+    """
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    async def __aenter__(self) -> _Call:
+        call = self._call
+        scope = call.ctx.cancel_scope
+        scope.__enter__()
+        try:
+            await call.open()
+        except BaseException as exc:
+            if scope.__exit__(type(exc), exc, exc.__traceback__):
+                raise _cancelled_error(scope, call.method) from None
+            raise
+        return call
+
+    async def __aexit__(
+        self,
+        etype: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        call = self._call
+        scope = call.ctx.cancel_scope
+        try:
+            if exc is None:
+                await call.close()
+            else:
+                await call.abort(exc)
+        except BaseException as failure:
+            # Ending it raised (a cancellation, usually): the scope decides.
+            if not scope.__exit__(type(failure), failure, failure.__traceback__):
+                raise
+        else:
+            if not scope.__exit__(etype, exc, tb):
+                return False  # ``exc`` goes on
+        if scope.cancelled_caught and not call.lingered():
+            raise _cancelled_error(scope, call.method) from None
+        return True
 
 
 def _with_metadata(params: JSONValue, metadata: Mapping[str, JSONValue]) -> JSONValue:
@@ -453,27 +505,17 @@ class RPCClient(Generic[ManifestT]):
             raise AttributeError("this client was made without a manifest")
         return self._methods
 
-    @asynccontextmanager
-    async def _call(
+    def _call(
         self,
         method: str,
         kind: _Kind,
         rpc_timeout: float | None,
         metadata: Mapping[str, JSONValue] | None,
         keep_deadline: bool,
-    ) -> AsyncIterator[_Call]:
-        call = _Call(self, method, kind, rpc_timeout, metadata, keep_deadline)
-        scope = call.ctx.cancel_scope
-        with scope:
-            await call.open()
-            try:
-                yield call
-            except BaseException as exc:
-                await call.abort(exc)
-                raise
-            await call.close()
-        if scope.cancelled_caught and not call.lingered():
-            _raise_cancelled(scope, method)
+    ) -> _CallBlock:
+        return _CallBlock(
+            _Call(self, method, kind, rpc_timeout, metadata, keep_deadline)
+        )
 
     # -- the five call types -------------------------------------------------------
     async def unary(

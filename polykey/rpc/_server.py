@@ -45,6 +45,7 @@ Nothing a peer sends can raise out of a call task.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import math
@@ -133,6 +134,7 @@ _SEND: Final = ServerEvent.SEND
 _SENT: Final = ServerEvent.SENT
 _SENT_LAST: Final = ServerEvent.SENT_LAST
 _NO_ACTION: Final = Action.NONE
+_NO_SCOPE: Final = contextlib.nullcontext()
 
 
 class _State(enum.Enum):
@@ -523,9 +525,11 @@ class _ServerCall:
                 finally:
                     if self.reader_done is not None:
                         await self._stop_reader()
+            cancelled = self.scope.cancelled_caught
             ending = self.state.end(
-                cancelled=self.scope.cancelled_caught,
-                deadline_passed=trio.current_time() >= self.scope.deadline,
+                cancelled=cancelled,
+                deadline_passed=cancelled
+                and trio.current_time() >= self.scope.deadline,
             )
             if ending.stop is Stop.TIMED_OUT:
                 self.server._stats.timeouts += 1
@@ -563,25 +567,22 @@ class _ServerCall:
         if self.reader_done is not None:
             with trio.move_on_after(linger):
                 await self.reader_done.wait()
-        elif self.conn.eof:
+            return
+        if self.conn.eof:
             self._event(ServerEvent.INPUT_END)
-        elif in_call_scope:
+            return
+        # Raw bytes: past a raw call's header, or past input that lost framing.
+        if in_call_scope:
             deadline = trio.current_time() + linger
             if deadline < self.scope.deadline:
                 self.scope.deadline = deadline
-            await self._read_to_fin()
-        else:
-            with trio.move_on_after(linger):
-                await self._read_to_fin()
-
-    async def _read_to_fin(self) -> None:
-        # Raw bytes: past a raw call's header, or past input that lost framing.
-        try:
-            while await self.stream.receive_some(65536):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        self._event(ServerEvent.INPUT_END)
+        with _NO_SCOPE if in_call_scope else trio.move_on_after(linger):
+            try:
+                while await self.stream.receive_some(65536):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            self._event(ServerEvent.INPUT_END)
 
     async def _not_served(self, method: str) -> None:
         # js-rpc answers a method it does not serve by cancelling the stream
