@@ -405,7 +405,8 @@ class ClientCallState:
 
         ``cancelled``: the call is left by a cancellation; ``error_code``:
         by an exception, with its stream code; ``lingered``: the call scope's
-        deadline is the one :attr:`Incoming.LINGERING` set, and it passed;
+        deadline is the one set on the way into :attr:`Incoming.LINGERING`,
+        and it passed (even if the FIN came after all);
         ``expired``: the call's or the caller's deadline passed
         (``caller_expired``: the caller's).
         """
@@ -414,7 +415,7 @@ class ClientCallState:
                 return ClientEnd.FINISH, None
             code = StreamCode.UNKNOWN if error_code is None else error_code
             return ClientEnd.RESET, int(code)
-        if lingered and self.incoming is Incoming.LINGERING and not caller_expired:
+        if lingered and not caller_expired:
             # No FIN within linger: the result stands, the stream is dropped.
             return ClientEnd.RESET, int(StreamCode.UNKNOWN)
         if expired:
