@@ -423,7 +423,7 @@ async def _receive_all(values: list[Any], slow: bool) -> list[Any]:
             return ours
 
         middleware = [_Identity] if slow else []
-        rpc = RPCClient(None, factory, middleware=middleware, linger=0)
+        rpc: RPCClient[None] = RPCClient(None, factory, middleware=middleware, linger=0)
         out: list[Any] = []
         try:
             async with rpc.server_stream("m", {}) as results:
