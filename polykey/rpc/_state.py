@@ -216,8 +216,15 @@ _OUTPUT: Final[Mapping[tuple[Output, ServerEvent], tuple[Output, Action]]] = {
     (_S.TORN, _E.RESET): (_S.RESET, _A.NONE),
 }
 
+# Read once: an Enum member read off its class costs 0.2 us in CPython 3.11,
+# and these are read on every call.
 _GONE: Final = Output.GONE
+_CLOSED: Final = Output.CLOSED
+_OPEN: Final = Input.OPEN
+_ENDED: Final = Input.ENDED
 _NO_ACTION: Final = Action.NONE
+_CLOSE: Final = Ending(EndAction.CLOSE)
+_DRAIN: Final = Ending(EndAction.DRAIN)
 
 _I = Input
 _INPUT: Final[Mapping[tuple[Input, ServerEvent], Input]] = {
@@ -284,7 +291,7 @@ class ServerCallState:
     @property
     def graceful(self) -> bool:
         """FIN both ways: nothing left that a forceful close would abort."""
-        return self.output is Output.CLOSED and self.input is Input.ENDED
+        return self.output is _CLOSED and self.input is _ENDED
 
     def end(self, *, cancelled: bool, deadline_passed: bool) -> Ending:
         """How the call ends, once its call scope is over.
@@ -293,12 +300,14 @@ class ServerCallState:
         ``deadline_passed``: its deadline is in the past.
         """
         output = self.output
+        if output is _CLOSED:  # answered: the common end, decided first
+            return _DRAIN if self.input is _OPEN else _CLOSE
         if output is Output.SENDING or output is Output.SENDING_THEN_CANCEL:
             # A write ends (whole, cut or broken) before its scope does.
             raise CallStateError("server call: ended with a message being sent")
         if output is Output.GONE or output is Output.RESET:
-            return Ending(EndAction.CLOSE)
-        if cancelled and output is not Output.CLOSED:
+            return _CLOSE
+        if cancelled:
             stop = self.stop or (Stop.TIMED_OUT if deadline_passed else Stop.CANCELLED)
             if stop is Stop.FORCED:
                 return Ending(EndAction.RESET, stop, StreamCode.UNKNOWN)
@@ -309,9 +318,7 @@ class ServerCallState:
             return Ending(EndAction.REPLY, stop)
         if output is Output.TORN:
             return Ending(EndAction.RESET, None, StreamCode.OUTPUT_STREAM)
-        if output is Output.CLOSED and self.input is Input.OPEN:
-            return Ending(EndAction.DRAIN)
-        return Ending(EndAction.CLOSE)
+        return _CLOSE
 
 
 # -- the client's call ---------------------------------------------------------
@@ -355,6 +362,8 @@ _INCOMING: Final[Mapping[tuple[Incoming, ClientEvent], Incoming]] = {
     (_IN.LINGERING, _CE.FIN_RECEIVED): _IN.ENDED,
 }
 _ANSWERS: Final = frozenset({_IN.ENDED, _IN.ERRORED, _IN.RAW})
+_IN_ENDED: Final = _IN.ENDED
+_OUT_CLOSED: Final = Outgoing.CLOSED
 
 
 class ClientEnd(_Enum):
@@ -362,6 +371,9 @@ class ClientEnd(_Enum):
     #: FIN was read (:attr:`ClientCallState.graceful`), else forcefully.
     FINISH = "finish"
     RESET = "reset"
+
+
+_FINISH: Final = (ClientEnd.FINISH, None)
 
 
 @attrs.define
@@ -390,7 +402,7 @@ class ClientCallState:
 
     @property
     def graceful(self) -> bool:
-        return self.incoming is Incoming.ENDED and self.outgoing is Outgoing.CLOSED
+        return self.incoming is _IN_ENDED and self.outgoing is _OUT_CLOSED
 
     def end(
         self,
@@ -411,8 +423,8 @@ class ClientCallState:
         (``caller_expired``: the caller's).
         """
         if not cancelled:
-            if self.answered:
-                return ClientEnd.FINISH, None
+            if self.incoming in _ANSWERS:
+                return _FINISH
             code = StreamCode.UNKNOWN if error_code is None else error_code
             return ClientEnd.RESET, int(code)
         if lingered and not caller_expired:
