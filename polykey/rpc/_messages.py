@@ -11,13 +11,14 @@ by js-rpc whatever the request said.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import attrs
 
 from ._errors import RPCInvalidRequest, RPCParseError
 
 __all__ = [
+    "NOT_PLAIN",
     "ErrorObject",
     "ErrorResponse",
     "JSONObject",
@@ -29,6 +30,8 @@ __all__ = [
     "as_request",
     "parse_request",
     "parse_response",
+    "plain_result",
+    "result_wire",
 ]
 
 JSONValue: TypeAlias = Any
@@ -85,7 +88,19 @@ class Response:
     id: MessageID = None
 
     def to_wire(self) -> JSONObject:
-        return {"jsonrpc": "2.0", "result": self.result, "id": self.id}
+        return result_wire(self.result, self.id)
+
+
+def result_wire(result: JSONValue, id: MessageID = None) -> JSONObject:
+    """``Response(result, id).to_wire()`` without building the Response.
+
+    For the server's hot path: 0.11 us against 0.45 us with the frozen
+    Response built (timeit, CPython 3.11), where a server-streaming message
+    costs about 25 us of CPU in process over memory streams: 1.4% of it.
+    bench/rpc.py's QUIC rows cannot resolve that little (runs vary by 30%+
+    on this shared machine).
+    """
+    return {"jsonrpc": "2.0", "result": result, "id": id}
 
 
 @attrs.frozen
@@ -144,6 +159,34 @@ def _parse_error_object(value: object) -> ErrorObject:
     if not isinstance(message, str):
         raise RPCParseError("`error.message` property must be a string")
     return ErrorObject(int(code), message, value.get("data"))
+
+
+# The types a response's ``id`` may have (exactly: bool is not a number here).
+_ID_TYPES: Final = frozenset({type(None), str, int, float})
+
+#: What :func:`plain_result` returns for a value it leaves to parse_response.
+NOT_PLAIN: Final[Any] = object()
+
+
+def plain_result(value: JSONValue) -> Any:
+    """``value``'s result if it is a success response in its plainest form
+    (a dict, ``result`` and no ``error``, an ``id`` parse_response accepts),
+    else :data:`NOT_PLAIN`: then :func:`parse_response` decides.
+
+    What parse_response would return as ``Response(...).result``, without
+    building the Response: for the client's hot path, 0.11 us against
+    0.71 us per message received (timeit), 2.4% of a 25 us in-process
+    server-streaming message; tests/rpc/test_state.py holds the two to the
+    same answers.
+    """
+    if (
+        type(value) is dict
+        and "result" in value
+        and "error" not in value
+        and type(value.get("id")) in _ID_TYPES
+    ):
+        return value["result"]
+    return NOT_PLAIN
 
 
 def parse_response(value: JSONValue) -> Response | ErrorResponse:
