@@ -227,8 +227,10 @@ class RPCServer:
         factories.extend(middleware)
         self._middleware = tuple(factories)
         self._state = _State.NEW
+        # The lifecycle idiom of QUICSocket and PolykeyNode: the exit stack
+        # exists from the start; __aenter__ enters the nursery through it.
+        self._stack = contextlib.AsyncExitStack()
         self._nursery: trio.Nursery | None = None
-        self._nursery_cm: Any = None
         self._calls: set[_ServerCall] = set()
         self._idle = trio.Event()
         self._closed = trio.Event()
@@ -238,8 +240,7 @@ class RPCServer:
     async def __aenter__(self) -> RPCServer:
         if self._state is not _State.NEW:
             raise RuntimeError("an RPCServer can be started once")
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._state = _State.RUNNING
         return self
 
@@ -257,8 +258,8 @@ class RPCServer:
         finally:
             self._state = _State.CLOSED
             self._closed.set()
-            result: bool | None = await self._nursery_cm.__aexit__(exc_type, exc, tb)
-        return result
+            result = await self._stack.__aexit__(exc_type, exc, tb)
+        return bool(result)
 
     async def run(
         self, *, task_status: trio.TaskStatus[RPCServer] = trio.TASK_STATUS_IGNORED
