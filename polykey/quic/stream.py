@@ -92,7 +92,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
     async def _receive(self, max_bytes: int) -> tuple[bytes, bool]:
         """The next bytes (b"" at FIN) and whether we had to wait for them."""
         conn = self._conn
-        q = conn._q
+        q = conn.quiche
         sid = self.stream_id
         waited = False
         while True:
@@ -102,7 +102,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 raise self._recv_error
             if self._eof_received:
                 return b"", waited
-            buf = conn._scratch(max_bytes)
+            buf = conn.scratch(max_bytes)
             try:
                 got = q.stream_recv(sid, buf, max_bytes)
             except StreamReset as exc:
@@ -112,10 +112,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
             except QuicheError as exc:
                 # The stream is gone (collected after a reset we already saw,
                 # or the connection died under it).
-                conn._raise_if_dead()
+                conn.raise_if_dead()
                 raise trio.BrokenResourceError(f"stream {sid}: {exc}") from None
             if got is None:
-                conn._raise_if_dead()
+                conn.raise_if_dead()
                 await self._recv_lot.park()
                 waited = True
                 continue
@@ -124,7 +124,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 self._eof_received = True
             # Reading returns flow-control credit: let quiche announce it, on
             # the next packet we send anyway (our reply, usually) or soon.
-            conn._socket._flush_later(conn)
+            conn.flush_later()
             if n == 0 and not fin:
                 continue
             return bytes(buf[:n]), waited
@@ -169,18 +169,18 @@ class QUICStream(trio.abc.HalfCloseableStream):
             raise self._send_error
         if self._send_aborted:
             raise trio.BrokenResourceError("stream was reset after a cancelled send")
-        self._conn._raise_if_dead()
+        self._conn.raise_if_dead()
 
     def _stream_send(self, data: memoryview, fin: bool) -> int:
         try:
-            return self._conn._q.stream_send(self.stream_id, data, fin)
+            return self._conn.quiche.stream_send(self.stream_id, data, fin)
         except StreamStopped as exc:
             self._send_error = QUICStreamError(
                 self.stream_id, exc.error_code, reset=False
             )
             raise self._send_error from None
         except QuicheError as exc:
-            self._conn._raise_if_dead()
+            self._conn.raise_if_dead()
             raise trio.BrokenResourceError(f"stream {self.stream_id}: {exc}") from None
 
     async def _send(self, view: memoryview, fin: bool) -> bool:
@@ -198,10 +198,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
             n = self._stream_send(view[offset:], fin)
             if n:
                 offset += n
-                conn._flush()
+                conn.flush()
                 continue
             self._check_stream_exists()
-            conn._send_waiters.add(self)
+            conn.add_send_waiter(self)
             try:
                 await self._send_lot.park()
             except trio.Cancelled:
@@ -210,7 +210,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                     self._abort_send()
                 raise
             finally:
-                conn._send_waiters.discard(self)
+                conn.discard_send_waiter(self)
             waited = True
             self._check_send()
         return waited
@@ -220,7 +220,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
         collected the stream (after the peer reset and stopped it and we
         read the reset): tell the two apart."""
         try:
-            self._conn._q.stream_capacity(self.stream_id)
+            self._conn.quiche.stream_capacity(self.stream_id)
         except StreamStopped as exc:
             self._send_error = QUICStreamError(
                 self.stream_id, exc.error_code, reset=False
@@ -236,7 +236,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
     def _abort_send(self) -> None:
         self._send_aborted = True
         self._shutdown(Shutdown.WRITE, self.cancel_code)
-        self._conn._flush()
+        self._conn.flush()
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -247,7 +247,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
             while True:
                 self._check_send()
                 try:
-                    if self._conn._q.stream_capacity(self.stream_id) > 0:
+                    if self._conn.quiche.stream_capacity(self.stream_id) > 0:
                         break
                 except StreamStopped as exc:
                     self._send_error = QUICStreamError(
@@ -256,11 +256,11 @@ class QUICStream(trio.abc.HalfCloseableStream):
                     raise self._send_error from None
                 except QuicheError:
                     break  # not created yet, or finished: send_all will say
-                self._conn._send_waiters.add(self)
+                self._conn.add_send_waiter(self)
                 try:
                     await self._send_lot.park()
                 finally:
-                    self._conn._send_waiters.discard(self)
+                    self._conn.discard_send_waiter(self)
         finally:
             self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -274,10 +274,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
         if not self._fin_sent:
             if self._send_error is not None:
                 raise self._send_error
-            self._conn._raise_if_dead()
+            self._conn.raise_if_dead()
             self._stream_send(memoryview(b""), True)
             self._fin_sent = True
-            self._conn._flush()
+            self._conn.flush()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- closing --------------------------------------------------------------
@@ -296,7 +296,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
             return
         self._closed = True
         conn = self._conn
-        if not conn._finished:
+        if not conn.closed:
             if code is not None:
                 forceful = True
             code = self.cancel_code if code is None else code
@@ -311,12 +311,12 @@ class QUICStream(trio.abc.HalfCloseableStream):
                     self._shutdown(Shutdown.WRITE, code)
                 else:
                     try:
-                        self._conn._q.stream_send(self.stream_id, b"", True)
+                        self._conn.quiche.stream_send(self.stream_id, b"", True)
                     except QuicheError:
                         pass
                 self._fin_sent = True
-            conn._flush()
-        conn._forget_stream(self)
+            conn.flush()
+        conn.forget_stream(self)
         self._recv_lot.unpark_all()
         self._send_lot.unpark_all()
 
@@ -327,15 +327,21 @@ class QUICStream(trio.abc.HalfCloseableStream):
 
     def _shutdown(self, direction: Shutdown, code: int) -> None:
         try:
-            self._conn._q.stream_shutdown(self.stream_id, direction, code)
+            self._conn.quiche.stream_shutdown(self.stream_id, direction, code)
         except QuicheError:
             pass  # already finished or never created: nothing to abort
 
-    # -- called by the connection ---------------------------------------------
+    # -- internal interface: called by the connection ---------------------------
 
-    def _wake(self) -> None:
+    def wake_receiver(self) -> None:
+        """quiche has data (or an error) to read on this stream."""
         self._recv_lot.unpark_all()
+
+    def wake_sender(self) -> None:
+        """quiche may take more data on this stream."""
         self._send_lot.unpark_all()
 
-    def _connection_lost(self) -> None:
-        self._wake()
+    def connection_lost(self) -> None:
+        """The connection ended: every waiter finds out."""
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
