@@ -128,7 +128,7 @@ class QUICConnection(trio.abc.AsyncResource):
         self._peer_max: dict[int, int] = {0: -1, 2: -1}
         self._peer_gaps: set[int] = set()
         self._deadline = math.inf
-        self.quicheuiche_deadline = math.inf
+        self._quiche_deadline = math.inf
         self._keep_alive_deadline = math.inf
         self._handshake_deadline = math.inf
         self._timer_scope: trio.CancelScope | None = None
@@ -577,7 +577,7 @@ class QUICConnection(trio.abc.AsyncResource):
     def _rearm(self) -> None:
         now = trio.current_time()
         timeout = self.quiche.timeout()
-        self.quicheuiche_deadline = math.inf if timeout is None else now + timeout
+        self._quiche_deadline = math.inf if timeout is None else now + timeout
         if (
             self._verified
             and self._keep_alive_deadline == math.inf
@@ -585,7 +585,7 @@ class QUICConnection(trio.abc.AsyncResource):
         ):
             self._keep_alive_deadline = now + self._config.keep_alive_interval
         deadline = min(
-            self.quicheuiche_deadline, self._keep_alive_deadline, self._handshake_deadline
+            self._quiche_deadline, self._keep_alive_deadline, self._handshake_deadline
         )
         # Moving a trio deadline costs more than the packet that moved it:
         # bring it forward at once, but let a later one wait until the
@@ -640,7 +640,7 @@ class QUICConnection(trio.abc.AsyncResource):
                 kind=CloseKind.HANDSHAKE_TIMEOUT,
             )
             return
-        if now >= self.quicheuiche_deadline:
+        if now >= self._quiche_deadline:
             self.quiche.on_timeout()
         if now >= self._keep_alive_deadline:
             self._keep_alive_deadline = math.inf  # re-armed by _rearm
