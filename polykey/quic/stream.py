@@ -18,6 +18,7 @@ peer could never tell where the data stopped.
 from __future__ import annotations
 
 import math
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,6 +32,70 @@ if TYPE_CHECKING:
 __all__ = ["QUICStream"]
 
 _DEFAULT_RECEIVE = 65536
+
+
+class _ConflictDetector:
+    """Refuses a second task using one direction of a stream while a first
+    does (trio's ``ConflictDetector``): ``with detector:`` around the use."""
+
+    __slots__ = ("_held", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._held = False
+
+
+class _TranslateErrors:
+    """``with`` around a call into quiche for one stream: its errors become
+    the stream's (trio's ``_translate_socket_errors_to_stream_errors``).
+
+    A RESET_STREAM ends the read side and a STOP_SENDING the write side with
+    a :class:`QUICStreamError` that later calls raise again; any other quiche
+    error means the stream is gone: the connection's error if it died,
+    else ``trio.BrokenResourceError``.
+    """
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: QUICStream) -> None:
+        self._stream = stream
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not isinstance(exc_value, QuicheError):
+            return
+        stream = self._stream
+        sid = stream.stream_id
+        if isinstance(exc_value, StreamReset):
+            stream._recv_error = QUICStreamError(sid, exc_value.error_code, reset=True)
+            stream._eof_received = True
+            raise stream._recv_error from None
+        if isinstance(exc_value, StreamStopped):
+            stream._send_error = QUICStreamError(sid, exc_value.error_code, reset=False)
+            raise stream._send_error from None
+        # Collected after a reset we already saw, or the connection died.
+        stream.connection.raise_if_dead()
+        raise trio.BrokenResourceError(f"stream {sid}: {exc_value}") from None
 
 
 class QUICStream(trio.abc.HalfCloseableStream):
@@ -49,8 +114,13 @@ class QUICStream(trio.abc.HalfCloseableStream):
         self.cancel_code = 0
         self._recv_lot = trio.lowlevel.ParkingLot()
         self._send_lot = trio.lowlevel.ParkingLot()
-        self._receiving = False
-        self._sending = False
+        self._receive_conflict = _ConflictDetector(
+            "another task is receiving on this stream"
+        )
+        self._send_conflict = _ConflictDetector(
+            "another task is sending on this stream"
+        )
+        self._translate_errors = _TranslateErrors(self)
         self._eof_received = not can_read
         self._fin_sent = not can_write
         self._closed = False
@@ -76,13 +146,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._receiving:
-            raise trio.BusyResourceError("another task is receiving on this stream")
-        self._receiving = True
-        try:
+        with self._receive_conflict:
             data, waited = await self._receive(max_bytes)
-        finally:
-            self._receiving = False
         if not waited:
             # Waiting was the checkpoint; otherwise yield once, as trio's own
             # sockets do: one scheduling round less per message when waiting.
@@ -103,17 +168,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
             if self._eof_received:
                 return b"", waited
             buf = conn.scratch(max_bytes)
-            try:
+            with self._translate_errors:
                 got = q.stream_recv(sid, buf, max_bytes)
-            except StreamReset as exc:
-                self._recv_error = QUICStreamError(sid, exc.error_code, reset=True)
-                self._eof_received = True
-                raise self._recv_error from None
-            except QuicheError as exc:
-                # The stream is gone (collected after a reset we already saw,
-                # or the connection died under it).
-                conn.raise_if_dead()
-                raise trio.BrokenResourceError(f"stream {sid}: {exc}") from None
             if got is None:
                 conn.raise_if_dead()
                 await self._recv_lot.park()
@@ -149,15 +205,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
 
     async def _send_all(self, view: memoryview, fin: bool) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._sending = True
-        try:
+        with self._send_conflict:
             waited = await self._send(view, fin)
             if fin:
                 self._fin_sent = True
-        finally:
-            self._sending = False
         if not waited:
             # Waiting for room was the checkpoint.
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -172,16 +223,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
         self._conn.raise_if_dead()
 
     def _stream_send(self, data: memoryview, fin: bool) -> int:
-        try:
+        with self._translate_errors:
             return self._conn.quiche.stream_send(self.stream_id, data, fin)
-        except StreamStopped as exc:
-            self._send_error = QUICStreamError(
-                self.stream_id, exc.error_code, reset=False
-            )
-            raise self._send_error from None
-        except QuicheError as exc:
-            self._conn.raise_if_dead()
-            raise trio.BrokenResourceError(f"stream {self.stream_id}: {exc}") from None
 
     async def _send(self, view: memoryview, fin: bool) -> bool:
         """Queue all of ``view``; returns whether we had to wait for room.
@@ -219,19 +262,23 @@ class QUICStream(trio.abc.HalfCloseableStream):
         """quiche takes nothing both when it has no room and when it already
         collected the stream (after the peer reset and stopped it and we
         read the reset): tell the two apart."""
-        try:
-            self._conn.quiche.stream_capacity(self.stream_id)
-        except StreamStopped as exc:
-            self._send_error = QUICStreamError(
-                self.stream_id, exc.error_code, reset=False
-            )
-            raise self._send_error from None
-        except QuicheError:
+        if self._capacity() is None:
             # Gone: the peer aborted it. Its STOP_SENDING code went with it;
             # the RESET_STREAM code we read is the best we have.
             code = getattr(self._recv_error, "code", 0)
             self._send_error = QUICStreamError(self.stream_id, code, reset=False)
-            raise self._send_error from None
+            raise self._send_error
+
+    def _capacity(self) -> int | None:
+        """The bytes quiche takes on this stream now; None when the stream
+        does not exist in quiche (not created yet, or collected)."""
+        with self._translate_errors:
+            try:
+                return self._conn.quiche.stream_capacity(self.stream_id)
+            except StreamStopped:
+                raise
+            except QuicheError:
+                return None
 
     def _abort_send(self) -> None:
         self._send_aborted = True
@@ -240,44 +287,31 @@ class QUICStream(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._sending = True
-        try:
+        with self._send_conflict:
             while True:
                 self._check_send()
-                try:
-                    if self._conn.quiche.stream_capacity(self.stream_id) > 0:
-                        break
-                except StreamStopped as exc:
-                    self._send_error = QUICStreamError(
-                        self.stream_id, exc.error_code, reset=False
-                    )
-                    raise self._send_error from None
-                except QuicheError:
-                    break  # not created yet, or finished: send_all will say
+                room = self._capacity()
+                if room is None or room > 0:
+                    break  # None: not created yet, or finished: send_all says
                 self._conn.add_send_waiter(self)
                 try:
                     await self._send_lot.park()
                 finally:
                     self._conn.discard_send_waiter(self)
-        finally:
-            self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
-        if not self._fin_sent:
-            if self._send_error is not None:
-                raise self._send_error
-            self._conn.raise_if_dead()
-            self._stream_send(memoryview(b""), True)
-            self._fin_sent = True
-            self._conn.flush()
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            if not self._fin_sent:
+                if self._send_error is not None:
+                    raise self._send_error
+                self._conn.raise_if_dead()
+                self._stream_send(memoryview(b""), True)
+                self._fin_sent = True
+                self._conn.flush()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- closing --------------------------------------------------------------
