@@ -44,6 +44,7 @@ from ..keys import NodeId
 from . import _binding
 from ._binding import Address
 from ._carrier import CarrierRoutes, DatagramForward, ForwardCallback
+from ._state import Deadlines, Due, StreamIds, close_reason
 from .config import PeerVerifier, QUICConfig
 from .errors import (
     CloseKind,
@@ -118,19 +119,8 @@ class QUICConnection(trio.abc.AsyncResource):
         self._verified = False
         self._finished = False
         self._verify_error: PeerVerificationError | None = None
-        # Next local stream ids, by type (bidi, uni).
-        local = 1 if is_server else 0
-        self._next_bidi = local
-        self._next_uni = local | 2
-        # Highest peer stream id seen per type (bidi 0, uni 2), and the lower
-        # ids not seen yet: together they tell a new peer stream from one we
-        # already closed. The gaps stay within the peer's stream limit.
-        self._peer_max: dict[int, int] = {0: -1, 2: -1}
-        self._peer_gaps: set[int] = set()
-        self._deadline = math.inf
-        self._quiche_deadline = math.inf
-        self._keep_alive_deadline = math.inf
-        self._handshake_deadline = math.inf
+        self._stream_ids = StreamIds(is_server=is_server)
+        self._deadlines = Deadlines()
         self._timer_scope: trio.CancelScope | None = None
         self._pending: tuple[bytes, int, Address] | None = None
         # What we sent before the peer's first packet, kept only for a dial
@@ -158,7 +148,7 @@ class QUICConnection(trio.abc.AsyncResource):
         after routing its connection id."""
         self._socket.add_connection(self)
         if handshake_timeout is not None:
-            self._handshake_deadline = trio.current_time() + handshake_timeout
+            self._deadlines.handshake = trio.current_time() + handshake_timeout
         self._socket.nursery.start_soon(
             self._drive, name=f"quic-driver {self.remote_address}"
         )
@@ -194,10 +184,7 @@ class QUICConnection(trio.abc.AsyncResource):
             if left > 0:
                 break
             await self._credit_lot.park()
-        if unidirectional:
-            sid, self._next_uni = self._next_uni, self._next_uni + 4
-        else:
-            sid, self._next_bidi = self._next_bidi, self._next_bidi + 4
+        sid = self._stream_ids.open_local(unidirectional=unidirectional)
         # An empty write creates the stream in quiche, so it counts against
         # the peer's limit at once, as our bookkeeping assumes.
         self.quiche.stream_send(sid, b"", False)
@@ -494,7 +481,7 @@ class QUICConnection(trio.abc.AsyncResource):
             )
             return
         self._verified = True
-        self._handshake_deadline = math.inf
+        self._deadlines.handshake = math.inf
         self._handshake_done.set()
         for callback in self._on_verified:
             callback(self)
@@ -503,29 +490,16 @@ class QUICConnection(trio.abc.AsyncResource):
     def _deliver_streams(self) -> None:
         q = self.quiche
         streams = self._streams
+        ids = self._stream_ids
         while (sid := q.readable_next()) is not None:
             stream = streams.get(sid)
             if stream is not None:
                 stream.wake_receiver()
                 continue
-            kind = sid & 2
-            if (sid & 1) == self.is_server:
-                self._discard(sid)  # our own stream, already closed
+            if not ids.accept_peer(sid):
+                self._discard(sid)  # a stream closed already, ours or theirs
                 continue
-            if sid > self._peer_max[kind]:
-                # Lower ids the peer opened implicitly (RFC 9000 2.1) come
-                # later, with their first data; remember them until then.
-                start = (
-                    self._peer_max[kind] + 4 if self._peer_max[kind] >= 0 else sid & 3
-                )
-                self._peer_gaps.update(range(start, sid, 4))
-                self._peer_max[kind] = sid
-            elif sid in self._peer_gaps:
-                self._peer_gaps.discard(sid)
-            else:
-                self._discard(sid)  # a peer stream we already closed
-                continue
-            stream = QUICStream(self, sid, can_read=True, can_write=not kind)
+            stream = QUICStream(self, sid, can_read=True, can_write=not sid & 2)
             streams[sid] = stream
             self._incoming.append(stream)
             self._accept_lot.unpark_all()
@@ -575,34 +549,20 @@ class QUICConnection(trio.abc.AsyncResource):
             socket.flush_sent(self)
 
     def _rearm(self) -> None:
-        now = trio.current_time()
-        timeout = self.quiche.timeout()
-        self._quiche_deadline = math.inf if timeout is None else now + timeout
+        deadlines = self._deadlines
+        keep_alive = self._config.keep_alive_interval if self._verified else None
         if (
-            self._verified
-            and self._keep_alive_deadline == math.inf
-            and self._config.keep_alive_interval
+            deadlines.rearm(trio.current_time(), self.quiche.timeout(), keep_alive)
+            and self._timer_scope is not None
         ):
-            self._keep_alive_deadline = now + self._config.keep_alive_interval
-        deadline = min(
-            self._quiche_deadline, self._keep_alive_deadline, self._handshake_deadline
-        )
-        # Moving a trio deadline costs more than the packet that moved it:
-        # bring it forward at once, but let a later one wait until the
-        # driver wakes at the earlier (it then finds nothing due and
-        # re-arms). The driver also wakes at once if it was due already.
-        current = self._deadline
-        if deadline < current or current <= now:
-            self._deadline = deadline
-            if self._timer_scope is not None:
-                self._timer_scope.deadline = deadline
+            self._timer_scope.deadline = deadlines.armed
 
     # -- the driver task ----------------------------------------------------------------
 
     async def _drive(self) -> None:
         try:
             while not self._finished:
-                with trio.CancelScope(deadline=self._deadline) as scope:
+                with trio.CancelScope(deadline=self._deadlines.armed) as scope:
                     self._timer_scope = scope
                     if self._pending is not None:
                         await self._socket.wait_writable()
@@ -615,7 +575,7 @@ class QUICConnection(trio.abc.AsyncResource):
                     data, segment, to = self._pending
                     if self._socket.send_segments(memoryview(data), segment, to):
                         self._pending = None
-                if trio.current_time() >= self._deadline:
+                if trio.current_time() >= self._deadlines.armed:
                     self._on_timer()
                 self.after_input()
         finally:
@@ -630,9 +590,9 @@ class QUICConnection(trio.abc.AsyncResource):
                 )
 
     def _on_timer(self) -> None:
-        now = trio.current_time()
         self._timer_fires += 1
-        if now >= self._handshake_deadline:
+        due = self._deadlines.due(trio.current_time())
+        if due & Due.HANDSHAKE:
             self._close_now(
                 is_app=False,
                 code=0,
@@ -640,11 +600,10 @@ class QUICConnection(trio.abc.AsyncResource):
                 kind=CloseKind.HANDSHAKE_TIMEOUT,
             )
             return
-        if now >= self._quiche_deadline:
+        if due & Due.QUICHE:
             self.quiche.on_timeout()
-        if now >= self._keep_alive_deadline:
-            self._keep_alive_deadline = math.inf  # re-armed by _rearm
-            self.quiche.send_ack_eliciting()
+        if due & Due.KEEP_ALIVE:
+            self.quiche.send_ack_eliciting()  # the next is scheduled by _rearm
 
     # -- closing ----------------------------------------------------------------------
 
@@ -667,20 +626,12 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def _derive_reason(self) -> CloseReason:
         q = self.quiche
-        if q.is_timed_out():
-            kind = CloseKind.IDLE_TIMEOUT if self._verified else CloseKind.HANDSHAKE
-            return CloseReason(kind)
-        peer = q.peer_error()
-        if peer is not None:
-            kind = (
-                CloseKind.PEER if self._verified or peer.is_app else CloseKind.HANDSHAKE
-            )
-            return CloseReason(kind, peer.is_app, peer.error_code, peer.reason)
-        local = q.local_error()
-        if local is not None:
-            kind = CloseKind.PROTOCOL if self._verified else CloseKind.HANDSHAKE
-            return CloseReason(kind, local.is_app, local.error_code, local.reason)
-        return CloseReason(CloseKind.PROTOCOL)
+        return close_reason(
+            verified=self._verified,
+            timed_out=q.is_timed_out(),
+            peer=q.peer_error(),
+            local=q.local_error(),
+        )
 
     def _finish(self, reason: CloseReason) -> None:
         if self._finished:
