@@ -53,6 +53,7 @@ import trio
 import trio.testing
 
 from . import _binding
+from ._address import unmap_ipv4
 from ._binding import Address
 from .errors import QuicheError
 
@@ -115,10 +116,6 @@ class SocketStatistics:
 MAX_STRAY_SOURCES: Final = 8
 
 
-def _plain_host(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
-
-
 class StrayWatch:
     """The sources of datagrams from ``host`` that no connection took.
 
@@ -128,12 +125,12 @@ class StrayWatch:
     """
 
     def __init__(self, host: str) -> None:
-        self.host = _plain_host(host)
+        self.host = unmap_ipv4(host)
         self.sources: list[tuple[str, int]] = []
         self._lot = trio.lowlevel.ParkingLot()
 
     def note(self, address: Address) -> None:
-        source = (_plain_host(str(address[0])), int(address[1]))
+        source = (unmap_ipv4(str(address[0])), int(address[1]))
         if source not in self.sources and len(self.sources) < MAX_STRAY_SOURCES:
             self.sources.append(source)
             self._lot.unpark_all()
@@ -431,8 +428,9 @@ class QUICSocket:
                 return (host, address[1], 0, 0)
             return address
         if ":" in host:
-            if host.startswith("::ffff:") and "." in host:
-                return (host[7:], address[1])
+            plain = unmap_ipv4(host)
+            if plain != host:
+                return (plain, address[1])
             raise OSError(errno.EAFNOSUPPORT, f"IPv6 address {host} on an IPv4 socket")
         return (host, address[1])
 
@@ -549,7 +547,7 @@ class QUICSocket:
                 self._note_stray(address)
 
     def _note_stray(self, address: Address) -> None:
-        for watch in self._stray_watches.get(_plain_host(str(address[0])), ()):
+        for watch in self._stray_watches.get(unmap_ipv4(str(address[0])), ()):
             watch.note(address)
 
     @contextmanager

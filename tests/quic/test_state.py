@@ -20,6 +20,7 @@ from polykey.quic import (
     QUICConnectionError,
     QuicheError,
     QUICStreamError,
+    unmap_ipv4,
 )
 from polykey.quic._state import Deadlines, Due, StreamIds, close_reason
 from polykey.quic.errors import StreamReset, StreamStopped
@@ -288,3 +289,20 @@ def test_anything_else_passes_through_untouched() -> None:
     assert info.value is error
     with _TranslateErrors(stream):
         pass
+
+
+# -- addresses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "plain"),
+    [
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("10.0.0.1", "10.0.0.1"),
+        ("::ffff:a00:1", "::ffff:a00:1"),  # mapped, but not written as IPv4
+        ("2001:db8::1", "2001:db8::1"),
+        ("::1", "::1"),
+    ],
+)
+def test_unmap_ipv4(host: str, plain: str) -> None:
+    assert unmap_ipv4(host) == plain
