@@ -39,6 +39,7 @@ Every connection task (driver) runs in this socket's nursery, so leaving the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import socket as _stdlib_socket
@@ -254,6 +255,8 @@ class QUICSocket:
         self._port = port
         self._sock: _stdlib_socket.socket | None = None
         self._nursery: trio.Nursery | None = None
+        # Holds the nursery between __aenter__ and __aexit__.
+        self._stack = contextlib.AsyncExitStack()
         self._routes: dict[bytes, QUICConnection] = {}
         # The connection ids routed to each connection, so that removing it
         # drops them all.
@@ -292,40 +295,14 @@ class QUICSocket:
 
     async def __aenter__(self) -> QUICSocket:
         _refuse_autojump_clock()
-        family = (
-            _stdlib_socket.AF_INET6 if ":" in self._host else _stdlib_socket.AF_INET
-        )
-        sock = _stdlib_socket.socket(family, _stdlib_socket.SOCK_DGRAM)
-        try:
-            if family == _stdlib_socket.AF_INET6:
-                sock.setsockopt(
-                    _stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 0
-                )
-            for opt in (_stdlib_socket.SO_RCVBUF, _stdlib_socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(_stdlib_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-                except OSError:  # pragma: no cover - best effort
-                    pass
-            try:
-                sock.bind((self._host, self._port))
-            except OSError as exc:
-                shown = f"[{self._host}]" if ":" in self._host else self._host
-                raise OSError(
-                    exc.errno,
-                    f"cannot listen on UDP {shown}:{self._port}: {exc.strerror}",
-                ) from None
-            sock.setblocking(False)
-            self._gso = _probe_gso(sock)
-            self._gro = _enable_gro(sock)
-        except BaseException:
-            sock.close()
-            raise
+        sock = _open_udp(self._host, self._port)
+        self._gso = _probe_gso(sock)
+        self._gro = _enable_gro(sock)
         self._sock = sock
         self.local_address = sock.getsockname()
         self.statistics.gso = self._gso
         self.statistics.gro = self._gro
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._nursery.start_soon(self._reader)
         self._nursery.start_soon(self._flusher)
         return self
@@ -337,11 +314,7 @@ class QUICSocket:
         traceback: TracebackType | None,
     ) -> bool:
         self._close()
-        assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
-        return bool(
-            await self._nursery_manager.__aexit__(exc_type, exc_value, traceback)
-        )
+        return bool(await self._stack.__aexit__(exc_type, exc_value, traceback))
 
     async def aclose(self) -> None:
         """Close every connection on this socket (with code 0), then the
@@ -757,6 +730,33 @@ def _refuse_autojump_clock() -> None:
             "deterministic tests above QUIC use polykey.testing's in-memory "
             "transports (see docs/quic.md)"
         )
+
+
+def _open_udp(host: str, port: int) -> _stdlib_socket.socket:
+    """A non-blocking UDP socket bound to ``(host, port)``; dual stack for
+    an IPv6 ``host``."""
+    family = _stdlib_socket.AF_INET6 if ":" in host else _stdlib_socket.AF_INET
+    sock = _stdlib_socket.socket(family, _stdlib_socket.SOCK_DGRAM)
+    try:
+        if family == _stdlib_socket.AF_INET6:
+            sock.setsockopt(_stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 0)
+        for opt in (_stdlib_socket.SO_RCVBUF, _stdlib_socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(_stdlib_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+            except OSError:  # pragma: no cover - best effort
+                pass
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            shown = f"[{host}]" if ":" in host else host
+            raise OSError(
+                exc.errno, f"cannot listen on UDP {shown}:{port}: {exc.strerror}"
+            ) from None
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _probe_gso(sock: _stdlib_socket.socket) -> bool:
