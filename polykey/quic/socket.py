@@ -560,7 +560,7 @@ class QUICSocket:
     def _process_dirty(self) -> None:
         # Processing one connection's input may feed others (a relayed
         # connection's packets arrive in its relay connection's datagrams,
-        # delivered from that one's _after_input): go on until none is left,
+        # delivered from that one's after_input): go on until none is left,
         # so each connection handles a batch of packets in one go.
         if self._processing:
             return
