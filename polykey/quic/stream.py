@@ -58,46 +58,6 @@ class _ConflictDetector:
         self._held = False
 
 
-class _TranslateErrors:
-    """``with`` around a call into quiche for one stream: its errors become
-    the stream's (trio's ``_translate_socket_errors_to_stream_errors``).
-
-    A RESET_STREAM ends the read side and a STOP_SENDING the write side with
-    a :class:`QUICStreamError` that later calls raise again; any other quiche
-    error means the stream is gone: the connection's error if it died,
-    else ``trio.BrokenResourceError``.
-    """
-
-    __slots__ = ("_stream",)
-
-    def __init__(self, stream: QUICStream) -> None:
-        self._stream = stream
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if not isinstance(exc_value, QuicheError):
-            return
-        stream = self._stream
-        sid = stream.stream_id
-        if isinstance(exc_value, StreamReset):
-            stream._recv_error = QUICStreamError(sid, exc_value.error_code, reset=True)
-            stream._eof_received = True
-            raise stream._recv_error from None
-        if isinstance(exc_value, StreamStopped):
-            stream._send_error = QUICStreamError(sid, exc_value.error_code, reset=False)
-            raise stream._send_error from None
-        # Collected after a reset we already saw, or the connection died.
-        stream.connection.raise_if_dead()
-        raise trio.BrokenResourceError(f"stream {sid}: {exc_value}") from None
-
-
 class QUICStream(trio.abc.HalfCloseableStream):
     """One bidirectional or unidirectional QUIC stream.
 
@@ -120,7 +80,6 @@ class QUICStream(trio.abc.HalfCloseableStream):
         self._send_conflict = _ConflictDetector(
             "another task is sending on this stream"
         )
-        self._translate_errors = _TranslateErrors(self)
         self._eof_received = not can_read
         self._fin_sent = not can_write
         self._closed = False
@@ -168,8 +127,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
             if self._eof_received:
                 return b"", waited
             buf = conn.scratch(max_bytes)
-            with self._translate_errors:
+            try:
                 got = q.stream_recv(sid, buf, max_bytes)
+            except QuicheError as exc:
+                raise self._translate(exc) from None
             if got is None:
                 conn.raise_if_dead()
                 await self._recv_lot.park()
@@ -223,8 +184,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
         self._conn.raise_if_dead()
 
     def _stream_send(self, data: memoryview, fin: bool) -> int:
-        with self._translate_errors:
+        try:
             return self._conn.quiche.stream_send(self.stream_id, data, fin)
+        except QuicheError as exc:
+            raise self._translate(exc) from None
 
     async def _send(self, view: memoryview, fin: bool) -> bool:
         """Queue all of ``view``; returns whether we had to wait for room.
@@ -272,13 +235,36 @@ class QUICStream(trio.abc.HalfCloseableStream):
     def _capacity(self) -> int | None:
         """The bytes quiche takes on this stream now; None when the stream
         does not exist in quiche (not created yet, or collected)."""
-        with self._translate_errors:
-            try:
-                return self._conn.quiche.stream_capacity(self.stream_id)
-            except StreamStopped:
-                raise
-            except QuicheError:
-                return None
+        try:
+            return self._conn.quiche.stream_capacity(self.stream_id)
+        except StreamStopped as exc:
+            raise self._translate(exc) from None
+        except QuicheError:
+            return None
+
+    def _translate(self, exc: QuicheError) -> BaseException:
+        """What a quiche error from a call for this stream means to its user
+        (the one place quiche's stream errors are translated; callers raise
+        it ``from None``, in an ``except`` that costs nothing until quiche
+        fails, unlike a context manager around every call).
+
+        A RESET_STREAM ends the read side and a STOP_SENDING the write side
+        with a :class:`QUICStreamError` that later calls raise again; any
+        other quiche error means the stream is gone: the connection's error
+        if it died, else ``trio.BrokenResourceError``.
+        """
+        sid = self.stream_id
+        if isinstance(exc, StreamReset):
+            self._recv_error = QUICStreamError(sid, exc.error_code, reset=True)
+            self._eof_received = True
+            return self._recv_error
+        if isinstance(exc, StreamStopped):
+            self._send_error = QUICStreamError(sid, exc.error_code, reset=False)
+            return self._send_error
+        # Collected after a reset we already saw, or the connection died.
+        if self._conn.closed:
+            return self._conn.closed_error()
+        return trio.BrokenResourceError(f"stream {sid}: {exc}")
 
     def _abort_send(self) -> None:
         self._send_aborted = True

@@ -24,7 +24,7 @@ from polykey.quic import (
 )
 from polykey.quic._state import Deadlines, Due, StreamIds, close_reason
 from polykey.quic.errors import StreamReset, StreamStopped
-from polykey.quic.stream import QUICStream, _ConflictDetector, _TranslateErrors
+from polykey.quic.stream import QUICStream, _ConflictDetector
 
 # -- stream ids ------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ def test_close_reason(
     assert got == expected
 
 
-# -- a stream's conflict detector and error translation -------------------------------
+# -- a stream's conflict detector and error translation ----------------------------
 
 
 def test_conflict_detector_refuses_a_second_user_until_the_first_leaves() -> None:
@@ -230,15 +230,17 @@ def test_conflict_detector_refuses_a_second_user_until_the_first_leaves() -> Non
 
 @attrs.define
 class _Conn:
-    """What _TranslateErrors and a stream's checks ask of a connection."""
+    """What a stream's error translation and checks ask of a connection."""
 
-    dead: bool = False
-    quiche: Any = None
     closed: bool = False
+    quiche: Any = None
 
     def raise_if_dead(self) -> None:
-        if self.dead:
-            raise QUICConnectionError(CloseReason(CloseKind.PEER, True, 9, b""))
+        if self.closed:
+            raise self.closed_error()
+
+    def closed_error(self) -> QUICConnectionError:
+        return QUICConnectionError(CloseReason(CloseKind.PEER, True, 9, b""))
 
 
 def _stream(conn: _Conn) -> QUICStream:
@@ -247,48 +249,34 @@ def _stream(conn: _Conn) -> QUICStream:
 
 async def test_a_reset_fails_the_read_side_for_good() -> None:
     stream = _stream(_Conn())
-    with pytest.raises(QUICStreamError) as info, _TranslateErrors(stream):
-        raise StreamReset(4, 21)
-    assert (info.value.code, info.value.reset) == (21, True)
-    assert info.value.__suppress_context__
+    error = stream._translate(StreamReset(4, 21))
+    assert isinstance(error, QUICStreamError)
+    assert (error.code, error.reset) == (21, True)
     with trio.fail_after(1), pytest.raises(QUICStreamError) as again:
         await stream.receive_some()
-    assert again.value is info.value
+    assert again.value is error
 
 
 async def test_a_stop_sending_fails_the_write_side_for_good() -> None:
     stream = _stream(_Conn())
-    with pytest.raises(QUICStreamError) as info, _TranslateErrors(stream):
-        raise StreamStopped(4, 22)
-    assert (info.value.code, info.value.reset) == (22, False)
+    error = stream._translate(StreamStopped(4, 22))
+    assert isinstance(error, QUICStreamError)
+    assert (error.code, error.reset) == (22, False)
     with trio.fail_after(1), pytest.raises(QUICStreamError) as again:
         await stream.send_all(b"x")
-    assert again.value is info.value
+    assert again.value is error
 
 
 def test_other_quiche_errors_mean_the_stream_or_the_connection_is_gone() -> None:
     conn = _Conn()
     stream = _stream(conn)
-    broken = pytest.raises(trio.BrokenResourceError, match=r"^stream 4: ")
-    with broken as info, _TranslateErrors(stream):
-        raise QuicheError(-7, "stream_recv(4)")
-    assert not isinstance(info.value, QuicheError)
-    conn.dead = True
-    with pytest.raises(QUICConnectionError), _TranslateErrors(stream):
-        raise QuicheError(-7, "stream_recv(4)")
-
-
-def test_anything_else_passes_through_untouched() -> None:
-    stream = _stream(_Conn())
-    error = ValueError("not quiche's")
-    with (
-        pytest.raises(ValueError, match="not quiche's") as info,
-        _TranslateErrors(stream),
-    ):
-        raise error
-    assert info.value is error
-    with _TranslateErrors(stream):
-        pass
+    error = stream._translate(QuicheError(-7, "stream_recv(4)"))
+    assert type(error) is trio.BrokenResourceError
+    assert str(error).startswith("stream 4: ")
+    conn.closed = True
+    assert isinstance(
+        stream._translate(QuicheError(-7, "stream_recv(4)")), QUICConnectionError
+    )
 
 
 # -- addresses -------------------------------------------------------------------
