@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
