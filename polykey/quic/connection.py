@@ -33,6 +33,7 @@ trio's MockClock the two disagree, see docs/quic.md.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -97,6 +98,14 @@ class QUICConnection(trio.abc.AsyncResource):
         remote_address: Address,
     ) -> None:
         self._socket = socket
+        # For streams, bound here so that each call is one call, not two
+        # (both are on every read): the socket's scratch buffer of at least
+        # ``size`` bytes, valid until the next await; and a flush within a few
+        # scheduling rounds (what a read frees: credit).
+        self.scratch: Callable[[int], bytearray] = socket.scratch
+        self.flush_later: Callable[[], None] = functools.partial(
+            socket.flush_later, self
+        )
         #: The quiche connection. Streams call its ``stream_*`` functions for
         #: their own stream id; everything else is this object's.
         self.quiche = q
@@ -666,12 +675,3 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def discard_send_waiter(self, stream: QUICStream) -> None:
         self._send_waiters.discard(stream)
-
-    def flush_later(self) -> None:
-        """Flush within a few scheduling rounds (what a read frees: credit)."""
-        self._socket.flush_later(self)
-
-    def scratch(self, size: int) -> bytearray:
-        """The socket's scratch buffer, at least ``size`` bytes, valid until
-        the next await."""
-        return self._socket.scratch(size)
