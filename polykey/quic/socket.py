@@ -54,7 +54,7 @@ import trio
 import trio.testing
 
 from . import _binding
-from ._address import unmap_ipv4
+from ._address import for_family, unmap_ipv4
 from ._binding import Address
 from .errors import QuicheError
 
@@ -393,19 +393,7 @@ class QUICSocket:
         """``address`` as this socket's family reports peers: IPv4 becomes
         IPv4-mapped IPv6 on a dual-stack socket."""
         assert self._sock is not None
-        host = address[0]
-        if self._sock.family == _stdlib_socket.AF_INET6:
-            if ":" not in host:
-                return (f"::ffff:{host}", address[1], 0, 0)
-            if len(address) == 2:
-                return (host, address[1], 0, 0)
-            return address
-        if ":" in host:
-            plain = unmap_ipv4(host)
-            if plain != host:
-                return (plain, address[1])
-            raise OSError(errno.EAFNOSUPPORT, f"IPv6 address {host} on an IPv4 socket")
-        return (host, address[1])
+        return for_family(address, ipv6=self._sock.family == _stdlib_socket.AF_INET6)
 
     # -- receiving --------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from polykey.quic import (
     QUICStreamError,
     unmap_ipv4,
 )
+from polykey.quic._address import for_family
 from polykey.quic._state import Deadlines, Due, StreamIds, close_reason
 from polykey.quic.errors import StreamReset, StreamStopped
 from polykey.quic.stream import QUICStream, _ConflictDetector
@@ -294,3 +295,24 @@ def test_other_quiche_errors_mean_the_stream_or_the_connection_is_gone() -> None
 )
 def test_unmap_ipv4(host: str, plain: str) -> None:
     assert unmap_ipv4(host) == plain
+
+
+@pytest.mark.parametrize(
+    ("address", "ipv6", "expected"),
+    [
+        (("10.0.0.1", 5), True, ("::ffff:10.0.0.1", 5, 0, 0)),
+        (("2001:db8::1", 5), True, ("2001:db8::1", 5, 0, 0)),
+        (("fe80::1", 5, 0, 3), True, ("fe80::1", 5, 0, 3)),  # scope id kept
+        (("10.0.0.1", 5), False, ("10.0.0.1", 5)),
+        (("::ffff:10.0.0.1", 5, 0, 0), False, ("10.0.0.1", 5)),
+    ],
+)
+def test_addresses_for_a_socket_family(
+    address: tuple[object, ...], ipv6: bool, expected: tuple[object, ...]
+) -> None:
+    assert for_family(address, ipv6=ipv6) == expected
+
+
+def test_an_ipv4_socket_refuses_ipv6_peers() -> None:
+    with pytest.raises(OSError, match="IPv6 address 2001:db8::1 on an IPv4 socket"):
+        for_family(("2001:db8::1", 5), ipv6=False)
