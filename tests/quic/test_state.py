@@ -1,7 +1,8 @@
 """The pure pieces of a QUIC connection and stream, without sockets: stream
-id bookkeeping, the timer's deadlines, close reasons, and the stream's
-conflict detector and error translation. tests/quic/test_loopback.py runs
-the same code over real connections."""
+id bookkeeping, the timer's deadlines, close reasons, the stream's conflict
+detector and error translation, and peer addresses per socket family.
+tests/quic/test_loopback.py and test_socket.py run the same code over real
+connections."""
 
 from __future__ import annotations
 
