@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
@@ -36,17 +36,16 @@ _DEFAULT_RECEIVE = 65536
 
 class _ConflictDetector:
     """Refuses a second task using one direction of a stream while a first
-    does (trio's ``ConflictDetector``): ``with detector:`` around the use."""
+    does (trio's ``ConflictDetector``): ``with detector:`` around the use.
+    One subclass per direction carries the message; made without an
+    ``__init__``, as every stream makes two."""
 
-    __slots__ = ("_held", "_message")
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._held = False
+    message: ClassVar[str]
+    _held = False
 
     def __enter__(self) -> None:
         if self._held:
-            raise trio.BusyResourceError(self._message)
+            raise trio.BusyResourceError(self.message)
         self._held = True
 
     def __exit__(
@@ -56,6 +55,14 @@ class _ConflictDetector:
         traceback: TracebackType | None,
     ) -> None:
         self._held = False
+
+
+class _ReceiveConflict(_ConflictDetector):
+    message = "another task is receiving on this stream"
+
+
+class _SendConflict(_ConflictDetector):
+    message = "another task is sending on this stream"
 
 
 class QUICStream(trio.abc.HalfCloseableStream):
@@ -74,12 +81,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
         self.cancel_code = 0
         self._recv_lot = trio.lowlevel.ParkingLot()
         self._send_lot = trio.lowlevel.ParkingLot()
-        self._receive_conflict = _ConflictDetector(
-            "another task is receiving on this stream"
-        )
-        self._send_conflict = _ConflictDetector(
-            "another task is sending on this stream"
-        )
+        self._receive_conflict = _ReceiveConflict()
+        self._send_conflict = _SendConflict()
         self._eof_received = not can_read
         self._fin_sent = not can_write
         self._closed = False

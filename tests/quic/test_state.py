@@ -26,7 +26,7 @@ from polykey.quic import (
 from polykey.quic._address import for_family
 from polykey.quic._state import Deadlines, Due, StreamIds, close_reason
 from polykey.quic.errors import StreamReset, StreamStopped
-from polykey.quic.stream import QUICStream, _ConflictDetector
+from polykey.quic.stream import QUICStream, _SendConflict
 
 # -- stream ids ------------------------------------------------------------------
 
@@ -221,13 +221,22 @@ def test_close_reason(
 
 
 def test_conflict_detector_refuses_a_second_user_until_the_first_leaves() -> None:
-    detector = _ConflictDetector("busy here")
-    with detector, pytest.raises(trio.BusyResourceError, match="busy here"), detector:
+    detector = _SendConflict()
+    busy = pytest.raises(trio.BusyResourceError, match="another task is sending")
+    with detector, busy, detector:
         pass  # pragma: no cover - never entered
     with pytest.raises(ValueError, match="inside"), detector:
         raise ValueError("inside")  # an error leaves it too
     with detector:
         pass
+
+
+def test_each_stream_direction_has_its_own_detector() -> None:
+    stream = _stream(_Conn())
+    with stream._send_conflict, stream._receive_conflict:
+        other = _stream(_Conn())
+        with other._send_conflict:
+            pass
 
 
 @attrs.define
