@@ -22,6 +22,7 @@ MODULES = [
     "client.py",
     "_state.py",
     "_address.py",
+    "_admission.py",
 ]
 
 
