@@ -33,7 +33,6 @@ trio's MockClock the two disagree, see docs/quic.md.
 from __future__ import annotations
 
 import collections
-import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -98,14 +97,11 @@ class QUICConnection(trio.abc.AsyncResource):
         remote_address: Address,
     ) -> None:
         self._socket = socket
-        # For streams, bound here so that each call is one call, not two
-        # (both are on every read): the socket's scratch buffer of at least
-        # ``size`` bytes, valid until the next await; and a flush within a few
-        # scheduling rounds (what a read frees: credit).
+        # For streams, bound here so that each read makes one call, not two:
+        # the socket's scratch buffer of at least ``size`` bytes, valid until
+        # the next await. (Not flush_later: a partial bound to self would
+        # make every connection a reference cycle, left to the cyclic GC.)
         self.scratch: Callable[[int], bytearray] = socket.scratch
-        self.flush_later: Callable[[], None] = functools.partial(
-            socket.flush_later, self
-        )
         #: The quiche connection. Streams call its ``stream_*`` functions for
         #: their own stream id; everything else is this object's.
         self.quiche = q
@@ -675,3 +671,7 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def discard_send_waiter(self, stream: QUICStream) -> None:
         self._send_waiters.discard(stream)
+
+    def flush_later(self) -> None:
+        """Flush within a few scheduling rounds (what a read frees: credit)."""
+        self._socket.flush_later(self)
