@@ -44,7 +44,7 @@ from ..keys import NodeId
 from . import _binding
 from ._binding import Address
 from ._carrier import CarrierRoutes, DatagramForward, ForwardCallback
-from ._state import Deadlines, Due, StreamIds, close_reason
+from ._state import Deadlines, StreamIds, close_reason
 from .config import PeerVerifier, QUICConfig
 from .errors import (
     CloseKind,
@@ -597,7 +597,7 @@ class QUICConnection(trio.abc.AsyncResource):
     def _on_timer(self) -> None:
         self._timer_fires += 1
         due = self._deadlines.due(trio.current_time())
-        if due & Due.HANDSHAKE:
+        if due.handshake:
             self._close_now(
                 is_app=False,
                 code=0,
@@ -605,9 +605,9 @@ class QUICConnection(trio.abc.AsyncResource):
                 kind=CloseKind.HANDSHAKE_TIMEOUT,
             )
             return
-        if due & Due.QUICHE:
+        if due.quiche:
             self.quiche.on_timeout()
-        if due & Due.KEEP_ALIVE:
+        if due.keep_alive:
             self.quiche.send_ack_eliciting()  # the next is scheduled by _rearm
 
     # -- closing ----------------------------------------------------------------------

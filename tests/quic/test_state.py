@@ -76,8 +76,8 @@ def test_quiche_timeout_arms_the_timer() -> None:
     d = Deadlines()
     assert d.rearm(10.0, 0.5, None)
     assert d.armed == 10.5
-    assert d.due(10.4) == Due.NOTHING
-    assert d.due(10.5) == Due.QUICHE
+    assert d.due(10.4) == Due()
+    assert d.due(10.5) == Due(quiche=True)
 
 
 def test_a_later_deadline_waits_for_the_armed_one_an_earlier_moves_it() -> None:
@@ -85,7 +85,7 @@ def test_a_later_deadline_waits_for_the_armed_one_an_earlier_moves_it() -> None:
     d.rearm(10.0, 1.0, None)
     assert not d.rearm(10.1, 5.0, None)  # later: the driver re-arms at 11.0
     assert d.armed == 11.0
-    assert d.due(11.0) == Due.NOTHING  # woke early, nothing due
+    assert d.due(11.0) == Due()  # woke early, nothing due
     assert d.rearm(11.0, 4.1, None)  # armed passed: moves to the real one
     assert d.armed == 15.1
     assert d.rearm(11.5, 0.1, None)  # earlier: moves at once
@@ -98,10 +98,10 @@ def test_keep_alive_is_scheduled_once_and_consumed_when_due() -> None:
     assert d.armed == 2.0
     d.rearm(1.0, None, 2.0)  # one pending: not pushed back
     assert d.keep_alive == 2.0
-    assert d.due(2.0) == Due.KEEP_ALIVE
+    assert d.due(2.0) == Due(keep_alive=True)
     assert d.keep_alive == math.inf
     d.rearm(2.0, 0.0, 2.0)
-    assert d.due(2.0) == Due.QUICHE  # the next keep-alive is at 4.0
+    assert d.due(2.0) == Due(quiche=True)  # the next keep-alive is at 4.0
     assert d.keep_alive == 4.0
 
 
@@ -110,7 +110,7 @@ def test_no_keep_alive_without_an_interval() -> None:
     d.rearm(0.0, None, None)
     d.rearm(0.0, None, 0.0)
     assert d.armed == math.inf
-    assert d.due(1e9) == Due.NOTHING
+    assert d.due(1e9) == Due()
 
 
 def test_the_handshake_deadline_is_all_that_is_due_once_past() -> None:
@@ -118,7 +118,7 @@ def test_the_handshake_deadline_is_all_that_is_due_once_past() -> None:
     d.handshake = 3.0
     d.rearm(0.0, 5.0, 1.0)
     assert d.armed == 1.0
-    assert d.due(6.0) == Due.HANDSHAKE
+    assert d.due(6.0) == Due(handshake=True)
     assert d.keep_alive == 1.0  # not consumed: the connection closes
 
 
