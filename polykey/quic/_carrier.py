@@ -132,7 +132,9 @@ class CarrierRoutes:
         budget: int,
         on_forwarded: ForwardCallback | None,
     ) -> DatagramForward:
-        route = _binding.DatagramRoute.forward(prefix, target.quiche, target_prefix, budget)
+        route = _binding.DatagramRoute.forward(
+            prefix, target.quiche, target_prefix, budget
+        )
         entry = DatagramForward(self, route, target, on_forwarded)
         self._add(entry)
         return entry

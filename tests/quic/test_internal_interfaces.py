@@ -23,6 +23,7 @@ MODULES = [
     "_state.py",
     "_address.py",
     "_admission.py",
+    "_carrier.py",
 ]
 
 
