@@ -294,6 +294,8 @@ class QUICSocket:
     # -- lifecycle ------------------------------------------------------------
 
     async def __aenter__(self) -> QUICSocket:
+        if self._sock is not None:
+            raise RuntimeError("a QUICSocket can be opened once")
         _refuse_autojump_clock()
         sock = _open_udp(self._host, self._port)
         self._gso = _probe_gso(sock)
@@ -398,6 +400,10 @@ class QUICSocket:
     # -- receiving --------------------------------------------------------------
 
     async def _reader(self) -> None:
+        if self._closed:
+            # Closed before this task first ran: the file descriptor is gone
+            # (wait_readable would raise ValueError on -1).
+            return
         sock = self._sock
         assert sock is not None
         buf = self._recv_buf
