@@ -14,7 +14,13 @@ from typing import Any, Final, TypeVar
 import attrs
 
 from ..keys import NodeId
-from ..quic import CloseKind, CloseReason, QUICConnection, QUICConnectionError
+from ..quic import (
+    CloseKind,
+    CloseReason,
+    QUICConnection,
+    QUICConnectionError,
+    unmap_ipv4,
+)
 from ..rpc import ClientManifest, RPCClient
 from .errors import NodesError
 
@@ -57,10 +63,7 @@ class NodeConnectionError(QUICConnectionError, NodesError):
 
 def display_address(address: tuple[Any, ...]) -> Address:
     """``(host, port)`` with IPv4-mapped IPv6 written as plain IPv4."""
-    host = str(address[0])
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, int(address[1])
+    return unmap_ipv4(str(address[0])), int(address[1])
 
 
 M = TypeVar("M", bound=ClientManifest)

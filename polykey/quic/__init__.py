@@ -7,6 +7,7 @@ client connections dialled with ``QUICClient``/``connect``. Connections carry
 
 from __future__ import annotations
 
+from ._address import unmap_ipv4
 from ._binding import quiche_version
 from ._carrier import DatagramForward
 from ._spray import spray_delays
@@ -58,4 +59,5 @@ __all__ = [
     "node_verifier",
     "quiche_version",
     "spray_delays",
+    "unmap_ipv4",
 ]

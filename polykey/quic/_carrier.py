@@ -100,7 +100,7 @@ class DatagramForward(_Entry):
     def settled(self, datagrams: int, size: int, dropped: int) -> None:
         if datagrams > dropped:
             target = self.target
-            target._socket._flush_later(target)
+            target.flush_later()
         if self._on_forwarded is not None:
             self._on_forwarded(datagrams, size, dropped)
 
@@ -114,8 +114,7 @@ class _Delivery(_Entry):
 
     def settled(self, datagrams: int, size: int, dropped: int) -> None:
         inner = self.inner
-        inner._datagrams_in += datagrams
-        inner._socket._mark_dirty(inner)
+        inner.datagrams_carried(datagrams)
 
 
 class CarrierRoutes:
@@ -133,7 +132,9 @@ class CarrierRoutes:
         budget: int,
         on_forwarded: ForwardCallback | None,
     ) -> DatagramForward:
-        route = _binding.DatagramRoute.forward(prefix, target._q, target_prefix, budget)
+        route = _binding.DatagramRoute.forward(
+            prefix, target.quiche, target_prefix, budget
+        )
         entry = DatagramForward(self, route, target, on_forwarded)
         self._add(entry)
         return entry
@@ -148,7 +149,7 @@ class CarrierRoutes:
                     return
                 self.remove(entry)
                 break
-        route = _binding.DatagramRoute.deliver(prefix, inner._q, dcid)
+        route = _binding.DatagramRoute.deliver(prefix, inner.quiche, dcid)
         self._add(_Delivery(route, inner))
 
     def undeliver(self, prefix: bytes) -> None:

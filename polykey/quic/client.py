@@ -74,23 +74,23 @@ class QUICClient:
             verifier=verifier or self._verifier,
             remote_address=peer,
         )
-        socket._route(scid, conn)
+        socket.route(scid, conn)
         if spray:
             conn.keep_first_flight()
-        conn._start(None)
+        conn.start(None)
         try:
             if spray:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_respray, conn)
-                    await conn._handshake_done.wait()
+                    verified = await conn.wait_handshake()
                     nursery.cancel_scope.cancel()
             else:
-                await conn._handshake_done.wait()
+                verified = await conn.wait_handshake()
         except BaseException:
-            conn._close_now(is_app=True, code=0, reason=b"connect cancelled")
+            conn.close(0, b"connect cancelled")
             raise
-        if not conn._verified:
-            raise conn._error()
+        if not verified:
+            raise conn.closed_error()
         return conn
 
 

@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-Input arrives synchronously: the socket's reader calls :meth:`_datagram` for
-each packet (quiche decrypts and processes it at once) and, when the socket
-is drained, :meth:`_after_input` once. That is where everything happens, in
+Input arrives synchronously: the socket's reader calls :meth:`datagram_received`
+for each packet (quiche decrypts and processes it at once) and, when the
+socket is drained, :meth:`after_input` once. That is where everything happens, in
 this order, and the invariant every path keeps (aioquic's ``transmit()``):
 
 1. right after the handshake, verify the peer's certificate chain; until it
@@ -19,7 +19,7 @@ this order, and the invariant every path keeps (aioquic's ``transmit()``):
 Step 3 and 4 after socket input are deferred a few scheduling rounds to the
 socket's flusher (see QUICSocket._flusher) so that ACKs ride on the replies
 of the tasks the input woke; a read that frees credit defers its flush the
-same way. Writes and closes call :meth:`_flush` themselves, synchronously.
+same way. Writes and closes call :meth:`flush` themselves, synchronously.
 The driver task, living in the socket's nursery, only sleeps until the timer
 (then calls quiche's ``on_timeout`` and does the same steps at once) or
 until the kernel's send buffer has room again for a batch it refused. So
@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -44,6 +44,7 @@ from ..keys import NodeId
 from . import _binding
 from ._binding import Address
 from ._carrier import CarrierRoutes, DatagramForward, ForwardCallback
+from ._state import Deadlines, StreamIds, close_reason
 from .config import PeerVerifier, QUICConfig
 from .errors import (
     CloseKind,
@@ -96,7 +97,14 @@ class QUICConnection(trio.abc.AsyncResource):
         remote_address: Address,
     ) -> None:
         self._socket = socket
-        self._q = q
+        # For streams, bound here so that each read makes one call, not two:
+        # the socket's scratch buffer of at least ``size`` bytes, valid until
+        # the next await. (Not flush_later: a partial bound to self would
+        # make every connection a reference cycle, left to the cyclic GC.)
+        self.scratch: Callable[[int], bytearray] = socket.scratch
+        #: The quiche connection. Streams call its ``stream_*`` functions for
+        #: their own stream id; everything else is this object's.
+        self.quiche = q
         self.is_server = is_server
         self._config = config
         self._verifier = verifier
@@ -105,7 +113,6 @@ class QUICConnection(trio.abc.AsyncResource):
         self.peer_identity: NodeId | None = None
         self.peer_certificates: tuple[bytes, ...] = ()
         self.close_reason: CloseReason | None = None
-        self._route_ids: set[bytes] = set()
         self._streams: dict[int, QUICStream] = {}
         self._incoming: collections.deque[QUICStream] = collections.deque()
         self._accept_lot = trio.lowlevel.ParkingLot()
@@ -117,19 +124,8 @@ class QUICConnection(trio.abc.AsyncResource):
         self._verified = False
         self._finished = False
         self._verify_error: PeerVerificationError | None = None
-        # Next local stream ids, by type (bidi, uni).
-        local = 1 if is_server else 0
-        self._next_bidi = local
-        self._next_uni = local | 2
-        # Highest peer stream id seen per type (bidi 0, uni 2), and the lower
-        # ids not seen yet: together they tell a new peer stream from one we
-        # already closed. The gaps stay within the peer's stream limit.
-        self._peer_max: dict[int, int] = {0: -1, 2: -1}
-        self._peer_gaps: set[int] = set()
-        self._deadline = math.inf
-        self._quiche_deadline = math.inf
-        self._keep_alive_deadline = math.inf
-        self._handshake_deadline = math.inf
+        self._stream_ids = StreamIds(is_server=is_server)
+        self._deadlines = Deadlines()
         self._timer_scope: trio.CancelScope | None = None
         self._pending: tuple[bytes, int, Address] | None = None
         # What we sent before the peer's first packet, kept only for a dial
@@ -138,7 +134,7 @@ class QUICConnection(trio.abc.AsyncResource):
         self._on_datagram: Callable[[bytes], None] | None = None
         # Routes of our datagrams that never reach Python (see _carrier).
         self._carrier_routes: CarrierRoutes | None = None
-        self._on_ready: list[Any] = []
+        self._on_verified: list[Callable[[QUICConnection], None]] = []
         # Driver counters.
         self._datagrams_in = 0
         self._timer_fires = 0
@@ -151,15 +147,17 @@ class QUICConnection(trio.abc.AsyncResource):
 
     # -- start ------------------------------------------------------------------
 
-    def _start(self, handshake_timeout: float | None) -> None:
-        """Register with the socket, start the driver, send what is due."""
-        self._socket._add_connection(self)
+    def start(self, handshake_timeout: float | None) -> None:
+        """Register with the socket, start the driver, send what is due.
+        Called once, by the server or client that made the connection,
+        after routing its connection id."""
+        self._socket.add_connection(self)
         if handshake_timeout is not None:
-            self._handshake_deadline = trio.current_time() + handshake_timeout
+            self._deadlines.handshake = trio.current_time() + handshake_timeout
         self._socket.nursery.start_soon(
             self._drive, name=f"quic-driver {self.remote_address}"
         )
-        self._after_input()
+        self.after_input()
 
     # -- public API ---------------------------------------------------------------
 
@@ -178,11 +176,11 @@ class QUICConnection(trio.abc.AsyncResource):
         reached. The peer learns of it with its first data or FIN."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
-            self._raise_if_dead()
+            self.raise_if_dead()
             if not self._verified:
                 await self._handshake_done.wait()
                 continue
-            q = self._q
+            q = self.quiche
             left = (
                 q.peer_streams_left_uni()
                 if unidirectional
@@ -191,13 +189,10 @@ class QUICConnection(trio.abc.AsyncResource):
             if left > 0:
                 break
             await self._credit_lot.park()
-        if unidirectional:
-            sid, self._next_uni = self._next_uni, self._next_uni + 4
-        else:
-            sid, self._next_bidi = self._next_bidi, self._next_bidi + 4
+        sid = self._stream_ids.open_local(unidirectional=unidirectional)
         # An empty write creates the stream in quiche, so it counts against
         # the peer's limit at once, as our bookkeeping assumes.
-        self._q.stream_send(sid, b"", False)
+        self.quiche.stream_send(sid, b"", False)
         stream = QUICStream(self, sid, can_read=not unidirectional, can_write=True)
         self._streams[sid] = stream
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -208,7 +203,7 @@ class QUICConnection(trio.abc.AsyncResource):
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         while not self._incoming:
-            self._raise_if_dead()
+            self.raise_if_dead()
             await self._accept_lot.park()
             waited = True
         stream = self._incoming.popleft()
@@ -230,9 +225,9 @@ class QUICConnection(trio.abc.AsyncResource):
         await trio.lowlevel.checkpoint()
 
     def statistics(self) -> ConnectionStatistics:
-        path = next(iter(self._q.path_stats()), None)
+        path = next(iter(self.quiche.path_stats()), None)
         return ConnectionStatistics(
-            quiche=self._q.stats(),
+            quiche=self.quiche.stats(),
             path=path,
             datagrams_in=self._datagrams_in,
             timer_fires=self._timer_fires,
@@ -258,11 +253,11 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._finished or not self._verified:
             return False
         try:
-            queued = self._q.dgram_send(payload)
+            queued = self.quiche.dgram_send(payload)
         except QuicheError:
             return False
         if queued:
-            self._socket._flush_later(self)
+            self._socket.flush_later(self)
         return queued
 
     def forward_datagrams(
@@ -287,14 +282,14 @@ class QUICConnection(trio.abc.AsyncResource):
             prefix, target, target_prefix, budget, on_forwarded
         )
 
-    def _carry_to(self, prefix: bytes, inner: QUICConnection, dcid: bytes) -> None:
+    def carry_to(self, prefix: bytes, inner: QUICConnection, dcid: bytes) -> None:
         """Deliver our datagrams ``prefix || short-header packet for dcid``
         to ``inner`` directly (a virtual path's fast lane)."""
         if self._carrier_routes is None:
             self._carrier_routes = CarrierRoutes(len(prefix))
         self._carrier_routes.deliver(prefix, inner, dcid)
 
-    def _stop_carrying(self, prefix: bytes) -> None:
+    def stop_carrying(self, prefix: bytes) -> None:
         if self._carrier_routes is not None:
             self._carrier_routes.undeliver(prefix)
 
@@ -303,13 +298,13 @@ class QUICConnection(trio.abc.AsyncResource):
         does not take datagrams."""
         if self._finished:
             return None
-        return self._q.dgram_max_writable_len()
+        return self.quiche.dgram_max_writable_len()
 
     def _deliver_datagrams(self) -> None:
         handler = self._on_datagram
         routes = self._carrier_routes
         buf = self._socket.scratch(65536)
-        q = self._q
+        q = self.quiche
         while True:
             try:
                 if routes is None:
@@ -358,13 +353,34 @@ class QUICConnection(trio.abc.AsyncResource):
         """Whether any packet from the peer has arrived."""
         return self._datagrams_in > 0
 
-    # -- errors -------------------------------------------------------------------
+    # -- internal interface: socket, server, client and streams -------------------
+    # (see "Internal interfaces" in docs/quic.md; the input and output steps
+    # below belong to it too)
 
-    def _raise_if_dead(self) -> None:
+    @property
+    def verified(self) -> bool:
+        """Whether the handshake is done and the peer passed verification."""
+        return self._verified
+
+    async def wait_handshake(self) -> bool:
+        """Wait until the handshake is over: True if the peer was verified,
+        False if the connection ended first (see :meth:`closed_error`)."""
+        await self._handshake_done.wait()
+        return self._verified
+
+    def call_when_verified(self, callback: Callable[[QUICConnection], None]) -> None:
+        """Call ``callback(self)`` right after the peer is verified, before
+        any stream is delivered (never, if the handshake fails)."""
+        self._on_verified.append(callback)
+
+    def raise_if_dead(self) -> None:
+        """Raise :meth:`closed_error` if the connection has ended."""
         if self._finished:
-            raise self._error()
+            raise self.closed_error()
 
-    def _error(self) -> QUICConnectionError:
+    def closed_error(self) -> QUICConnectionError:
+        """The error operations on this (ended) connection raise."""
+
         reason = self.close_reason or CloseReason(CloseKind.LOCAL)
         if self._verify_error is not None:
             exc = QUICConnectionError(
@@ -376,34 +392,44 @@ class QUICConnection(trio.abc.AsyncResource):
 
     # -- input ----------------------------------------------------------------------
 
-    def _datagram(self, data: memoryview, address: Address) -> None:
+    def datagram_received(self, data: memoryview, address: Address) -> None:
+        """One packet from the socket's reader (``data`` is spent after)."""
         if self._finished:
             return
         self._datagrams_in += 1
         try:
-            self._q.recv(data, address)
+            self.quiche.recv(data, address)
         except QuicheError:
             # A bad or late packet: quiche drops it, or closes the connection
-            # if it is fatal, which _after_input notices.
+            # if it is fatal, which after_input notices.
             pass
-        self._socket._mark_dirty(self)
+        self._socket.mark_dirty(self)
 
-    def _datagrams(
+    def datagrams_carried(self, n: int) -> None:
+        """A carrier connection's C route handed quiche ``n`` of our packets
+        (see _carrier): count them and act on them with the socket's input."""
+        self._datagrams_in += n
+        self._socket.mark_dirty(self)
+
+    def segments_received(
         self, data: memoryview, segment: int, dcid: bytes, address: Address
     ) -> int:
         """A run of GRO segments addressed to us; returns bytes consumed."""
         if self._finished:
             return 0
-        used = self._q.recv_segments(data, segment, dcid, address)
+        used = self.quiche.recv_segments(data, segment, dcid, address)
         if used:
             self._datagrams_in += -(-used // segment)
-            self._socket._mark_dirty(self)
+            self._socket.mark_dirty(self)
         return used
 
-    def _after_input(self, *, defer_flush: bool = False) -> None:
+    def after_input(self, *, defer_flush: bool = False) -> None:
+        """Act on the input received since the last call (steps 1-4 above);
+        ``defer_flush``: leave steps 3 and 4 to the socket's flusher once
+        the handshake is done."""
         if self._finished:
             return
-        q = self._q
+        q = self.quiche
         was_verified = self._verified
         if not was_verified and q.is_established():
             self._verify()
@@ -413,30 +439,31 @@ class QUICConnection(trio.abc.AsyncResource):
             self._deliver_streams()
             if self._send_waiters:
                 for stream in list(self._send_waiters):
-                    stream._send_lot.unpark_all()
+                    stream.wake_sender()
             if self._credit_lot and (
                 q.peer_streams_left_bidi() > 0 or q.peer_streams_left_uni() > 0
             ):
                 self._credit_lot.unpark_all()
         if defer_flush and was_verified:
-            self._socket._flush_later(self)
+            self._socket.flush_later(self)
         else:
             # During the handshake, flush at once: the last flight must be
             # out before connect() returns (a caller may close right away,
             # and quiche sends only the close then).
-            self._flush_after_input()
+            self.flush_after_input()
 
-    def _flush_after_input(self) -> None:
+    def flush_after_input(self) -> None:
+        """Steps 3 and 4: flush, then re-arm or notice quiche closed."""
         if self._finished:
             return
-        self._flush()
-        if self._q.is_closed():
+        self.flush()
+        if self.quiche.is_closed():
             self._finish(self._derive_reason())
         else:
             self._rearm()
 
     def _verify(self) -> None:
-        chain = self._q.peer_cert_chain()
+        chain = self.quiche.peer_cert_chain()
         self.peer_certificates = tuple(chain)
         try:
             if not chain:
@@ -459,38 +486,25 @@ class QUICConnection(trio.abc.AsyncResource):
             )
             return
         self._verified = True
-        self._handshake_deadline = math.inf
+        self._deadlines.handshake = math.inf
         self._handshake_done.set()
-        for callback in self._on_ready:
+        for callback in self._on_verified:
             callback(self)
-        self._on_ready.clear()
+        self._on_verified.clear()
 
     def _deliver_streams(self) -> None:
-        q = self._q
+        q = self.quiche
         streams = self._streams
+        ids = self._stream_ids
         while (sid := q.readable_next()) is not None:
             stream = streams.get(sid)
             if stream is not None:
-                stream._recv_lot.unpark_all()
+                stream.wake_receiver()
                 continue
-            kind = sid & 2
-            if (sid & 1) == self.is_server:
-                self._discard(sid)  # our own stream, already closed
+            if not ids.accept_peer(sid):
+                self._discard(sid)  # a stream closed already, ours or theirs
                 continue
-            if sid > self._peer_max[kind]:
-                # Lower ids the peer opened implicitly (RFC 9000 2.1) come
-                # later, with their first data; remember them until then.
-                start = (
-                    self._peer_max[kind] + 4 if self._peer_max[kind] >= 0 else sid & 3
-                )
-                self._peer_gaps.update(range(start, sid, 4))
-                self._peer_max[kind] = sid
-            elif sid in self._peer_gaps:
-                self._peer_gaps.discard(sid)
-            else:
-                self._discard(sid)  # a peer stream we already closed
-                continue
-            stream = QUICStream(self, sid, can_read=True, can_write=not kind)
+            stream = QUICStream(self, sid, can_read=True, can_write=not sid & 2)
             streams[sid] = stream
             self._incoming.append(stream)
             self._accept_lot.unpark_all()
@@ -498,21 +512,22 @@ class QUICConnection(trio.abc.AsyncResource):
     def _discard(self, sid: int) -> None:
         buf = self._socket.scratch(65536)
         try:
-            while self._q.stream_recv(sid, buf) is not None:
+            while self.quiche.stream_recv(sid, buf) is not None:
                 pass
         except QuicheError:
             pass
 
     # -- output -----------------------------------------------------------------------
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send what quiche has to send now (synchronous)."""
         if self._pending is not None or self._finished:
             return
         socket = self._socket
-        buf = socket._send_buf
-        view = socket._send_view
-        segments = socket._max_segments
-        q = self._q
+        buf = socket.send_buffer
+        view = socket.send_view
+        segments = socket.max_segments
+        q = self.quiche
         send = socket.send_segments
         self._flushes += 1
         sent = False
@@ -536,37 +551,23 @@ class QUICConnection(trio.abc.AsyncResource):
             # Sending arms quiche's loss-detection timer.
             self._rearm()
             # What a deferred flush was waiting to send (ACKs) just went.
-            socket._flush_sent(self)
+            socket.flush_sent(self)
 
     def _rearm(self) -> None:
-        now = trio.current_time()
-        timeout = self._q.timeout()
-        self._quiche_deadline = math.inf if timeout is None else now + timeout
+        deadlines = self._deadlines
+        keep_alive = self._config.keep_alive_interval if self._verified else None
         if (
-            self._verified
-            and self._keep_alive_deadline == math.inf
-            and self._config.keep_alive_interval
+            deadlines.rearm(trio.current_time(), self.quiche.timeout(), keep_alive)
+            and self._timer_scope is not None
         ):
-            self._keep_alive_deadline = now + self._config.keep_alive_interval
-        deadline = min(
-            self._quiche_deadline, self._keep_alive_deadline, self._handshake_deadline
-        )
-        # Moving a trio deadline costs more than the packet that moved it:
-        # bring it forward at once, but let a later one wait until the
-        # driver wakes at the earlier (it then finds nothing due and
-        # re-arms). The driver also wakes at once if it was due already.
-        current = self._deadline
-        if deadline < current or current <= now:
-            self._deadline = deadline
-            if self._timer_scope is not None:
-                self._timer_scope.deadline = deadline
+            self._timer_scope.deadline = deadlines.armed
 
     # -- the driver task ----------------------------------------------------------------
 
     async def _drive(self) -> None:
         try:
             while not self._finished:
-                with trio.CancelScope(deadline=self._deadline) as scope:
+                with trio.CancelScope(deadline=self._deadlines.armed) as scope:
                     self._timer_scope = scope
                     if self._pending is not None:
                         await self._socket.wait_writable()
@@ -579,9 +580,9 @@ class QUICConnection(trio.abc.AsyncResource):
                     data, segment, to = self._pending
                     if self._socket.send_segments(memoryview(data), segment, to):
                         self._pending = None
-                if trio.current_time() >= self._deadline:
+                if trio.current_time() >= self._deadlines.armed:
                     self._on_timer()
-                self._after_input()
+                self.after_input()
         finally:
             self._timer_scope = None
             if not self._finished:
@@ -594,9 +595,9 @@ class QUICConnection(trio.abc.AsyncResource):
                 )
 
     def _on_timer(self) -> None:
-        now = trio.current_time()
         self._timer_fires += 1
-        if now >= self._handshake_deadline:
+        due = self._deadlines.due(trio.current_time())
+        if due.handshake:
             self._close_now(
                 is_app=False,
                 code=0,
@@ -604,11 +605,10 @@ class QUICConnection(trio.abc.AsyncResource):
                 kind=CloseKind.HANDSHAKE_TIMEOUT,
             )
             return
-        if now >= self._quiche_deadline:
-            self._q.on_timeout()
-        if now >= self._keep_alive_deadline:
-            self._keep_alive_deadline = math.inf  # re-armed by _rearm
-            self._q.send_ack_eliciting()
+        if due.quiche:
+            self.quiche.on_timeout()
+        if due.keep_alive:
+            self.quiche.send_ack_eliciting()  # the next is scheduled by _rearm
 
     # -- closing ----------------------------------------------------------------------
 
@@ -623,28 +623,20 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._finished:
             return
         try:
-            self._q.close(is_app, code, reason)
+            self.quiche.close(is_app, code, reason)
         except (QuicheError, ValueError):
             pass
-        self._flush()
+        self.flush()
         self._finish(CloseReason(kind, is_app=is_app, code=code, reason=reason))
 
     def _derive_reason(self) -> CloseReason:
-        q = self._q
-        if q.is_timed_out():
-            kind = CloseKind.IDLE_TIMEOUT if self._verified else CloseKind.HANDSHAKE
-            return CloseReason(kind)
-        peer = q.peer_error()
-        if peer is not None:
-            kind = (
-                CloseKind.PEER if self._verified or peer.is_app else CloseKind.HANDSHAKE
-            )
-            return CloseReason(kind, peer.is_app, peer.error_code, peer.reason)
-        local = q.local_error()
-        if local is not None:
-            kind = CloseKind.PROTOCOL if self._verified else CloseKind.HANDSHAKE
-            return CloseReason(kind, local.is_app, local.error_code, local.reason)
-        return CloseReason(CloseKind.PROTOCOL)
+        q = self.quiche
+        return close_reason(
+            verified=self._verified,
+            timed_out=q.is_timed_out(),
+            peer=q.peer_error(),
+            local=q.local_error(),
+        )
 
     def _finish(self, reason: CloseReason) -> None:
         if self._finished:
@@ -653,7 +645,7 @@ class QUICConnection(trio.abc.AsyncResource):
         if self.close_reason is None:
             self.close_reason = reason
         for stream in list(self._streams.values()):
-            stream._connection_lost()
+            stream.connection_lost()
         self._streams.clear()
         self._send_waiters.clear()
         self._accept_lot.unpark_all()
@@ -663,11 +655,23 @@ class QUICConnection(trio.abc.AsyncResource):
             self._timer_scope.cancel()
         self._handshake_done.set()
         self._closed_event.set()
-        self._socket._remove_connection(self)
+        self._socket.remove_connection(self)
 
-    def _forget_stream(self, stream: QUICStream) -> None:
+    # -- internal interface for streams ------------------------------------------------
+
+    def forget_stream(self, stream: QUICStream) -> None:
+        """``stream`` is closed: stop waking it."""
         if self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
 
-    def _scratch(self, size: int) -> bytearray:
-        return self._socket.scratch(size)
+    def add_send_waiter(self, stream: QUICStream) -> None:
+        """Wake ``stream``'s sender after each batch of input, until
+        :meth:`discard_send_waiter`."""
+        self._send_waiters.add(stream)
+
+    def discard_send_waiter(self, stream: QUICStream) -> None:
+        self._send_waiters.discard(stream)
+
+    def flush_later(self) -> None:
+        """Flush within a few scheduling rounds (what a read frees: credit)."""
+        self._socket.flush_later(self)

@@ -276,33 +276,34 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
             verifier=self._verifier,
             remote_address=address,
         )
-        self._socket._route(scid, conn)
+        self._socket.route(scid, conn)
         if odcid is None:
             # Until the client switches to our id it keeps using its own.
-            self._socket._route(header.dcid, conn)
+            self._socket.route(header.dcid, conn)
         self._handshaking += 1
         self._per_address[host] += 1
         stats.handshakes_started += 1
         stats.connections = self._admission.connections
         stats.handshaking = self._handshaking
-        conn._on_ready.append(self._connection_ready)
+        conn.call_when_verified(self._connection_ready)
         self._socket.nursery.start_soon(self._watch_handshake, conn, host)
-        conn._start(self._config.handshake_timeout)
-        conn._datagram(data, address)
+        conn.start(self._config.handshake_timeout)
+        conn.datagram_received(data, address)
 
     async def _watch_handshake(self, conn: QUICConnection, host: str) -> None:
         # Keeps the handshaking and connection counts honest however the
         # connection ends.
         try:
+            verified = False
             try:
-                await conn._handshake_done.wait()
+                verified = await conn.wait_handshake()
             finally:
                 self._handshaking -= 1
                 self.statistics.handshaking = self._handshaking
                 self._per_address[host] -= 1
                 if not self._per_address[host]:
                     del self._per_address[host]
-            if not conn._verified:
+            if not verified:
                 self.statistics.handshakes_failed += 1
             await conn.wait_closed()
         finally:
@@ -311,7 +312,7 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
 
     def _connection_ready(self, conn: QUICConnection) -> None:
         if self._closed:
-            conn._close_now(is_app=True, code=0, reason=b"server closed")
+            conn.close(0, b"server closed")
             return
         self.statistics.accepted += 1
         self._ready.append(conn)
@@ -360,8 +361,6 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
             self._closed = True
             self._socket.attach_server(None)
             while self._ready:
-                self._ready.popleft()._close_now(
-                    is_app=True, code=0, reason=b"server closed"
-                )
+                self._ready.popleft().close(0, b"server closed")
             self._lot.unpark_all()
         await trio.lowlevel.checkpoint()

@@ -39,6 +39,7 @@ Every connection task (driver) runs in this socket's nursery, so leaving the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import socket as _stdlib_socket
@@ -53,6 +54,7 @@ import trio
 import trio.testing
 
 from . import _binding
+from ._address import for_family, unmap_ipv4
 from ._binding import Address
 from .errors import QuicheError
 
@@ -115,10 +117,6 @@ class SocketStatistics:
 MAX_STRAY_SOURCES: Final = 8
 
 
-def _plain_host(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
-
-
 class StrayWatch:
     """The sources of datagrams from ``host`` that no connection took.
 
@@ -128,12 +126,12 @@ class StrayWatch:
     """
 
     def __init__(self, host: str) -> None:
-        self.host = _plain_host(host)
+        self.host = unmap_ipv4(host)
         self.sources: list[tuple[str, int]] = []
         self._lot = trio.lowlevel.ParkingLot()
 
     def note(self, address: Address) -> None:
-        source = (_plain_host(str(address[0])), int(address[1]))
+        source = (unmap_ipv4(str(address[0])), int(address[1]))
         if source not in self.sources and len(self.sources) < MAX_STRAY_SOURCES:
             self.sources.append(source)
             self._lot.unpark_all()
@@ -200,10 +198,10 @@ class VirtualPath:
             return
         count = -(-len(data) // segment)
         queued = 0
-        if not carrier._finished and carrier._verified:
+        if not carrier.closed and carrier.verified:
             assert self._scratch is not None
             try:
-                queued = carrier._q.dgram_send_segments(
+                queued = carrier.quiche.dgram_send_segments(
                     self._prefix, data, segment, self._scratch
                 )
             except ValueError:  # a packet too big for a frame: dropped
@@ -211,7 +209,7 @@ class VirtualPath:
         self.packets_sent += queued
         self.packets_dropped += count - queued
         if queued:
-            carrier._socket._flush_later(carrier)
+            carrier.flush_later()
 
     def deliver(self, packet: bytes) -> None:
         """A packet from the peer: routed as if it had arrived at the socket
@@ -222,27 +220,27 @@ class VirtualPath:
         self.packets_received += 1
         socket = self._socket
         # quiche decrypts in place: give it a buffer of its own.
-        socket._dispatch(memoryview(bytearray(packet)), self.address)
+        socket.inject(memoryview(bytearray(packet)), self.address)
         if self._carrier is not None and packet and not packet[0] & 0x80:
             # A short header: the connection it is for takes the next ones
             # straight from the carrier.
             dcid = packet[1 : 1 + CID_LEN]
-            conn = socket._routes.get(dcid)
+            conn = socket.connection_for(dcid)
             if conn is not None and conn.remote_address == self.address:
                 try:
-                    self._carrier._carry_to(self._prefix, conn, dcid)
+                    self._carrier.carry_to(self._prefix, conn, dcid)
                 except ValueError:
                     pass  # the prefix is routed otherwise: stay in Python
-        socket._process_dirty()  # a no-op inside processing: done after it
+        socket.process_input()  # a no-op inside processing: done after it
 
     def close(self) -> None:
         """Stop carrying packets; connections on the path then time out, or
         are closed by whoever closes the path."""
         if not self.closed:
             self.closed = True
-            self._socket._virtual.pop(self.address, None)
+            self._socket.drop_virtual_path(self.address)
             if self._carrier is not None:
-                self._carrier._stop_carrying(self._prefix)
+                self._carrier.stop_carrying(self._prefix)
 
 
 class QUICSocket:
@@ -257,7 +255,12 @@ class QUICSocket:
         self._port = port
         self._sock: _stdlib_socket.socket | None = None
         self._nursery: trio.Nursery | None = None
+        # Holds the nursery between __aenter__ and __aexit__.
+        self._stack = contextlib.AsyncExitStack()
         self._routes: dict[bytes, QUICConnection] = {}
+        # The connection ids routed to each connection, so that removing it
+        # drops them all.
+        self._route_ids: dict[QUICConnection, list[bytes]] = {}
         self._server: _InitialHandler | None = None
         self._dirty: list[QUICConnection] = []
         self._processing = False
@@ -270,10 +273,11 @@ class QUICSocket:
         self._recv_buf = bytearray(_RECV_BUFFER)
         self._recv_view = memoryview(self._recv_buf)
         # One send buffer for all connections: sending is synchronous. A GSO
-        # send carries at most 64 KiB; quiche fills what fits.
-        self._send_buf = bytearray(_GSO_BYTES)
-        self._send_view = memoryview(self._send_buf)
-        self._max_segments = MAX_GSO_SEGMENTS
+        # send carries at most 64 KiB; quiche fills what fits. Connections
+        # fill it in their flush (see "Internal interfaces" in docs/quic.md).
+        self.send_buffer = bytearray(_GSO_BYTES)
+        self.send_view = memoryview(self.send_buffer)
+        self.max_segments = MAX_GSO_SEGMENTS
         # Stream reads copy out of quiche through here; one per socket, as
         # reads are synchronous (an idle connection must stay cheap).
         self._scratch = bytearray(_RECV_BUFFER)
@@ -290,41 +294,17 @@ class QUICSocket:
     # -- lifecycle ------------------------------------------------------------
 
     async def __aenter__(self) -> QUICSocket:
+        if self._sock is not None:
+            raise RuntimeError("a QUICSocket can be opened once")
         _refuse_autojump_clock()
-        family = (
-            _stdlib_socket.AF_INET6 if ":" in self._host else _stdlib_socket.AF_INET
-        )
-        sock = _stdlib_socket.socket(family, _stdlib_socket.SOCK_DGRAM)
-        try:
-            if family == _stdlib_socket.AF_INET6:
-                sock.setsockopt(
-                    _stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 0
-                )
-            for opt in (_stdlib_socket.SO_RCVBUF, _stdlib_socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(_stdlib_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-                except OSError:  # pragma: no cover - best effort
-                    pass
-            try:
-                sock.bind((self._host, self._port))
-            except OSError as exc:
-                shown = f"[{self._host}]" if ":" in self._host else self._host
-                raise OSError(
-                    exc.errno,
-                    f"cannot listen on UDP {shown}:{self._port}: {exc.strerror}",
-                ) from None
-            sock.setblocking(False)
-            self._gso = _probe_gso(sock)
-            self._gro = _enable_gro(sock)
-        except BaseException:
-            sock.close()
-            raise
+        sock = _open_udp(self._host, self._port)
+        self._gso = _probe_gso(sock)
+        self._gro = _enable_gro(sock)
         self._sock = sock
         self.local_address = sock.getsockname()
         self.statistics.gso = self._gso
         self.statistics.gro = self._gro
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._nursery.start_soon(self._reader)
         self._nursery.start_soon(self._flusher)
         return self
@@ -336,11 +316,7 @@ class QUICSocket:
         traceback: TracebackType | None,
     ) -> bool:
         self._close()
-        assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
-        return bool(
-            await self._nursery_manager.__aexit__(exc_type, exc_value, traceback)
-        )
+        return bool(await self._stack.__aexit__(exc_type, exc_value, traceback))
 
     async def aclose(self) -> None:
         """Close every connection on this socket (with code 0), then the
@@ -353,7 +329,7 @@ class QUICSocket:
             return
         self._closed = True
         for conn in list(self._connections):
-            conn._close_now(is_app=True, code=0, reason=b"socket closing")
+            conn.close(0, b"socket closing")
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         if self._sock is not None:
@@ -387,21 +363,27 @@ class QUICSocket:
             raise trio.BusyResourceError("a server is already attached to this socket")
         self._server = server
 
-    def _add_connection(self, conn: QUICConnection) -> None:
+    # -- internal interface: connections, the server and the client ---------
+    # (see "Internal interfaces" in docs/quic.md)
+
+    def add_connection(self, conn: QUICConnection) -> None:
+        """Count ``conn`` as live on this socket (until :meth:`remove_connection`);
+        closing the socket closes it."""
         self._connections.add(conn)
         self.statistics.connections = len(self._connections)
 
-    def _remove_connection(self, conn: QUICConnection) -> None:
+    def remove_connection(self, conn: QUICConnection) -> None:
+        """Forget ``conn`` and every connection id routed to it."""
         self._connections.discard(conn)
-        for cid in conn._route_ids:
+        for cid in self._route_ids.pop(conn, ()):
             if self._routes.get(cid) is conn:
                 del self._routes[cid]
-        conn._route_ids.clear()
         self.statistics.connections = len(self._connections)
 
-    def _route(self, cid: bytes, conn: QUICConnection) -> None:
+    def route(self, cid: bytes, conn: QUICConnection) -> None:
+        """Deliver packets addressed to ``cid`` to ``conn``."""
         self._routes[cid] = conn
-        conn._route_ids.add(cid)
+        self._route_ids.setdefault(conn, []).append(cid)
 
     def scratch(self, size: int) -> bytearray:
         """A buffer of at least ``size`` bytes, valid until the next await."""
@@ -413,22 +395,15 @@ class QUICSocket:
         """``address`` as this socket's family reports peers: IPv4 becomes
         IPv4-mapped IPv6 on a dual-stack socket."""
         assert self._sock is not None
-        host = address[0]
-        if self._sock.family == _stdlib_socket.AF_INET6:
-            if ":" not in host:
-                return (f"::ffff:{host}", address[1], 0, 0)
-            if len(address) == 2:
-                return (host, address[1], 0, 0)
-            return address
-        if ":" in host:
-            if host.startswith("::ffff:") and "." in host:
-                return (host[7:], address[1])
-            raise OSError(errno.EAFNOSUPPORT, f"IPv6 address {host} on an IPv4 socket")
-        return (host, address[1])
+        return for_family(address, ipv6=self._sock.family == _stdlib_socket.AF_INET6)
 
     # -- receiving --------------------------------------------------------------
 
     async def _reader(self) -> None:
+        if self._closed:
+            # Closed before this task first ran: the file descriptor is gone
+            # (wait_readable would raise ValueError on -1).
+            return
         sock = self._sock
         assert sock is not None
         buf = self._recv_buf
@@ -485,7 +460,7 @@ class QUICSocket:
                 dcid = bytes(first[1 : 1 + CID_LEN])
                 conn = routes.get(dcid)
                 if conn is not None:
-                    used = conn._datagrams(data[start:], segment, dcid, address)
+                    used = conn.segments_received(data[start:], segment, dcid, address)
                     if used:
                         start += used
                         continue
@@ -499,7 +474,7 @@ class QUICSocket:
             # Short header: the DCID is ours, CID_LEN bytes after the flags.
             conn = self._routes.get(bytes(data[1 : 1 + CID_LEN]))
             if conn is not None:
-                conn._datagram(data, address)
+                conn.datagram_received(data, address)
                 return
         try:
             header = _binding.parse_header(data, CID_LEN)
@@ -510,7 +485,7 @@ class QUICSocket:
             return
         conn = self._routes.get(header.dcid)
         if conn is not None:
-            conn._datagram(data, address)
+            conn.datagram_received(data, address)
         elif header.type is not _binding.PacketType.VERSION_NEGOTIATION and (
             not _binding.version_is_supported(header.version)
         ):
@@ -539,7 +514,7 @@ class QUICSocket:
                 self._note_stray(address)
 
     def _note_stray(self, address: Address) -> None:
-        for watch in self._stray_watches.get(_plain_host(str(address[0])), ()):
+        for watch in self._stray_watches.get(unmap_ipv4(str(address[0])), ()):
             watch.note(address)
 
     @contextmanager
@@ -556,13 +531,30 @@ class QUICSocket:
             if not watches:
                 del self._stray_watches[watch.host]
 
-    def _mark_dirty(self, conn: QUICConnection) -> None:
+    def inject(self, data: memoryview, address: Address) -> None:
+        """Route ``data`` as if it had arrived from ``address`` (a virtual
+        path's packet); :meth:`process_input` then acts on it. quiche
+        decrypts in place: ``data`` must be the caller's to spend."""
+        self._dispatch(data, address)
+
+    def process_input(self) -> None:
+        """Let the connections that took input act on it (after_input), now,
+        or with the input being processed if called during it."""
+        self._process_dirty()
+
+    def connection_for(self, cid: bytes) -> QUICConnection | None:
+        """The connection packets for ``cid`` are routed to, if any."""
+        return self._routes.get(cid)
+
+    def mark_dirty(self, conn: QUICConnection) -> None:
+        """``conn`` took input: call its ``after_input`` once this socket's
+        input is processed."""
         self._dirty.append(conn)
 
     def _process_dirty(self) -> None:
         # Processing one connection's input may feed others (a relayed
         # connection's packets arrive in its relay connection's datagrams,
-        # delivered from that one's _after_input): go on until none is left,
+        # delivered from that one's after_input): go on until none is left,
         # so each connection handles a batch of packets in one go.
         if self._processing:
             return
@@ -574,23 +566,26 @@ class QUICSocket:
                 for conn in dirty:
                     if id(conn) not in seen:
                         seen.add(id(conn))
-                        conn._after_input(defer_flush=True)
+                        conn.after_input(defer_flush=True)
         finally:
             self._processing = False
 
-    def _flush_later(self, conn: QUICConnection) -> None:
+    def flush_later(self, conn: QUICConnection) -> None:
+        """Call ``conn.flush_after_input()`` a few scheduling rounds from now
+        (see :meth:`_flusher`), unless a flush of its own makes it moot."""
         due = self._flush_due
         if not due:
             self._flusher_lot.unpark_all()
         if conn not in due:
             due[conn] = self._flush_round
 
-    def _flush_sent(self, conn: QUICConnection) -> None:
-        # A write flushed ``conn`` (it re-armed the timer too): the deferred
-        # flush has nothing left to do, and a stale mark would flush a later
-        # input's ACK too early, before its answer. Unless quiche closed the
-        # connection: noticing that is the deferred flush's job.
-        if conn in self._flush_due and not conn._q.is_closed():
+    def flush_sent(self, conn: QUICConnection) -> None:
+        """``conn`` just sent what quiche had (and re-armed its timer)."""
+        # The deferred flush has nothing left to do, and a stale mark would
+        # flush a later input's ACK too early, before its answer. Unless
+        # quiche closed the connection: noticing that is the deferred
+        # flush's job.
+        if conn in self._flush_due and not conn.quiche.is_closed():
             del self._flush_due[conn]
 
     async def _flusher(self) -> None:
@@ -616,9 +611,13 @@ class QUICSocket:
                 if marked > ripe:
                     break
                 del due[conn]
-                conn._flush_after_input()
+                conn.flush_after_input()
 
     # -- sending ----------------------------------------------------------------
+
+    def drop_virtual_path(self, address: Address) -> None:
+        """Stop sending to the virtual path at ``address`` (it closed)."""
+        self._virtual.pop(address, None)
 
     def open_virtual_path(
         self,
@@ -725,6 +724,33 @@ def _refuse_autojump_clock() -> None:
             "deterministic tests above QUIC use polykey.testing's in-memory "
             "transports (see docs/quic.md)"
         )
+
+
+def _open_udp(host: str, port: int) -> _stdlib_socket.socket:
+    """A non-blocking UDP socket bound to ``(host, port)``; dual stack for
+    an IPv6 ``host``."""
+    family = _stdlib_socket.AF_INET6 if ":" in host else _stdlib_socket.AF_INET
+    sock = _stdlib_socket.socket(family, _stdlib_socket.SOCK_DGRAM)
+    try:
+        if family == _stdlib_socket.AF_INET6:
+            sock.setsockopt(_stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 0)
+        for opt in (_stdlib_socket.SO_RCVBUF, _stdlib_socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(_stdlib_socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+            except OSError:  # pragma: no cover - best effort
+                pass
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            shown = f"[{host}]" if ":" in host else host
+            raise OSError(
+                exc.errno, f"cannot listen on UDP {shown}:{port}: {exc.strerror}"
+            ) from None
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _probe_gso(sock: _stdlib_socket.socket) -> bool:

@@ -18,7 +18,8 @@ peer could never tell where the data stopped.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
@@ -31,6 +32,37 @@ if TYPE_CHECKING:
 __all__ = ["QUICStream"]
 
 _DEFAULT_RECEIVE = 65536
+
+
+class _ConflictDetector:
+    """Refuses a second task using one direction of a stream while a first
+    does (trio's ``ConflictDetector``): ``with detector:`` around the use.
+    One subclass per direction carries the message; made without an
+    ``__init__``, as every stream makes two."""
+
+    message: ClassVar[str]
+    _held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self.message)
+        self._held = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._held = False
+
+
+class _ReceiveConflict(_ConflictDetector):
+    message = "another task is receiving on this stream"
+
+
+class _SendConflict(_ConflictDetector):
+    message = "another task is sending on this stream"
 
 
 class QUICStream(trio.abc.HalfCloseableStream):
@@ -49,8 +81,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
         self.cancel_code = 0
         self._recv_lot = trio.lowlevel.ParkingLot()
         self._send_lot = trio.lowlevel.ParkingLot()
-        self._receiving = False
-        self._sending = False
+        self._receive_conflict = _ReceiveConflict()
+        self._send_conflict = _SendConflict()
         self._eof_received = not can_read
         self._fin_sent = not can_write
         self._closed = False
@@ -76,13 +108,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._receiving:
-            raise trio.BusyResourceError("another task is receiving on this stream")
-        self._receiving = True
-        try:
+        with self._receive_conflict:
             data, waited = await self._receive(max_bytes)
-        finally:
-            self._receiving = False
         if not waited:
             # Waiting was the checkpoint; otherwise yield once, as trio's own
             # sockets do: one scheduling round less per message when waiting.
@@ -92,7 +119,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
     async def _receive(self, max_bytes: int) -> tuple[bytes, bool]:
         """The next bytes (b"" at FIN) and whether we had to wait for them."""
         conn = self._conn
-        q = conn._q
+        q = conn.quiche
         sid = self.stream_id
         waited = False
         while True:
@@ -102,20 +129,13 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 raise self._recv_error
             if self._eof_received:
                 return b"", waited
-            buf = conn._scratch(max_bytes)
+            buf = conn.scratch(max_bytes)
             try:
                 got = q.stream_recv(sid, buf, max_bytes)
-            except StreamReset as exc:
-                self._recv_error = QUICStreamError(sid, exc.error_code, reset=True)
-                self._eof_received = True
-                raise self._recv_error from None
             except QuicheError as exc:
-                # The stream is gone (collected after a reset we already saw,
-                # or the connection died under it).
-                conn._raise_if_dead()
-                raise trio.BrokenResourceError(f"stream {sid}: {exc}") from None
+                raise self._translate(exc) from None
             if got is None:
-                conn._raise_if_dead()
+                conn.raise_if_dead()
                 await self._recv_lot.park()
                 waited = True
                 continue
@@ -124,7 +144,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 self._eof_received = True
             # Reading returns flow-control credit: let quiche announce it, on
             # the next packet we send anyway (our reply, usually) or soon.
-            conn._socket._flush_later(conn)
+            conn.flush_later()
             if n == 0 and not fin:
                 continue
             return bytes(buf[:n]), waited
@@ -149,15 +169,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
 
     async def _send_all(self, view: memoryview, fin: bool) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._sending = True
-        try:
+        with self._send_conflict:
             waited = await self._send(view, fin)
             if fin:
                 self._fin_sent = True
-        finally:
-            self._sending = False
         if not waited:
             # Waiting for room was the checkpoint.
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -169,19 +184,13 @@ class QUICStream(trio.abc.HalfCloseableStream):
             raise self._send_error
         if self._send_aborted:
             raise trio.BrokenResourceError("stream was reset after a cancelled send")
-        self._conn._raise_if_dead()
+        self._conn.raise_if_dead()
 
     def _stream_send(self, data: memoryview, fin: bool) -> int:
         try:
-            return self._conn._q.stream_send(self.stream_id, data, fin)
-        except StreamStopped as exc:
-            self._send_error = QUICStreamError(
-                self.stream_id, exc.error_code, reset=False
-            )
-            raise self._send_error from None
+            return self._conn.quiche.stream_send(self.stream_id, data, fin)
         except QuicheError as exc:
-            self._conn._raise_if_dead()
-            raise trio.BrokenResourceError(f"stream {self.stream_id}: {exc}") from None
+            raise self._translate(exc) from None
 
     async def _send(self, view: memoryview, fin: bool) -> bool:
         """Queue all of ``view``; returns whether we had to wait for room.
@@ -198,10 +207,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
             n = self._stream_send(view[offset:], fin)
             if n:
                 offset += n
-                conn._flush()
+                conn.flush()
                 continue
             self._check_stream_exists()
-            conn._send_waiters.add(self)
+            conn.add_send_waiter(self)
             try:
                 await self._send_lot.park()
             except trio.Cancelled:
@@ -210,7 +219,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                     self._abort_send()
                 raise
             finally:
-                conn._send_waiters.discard(self)
+                conn.discard_send_waiter(self)
             waited = True
             self._check_send()
         return waited
@@ -219,65 +228,79 @@ class QUICStream(trio.abc.HalfCloseableStream):
         """quiche takes nothing both when it has no room and when it already
         collected the stream (after the peer reset and stopped it and we
         read the reset): tell the two apart."""
-        try:
-            self._conn._q.stream_capacity(self.stream_id)
-        except StreamStopped as exc:
-            self._send_error = QUICStreamError(
-                self.stream_id, exc.error_code, reset=False
-            )
-            raise self._send_error from None
-        except QuicheError:
+        if self._capacity() is None:
             # Gone: the peer aborted it. Its STOP_SENDING code went with it;
             # the RESET_STREAM code we read is the best we have.
             code = getattr(self._recv_error, "code", 0)
             self._send_error = QUICStreamError(self.stream_id, code, reset=False)
-            raise self._send_error from None
+            raise self._send_error
+
+    def _capacity(self) -> int | None:
+        """The bytes quiche takes on this stream now; None when the stream
+        does not exist in quiche (not created yet, or collected)."""
+        try:
+            return self._conn.quiche.stream_capacity(self.stream_id)
+        except StreamStopped as exc:
+            raise self._translate(exc) from None
+        except QuicheError:
+            return None
+
+    def _translate(self, exc: QuicheError) -> BaseException:
+        """What a quiche error from a call for this stream means to its user
+        (the one place quiche's stream errors are translated; callers raise
+        it ``from None``, in an ``except`` that costs nothing until quiche
+        fails, unlike a context manager around every call).
+
+        A RESET_STREAM ends the read side and a STOP_SENDING the write side
+        with a :class:`QUICStreamError` that later calls raise again; any
+        other quiche error means the stream is gone: the connection's error
+        if it died, else ``trio.BrokenResourceError``.
+        """
+        sid = self.stream_id
+        if isinstance(exc, StreamReset):
+            self._recv_error = QUICStreamError(sid, exc.error_code, reset=True)
+            self._eof_received = True
+            return self._recv_error
+        if isinstance(exc, StreamStopped):
+            self._send_error = QUICStreamError(sid, exc.error_code, reset=False)
+            return self._send_error
+        # Collected after a reset we already saw, or the connection died.
+        if self._conn.closed:
+            return self._conn.closed_error()
+        return trio.BrokenResourceError(f"stream {sid}: {exc}")
 
     def _abort_send(self) -> None:
         self._send_aborted = True
         self._shutdown(Shutdown.WRITE, self.cancel_code)
-        self._conn._flush()
+        self._conn.flush()
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._sending = True
-        try:
+        with self._send_conflict:
             while True:
                 self._check_send()
-                try:
-                    if self._conn._q.stream_capacity(self.stream_id) > 0:
-                        break
-                except StreamStopped as exc:
-                    self._send_error = QUICStreamError(
-                        self.stream_id, exc.error_code, reset=False
-                    )
-                    raise self._send_error from None
-                except QuicheError:
-                    break  # not created yet, or finished: send_all will say
-                self._conn._send_waiters.add(self)
+                room = self._capacity()
+                if room is None or room > 0:
+                    break  # None: not created yet, or finished: send_all says
+                self._conn.add_send_waiter(self)
                 try:
                     await self._send_lot.park()
                 finally:
-                    self._conn._send_waiters.discard(self)
-        finally:
-            self._sending = False
+                    self._conn.discard_send_waiter(self)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
-        if not self._fin_sent:
-            if self._send_error is not None:
-                raise self._send_error
-            self._conn._raise_if_dead()
-            self._stream_send(memoryview(b""), True)
-            self._fin_sent = True
-            self._conn._flush()
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            if not self._fin_sent:
+                if self._send_error is not None:
+                    raise self._send_error
+                self._conn.raise_if_dead()
+                self._stream_send(memoryview(b""), True)
+                self._fin_sent = True
+                self._conn.flush()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- closing --------------------------------------------------------------
@@ -296,7 +319,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
             return
         self._closed = True
         conn = self._conn
-        if not conn._finished:
+        if not conn.closed:
             if code is not None:
                 forceful = True
             code = self.cancel_code if code is None else code
@@ -311,12 +334,12 @@ class QUICStream(trio.abc.HalfCloseableStream):
                     self._shutdown(Shutdown.WRITE, code)
                 else:
                     try:
-                        self._conn._q.stream_send(self.stream_id, b"", True)
+                        self._conn.quiche.stream_send(self.stream_id, b"", True)
                     except QuicheError:
                         pass
                 self._fin_sent = True
-            conn._flush()
-        conn._forget_stream(self)
+            conn.flush()
+        conn.forget_stream(self)
         self._recv_lot.unpark_all()
         self._send_lot.unpark_all()
 
@@ -327,15 +350,21 @@ class QUICStream(trio.abc.HalfCloseableStream):
 
     def _shutdown(self, direction: Shutdown, code: int) -> None:
         try:
-            self._conn._q.stream_shutdown(self.stream_id, direction, code)
+            self._conn.quiche.stream_shutdown(self.stream_id, direction, code)
         except QuicheError:
             pass  # already finished or never created: nothing to abort
 
-    # -- called by the connection ---------------------------------------------
+    # -- internal interface: called by the connection ---------------------------
 
-    def _wake(self) -> None:
+    def wake_receiver(self) -> None:
+        """quiche has data (or an error) to read on this stream."""
         self._recv_lot.unpark_all()
+
+    def wake_sender(self) -> None:
+        """quiche may take more data on this stream."""
         self._send_lot.unpark_all()
 
-    def _connection_lost(self) -> None:
-        self._wake()
+    def connection_lost(self) -> None:
+        """The connection ended: every waiter finds out."""
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()

@@ -157,3 +157,13 @@ async def test_initial_without_server_is_dropped_and_counted() -> None:
             await client.connect(lonely.local_address)
         assert lonely.statistics.dropped_no_server >= 1
         assert cs.statistics.connections == 0
+
+
+async def test_a_socket_opens_once() -> None:
+    with trio.fail_after(5):
+        sock = QUICSocket("127.0.0.1")
+        async with sock:
+            pass
+        with pytest.raises(RuntimeError, match="opened once"):
+            async with sock:
+                pass  # pragma: no cover - never entered
