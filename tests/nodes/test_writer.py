@@ -122,6 +122,7 @@ async def main(path, seed):
     writer = GraphWriter(graph)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
+        print("ready", flush=True)
         added = []
         while True:
             node_id = id_in_bucket(own, rng.randrange(30, 256), rng)
@@ -160,6 +161,12 @@ async def test_acknowledged_nodes_survive_sigkill(tmp_path: Path) -> None:
             )
             assert child.stdout is not None
             buffer = b""
+            # The kill comes at a random moment of the writing, not of the
+            # interpreter's start-up (slow on a loaded machine).
+            while b"ready\n" not in buffer:
+                chunk = await child.stdout.receive_some()
+                assert chunk, "the writer exited before it was ready"
+                buffer += chunk
             with trio.move_on_after(rng.uniform(0.3, 1.0)):
                 while chunk := await child.stdout.receive_some():
                     buffer += chunk
@@ -169,6 +176,8 @@ async def test_acknowledged_nodes_survive_sigkill(tmp_path: Path) -> None:
             # later durable() returned, so not checked either way).
             for line in buffer.split(b"\n")[:-1]:
                 text = line.decode()
+                if text == "ready":
+                    continue
                 if text.startswith("-"):
                     acknowledged.discard(text[1:])
                 else:
