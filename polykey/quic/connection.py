@@ -135,6 +135,7 @@ class QUICConnection(trio.abc.AsyncResource):
         # Routes of our datagrams that never reach Python (see _carrier).
         self._carrier_routes: CarrierRoutes | None = None
         self._on_verified: list[Callable[[QUICConnection], None]] = []
+        self._on_finished: list[Callable[[QUICConnection], None]] = []
         # Driver counters.
         self._datagrams_in = 0
         self._timer_fires = 0
@@ -372,6 +373,11 @@ class QUICConnection(trio.abc.AsyncResource):
         """Call ``callback(self)`` right after the peer is verified, before
         any stream is delivered (never, if the handshake fails)."""
         self._on_verified.append(callback)
+
+    def call_when_finished(self, callback: Callable[[QUICConnection], None]) -> None:
+        """Call ``callback(self)`` once the connection has ended, however it
+        ended (a failed handshake included)."""
+        self._on_finished.append(callback)
 
     def raise_if_dead(self) -> None:
         """Raise :meth:`closed_error` if the connection has ended."""
@@ -656,6 +662,10 @@ class QUICConnection(trio.abc.AsyncResource):
         self._handshake_done.set()
         self._closed_event.set()
         self._socket.remove_connection(self)
+        callbacks, self._on_finished = self._on_finished, []
+        self._on_verified.clear()
+        for callback in callbacks:
+            callback(self)
 
     # -- internal interface for streams ------------------------------------------------
 

@@ -30,6 +30,7 @@ counted in :class:`ServerStatistics`.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import hmac
 import os
@@ -285,30 +286,28 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         stats.handshakes_started += 1
         stats.connections = self._admission.connections
         stats.handshaking = self._handshaking
+        # Callbacks, not a task per handshake, keep the handshaking and
+        # connection counts honest however the connection ends.
+        conn.call_when_verified(functools.partial(self._handshake_over, host))
         conn.call_when_verified(self._connection_ready)
-        self._socket.nursery.start_soon(self._watch_handshake, conn, host)
+        conn.call_when_finished(functools.partial(self._connection_over, host))
         conn.start(self._config.handshake_timeout)
         conn.datagram_received(data, address)
 
-    async def _watch_handshake(self, conn: QUICConnection, host: str) -> None:
-        # Keeps the handshaking and connection counts honest however the
-        # connection ends.
-        try:
-            verified = False
-            try:
-                verified = await conn.wait_handshake()
-            finally:
-                self._handshaking -= 1
-                self.statistics.handshaking = self._handshaking
-                self._per_address[host] -= 1
-                if not self._per_address[host]:
-                    del self._per_address[host]
-            if not verified:
-                self.statistics.handshakes_failed += 1
-            await conn.wait_closed()
-        finally:
-            self._admission.release(host)
-            self.statistics.connections = self._admission.connections
+    def _handshake_over(self, host: str, conn: QUICConnection) -> None:
+        self._handshaking -= 1
+        self.statistics.handshaking = self._handshaking
+        self._per_address[host] -= 1
+        if not self._per_address[host]:
+            del self._per_address[host]
+        if not conn.verified:
+            self.statistics.handshakes_failed += 1
+
+    def _connection_over(self, host: str, conn: QUICConnection) -> None:
+        if not conn.verified:  # it ended handshaking
+            self._handshake_over(host, conn)
+        self._admission.release(host)
+        self.statistics.connections = self._admission.connections
 
     def _connection_ready(self, conn: QUICConnection) -> None:
         if self._closed:

@@ -133,6 +133,10 @@ async def test_a_token_admits_one_connection_only() -> None:
             assert server.statistics.handshakes_started == 1
             while ss.statistics.connections:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+            # The counts followed the connection's end (callbacks, no task).
+            assert server.statistics.handshaking == 0
+            assert server.statistics.handshakes_failed == 1
+            assert server.statistics.connections == 0
             await attacker.send(packet)
             await attacker.settle()
             assert server.statistics.handshakes_started == 1
