@@ -8,7 +8,9 @@ CLI's ``--format json`` prints them as they are):
 * ``agentStop``: stop the node in order (the reply comes first).
 * ``nodesAdd`` ``{nodeIdEncoded, host, port, ping?, force?}``: put a node in
   the graph; with ``ping`` (the default) only once it answered, unless
-  ``force``.
+  ``force``. As the node manager adds: into a full bucket only if a
+  stale member fails its ping (``added`` false otherwise). The reply comes
+  once the graph's write is committed.
 * ``nodesFind`` ``{nodeIdEncoded}``: its addresses, by a Kademlia lookup.
 * ``nodesPingNode`` ``{nodeIdEncoded}``: connect to it by NodeId alone
   (dialled, punched or relayed) and call its ``nodesPing``.
@@ -181,12 +183,15 @@ class NodesAdd(_Method):
                     why = exc if str(exc) else f"no answer in {seconds:g} s"
                     raise NodeUnreachable(f"{target} did not answer: {why}") from None
                 answered = False
-        self.node.graph.add(target, [address], time.time())
+        # As the node manager adds: a full bucket pings its stalest members
+        # and evicts the dead; the reply waits until the row is committed,
+        # so an acknowledged node survives a crash.
+        added = await self.node.manager.add_node(target, [address])
         return {
             "nodeIdEncoded": str(target),
             "host": address.host,
             "port": address.port,
-            "added": True,
+            "added": added,
             "pinged": answered,
         }
 
