@@ -140,6 +140,8 @@ class AgentStatus(_Method):
                     "writeErrors": node.manager.writer.write_errors,
                 },
                 "eventsDropped": node.events_dropped,
+                # Live trio tasks in the process: a leak shows as growth.
+                "tasks": _live_tasks(),
             },
             "control": {
                 "clients": stats.clients,
@@ -149,6 +151,20 @@ class AgentStatus(_Method):
                 "timeouts": stats.timeouts,
             },
         }
+
+
+def _live_tasks() -> int:
+    """Every live trio task, counted down the task tree from the root."""
+    count = 0
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        if task is None:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
 
 
 class AgentStop(_Method):
