@@ -371,8 +371,10 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
                     )
                 )
             )
+        all_started = trio.current_time() - started
+        say(f"scale: {len(nodes)} nodes started in {all_started:.1f} s")
         for node in nodes[1:]:
-            with trio.fail_after(120):
+            with trio.fail_after(300):
                 await node.wait_joined()
         converge = trio.current_time() - started
         say(f"scale: {len(nodes)} nodes joined in {converge:.1f} s")
@@ -390,6 +392,8 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
                 want = NodeAddress(*b.address)
                 ok = result.found is not None and want in result.found.addresses
                 results.append((ok, result.rounds))
+                if len(results) % 100 == 0:
+                    say(f"scale: {len(results)} finds")
 
         finds_started = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -407,7 +411,7 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
         [
             str(len(results)),
             f"{len(results) - ok} not found",
-            f"joined in {converge:.1f} s; success {ok / len(results) * 100:.1f}%; "
+            f"all started in {all_started:.1f} s, joined in {converge:.1f} s; success {ok / len(results) * 100:.1f}%; "
             f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
             f"finds took {finds_took:.1f} s; graph sizes {graph_sizes[0]}.."
             f"{graph_sizes[-1]}",
@@ -427,7 +431,7 @@ async def stall(args: argparse.Namespace) -> Row:
     )
 
 
-SECTIONS = ("fuzz", "churn", "vanish", "soak", "crash", "scale", "stall")
+SECTIONS = ("stall", "scale", "crash", "churn", "vanish", "fuzz", "soak")
 
 
 async def main() -> None:

@@ -70,8 +70,8 @@ async def test_malformed_json_rpc_over_a_verified_connection(fuzzer: Fuzzer) -> 
 
 
 async def test_garbage_node_lists_from_a_verified_peer(fuzzer: Fuzzer) -> None:
-    result = await run(45, lambda: fuzzer.fuzz_node_lists(60, 20))
-    survived(result, 60)
+    result = await run(60, lambda: fuzzer.fuzz_node_lists(40, 20))
+    survived(result, 40)
     assert result.detail["bogus NodeIds offered"] > 0  # and none in the graph
 
 
