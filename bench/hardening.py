@@ -377,7 +377,14 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
             with trio.fail_after(300):
                 await node.wait_joined()
         converge = trio.current_time() - started
-        say(f"scale: {len(nodes)} nodes joined in {converge:.1f} s")
+        no_seed = sum(
+            1 for n in nodes[1:] if n.joined is None or n.joined.seeds_reached == 0
+        )
+        empty_at_join = sum(1 for n in nodes[1:] if len(n.graph) == 0)
+        say(
+            f"scale: {len(nodes)} nodes joined in {converge:.1f} s; {no_seed} "
+            f"reached no seed, {empty_at_join} with an empty graph"
+        )
         results: list[tuple[bool, int]] = []
         limiter = trio.CapacityLimiter(16)
 
@@ -414,7 +421,8 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
             f"all started in {all_started:.1f} s, joined in {converge:.1f} s; success {ok / len(results) * 100:.1f}%; "
             f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
             f"finds took {finds_took:.1f} s; graph sizes {graph_sizes[0]}.."
-            f"{graph_sizes[-1]}",
+            f"{graph_sizes[-1]}; at join {no_seed} reached no seed, "
+            f"{empty_at_join} had an empty graph",
         ],
     )
 
@@ -472,18 +480,24 @@ async def main() -> None:
             continue
         say(f"{section} (load {load()})")
         t = time.monotonic()
-        if section == "fuzz":
-            rows.extend(await fuzz(args, work))
-        elif section in ("churn", "vanish"):
-            rows.append(await churn(args, work, vanish=section == "vanish"))
-        elif section == "soak":
-            rows.append(await soak(args, work))
-        elif section == "crash":
-            rows.append(await crash(args, work))
-        elif section == "scale":
-            rows.append(await scale(args, work))
-        else:
-            rows.append(await stall(args))
+        done = len(rows)
+        try:
+            if section == "fuzz":
+                rows.extend(await fuzz(args, work))
+            elif section in ("churn", "vanish"):
+                rows.append(await churn(args, work, vanish=section == "vanish"))
+            elif section == "soak":
+                rows.append(await soak(args, work))
+            elif section == "crash":
+                rows.append(await crash(args, work))
+            elif section == "scale":
+                rows.append(await scale(args, work))
+            else:
+                rows.append(await stall(args))
+        except Exception as exc:  # one broken section must not lose the rest
+            rows.append((f"{section}: ERROR", ["", "", repr(exc)[:200]]))
+        for label, cells in rows[done:]:
+            say(f"row: {label} | {' | '.join(cells)}")
         say(f"{section}: {time.monotonic() - t:.0f} s")
     print(
         f"polykey {polykey_revision()}; seed {args.seed}; load average "

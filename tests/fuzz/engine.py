@@ -31,7 +31,7 @@ from polykey.nodes import request_ping
 from polykey.nodes.connections import NodeConnection, NodeConnectionManager
 from polykey.nodes.handlers import CLOSEST_ACTIVE_CONNECTIONS, CLOSEST_LOCAL_NODES
 from polykey.nodes.signalling import SIGNAL_FINAL, SIGNAL_INITIAL
-from polykey.quic import QUICSocket
+from polykey.quic import QUICConnectionError, QUICSocket
 from polykey.rpc import CallContext, JSONValue, RPCError, RPCServer, ServerHandler
 
 Address = tuple[str, int]
@@ -770,7 +770,7 @@ class Fuzzer:
                             await self.node.call(
                                 "nodesFind", {"nodeIdEncoded": str(target)}, 100
                             )
-                        except RPCError:
+                        except (RPCError, trio.TooSlowError, OSError):
                             failed += 1
 
                 while liar.served < goal:
@@ -792,7 +792,6 @@ class Fuzzer:
         async with self.liar_running():
             liar = self.liar_node
             assert liar is not None
-            conn = await liar.connect(self.node.node_id, self.node.address)
             real = [str(self.prober.node_id), str(liar.node_id), str(self.node.node_id)]
 
             def params(rng: random.Random) -> Any:
@@ -814,6 +813,9 @@ class Fuzzer:
 
             async def one(result: EntryResult, n: int, rng: random.Random) -> None:
                 limiter = trio.CapacityLimiter(16)
+                # Pooled, or anew: the node closes connections idle for long
+                # (the checks between batches take a while).
+                conn = await liar.connect(self.node.node_id, self.node.address)
 
                 async def call(method: str, p: Any) -> None:
                     async with limiter:
@@ -825,6 +827,8 @@ class Fuzzer:
                             name = type(exc).__name__
                         except trio.TooSlowError:
                             name = "no answer"
+                        except QUICConnectionError:
+                            name = "connection lost"
                         errors[name] = errors.get(name, 0) + 1
 
                 async with trio.open_nursery() as nursery:
