@@ -386,6 +386,7 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
             f"reached no seed, {empty_at_join} with an empty graph"
         )
         results: list[tuple[bool, int]] = []
+        why: dict[str, int] = {}
         limiter = trio.CapacityLimiter(16)
 
         async def find(a: PolykeyNode, b: PolykeyNode) -> None:
@@ -393,11 +394,17 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
                 try:
                     with trio.fail_after(90):
                         result = await a.manager.find(b.node_id)
-                except Exception:
+                except Exception as exc:
+                    why[type(exc).__name__] = why.get(type(exc).__name__, 0) + 1
                     results.append((False, 0))
                     return
                 want = NodeAddress(*b.address)
                 ok = result.found is not None and want in result.found.addresses
+                if not ok:
+                    key = "wrong address" if result.found else "not found"
+                    if not result.found and result.failures:
+                        key += " (with failed queries)"
+                    why[key] = why.get(key, 0) + 1
                 results.append((ok, result.rounds))
                 if len(results) % 100 == 0:
                     say(f"scale: {len(results)} finds")
@@ -422,7 +429,7 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
             f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
             f"finds took {finds_took:.1f} s; graph sizes {graph_sizes[0]}.."
             f"{graph_sizes[-1]}; at join {no_seed} reached no seed, "
-            f"{empty_at_join} had an empty graph",
+            f"{empty_at_join} had an empty graph; failures: {why}",
         ],
     )
 
