@@ -39,7 +39,7 @@ from .nodes import (
     NodesError,
     request_ping,
 )
-from .rpc import CallContext, RPCError, RPCInvalidParams, UnaryHandler
+from .rpc import CallContext, JSONValue, RPCError, RPCInvalidParams, UnaryHandler
 
 if TYPE_CHECKING:
     from ._control import ControlServer
@@ -85,6 +85,14 @@ class _Method(UnaryHandler[JSON, JSON]):
     def __init__(self, node: PolykeyNode, control: ControlServer) -> None:
         self.node = node
         self.control = control
+
+    def parse_params(self, params: JSONValue) -> JSON:
+        # Every method takes an object of named parameters (or none at all).
+        if params is None:
+            return {}
+        if not isinstance(params, dict):
+            raise RPCInvalidParams("params must be an object")
+        return params
 
 
 class AgentStatus(_Method):

@@ -332,14 +332,14 @@ def mutate_long(packet: bytes, rng: random.Random) -> bytes:
         offset = 5 if rng.random() < 0.5 else min(len(data) - 1, 6 + data[5])
         data[offset] = rng.choice([0, 1, 20, 21, 255, rng.randrange(256)])
     elif kind == 3:  # token length / payload length varints
-        offset = _length_offset(data)
-        if offset is not None and offset < len(data):
+        at = _length_offset(data, rng)
+        if at is not None and at < len(data):
             width = rng.choice([1, 2, 4, 8])
             prefix = {1: 0, 2: 0x40, 4: 0x80, 8: 0xC0}[width]
             value = rng.randrange(1 << (8 * width - 2))
             raw = bytearray(value.to_bytes(width, "big"))
             raw[0] |= prefix
-            data[offset : offset + 1] = raw
+            data[at : at + 1] = raw
     elif kind == 4:  # the version
         data[1:5] = rng.choice(
             [b"\x00\x00\x00\x00", b"\x00\x00\x00\x02", b"\xff\x00\x00\x1d",
@@ -352,14 +352,14 @@ def mutate_long(packet: bytes, rng: random.Random) -> bytes:
     return bytes(data)
 
 
-def _length_offset(data: bytearray) -> int | None:
+def _length_offset(data: bytearray, rng: random.Random) -> int | None:
     """Where an Initial's token-length varint starts, or its Length field's."""
     try:
         i = 6 + data[5]
         i += 1 + data[i]
         if i >= len(data):
             return None
-        if data[0] & 0x30 == 0 and random.random() < 0.5:
+        if data[0] & 0x30 == 0 and rng.random() < 0.5:
             return i  # token length
         width = 1 << (data[i] >> 6)
         token = int.from_bytes(bytes([data[i] & 0x3F]) + data[i + 1 : i + width], "big")
