@@ -217,10 +217,16 @@ async def nodes_add(
             False: "did not answer (added anyway)",
             None: "not pinged",
         }
-        print(
-            f"Added {result['nodeIdEncoded']} at {_address(result)}: {pinged[result['pinged']]}",
-            file=out,
-        )
+        if result.get("added", True):
+            print(
+                f"Added {result['nodeIdEncoded']} at {_address(result)}: {pinged[result['pinged']]}",
+                file=out,
+            )
+        else:
+            print(
+                f"Not added {result['nodeIdEncoded']}: its bucket is full of live nodes",
+                file=out,
+            )
     return EX.OK
 
 

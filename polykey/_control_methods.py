@@ -8,7 +8,9 @@ CLI's ``--format json`` prints them as they are):
 * ``agentStop``: stop the node in order (the reply comes first).
 * ``nodesAdd`` ``{nodeIdEncoded, host, port, ping?, force?}``: put a node in
   the graph; with ``ping`` (the default) only once it answered, unless
-  ``force``.
+  ``force``. As the node manager adds: into a full bucket only if a
+  stale member fails its ping (``added`` false otherwise). The reply comes
+  once the graph's write is committed.
 * ``nodesFind`` ``{nodeIdEncoded}``: its addresses, by a Kademlia lookup.
 * ``nodesPingNode`` ``{nodeIdEncoded}``: connect to it by NodeId alone
   (dialled, punched or relayed) and call its ``nodesPing``.
@@ -37,7 +39,7 @@ from .nodes import (
     NodesError,
     request_ping,
 )
-from .rpc import CallContext, RPCError, RPCInvalidParams, UnaryHandler
+from .rpc import CallContext, JSONValue, RPCError, RPCInvalidParams, UnaryHandler
 
 if TYPE_CHECKING:
     from ._control import ControlServer
@@ -83,6 +85,14 @@ class _Method(UnaryHandler[JSON, JSON]):
     def __init__(self, node: PolykeyNode, control: ControlServer) -> None:
         self.node = node
         self.control = control
+
+    def parse_params(self, params: JSONValue) -> JSON:
+        # Every method takes an object of named parameters (or none at all).
+        if params is None:
+            return {}
+        if not isinstance(params, dict):
+            raise RPCInvalidParams("params must be an object")
+        return params
 
 
 class AgentStatus(_Method):
@@ -138,6 +148,8 @@ class AgentStatus(_Method):
                     "writeErrors": node.manager.writer.write_errors,
                 },
                 "eventsDropped": node.events_dropped,
+                # Live trio tasks in the process: a leak shows as growth.
+                "tasks": _live_tasks(),
             },
             "control": {
                 "clients": stats.clients,
@@ -147,6 +159,20 @@ class AgentStatus(_Method):
                 "timeouts": stats.timeouts,
             },
         }
+
+
+def _live_tasks() -> int:
+    """Every live trio task, counted down the task tree from the root."""
+    count = 0
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        if task is None:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
 
 
 class AgentStop(_Method):
@@ -181,12 +207,15 @@ class NodesAdd(_Method):
                     why = exc if str(exc) else f"no answer in {seconds:g} s"
                     raise NodeUnreachable(f"{target} did not answer: {why}") from None
                 answered = False
-        self.node.graph.add(target, [address], time.time())
+        # As the node manager adds: a full bucket pings its stalest members
+        # and evicts the dead; the reply waits until the row is committed,
+        # so an acknowledged node survives a crash.
+        added = await self.node.manager.add_node(target, [address])
         return {
             "nodeIdEncoded": str(target),
             "host": address.host,
             "port": address.port,
-            "added": True,
+            "added": added,
             "pinged": answered,
         }
 

@@ -311,6 +311,7 @@ class NodeManager:
             self._unconfirmed.discard(node_id)
             if self.graph.remove(node_id):
                 self._stats.removed_unconfirmed += 1
+                log.info("%s left the graph: unconfirmed, disconnected", node_id)
 
     def confirmed(self, node_id: NodeId) -> bool:
         """Whether ``node_id`` is known reachable (not only connected to us)."""
@@ -341,6 +342,9 @@ class NodeManager:
         if self.graph.mark_failed(node_id) >= self.config.max_failures:
             self.graph.remove(node_id)
             self._stats.removed_failing += 1
+            log.info(
+                "%s left the graph: failed %d times", node_id, self.config.max_failures
+            )
 
     async def add_node(
         self, node_id: NodeId, addresses: NodeAddress | Iterable[NodeAddress]
@@ -382,6 +386,7 @@ class NodeManager:
                     self.graph.touch(member.node_id, self._clock())
                 elif self.graph.remove(member.node_id):
                     self._stats.evictions += 1
+                    log.info("%s left the graph: evicted (no answer)", member.node_id)
         now = self._clock()
         for node_id, addrs in newcomers.items():
             if self.graph.is_full(index):
