@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _util import format_table, polykey_revision
 
-from polykey.agent import NodeSettings, PolykeyNode, SeedNode
+from polykey.agent import NodeLimits, NodeSettings, PolykeyNode, SeedNode
 from polykey.keys import NodeId, NodeIdentity
 from polykey.nodes import NodeAddress, NodeGraph, request_ping
 from tests.fuzz.engine import (
@@ -347,12 +347,29 @@ async def crash(args: argparse.Namespace, work: Path) -> Row:
 # -- scale ----------------------------------------------------------------------------
 
 
+#: Every node of the scale run is on 127.0.0.1, one address: the per-address
+#: limits a public node has (16 connections, 10 handshakes a second) would
+#: refuse all but a few of them, so they are raised here.
+LOOPBACK_LIMITS = NodeLimits(
+    max_connections=4096,
+    max_connections_per_address=4096,
+    max_handshakes_per_address=1024,
+    handshake_rate=10_000.0,
+    handshake_burst=10_000,
+)
+
+
 async def scale(args: argparse.Namespace, work: Path) -> Row:
     rng = random.Random(args.seed)
     async with contextlib.AsyncExitStack() as stack:
         seed = await stack.enter_async_context(
             PolykeyNode(
-                NodeSettings(state_dir=work / "scale-seed", host="127.0.0.1", port=0)
+                NodeSettings(
+                    state_dir=work / "scale-seed",
+                    host="127.0.0.1",
+                    port=0,
+                    limits=LOOPBACK_LIMITS,
+                )
             )
         )
         seed_ref = SeedNode(seed.node_id, *seed.address)
@@ -367,6 +384,7 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
                             host="127.0.0.1",
                             port=0,
                             seeds=(seed_ref,),
+                            limits=LOOPBACK_LIMITS,
                         )
                     )
                 )
