@@ -78,6 +78,27 @@ def _utc_seconds(now: datetime.datetime | None) -> datetime.datetime:
 # ------------------------------------------------------------------ parsing
 
 
+def _check_outer_der(data: bytes) -> None:
+    """What ``cryptography`` lets through in the certificate's unsigned
+    outer layer, refused: one SEQUENCE filling the input, of exactly
+    tbsCertificate, signatureAlgorithm and a signature BIT STRING with no
+    unused bits. (It read a signature with its unused-bits byte flipped to
+    1 as the same signature, so two encodings of one certificate were
+    accepted: a single-byte change that verified.)"""
+    try:
+        outer = _der.read_tlv(data)
+        if outer.tag != 0x30 or outer.end != len(data):
+            raise _der.DERError("not one DER SEQUENCE")
+        parts = _der.read_children(data, outer)
+        if len(parts) != 3 or parts[2].tag != 0x03:
+            raise _der.DERError("not tbsCertificate, algorithm, signature")
+        signature = parts[2].content(data)
+        if not signature or signature[0] != 0:
+            raise _der.DERError("the signature BIT STRING has unused bits")
+    except _der.DERError as exc:
+        raise CertificateParseError(f"malformed certificate: {exc}") from None
+
+
 def load_certificate(data: bytes | x509.Certificate) -> x509.Certificate:
     """Parse one DER certificate strictly; raises CertificateParseError.
 
@@ -88,6 +109,7 @@ def load_certificate(data: bytes | x509.Certificate) -> x509.Certificate:
         return data
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"certificate must be DER bytes, not {type(data).__name__}")
+    _check_outer_der(bytes(data))
     try:
         with warnings.catch_warnings():
             # A non-positive serial only warns today and will be an error in

@@ -440,6 +440,28 @@ def test_any_single_byte_change_is_rejected(
         verify_chain([bytes(good)], now=NOW)
 
 
+def test_a_signature_with_unused_bits_is_refused(old_identity: NodeIdentity) -> None:
+    # The signature BIT STRING's unused-bits byte is outside what the
+    # signature covers; cryptography read 0x01 there as the same signature,
+    # so a one-byte change verified (found by the test above, about one run
+    # in ten: only when the signature's last bit is 0).
+    from polykey.keys import _der
+
+    der = old_identity.cert_chain_der()[0]
+    outer = _der.read_tlv(der)
+    signature = _der.read_children(der, outer)[2]
+    assert der[signature.content_start] == 0
+    for unused in (1, 7):
+        bad = bytearray(der)
+        bad[signature.content_start] = unused
+        with pytest.raises(CertificateError, match="unused bits"):
+            verify_chain([bytes(bad)], now=NOW)
+    # Bytes after the certificate are refused too.
+    with pytest.raises(CertificateError):
+        verify_chain([der + b"\x00"], now=NOW)
+    assert verify_chain([der], now=NOW) == old_identity.node_id
+
+
 def test_empty_and_long_chains(old_identity: NodeIdentity) -> None:
     with pytest.raises(CertificateChainEmptyError) as info:
         verify_chain([], now=NOW)
