@@ -34,6 +34,7 @@ The manager is the signalling handlers'
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from typing import TYPE_CHECKING, Final
@@ -100,6 +101,9 @@ class Puncher:
         self._punching: set[tuple[str, int]] = set()
         self._punch_hosts: dict[str, int] = {}
         self._awaiting_punch: dict[NodeId, float] = {}
+        # Nodes signalled by our punch attempts in flight (a count each):
+        # their NATs are opening to us.
+        self._signalled: collections.Counter[NodeId] = collections.Counter()
         self._forwards = 0
         self.punches = 0
         self.punches_refused = 0
@@ -139,12 +143,18 @@ class Puncher:
                 format_host_port(address.host, address.port),
             )
             self.punched_dials += 1
-            async with manager.dial_limit:
-                try:
-                    conn = await self._dial(node_id, address)
-                except NodeConnectionError:
-                    self.punched_dial_failures += 1
-                    raise
+            self._signalled[node_id] += 1
+            try:
+                async with manager.dial_limit:
+                    try:
+                        conn = await self._dial(node_id, address)
+                    except NodeConnectionError:
+                        self.punched_dial_failures += 1
+                        raise
+            finally:
+                self._signalled[node_id] -= 1
+                if self._signalled[node_id] <= 0:
+                    del self._signalled[node_id]
             existing = manager.get(node_id)
             if existing is not None:
                 # Its own connection arrived meanwhile (it dialled us, or
@@ -224,6 +234,13 @@ class Puncher:
                 return
 
     # -- the target and the signaller -----------------------------------------------
+
+    def signalled(self, node_id: NodeId) -> bool:
+        """Whether a punch attempt of ours toward ``node_id`` has had it
+        signalled and is still running: its NAT is opening to us, so a
+        dial of ours that gets in now came through that punch (a plain
+        dial already in flight retransmits its Initial into the hole)."""
+        return node_id in self._signalled
 
     def arrived(self, node_id: NodeId, now: float) -> bool:
         """``node_id``'s connection arrived at ``now``: whether a punch of
