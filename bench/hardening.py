@@ -69,7 +69,7 @@ async def fuzz(args: argparse.Namespace, work: Path) -> list[Row]:
             "quic": args.fuzz,
             "rpc": args.fuzz,
             "node_lists": args.node_lists,
-            "signalling": args.fuzz,
+            "signalling": args.signalling or args.fuzz,
             "control": args.fuzz,
         }
         say(f"fuzz: node {node.pid}; {counts}")
@@ -504,6 +504,11 @@ async def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--fuzz", type=int, help="inputs per entry point")
     parser.add_argument("--node-lists", type=int, help="garbage node lists")
+    parser.add_argument(
+        "--signalling",
+        type=int,
+        help="garbage signals (default: --fuzz); some wait out a 15 s RPC timeout",
+    )
     parser.add_argument("--churn", type=int, help="clean connections")
     parser.add_argument("--vanish", type=int, help="connections that vanish")
     parser.add_argument("--soak-minutes", type=float)
