@@ -24,7 +24,6 @@ from typing import Final
 import attrs
 
 from ..keys import NodeId
-from ..keys.errors import NodeIdError
 from ..rpc import JSONObject
 from ._address import (
     MAX_ADDRESSES,
@@ -79,11 +78,9 @@ class ActiveConnection:
 
 
 def parse_node_id(value: object) -> NodeId | None:
-    if not isinstance(value, str):
-        return None
     try:
-        return NodeId.from_string(value)
-    except NodeIdError:
+        return converter.structure(value, NodeId)
+    except WireError:
         return None
 
 

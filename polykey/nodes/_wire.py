@@ -29,7 +29,6 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 from ..keys import NodeId
 from ..keys.errors import NodeIdError
 from ._address import NodeAddress
-from .errors import InvalidAddressError
 
 __all__ = [
     "ActiveConnectionData",
@@ -277,8 +276,8 @@ def _first_error(exc: BaseException, cls: type) -> str:
             key = _wire_key(cls, field) if field else "params"
             if isinstance(sub, KeyError):
                 return f"{key} is missing"
-            if isinstance(sub, WireError | InvalidAddressError):
-                return f"{key} {sub}" if isinstance(sub, WireError) else f"{key}: {sub}"
+            if isinstance(sub, WireError):
+                return f"{key} {sub}"
             return f"{key} is not valid"
     if isinstance(exc, WireError):
         return f"params {exc}"

@@ -62,7 +62,6 @@ from ..rpc import (
 from ._address import NodeAddress
 from ._wire import (
     JSONMapping,
-    NodeIdParams,
     SignalFinalParams,
     SignalInitialParams,
     Signature,
@@ -201,7 +200,7 @@ def _verify(signer: NodeId, signature: bytes, data: bytes) -> bool:
 def node_id_param(value: object, what: str) -> NodeId:
     """An encoded NodeId parameter; RPCInvalidParams naming ``what`` if not."""
     try:
-        return structure({"nodeIdEncoded": value}, NodeIdParams).node_id
+        return converter.structure(value, NodeId)
     except WireError:
         raise RPCInvalidParams(f"{what} must be an encoded NodeId") from None
 
