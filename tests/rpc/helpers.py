@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from polykey.quic import QUICConnection
 from polykey.rpc import (
     CallContext,
     ClientCaller,
@@ -196,3 +197,13 @@ async def harness(
         await h.settle()
         if check_leaks:
             h.assert_no_leaks()
+
+
+async def serve_rpc(conn: QUICConnection, server: RPCServer) -> None:
+    """Every stream the peer opens is one call to ``server``."""
+    meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
+    try:
+        while True:
+            await server.handle_stream(await conn.accept_stream(), meta)
+    except trio.BrokenResourceError:
+        pass

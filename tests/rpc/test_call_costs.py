@@ -31,8 +31,7 @@ from polykey.quic import (
 )
 from polykey.rpc import RPCClient, RPCServer
 
-from .helpers import API, default_manifest
-from .test_over_quic import serve_rpc
+from .helpers import API, default_manifest, serve_rpc
 
 STEPS_PER_CALL = 28.0
 ROUNDS_PER_CALL = 11.0

@@ -12,7 +12,6 @@ import trio
 from polykey.keys import NodeIdentity
 from polykey.quic import (
     QUICClient,
-    QUICConnection,
     QUICServer,
     QUICSocket,
     node_tls_identity,
@@ -20,17 +19,7 @@ from polykey.quic import (
 )
 from polykey.rpc import RPCClient, RPCRemoteError, RPCServer, RPCTimedOut
 
-from .helpers import API, default_manifest
-
-
-async def serve_rpc(conn: QUICConnection, server: RPCServer) -> None:
-    """Every stream the peer opens is one call to ``server``."""
-    meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
-    try:
-        while True:
-            await server.handle_stream(await conn.accept_stream(), meta)
-    except trio.BrokenResourceError:
-        pass
+from .helpers import API, default_manifest, serve_rpc
 
 
 async def settled(server: RPCServer) -> None:
