@@ -465,6 +465,9 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
                     nursery.start_soon(find, a, b)
         finds_took = trio.current_time() - finds_started
         graph_sizes = sorted(len(n.graph) for n in nodes)
+        stats = [n.manager.statistics() for n in nodes]
+        evicted = sum(s.evictions for s in stats)
+        removed = sum(s.removed_failing for s in stats)
         say("scale: stopping the nodes")
     ok = sum(1 for r in results if r[0])
     rounds = [float(r[1]) for r in results if r[0]]
@@ -477,7 +480,8 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
             f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
             f"finds took {finds_took:.1f} s; graph sizes {graph_sizes[0]}.."
             f"{graph_sizes[-1]}; at join {no_seed} reached no seed, "
-            f"{empty_at_join} had an empty graph; failures: {why}",
+            f"{empty_at_join} had an empty graph; {evicted} evictions, "
+            f"{removed} removed after failing; failures: {why}",
         ],
     )
 

@@ -82,6 +82,7 @@ def _running(part: T | None) -> T:
         raise trio.ClosedResourceError("the node is not running")
     return part
 
+
 #: The port a node listens on by default (Polykey's seed nodes use it too).
 DEFAULT_PORT = 1314
 
@@ -369,7 +370,7 @@ class PolykeyNode:
                 graph,
                 QUICNodeTransport(connections),
                 config=settings.nodes,
-                attempt_timeout=connections.attempt_timeout,
+                attempts=connections,
             )
             self._finder = NodeFinder(manager, connections)
             await nursery.start(connections.run)

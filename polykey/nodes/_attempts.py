@@ -1,42 +1,96 @@
-"""How long one attempt (a dial, a query) may take: what dials have taken.
+"""How long one attempt (a dial, a query, a ping) may take: what attempts
+have taken, and how often the peer has just failed.
 
-Pure: the caller measures and reports dial times. Shared by
-:class:`~polykey.nodes.NodeConnectionManager` and the simulated network in
-:mod:`polykey.testing`, so simulated deadlines follow the real policy.
+Pure: the caller measures and reports the times of attempts that succeeded.
+Shared by :class:`~polykey.nodes.NodeConnectionManager` and the simulated
+network in :mod:`polykey.testing`, so simulated deadlines follow the real
+policy.
+
+The estimate is TCP's retransmission timer (RFC 6298) applied to whole
+attempts: a smoothed time (gain 1/8) and a smoothed mean deviation (gain
+1/4). A deadline of eight smoothed times alone, as before, stays near its
+floor while a loaded host's attempts swing from milliseconds to seconds,
+so live peers missed it and were evicted; the deviation term follows such
+swings within a few samples. The back-off is per peer: each failure in a
+row doubles that peer's next deadline (up to the ceiling), so a live peer
+that missed one deadline gets a longer one before it is given up, while
+attempts to other peers keep the short one (a dead peer must not make
+every attempt slow, which a global back-off as TCP's would).
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Protocol
 
-__all__ = ["DEFAULT_ATTEMPT_TIMEOUT", "MIN_ATTEMPT_TIMEOUT", "AttemptTimer"]
+__all__ = [
+    "DEFAULT_ATTEMPT_TIMEOUT",
+    "MIN_ATTEMPT_TIMEOUT",
+    "AttemptPolicy",
+    "AttemptTimer",
+]
 
-#: Bounds of one attempt's deadline, and its multiple of the dial times seen.
+#: Bounds of one attempt's deadline, and its multiple of the times seen.
 MIN_ATTEMPT_TIMEOUT: Final = 0.5
 DEFAULT_ATTEMPT_TIMEOUT: Final = 3.0
 _ATTEMPT_RTTS: Final = 8
-#: Weight of a new dial time in the smoothed one (as TCP's SRTT, 1/8).
+#: Weight of a new time in the smoothed one, and in the deviation (RFC 6298's
+#: alpha and beta), and the deviation's multiple in the deadline (its K).
 _GAIN: Final = 1 / 8
+_DEVIATION_GAIN: Final = 1 / 4
+_DEVIATIONS: Final = 4
+#: Failures in a row past which the back-off grows no more (2**6 times the
+#: base is past any ceiling in use).
+_MAX_BACKOFF_FAILURES: Final = 6
+
+
+class AttemptPolicy(Protocol):
+    """What :class:`~polykey.nodes.NodeManager` needs of whoever keeps the
+    attempt timer (the connection manager, or the simulated network's)."""
+
+    def attempt_timeout(self, ceiling: float = 15.0, failures: int = 0) -> float:
+        """The deadline for one attempt to a peer that has failed
+        ``failures`` times in a row."""
+        ...
+
+    def note_attempt(self, seconds: float) -> None:
+        """An attempt (a query or ping) succeeded after ``seconds``."""
+        ...
 
 
 class AttemptTimer:
-    """Smoothed dial time, and the attempt deadline derived from it."""
+    """Smoothed attempt time and deviation, and the deadline derived."""
 
     def __init__(self) -> None:
-        #: Seconds, None before the first dial.
+        #: Seconds, None before the first sample.
         self.smoothed: float | None = None
+        #: Smoothed mean deviation of the samples, seconds.
+        self.deviation = 0.0
 
     def note(self, seconds: float) -> None:
-        """A dial succeeded after ``seconds``."""
+        """An attempt succeeded after ``seconds``."""
+        seconds = max(0.0, seconds)
         if self.smoothed is None:
             self.smoothed = seconds
+            self.deviation = seconds / 2
         else:
+            # RFC 6298 2.3: the deviation from the old estimate, then the mean.
+            self.deviation += (abs(self.smoothed - seconds) - self.deviation) * (
+                _DEVIATION_GAIN
+            )
             self.smoothed += (seconds - self.smoothed) * _GAIN
 
-    def timeout(self, ceiling: float = 15.0) -> float:
-        """A multiple of the smoothed dial time, at least
-        :data:`MIN_ATTEMPT_TIMEOUT`, at most ``ceiling``;
-        :data:`DEFAULT_ATTEMPT_TIMEOUT` before the first dial."""
+    def timeout(self, ceiling: float = 15.0, failures: int = 0) -> float:
+        """The larger of eight smoothed times and the smoothed time plus
+        four deviations, at least :data:`MIN_ATTEMPT_TIMEOUT`
+        (:data:`DEFAULT_ATTEMPT_TIMEOUT` before the first sample), doubled
+        for each of the peer's ``failures`` in a row; at most ``ceiling``."""
         if self.smoothed is None:
-            return min(ceiling, DEFAULT_ATTEMPT_TIMEOUT)
-        return min(ceiling, max(MIN_ATTEMPT_TIMEOUT, _ATTEMPT_RTTS * self.smoothed))
+            base = DEFAULT_ATTEMPT_TIMEOUT
+        else:
+            base = max(
+                MIN_ATTEMPT_TIMEOUT,
+                _ATTEMPT_RTTS * self.smoothed,
+                self.smoothed + _DEVIATIONS * self.deviation,
+            )
+        backoff: float = 2.0 ** min(max(failures, 0), _MAX_BACKOFF_FAILURES)
+        return min(ceiling, base * backoff)

@@ -24,8 +24,8 @@ gives way to a direct or punched one when that arrives, after a grace for
 the calls in flight on it.
 
 Deadlines of single attempts follow what the network shows:
-:meth:`attempt_timeout` is a multiple of the dial times seen recently
-(within bounds), so a dead node costs a lookup a fraction of a second on a
+:meth:`attempt_timeout` follows the times dials and queries took recently
+and their spread (within bounds, longer for a peer that just failed), so a dead node costs a lookup a fraction of a second on a
 fast network instead of Polykey's 15 s.
 
 The manager's parts
@@ -202,7 +202,7 @@ class NodeConnectionManager:
         self._dialling: dict[NodeId, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._stopping = False
-        self._dial_times = AttemptTimer()
+        self._attempts = AttemptTimer()
         self.upgrades = 0
         #: Unexpected exceptions in a connection's task or a callback
         #: (logged at WARNING with the peer; the node goes on).
@@ -434,7 +434,7 @@ class NodeConnectionManager:
                 except NodeConnectionError:
                     self.dial_failures += 1
                     raise
-                self._dial_times.note(trio.current_time() - started)
+                self._attempts.note(trio.current_time() - started)
             return await self.adopt_dialled(conn, started=started)
         finally:
             del self._dialling[node_id]
@@ -480,11 +480,19 @@ class NodeConnectionManager:
 
     # -- attempt deadlines ---------------------------------------------------------
 
-    def attempt_timeout(self, ceiling: float = 15.0) -> float:
-        """The deadline for one attempt (a dial, a query): a multiple of the
-        smoothed dial time, at least :data:`MIN_ATTEMPT_TIMEOUT`, at most
-        ``ceiling``; :data:`DEFAULT_ATTEMPT_TIMEOUT` before the first dial."""
-        return self._dial_times.timeout(ceiling)
+    def attempt_timeout(self, ceiling: float = 15.0, failures: int = 0) -> float:
+        """The deadline for one attempt (a dial, a query) to a peer that
+        failed ``failures`` times in a row: from the smoothed time and
+        deviation of the dials and attempts seen, at least
+        :data:`MIN_ATTEMPT_TIMEOUT` (:data:`DEFAULT_ATTEMPT_TIMEOUT` before
+        any), doubled per failure, at most ``ceiling``
+        (see :mod:`~polykey.nodes._attempts`)."""
+        return self._attempts.timeout(ceiling, failures)
+
+    def note_attempt(self, seconds: float) -> None:
+        """A query or ping (which the node manager times) succeeded after
+        ``seconds``: a sample for :meth:`attempt_timeout`, as dials are."""
+        self._attempts.note(seconds)
 
     # -- for the parts (puncher, relaying, anchors) ----------------------------------
 

@@ -25,8 +25,8 @@ had in flight):
   ``max_contacted`` in all.
 
 Every attempt has its own deadline, from the connection manager's
-:meth:`~NodeConnectionManager.attempt_timeout` (what dials have taken
-lately), so a dead node costs a fraction of a second on a fast network;
+:meth:`~NodeConnectionManager.attempt_timeout` (what dials and queries
+have taken lately), so a dead node costs a fraction of a second on a fast network;
 punches get a few times that (a signal, then the punch itself). The whole
 operation is bounded by the caller's cancel scope, as trio would have it:
 there is no ``timeout=`` argument. Failures inside a search are routine and

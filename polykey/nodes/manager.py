@@ -44,6 +44,7 @@ import trio
 
 from ..keys import NodeId
 from ._address import NodeAddress, NodeContact, format_host_port
+from ._attempts import AttemptPolicy
 from ._failures import note_failure
 from ._refresh import RefreshSchedule
 from ._writer import GraphWriter
@@ -79,7 +80,7 @@ class NodeManagerConfig:
     #: this, a popular node pings the same live members for every newcomer.
     fresh_interval: float = 60.0
     #: Seconds for one attempt (connect + call) to one node: the ceiling
-    #: when the manager is given an ``attempt_timeout``.
+    #: when the manager is given an ``attempts`` policy.
     query_timeout: float = 15.0
     #: Seconds for a whole lookup.
     lookup_timeout: float = 60.0
@@ -168,15 +169,17 @@ class NodeManager:
         config: NodeManagerConfig | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
-        attempt_timeout: Callable[[float], float] | None = None,
+        attempts: AttemptPolicy | None = None,
     ) -> None:
-        """``attempt_timeout(ceiling)``, when given, bounds each ping and
-        query by what the network shows (the connection manager's
-        :meth:`~polykey.nodes.NodeConnectionManager.attempt_timeout`) instead
-        of ``config.query_timeout`` alone, which stays the ceiling."""
+        """``attempts``, when given (the connection manager, whose
+        :meth:`~polykey.nodes.NodeConnectionManager.attempt_timeout` it is),
+        bounds each ping and query by what attempts have taken and by how
+        often that peer has just failed, instead of ``config.query_timeout``
+        alone, which stays the ceiling; every ping and query that succeeds
+        is reported to it."""
         self.graph = graph
         self.writer = GraphWriter(graph)
-        self._attempt_timeout = attempt_timeout
+        self._attempts = attempts
         self.own_id = graph.own_id
         self.transport = transport
         self.config = config or NodeManagerConfig()
@@ -381,6 +384,13 @@ class NodeManager:
                 if not self._fresh(m.node_id)
             ]
             alive = await self._ping_many(members)
+            # One missed deadline is not death (the member, or our own loop,
+            # may be loaded): who missed it gets one more, backed off, before
+            # a live node that Kademlia prefers is given up for a newcomer.
+            missed = [i for i, ok in enumerate(alive) if not ok]
+            again = await self._ping_many([members[i] for i in missed], backoff=1)
+            for i, ok in zip(missed, again, strict=True):
+                alive[i] = ok
             for member, ok in zip(members, alive, strict=True):
                 if ok:
                     self.graph.touch(member.node_id, self._clock())
@@ -401,12 +411,18 @@ class NodeManager:
         return self._clock() - seen < self.config.fresh_interval
 
     async def _ping_many(
-        self, contacts: Sequence[NodeContact], why: dict[NodeId, str] | None = None
+        self,
+        contacts: Sequence[NodeContact],
+        why: dict[NodeId, str] | None = None,
+        *,
+        backoff: int = 0,
     ) -> list[bool]:
         results = [False] * len(contacts)
 
         async def one(i: int, contact: NodeContact) -> None:
-            results[i] = await self._ping_once(contact.node_id, contact.addresses, why)
+            results[i] = await self._ping_once(
+                contact.node_id, contact.addresses, why, backoff=backoff
+            )
 
         async with trio.open_nursery() as nursery:
             for i, contact in enumerate(contacts):
@@ -418,15 +434,21 @@ class NodeManager:
         node_id: NodeId,
         addresses: Sequence[NodeAddress],
         why: dict[NodeId, str] | None = None,
+        *,
+        backoff: int = 0,
     ) -> bool:
-        """Ping ``node_id``; when it fails and ``why`` is given, record why."""
+        """Ping ``node_id``; when it fails and ``why`` is given, record why.
+        ``backoff``: failures to count beyond the graph's for the deadline."""
         self._stats.pings += 1
         ok = False
         reason = "unreachable"
-        timeout = self.attempt_deadline()
+        timeout = self.attempt_deadline(node_id, backoff=backoff)
+        started = trio.current_time()
         with trio.move_on_after(timeout) as scope:
             try:
                 ok = bool(await self.transport.ping(node_id, addresses))
+                if ok:
+                    self._note_attempt(trio.current_time() - started)
             except Exception as exc:
                 self._transport_error("ping", node_id, exc)
                 reason = str(exc) or type(exc).__name__
@@ -438,12 +460,22 @@ class NodeManager:
                 why[node_id] = reason
         return ok
 
-    def attempt_deadline(self) -> float:
-        """Seconds one ping or query may take."""
+    def attempt_deadline(
+        self, node_id: NodeId | None = None, backoff: int = 0
+    ) -> float:
+        """Seconds one ping or query (to ``node_id``) may take: longer for
+        a node that failed last time (see :mod:`~polykey.nodes._attempts`)."""
         ceiling = self.config.query_timeout
-        if self._attempt_timeout is None:
+        if self._attempts is None:
             return ceiling
-        return self._attempt_timeout(ceiling)
+        failures = backoff
+        if node_id is not None:
+            failures += self.graph.failures(node_id)
+        return self._attempts.attempt_timeout(ceiling, failures)
+
+    def _note_attempt(self, seconds: float) -> None:
+        if self._attempts is not None:
+            self._attempts.note_attempt(seconds)
 
     def _transport_error(self, what: str, node_id: NodeId, exc: BaseException) -> None:
         # A peer's failure is routine; it must never take the node down.
@@ -536,13 +568,15 @@ class NodeManager:
     ) -> None:
         self._stats.queries += 1
         answer: Sequence[NodeContact] | None = None
-        with trio.move_on_after(self.attempt_deadline()):
+        started = trio.current_time()
+        with trio.move_on_after(self.attempt_deadline(contact.node_id)):
             try:
                 found = await self.transport.closest_nodes(
                     contact.node_id, contact.addresses, machine.target
                 )
                 # Whatever the transport returns, hold at most k + 1 of it.
                 answer = list(itertools.islice(found, self.graph.k + 1))
+                self._note_attempt(trio.current_time() - started)
             except Exception as exc:
                 self._transport_error("query", contact.node_id, exc)
         if answer is None:

@@ -30,6 +30,7 @@ __all__ = [
     "TLSConfigError",
 ]
 
+
 class QuicheErrorCode(enum.IntEnum):
     """quiche.h's ``enum quiche_error``: the one place its codes are named."""
 

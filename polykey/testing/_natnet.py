@@ -267,7 +267,7 @@ class NatNetwork:
             config=self.config,
             rng=random.Random(self.rng.getrandbits(64)),
             clock=trio.current_time,
-            attempt_timeout=node.connections.attempt_timeout,
+            attempts=node.connections,
         )
         node.finder = NodeFinder(node.manager, node.connections)
         self.nodes[node.node_id] = node

@@ -60,7 +60,9 @@ def test_node_contact_round_trips(
 
 
 @given(node_ids, st.lists(addresses, min_size=1, max_size=5, unique=True))
-def test_active_connections_round_trip(node_id: NodeId, addrs: list[NodeAddress]) -> None:
+def test_active_connections_round_trip(
+    node_id: NodeId, addrs: list[NodeAddress]
+) -> None:
     conns = [ActiveConnection(node_id, a, f"c{i}") for i, a in enumerate(addrs)]
     message = encode_active_connections(node_id, conns)
     assert parse_active_connection_message(message) == NodeContact(node_id, addrs)
@@ -82,7 +84,10 @@ def test_python_names_become_polykey_keys() -> None:
         "primary": True,
     }
     params = SignalInitialParams(B, Signature(bytes(range(64))))
-    assert converter.unstructure(params) == {"targetNodeIdEncoded": str(B), "signature": SIG}
+    assert converter.unstructure(params) == {
+        "targetNodeIdEncoded": str(B),
+        "signature": SIG,
+    }
     assert structure(converter.unstructure(params), SignalInitialParams) == params
 
 
@@ -111,7 +116,9 @@ def test_python_names_become_polykey_keys() -> None:
          "sourceNodeIdEncoded must be an encoded NodeId"),
     ],
 )  # fmt: skip
-def test_errors_name_the_key_in_our_words(value: object, cls: type, message: str) -> None:
+def test_errors_name_the_key_in_our_words(
+    value: object, cls: type, message: str
+) -> None:
     with pytest.raises(WireError) as info:
         structure(value, cls)
     assert str(info.value) == message

@@ -511,6 +511,8 @@ def test_quiche_error_codes_are_named_as_quiche_h_names_them() -> None:
         pytest.skip("quiche.h is not unpacked (scripts/setup.sh does it)")
     declared = {
         name: int(code)
-        for name, code in re.findall(r"QUICHE_ERR_([A-Z_]+) = (-\d+)", header.read_text())
+        for name, code in re.findall(
+            r"QUICHE_ERR_([A-Z_]+) = (-\d+)", header.read_text()
+        )
     }
     assert declared == {e.name: e.value for e in QuicheErrorCode}

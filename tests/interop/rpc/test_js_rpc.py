@@ -214,7 +214,12 @@ async def test_their_client_against_our_server() -> None:
     assert ok("unaryTimer") == {"echo": {"a": 2}, "meta": {"timeout": 4000}}
     assert ok("server") == [{"i": i} for i in range(4)]
     assert ok("client") == {"sum": 10}
-    assert ok("duplex") == [{"re": {"x": 1}}, {"re": {"x": 2}}, {"re": {"x": 3}}, "done"]
+    assert ok("duplex") == [
+        {"re": {"x": 1}},
+        {"re": {"x": 2}},
+        {"re": {"x": 3}},
+        "done",
+    ]
     assert ok("raw") == {"header": {"hello": {"x": 1}}, "body": "RAW BYTES"}
     # TypeError is a type js-rpc knows: rebuilt and wrapped, like its own
     error = err("error")
