@@ -43,7 +43,7 @@ from .nodes import (
     node_handlers,
     parse_host_port,
 )
-from .nodes.connections import (
+from .nodes._connections import (
     Address,
     ConnectionPath,
     NodeConnection,
@@ -51,10 +51,10 @@ from .nodes.connections import (
     display_address,
     sticky_ttl,
 )
-from .nodes.finder import NodeFinder
-from .nodes.relay import Circuit, RelayLimits, relay_handlers
-from .nodes.signalling import SignalRequest
-from .nodes.transport import QUICNodeTransport
+from .nodes._finder import NodeFinder
+from .nodes._relay import Circuit, RelayLimits, relay_handlers
+from .nodes._signalling import SignalRequest
+from .nodes._transport import QUICNodeTransport
 from .quic import QUICConfig, QUICSocket
 from .rpc import ClientManifest, Handler, JSONObject, RPCClient, RPCServer
 
@@ -200,8 +200,8 @@ EVENT_BUFFER = 256
 
 class _NodeHost:
     """The node's connection manager as the signalling and relay handlers'
-    host (:class:`~polykey.nodes.signalling.SignalHost`,
-    :class:`~polykey.nodes.relay.RelayHost`): the handlers are made before
+    host (:class:`~polykey.nodes._signalling.SignalHost`,
+    :class:`~polykey.nodes._relay.RelayHost`): the handlers are made before
     the manager, which needs the RPC server that serves them."""
 
     def __init__(self, node: PolykeyNode) -> None:

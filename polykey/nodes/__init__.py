@@ -15,21 +15,13 @@ from ._address import (
     parse_contact_address,
     parse_host_port,
 )
-from ._messages import (
-    ActiveConnection,
-    encode_node_contact,
-    parse_active_connection_message,
-    parse_node_contact_message,
-)
-from ._refresh import RefreshSchedule
-from ._writer import GraphWriter
-from .connections import (
+from ._connections import (
     ConnectionPath,
     NodeConnection,
     NodeConnectionError,
     NodeConnectionManager,
 )
-from .errors import (
+from ._errors import (
     InvalidAddressError,
     NodeGraphCorruptError,
     NodeGraphError,
@@ -40,8 +32,8 @@ from .errors import (
     NodesError,
     OwnNodeIdError,
 )
-from .finder import FinderStatistics, NodeFinder
-from .graph import (
+from ._finder import FinderStatistics, NodeFinder
+from ._graph import (
     BUCKET_COUNT,
     DEFAULT_K,
     PING_BATCH,
@@ -49,7 +41,7 @@ from .graph import (
     NodeGraph,
     random_node_id_in_bucket,
 )
-from .handlers import (
+from ._handlers import (
     CLOSEST_ACTIVE_CONNECTIONS,
     CLOSEST_LOCAL_NODES,
     PING,
@@ -62,15 +54,22 @@ from .handlers import (
     request_closest_local_nodes,
     request_ping,
 )
-from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED, Lookup
-from .manager import (
+from ._lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED, Lookup
+from ._manager import (
     JoinResult,
     LookupResult,
     NodeManager,
     NodeManagerConfig,
     NodeManagerStatistics,
 )
-from .signalling import (
+from ._messages import (
+    ActiveConnection,
+    encode_node_contact,
+    parse_active_connection_message,
+    parse_node_contact_message,
+)
+from ._refresh import RefreshSchedule
+from ._signalling import (
     SIGNAL_FINAL,
     SIGNAL_INITIAL,
     NodesConnectionSignalFinal,
@@ -78,13 +77,14 @@ from .signalling import (
     SignalError,
     request_signal,
 )
-from .transport import (
+from ._transport import (
     ConnectFunction,
     ConnectionTransport,
     NodeTransport,
     QUICNodeTransport,
     RPCNodeTransport,
 )
+from ._writer import GraphWriter
 
 __all__ = [
     "BUCKET_COUNT",

@@ -22,7 +22,7 @@ from typing import Final
 import attrs
 
 from ..keys import NodeId
-from .errors import InvalidAddressError
+from ._errors import InvalidAddressError
 
 __all__ = [
     "MAX_ADDRESSES",

@@ -30,12 +30,12 @@ import trio
 from ..keys import NodeId
 from ._address import NodeAddress
 from ._connection import Address, NodeConnection, NodeConnectionError
+from ._errors import InvalidAddressError
 from ._failures import PEER_FAILURES
-from .errors import InvalidAddressError
-from .handlers import PING
+from ._handlers import PING
 
 if TYPE_CHECKING:
-    from .connections import NodeConnectionManager
+    from ._connections import NodeConnectionManager
 
 __all__ = ["ANCHOR_PING_INTERVAL", "Anchors"]
 

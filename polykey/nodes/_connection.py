@@ -1,6 +1,6 @@
 """A verified connection to a node: what the pool holds and its parts share.
 
-:mod:`polykey.nodes.connections` re-exports these (import them from there);
+:mod:`polykey.nodes._connections` re-exports these (import them from there);
 they are defined here so that the connection manager's parts
 (:mod:`._punching`, :mod:`._relaying`, :mod:`._anchors`), which the
 manager's module imports, can use them without an import cycle.
@@ -22,7 +22,7 @@ from ..quic import (
     unmap_ipv4,
 )
 from ..rpc import ClientManifest, RPCClient
-from .errors import NodesError
+from ._errors import NodesError
 
 __all__ = [
     "CLOSE_DUPLICATE",

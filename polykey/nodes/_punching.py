@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The protocol is :mod:`polykey.nodes.signalling`'s. Both halves live here,
+The protocol is :mod:`polykey.nodes._signalling`'s. Both halves live here,
 since both use the one socket the connection manager dials and accepts on
 (the only way a punch can work):
 
@@ -28,7 +28,7 @@ since both use the one socket the connection manager dials and accepts on
   takes the relayed one's place in the pool.
 
 The manager is the signalling handlers'
-:class:`~polykey.nodes.signalling.SignalHost` and hands their calls here; a
+:class:`~polykey.nodes._signalling.SignalHost` and hands their calls here; a
 :class:`Puncher` reaches the pool only through the manager's methods.
 """
 
@@ -59,10 +59,10 @@ from ._connection import (
     NodeConnection,
     NodeConnectionError,
 )
-from .signalling import SIGNAL_FINAL, SignalRequest, request_signal
+from ._signalling import SIGNAL_FINAL, SignalRequest, request_signal
 
 if TYPE_CHECKING:
-    from .connections import NodeConnectionManager
+    from ._connections import NodeConnectionManager
 
 __all__ = [
     "MAX_FORWARDS",

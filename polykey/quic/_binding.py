@@ -2,7 +2,7 @@
 
 Rules this module keeps so nothing above it has to think about C:
 
-* Every quiche error code becomes a :class:`~polykey.quic.errors.QuicheError`
+* Every quiche error code becomes a :class:`~polykey.quic._errors.QuicheError`
   (or :class:`StreamReset` / :class:`StreamStopped`, which carry the peer's
   application code). ``QUICHE_ERR_DONE`` is not an error: the calls that can
   return it return ``None`` / ``0`` / ``False`` instead.
@@ -28,14 +28,14 @@ from typing import Any, Final, TypeAlias
 
 import attrs
 
-from ._quiche import ffi, lib
-from .errors import (
+from ._errors import (
     QuicheError,
     QuicheErrorCode,
     StreamReset,
     StreamStopped,
     TLSConfigError,
 )
+from ._quiche import ffi, lib
 
 __all__ = [
     "MAX_CONN_ID_LEN",

@@ -5,7 +5,7 @@ Each :class:`NatNode` is a real :class:`~polykey.nodes.NodeGraph`,
 with an Ed25519 identity, serving the real node handlers (the signalling
 ones included) on an :class:`~polykey.rpc.RPCServer`. What stands in for
 QUIC is :class:`SimConnections`, the node's
-:class:`~polykey.nodes.finder.Connector`:
+:class:`~polykey.nodes._finder.Connector`:
 
 * **Packets.** A node has one socket (``local``): a public endpoint, or a
   private one behind its own :class:`~polykey.testing.Nat`. A packet leaves
@@ -58,12 +58,12 @@ import trio
 
 from ..keys import KeyPair, NodeId, NodeIdentity
 from ..nodes._address import NodeAddress, NodeContact, format_host_port
-from ..nodes.connections import ConnectionPath
-from ..nodes.finder import NodeFinder
-from ..nodes.graph import DEFAULT_K, NodeGraph
-from ..nodes.handlers import node_handlers
-from ..nodes.manager import JoinResult, NodeManager, NodeManagerConfig
-from ..nodes.transport import ConnectionTransport
+from ..nodes._connections import ConnectionPath
+from ..nodes._finder import NodeFinder
+from ..nodes._graph import DEFAULT_K, NodeGraph
+from ..nodes._handlers import node_handlers
+from ..nodes._manager import JoinResult, NodeManager, NodeManagerConfig
+from ..nodes._transport import ConnectionTransport
 from ..quic import spray_delays
 from ..rpc import Handler, RPCClient, RPCServer, memory_stream_pair
 from ._nat import Endpoint, Nat, NatBehaviour, NatType

@@ -38,10 +38,10 @@ import trio
 
 from ..keys import NodeId
 from ..nodes._address import NodeAddress, NodeContact
-from ..nodes.graph import DEFAULT_K, NodeGraph
-from ..nodes.handlers import NodesAgentAPI, node_handlers
-from ..nodes.manager import JoinResult, NodeManager, NodeManagerConfig
-from ..nodes.transport import NodeTransport, RPCNodeTransport
+from ..nodes._graph import DEFAULT_K, NodeGraph
+from ..nodes._handlers import NodesAgentAPI, node_handlers
+from ..nodes._manager import JoinResult, NodeManager, NodeManagerConfig
+from ..nodes._transport import NodeTransport, RPCNodeTransport
 from ..rpc import RPCClient, RPCServer, memory_stream_pair
 
 __all__ = ["NetworkStatistics", "SimNode", "SimulatedNetwork", "Unreachable"]

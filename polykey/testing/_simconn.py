@@ -10,9 +10,9 @@ import trio
 from ..keys import NodeId, NodeIdentity
 from ..nodes._address import NodeAddress, format_host_port
 from ..nodes._attempts import AttemptTimer
+from ..nodes._connections import PUNCH_DURATION, ConnectionPath
 from ..nodes._messages import ActiveConnection
-from ..nodes.connections import PUNCH_DURATION, ConnectionPath
-from ..nodes.signalling import SIGNAL_FINAL, SignalRequest, request_signal
+from ..nodes._signalling import SIGNAL_FINAL, SignalRequest, request_signal
 from ..quic import spray_delays
 from ..rpc import JSONObject
 from ._nat import Endpoint
@@ -27,8 +27,8 @@ __all__ = ["SimConnections"]
 
 class SimConnections:
     """A simulated node's connections: the
-    :class:`~polykey.nodes.finder.Connector` the finder drives, and the
-    :class:`~polykey.nodes.signalling.SignalHost` its signalling handlers
+    :class:`~polykey.nodes._finder.Connector` the finder drives, and the
+    :class:`~polykey.nodes._signalling.SignalHost` its signalling handlers
     call. See the module doc for what each call models."""
 
     def __init__(self, network: NatNetwork, node: NatNode) -> None:

@@ -22,15 +22,15 @@ from polykey.nodes import (
     NodeNotFoundError,
     OwnNodeIdError,
 )
-from polykey.nodes.connections import PUNCH_DURATION
-from polykey.nodes.finder import (
+from polykey.nodes._connections import PUNCH_DURATION
+from polykey.nodes._finder import (
     _PUNCH_ATTEMPTS,
     _PUNCH_MIN,
     _RELAY_DELAY_ATTEMPTS,
     _RELAY_DELAY_MIN,
     NodeFinder,
 )
-from polykey.nodes.handlers import request_ping
+from polykey.nodes._handlers import request_ping
 from polykey.rpc import CallContext, JSONValue, UnaryHandler
 from polykey.testing import (
     Filtering,

@@ -17,9 +17,9 @@ import trio
 from polykey.agent import NodeSettings, PolykeyNode
 from polykey.keys import KeyPair
 from polykey.nodes import ConnectionPath
+from polykey.nodes import _connections as connections_module
 from polykey.nodes import _punching as punching_module
-from polykey.nodes import connections as connections_module
-from polykey.nodes.relay import (
+from polykey.nodes._relay import (
     RELAY_CONNECT,
     RELAY_STOP,
     Circuit,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from polykey.agent import NodeSettings, PolykeyNode
 from polykey.keys import KeyPair, NodeId
 from polykey.nodes import ConnectionPath
-from polykey.nodes.signalling import (
+from polykey.nodes._signalling import (
     SIGNAL_FINAL,
     SIGNAL_INITIAL,
     RateLimiter,

@@ -24,9 +24,9 @@ from polykey.quic import (
     unmap_ipv4,
 )
 from polykey.quic._address import for_family
+from polykey.quic._errors import StreamReset, StreamStopped
 from polykey.quic._state import Deadlines, Due, StreamIds, close_reason
-from polykey.quic.errors import StreamReset, StreamStopped
-from polykey.quic.stream import QUICStream, _SendConflict
+from polykey.quic._stream import QUICStream, _SendConflict
 
 # -- stream ids ------------------------------------------------------------------
 

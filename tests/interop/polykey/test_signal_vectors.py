@@ -31,7 +31,7 @@ import trio
 
 from polykey.keys import KeyPair, NodeId, NodeIdentity
 from polykey.nodes import NodeAddress
-from polykey.nodes.signalling import (
+from polykey.nodes._signalling import (
     SIGNAL_FINAL,
     SIGNAL_INITIAL,
     ConnectionNotFoundError,

@@ -56,10 +56,10 @@ import trio.testing
 from . import _binding
 from ._address import for_family, unmap_ipv4
 from ._binding import Address
-from .errors import QuicheError
+from ._errors import QuicheError
 
 if TYPE_CHECKING:
-    from .connection import QUICConnection
+    from ._connection import QUICConnection
 
 __all__ = ["CID_LEN", "QUICSocket", "SocketStatistics", "StrayWatch", "VirtualPath"]
 

@@ -25,10 +25,10 @@ from typing import Any, Protocol
 from ..keys import NodeId
 from ..rpc import RPCClient
 from ._address import NodeAddress, NodeContact
+from ._connections import NodeConnectionError
 from ._failures import PEER_FAILURES
-from .connections import NodeConnectionError
-from .graph import DEFAULT_K
-from .handlers import request_closest_local_nodes, request_ping
+from ._graph import DEFAULT_K
+from ._handlers import request_closest_local_nodes, request_ping
 
 __all__ = [
     "ConnectFunction",

@@ -60,6 +60,7 @@ from ..rpc import (
     UnaryHandler,
 )
 from ._address import NodeAddress
+from ._errors import InvalidAddressError, NodesError
 from ._wire import (
     JSONMapping,
     SignalFinalParams,
@@ -71,7 +72,6 @@ from ._wire import (
     converter,
     structure,
 )
-from .errors import InvalidAddressError, NodesError
 
 __all__ = [
     "SIGNAL_FINAL",

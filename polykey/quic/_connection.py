@@ -44,9 +44,8 @@ from ..keys import NodeId
 from . import _binding
 from ._binding import Address
 from ._carrier import CarrierRoutes, DatagramForward, ForwardCallback
-from ._state import Deadlines, StreamIds, close_reason
-from .config import PeerVerifier, QUICConfig
-from .errors import (
+from ._config import PeerVerifier, QUICConfig
+from ._errors import (
     CloseKind,
     CloseReason,
     PeerVerificationError,
@@ -54,10 +53,11 @@ from .errors import (
     QuicheError,
     TLSAlert,
 )
-from .stream import QUICStream
+from ._state import Deadlines, StreamIds, close_reason
+from ._stream import QUICStream
 
 if TYPE_CHECKING:
-    from .socket import QUICSocket
+    from ._socket import QUICSocket
 
 __all__ = ["ConnectionStatistics", "QUICConnection"]
 

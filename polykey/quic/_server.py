@@ -45,10 +45,10 @@ import trio
 from . import _binding
 from ._admission import Admission, AdmissionLimits, Refusal, address_key
 from ._binding import Address
-from .config import PeerVerifier, QUICConfig, TLSIdentity
-from .connection import QUICConnection
-from .errors import QuicheError
-from .socket import CID_LEN, QUICSocket
+from ._config import PeerVerifier, QUICConfig, TLSIdentity
+from ._connection import QUICConnection
+from ._errors import QuicheError
+from ._socket import CID_LEN, QUICSocket
 
 __all__ = ["QUICServer", "ServerStatistics"]
 

@@ -55,7 +55,7 @@ import attrs
 
 from ..keys import NodeId
 from ..rpc import CallContext, JSONObject, JSONValue, UnaryHandler
-from .signalling import (
+from ._signalling import (
     NodeIdMissingError,
     SignalError,
     b64url_decode,

@@ -35,11 +35,11 @@ its theory of operation in its module:
 
 - :class:`~polykey.nodes._punching.Puncher`: hole punching, both halves
   (the manager is the signalling handlers'
-  :class:`~polykey.nodes.signalling.SignalHost`), and the upgrade of a
+  :class:`~polykey.nodes._signalling.SignalHost`), and the upgrade of a
   relayed connection to a punched one;
 - :class:`~polykey.nodes._relaying.Relaying`: relaying for others, and our
   ends of circuits (the manager is the relay handlers'
-  :class:`~polykey.nodes.relay.RelayHost`);
+  :class:`~polykey.nodes._relay.RelayHost`);
 - :class:`~polykey.nodes._anchors.Anchors`: the connections kept to seeds,
   and where peers see us.
 
@@ -100,10 +100,10 @@ from ._punching import MAX_PUNCHES as MAX_PUNCHES
 from ._punching import MAX_PUNCHES_PER_HOST as MAX_PUNCHES_PER_HOST
 from ._punching import PUNCH_DURATION as PUNCH_DURATION
 from ._punching import Puncher
+from ._relay import Circuit, RelayLimits, RelayTable
 from ._relaying import RELAYED_PAYLOAD as RELAYED_PAYLOAD
 from ._relaying import Relaying
-from .relay import Circuit, RelayLimits, RelayTable
-from .signalling import SignalRequest
+from ._signalling import SignalRequest
 
 __all__ = [
     "ConnectionPath",
@@ -582,7 +582,7 @@ class NodeConnectionManager:
         self, node_id: NodeId, signaller: NodeConnection
     ) -> NodeConnection:
         """A verified connection to ``node_id`` through a hole punch that
-        ``signaller`` signals (step 1 and 4 of polykey.nodes.signalling).
+        ``signaller`` signals (step 1 and 4 of polykey.nodes._signalling).
         The caller's cancel scope bounds it; raises NodeConnectionError, or
         the signaller's refusal (an RPCError)."""
         return await self._puncher.connect(node_id, signaller)
