@@ -31,30 +31,30 @@ from ._state import default_state_dir, load_or_create_identity, lock_state_dir
 from .keys import NodeId, NodeIdentity
 from .nodes import (
     ActiveConnection,
+    Address,
+    Circuit,
+    ConnectionPath,
     InvalidAddressError,
     JoinResult,
     LookupResult,
     NodeAddress,
+    NodeConnection,
+    NodeConnectionManager,
     NodeContact,
+    NodeFinder,
     NodeGraph,
     NodeManager,
     NodeManagerConfig,
+    QUICNodeTransport,
+    RelayLimits,
+    SignalRequest,
+    display_address,
     format_host_port,
     node_handlers,
     parse_host_port,
-)
-from .nodes._connections import (
-    Address,
-    ConnectionPath,
-    NodeConnection,
-    NodeConnectionManager,
-    display_address,
+    relay_handlers,
     sticky_ttl,
 )
-from .nodes._finder import NodeFinder
-from .nodes._relay import Circuit, RelayLimits, relay_handlers
-from .nodes._signalling import SignalRequest
-from .nodes._transport import QUICNodeTransport
 from .quic import QUICConfig, QUICSocket
 from .rpc import ClientManifest, Handler, JSONObject, RPCClient, RPCServer
 

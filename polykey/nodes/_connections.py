@@ -84,24 +84,19 @@ from ..quic import (
 )
 from ..rpc import JSONObject, RPCClient, RPCServer
 from ._address import format_host_port
-from ._anchors import ANCHOR_PING_INTERVAL as ANCHOR_PING_INTERVAL
 from ._anchors import Anchors
-from ._attempts import DEFAULT_ATTEMPT_TIMEOUT as DEFAULT_ATTEMPT_TIMEOUT
-from ._attempts import MIN_ATTEMPT_TIMEOUT as MIN_ATTEMPT_TIMEOUT
 from ._attempts import AttemptTimer
-from ._connection import CLOSE_DUPLICATE, CLOSE_STOPPING, CLOSE_TTL
-from ._connection import Address as Address
-from ._connection import ConnectionPath as ConnectionPath
-from ._connection import NodeConnection as NodeConnection
-from ._connection import NodeConnectionError as NodeConnectionError
-from ._connection import display_address as display_address
-from ._punching import MAX_FORWARDS as MAX_FORWARDS
-from ._punching import MAX_PUNCHES as MAX_PUNCHES
-from ._punching import MAX_PUNCHES_PER_HOST as MAX_PUNCHES_PER_HOST
-from ._punching import PUNCH_DURATION as PUNCH_DURATION
+from ._connection import (
+    CLOSE_DUPLICATE,
+    CLOSE_STOPPING,
+    CLOSE_TTL,
+    Address,
+    ConnectionPath,
+    NodeConnection,
+    NodeConnectionError,
+)
 from ._punching import Puncher
 from ._relay import Circuit, RelayLimits, RelayTable
-from ._relaying import RELAYED_PAYLOAD as RELAYED_PAYLOAD
 from ._relaying import Relaying
 from ._signalling import SignalRequest
 

@@ -80,10 +80,12 @@ __all__ = [
     "RelayHost",
     "RelayLimits",
     "RelayMalformedError",
+    "RelayStatistics",
     "RelayTable",
     "ReservationRefusedError",
     "ResourceLimitError",
     "decode_circuit_id",
+    "relay_handlers",
 ]
 
 RELAY_RESERVE: Final = "nodesRelayReserve"

@@ -57,13 +57,20 @@ import attrs
 import trio
 
 from ..keys import KeyPair, NodeId, NodeIdentity
-from ..nodes._address import NodeAddress, NodeContact, format_host_port
-from ..nodes._connections import ConnectionPath
-from ..nodes._finder import NodeFinder
-from ..nodes._graph import DEFAULT_K, NodeGraph
-from ..nodes._handlers import node_handlers
-from ..nodes._manager import JoinResult, NodeManager, NodeManagerConfig
-from ..nodes._transport import ConnectionTransport
+from ..nodes import (
+    DEFAULT_K,
+    ConnectionPath,
+    ConnectionTransport,
+    JoinResult,
+    NodeAddress,
+    NodeContact,
+    NodeFinder,
+    NodeGraph,
+    NodeManager,
+    NodeManagerConfig,
+    format_host_port,
+    node_handlers,
+)
 from ..quic import spray_delays
 from ..rpc import Handler, RPCClient, RPCServer, memory_stream_pair
 from ._nat import Endpoint, Nat, NatBehaviour, NatType

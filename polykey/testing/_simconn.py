@@ -8,11 +8,17 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..keys import NodeId, NodeIdentity
-from ..nodes._address import NodeAddress, format_host_port
-from ..nodes._attempts import AttemptTimer
-from ..nodes._connections import PUNCH_DURATION, ConnectionPath
-from ..nodes._messages import ActiveConnection
-from ..nodes._signalling import SIGNAL_FINAL, SignalRequest, request_signal
+from ..nodes import (
+    PUNCH_DURATION,
+    SIGNAL_FINAL,
+    ActiveConnection,
+    AttemptTimer,
+    ConnectionPath,
+    NodeAddress,
+    SignalRequest,
+    format_host_port,
+    request_signal,
+)
 from ..quic import spray_delays
 from ..rpc import JSONObject
 from ._nat import Endpoint

@@ -10,8 +10,7 @@ import attrs
 import trio
 
 from ..keys import NodeId
-from ..nodes._address import format_host_port
-from ..nodes._connections import ConnectionPath
+from ..nodes import ConnectionPath, format_host_port
 from ..rpc import MemoryStream, RPCClient
 from ._nat import Endpoint
 from ._network import Unreachable

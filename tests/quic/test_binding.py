@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from polykey.quic import QuicheError, StreamReset, StreamStopped, TLSConfigError
 from polykey.quic import _binding as b
-from polykey.quic._errors import QuicheError, StreamReset, StreamStopped, TLSConfigError
 
 from .helpers import plain_identity
 
@@ -504,7 +504,7 @@ def test_quiche_error_codes_are_named_as_quiche_h_names_them() -> None:
     import re
     from pathlib import Path
 
-    from polykey.quic._errors import QuicheErrorCode
+    from polykey.quic import QuicheErrorCode
 
     header = Path(__file__).parents[2] / "_quiche_build/vendor/quiche/include/quiche.h"
     if not header.exists():
