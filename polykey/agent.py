@@ -141,7 +141,7 @@ class NodeSettings:
     #: limits replace the same fields of ``quic``.
     limits: NodeLimits = attrs.field(factory=NodeLimits)
     #: ``(host, port)`` to serve Prometheus metrics on (None: off).
-    metrics: tuple[str, int] | None = None
+    metrics: Address | None = None
     #: Default timeout of the agent's RPC server and of calls to peers
     #: (Polykey's agent uses 15 s).
     rpc_timeout: float = 15.0
@@ -247,7 +247,7 @@ class PolykeyNode:
         #: Wall-clock time (seconds since the epoch) the node started.
         self.started_at = 0.0
         #: Where ``/metrics`` is served (with ``NodeSettings.metrics``).
-        self.metrics_address: tuple[str, int] | None = None
+        self.metrics_address: Address | None = None
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
         #: Events dropped because a subscriber fell behind.
         self.events_dropped = 0

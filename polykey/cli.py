@@ -59,7 +59,13 @@ from .agent import (
     dialable_host,
 )
 from .errors import PolykeyError
-from .nodes import InvalidAddressError, NodeAddress, format_host_port, parse_host_port
+from .nodes import (
+    Address,
+    InvalidAddressError,
+    NodeAddress,
+    format_host_port,
+    parse_host_port,
+)
 
 __all__ = ["main"]
 
@@ -96,7 +102,7 @@ def _address(text: str) -> NodeAddress:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _listen_address(text: str) -> tuple[str, int]:
+def _listen_address(text: str) -> Address:
     """``HOST:PORT`` to listen on (``[V6]:PORT``; wildcards and port 0 fine)."""
     host, _, port_text = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host

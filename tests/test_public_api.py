@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -95,3 +96,18 @@ def test_callers_import_the_packages_not_their_modules() -> None:
     ]
     assert len(callers) > 20
     assert [hit for path in callers for hit in _private_imports(path)] == []
+
+
+def test_one_address_type() -> None:
+    assert polykey.nodes.Address is polykey.quic.Address
+    definitions = [
+        str(path.relative_to(ROOT))
+        for top in ("polykey", "bench", "examples")
+        for path in (ROOT / top).rglob("*.py")
+        if "node_modules" not in path.parts
+        for line in path.read_text().splitlines()
+        if re.match(r"Address(: TypeAlias)? = ", line)
+    ]
+    assert definitions == ["polykey/quic/_address.py"]
+    address = polykey.nodes.NodeAddress("::FFFF:127.0.0.1", 1314).as_tuple()
+    assert address == ("127.0.0.1", 1314)

@@ -5,6 +5,7 @@ See docs/nodes.md. These names are the public API.
 
 from __future__ import annotations
 
+from ..quic import Address
 from ._address import (
     MAX_ADDRESSES,
     NodeAddress,
@@ -18,7 +19,6 @@ from ._address import (
 from ._anchors import ANCHOR_PING_INTERVAL
 from ._attempts import DEFAULT_ATTEMPT_TIMEOUT, MIN_ATTEMPT_TIMEOUT, AttemptTimer
 from ._connection import (
-    Address,
     ConnectionPath,
     NodeConnection,
     NodeConnectionError,

@@ -71,6 +71,7 @@ import trio
 
 from ..keys import NodeId, NodeIdentity, bucket_index
 from ..quic import (
+    Address,
     CloseKind,
     CloseReason,
     QUICClient,
@@ -90,7 +91,6 @@ from ._connection import (
     CLOSE_DUPLICATE,
     CLOSE_STOPPING,
     CLOSE_TTL,
-    Address,
     ConnectionPath,
     NodeConnection,
     NodeConnectionError,
@@ -645,7 +645,7 @@ class NodeConnectionManager:
         self._anchors.anchor(node_id, addresses)
 
     @property
-    def reflexive(self) -> list[tuple[str, int]]:
+    def reflexive(self) -> list[Address]:
         """Where peers see us, most recent first."""
         return self._anchors.reflexive
 

@@ -44,6 +44,7 @@ import attrs
 import trio
 
 from ..keys import NodeId
+from ..quic import Address
 from ..rpc import RPCClient
 from ._address import NodeContact
 from ._connections import ConnectionPath
@@ -94,7 +95,7 @@ class Connector(Protocol):
     def active(self) -> Sequence[Link]:
         """Every live connection."""
 
-    async def connect(self, node_id: NodeId, address: tuple[str, int]) -> Link:
+    async def connect(self, node_id: NodeId, address: Address) -> Link:
         """Dial ``node_id`` at ``address``."""
 
     async def connect_punched(self, node_id: NodeId, signaller: Any) -> Link:

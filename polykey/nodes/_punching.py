@@ -43,6 +43,7 @@ import trio
 
 from ..keys import NodeId
 from ..quic import (
+    Address,
     CloseKind,
     CloseReason,
     QUICClient,
@@ -98,7 +99,7 @@ class Puncher:
         self._client = client
         # Punches we are sending, by (host, port); and the nodes they are
         # for, until their connection arrives (it is then "punched").
-        self._punching: set[tuple[str, int]] = set()
+        self._punching: set[Address] = set()
         self._punch_hosts: dict[str, int] = {}
         self._awaiting_punch: dict[NodeId, float] = {}
         # Nodes signalled by our punch attempts in flight (a count each):
@@ -174,7 +175,7 @@ class Puncher:
         with self._manager.socket.watch_strays(address.host) as strays:
             async with trio.open_nursery() as nursery:
 
-                async def attempt(target: tuple[str, int]) -> None:
+                async def attempt(target: Address) -> None:
                     nonlocal winner
                     try:
                         conn = await self._client.connect(
@@ -296,7 +297,7 @@ class Puncher:
         self.punches += 1
         self._manager.spawn(self._punch, request, key)
 
-    async def _punch(self, request: SignalRequest, key: tuple[str, int]) -> None:
+    async def _punch(self, request: SignalRequest, key: Address) -> None:
         try:
             with trio.move_on_after(PUNCH_DURATION):
                 for delay in spray_delays():

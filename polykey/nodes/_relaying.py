@@ -46,6 +46,7 @@ import trio
 
 from ..keys import NodeId
 from ..quic import (
+    Address,
     DatagramForward,
     QUICClient,
     QUICConfig,
@@ -55,7 +56,6 @@ from ..quic import (
     node_verifier,
 )
 from ._connection import (
-    Address,
     ConnectionPath,
     NodeConnection,
     NodeConnectionError,

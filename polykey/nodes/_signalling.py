@@ -51,6 +51,7 @@ from typing import Any, ClassVar, Final, Protocol, TypeVar
 import attrs
 
 from ..keys import NodeId, NodeIdentity
+from ..quic import Address
 from ..rpc import (
     CallContext,
     JSONObject,
@@ -306,7 +307,7 @@ class SignalConnection(Protocol):
     """What a signaller needs of its connection to the target."""
 
     @property
-    def address(self) -> tuple[str, int]: ...
+    def address(self) -> Address: ...
 
 
 class SignalHost(Protocol):

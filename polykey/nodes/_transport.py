@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from ..keys import NodeId
+from ..quic import Address
 from ..rpc import RPCClient
 from ._address import NodeAddress, NodeContact
 from ._connections import NodeConnectionError
@@ -83,7 +84,7 @@ class _Pool(Protocol):
 
     def get(self, node_id: NodeId) -> Any: ...
 
-    async def connect(self, node_id: NodeId, address: tuple[str, int]) -> Any: ...
+    async def connect(self, node_id: NodeId, address: Address) -> Any: ...
 
 
 class ConnectionTransport:

@@ -7,7 +7,7 @@ client connections dialled with ``QUICClient``/``connect``. Connections carry
 
 from __future__ import annotations
 
-from ._address import unmap_ipv4
+from ._address import Address, unmap_ipv4
 from ._binding import quiche_version
 from ._carrier import DatagramForward
 from ._client import QUICClient, connect
@@ -34,6 +34,7 @@ from ._stream import QUICStream
 from ._tls import node_tls_identity, node_verifier
 
 __all__ = [
+    "Address",
     "CloseKind",
     "CloseReason",
     "ConnectionStatistics",

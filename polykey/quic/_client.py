@@ -15,7 +15,7 @@ import os
 import trio
 
 from . import _binding
-from ._binding import Address
+from ._address import Address
 from ._config import PeerVerifier, QUICConfig, TLSIdentity
 from ._connection import QUICConnection
 from ._socket import CID_LEN, QUICSocket

@@ -54,8 +54,7 @@ import trio
 import trio.testing
 
 from . import _binding
-from ._address import for_family, unmap_ipv4
-from ._binding import Address
+from ._address import Address, SockAddr, for_family, unmap_ipv4
 from ._errors import QuicheError
 
 if TYPE_CHECKING:
@@ -81,7 +80,7 @@ _FLUSH_ROUNDS: Final = 3
 
 class _InitialHandler(Protocol):
     def handle_initial(
-        self, header: _binding.Header, data: memoryview, address: Address
+        self, header: _binding.Header, data: memoryview, address: SockAddr
     ) -> None: ...
 
 
@@ -127,16 +126,16 @@ class StrayWatch:
 
     def __init__(self, host: str) -> None:
         self.host = unmap_ipv4(host)
-        self.sources: list[tuple[str, int]] = []
+        self.sources: list[Address] = []
         self._lot = trio.lowlevel.ParkingLot()
 
-    def note(self, address: Address) -> None:
+    def note(self, address: SockAddr) -> None:
         source = (unmap_ipv4(str(address[0])), int(address[1]))
         if source not in self.sources and len(self.sources) < MAX_STRAY_SOURCES:
             self.sources.append(source)
             self._lot.unpark_all()
 
-    async def wait_source(self, n: int) -> tuple[str, int]:
+    async def wait_source(self, n: int) -> Address:
         """The ``n``-th source (0-based), waiting until it is seen."""
         while len(self.sources) <= n:
             await self._lot.park()
@@ -166,7 +165,7 @@ class VirtualPath:
     def __init__(
         self,
         socket: QUICSocket,
-        address: Address,
+        address: SockAddr,
         send: Callable[[bytes], bool] | None,
         carrier: QUICConnection | None = None,
         prefix: bytes = b"",
@@ -286,10 +285,10 @@ class QUICSocket:
         self._closed = False
         self._connections: set[QUICConnection] = set()
         self._stray_watches: dict[str, list[StrayWatch]] = {}
-        self._virtual: dict[Address, VirtualPath] = {}
+        self._virtual: dict[SockAddr, VirtualPath] = {}
         self._virtual_next = 0
         self.statistics = SocketStatistics()
-        self.local_address: Address = ()
+        self.local_address: SockAddr = ()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -391,7 +390,7 @@ class QUICSocket:
             self._scratch = bytearray(size)
         return self._scratch
 
-    def normalize_address(self, address: Address) -> Address:
+    def normalize_address(self, address: Address) -> SockAddr:
         """``address`` as this socket's family reports peers: IPv4 becomes
         IPv4-mapped IPv6 on a dual-stack socket."""
         assert self._sock is not None
@@ -446,7 +445,7 @@ class QUICSocket:
             self._process_dirty()
 
     def _dispatch_segments(
-        self, data: memoryview, segment: int, address: Address
+        self, data: memoryview, segment: int, address: SockAddr
     ) -> None:
         """A GRO buffer: packets of one sender, ``segment`` bytes each. Runs
         of short-header packets for one connection go to quiche in one call;
@@ -467,7 +466,7 @@ class QUICSocket:
             self._dispatch(first, address)
             start += segment
 
-    def _dispatch(self, data: memoryview, address: Address) -> None:
+    def _dispatch(self, data: memoryview, address: SockAddr) -> None:
         # quiche decrypts in place: ``data`` is a view of our receive buffer,
         # used up before the next read.
         if data and not data[0] & 0x80:
@@ -513,7 +512,7 @@ class QUICSocket:
             if self._stray_watches:
                 self._note_stray(address)
 
-    def _note_stray(self, address: Address) -> None:
+    def _note_stray(self, address: SockAddr) -> None:
         for watch in self._stray_watches.get(unmap_ipv4(str(address[0])), ()):
             watch.note(address)
 
@@ -531,7 +530,7 @@ class QUICSocket:
             if not watches:
                 del self._stray_watches[watch.host]
 
-    def inject(self, data: memoryview, address: Address) -> None:
+    def inject(self, data: memoryview, address: SockAddr) -> None:
         """Route ``data`` as if it had arrived from ``address`` (a virtual
         path's packet); :meth:`process_input` then acts on it. quiche
         decrypts in place: ``data`` must be the caller's to spend."""
@@ -615,7 +614,7 @@ class QUICSocket:
 
     # -- sending ----------------------------------------------------------------
 
-    def drop_virtual_path(self, address: Address) -> None:
+    def drop_virtual_path(self, address: SockAddr) -> None:
         """Stop sending to the virtual path at ``address`` (it closed)."""
         self._virtual.pop(address, None)
 
@@ -642,7 +641,7 @@ class QUICSocket:
         )
         return path
 
-    def send_segments(self, data: memoryview, segment: int, address: Address) -> bool:
+    def send_segments(self, data: memoryview, segment: int, address: SockAddr) -> bool:
         """Send ``data`` as packets of ``segment`` bytes (the last may be
         shorter) to ``address``. Returns False if the kernel's buffer is full
         and nothing was sent; other send errors are counted and swallowed
@@ -695,11 +694,11 @@ class QUICSocket:
         buffer is full."""
         if self._closed or self._sock is None:
             raise trio.ClosedResourceError("the QUIC socket is closed")
-        address = self.normalize_address(address)
+        peer = self.normalize_address(address)
         while True:
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                self._sock.sendto(data, address)
+                self._sock.sendto(data, peer)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._sock)
                 continue

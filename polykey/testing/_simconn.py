@@ -19,7 +19,7 @@ from ..nodes import (
     format_host_port,
     request_signal,
 )
-from ..quic import spray_delays
+from ..quic import Address, spray_delays
 from ..rpc import JSONObject
 from ._nat import Endpoint
 from ._network import Unreachable
@@ -118,7 +118,7 @@ class SimConnections:
 
     # -- the Connector ----------------------------------------------------------------
 
-    async def connect(self, node_id: NodeId, address: tuple[str, int]) -> SimLink:
+    async def connect(self, node_id: NodeId, address: Address) -> SimLink:
         """Dial ``node_id`` at ``address`` (a pooled link if there is one;
         concurrent dials to one node share an attempt). Raises
         :class:`Unreachable`; the caller's scope bounds it."""

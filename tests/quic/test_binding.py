@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polykey.quic import QuicheError, StreamReset, StreamStopped, TLSConfigError
+from polykey.quic import (
+    Address,
+    QuicheError,
+    StreamReset,
+    StreamStopped,
+    TLSConfigError,
+)
 from polykey.quic import _binding as b
 
 from .helpers import plain_identity
@@ -444,7 +450,7 @@ def test_in_memory_handshake_with_node_certificates() -> None:
     assert bytes(buf[:11]) == b"from server"
 
 
-def _deliver_until_quiet(src: b.Connection, dst: b.Connection, to: b.Address) -> int:
+def _deliver_until_quiet(src: b.Connection, dst: b.Connection, to: Address) -> int:
     buf = bytearray(65536)
     moved = 0
     while (out := src.send(buf)) is not None:
