@@ -110,6 +110,8 @@ class SocketStatistics:
     gso: bool = False
     gro: bool = False
     connections: int = 0
+    #: Virtual paths open (a relayed connection's path, VirtualPath).
+    virtual_paths: int = 0
 
 
 #: Distinct sources one :class:`StrayWatch` keeps (a peer has few mappings).
@@ -617,6 +619,7 @@ class QUICSocket:
     def drop_virtual_path(self, address: SockAddr) -> None:
         """Stop sending to the virtual path at ``address`` (it closed)."""
         self._virtual.pop(address, None)
+        self.statistics.virtual_paths = len(self._virtual)
 
     def open_virtual_path(
         self,
@@ -639,6 +642,7 @@ class QUICSocket:
         path = self._virtual[address] = VirtualPath(
             self, address, send, carrier, prefix
         )
+        self.statistics.virtual_paths = len(self._virtual)
         return path
 
     def send_segments(self, data: memoryview, segment: int, address: SockAddr) -> bool:
