@@ -17,7 +17,12 @@ from ._address import (
     parse_host_port,
 )
 from ._anchors import ANCHOR_PING_INTERVAL
-from ._attempts import DEFAULT_ATTEMPT_TIMEOUT, MIN_ATTEMPT_TIMEOUT, AttemptTimer
+from ._attempts import (
+    DEFAULT_ATTEMPT_TIMEOUT,
+    MIN_ATTEMPT_TIMEOUT,
+    AttemptPolicy,
+    AttemptTimer,
+)
 from ._connection import (
     ConnectionPath,
     NodeConnection,
@@ -146,6 +151,7 @@ __all__ = [
     "ActiveConnection",
     "AddResult",
     "Address",
+    "AttemptPolicy",
     "AttemptTimer",
     "Circuit",
     "ConnectFunction",
