@@ -40,7 +40,7 @@ import trio
 from polykey._control import control_client
 from polykey.agent import NodeSettings, PolykeyNode, SeedNode
 from polykey.keys import NodeId
-from polykey.nodes.relay import RelayLimits
+from polykey.nodes import RelayLimits
 from polykey.rpc import CallContext, RawCall, RawHandler
 
 PORT = 1314

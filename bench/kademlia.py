@@ -32,7 +32,7 @@ import trio
 import trio.testing
 
 from polykey.keys import NodeId
-from polykey.nodes.manager import NodeManagerConfig
+from polykey.nodes import NodeManagerConfig
 from polykey.testing._network import SimNode, SimulatedNetwork
 
 

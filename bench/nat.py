@@ -36,7 +36,7 @@ from typing import IO, Any
 import trio
 from _util import BENCH_DIR, PYTHON, ROOT, format_table, polykey_revision
 
-from polykey.nodes.relay import RelayLimits
+from polykey.nodes import RelayLimits
 
 sys.path.insert(0, str(ROOT))
 from tests.natlab.lab import (

@@ -8,6 +8,7 @@ docs/cli.md lists. Errors are one line on stderr.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import sys
@@ -17,6 +18,7 @@ from typing import Any, Final, TextIO
 
 import trio
 
+from . import _replies as replies
 from ._control import control_client
 from ._state import StateDirInUseError, renew_identity, state_dir_in_use
 from .keys import (
@@ -155,9 +157,9 @@ async def agent_status(state_dir: Path, output: str, out: TextIO) -> int:
     except CommandError as exc:
         if exc.status != EX.UNAVAILABLE:
             raise
-        result = {"status": "DEAD", "stateDir": str(state_dir)}
         if output == "json":
-            print(json.dumps(result), file=out)
+            dead = replies.NodeNotRunning(state_dir=str(state_dir))
+            print(json.dumps(replies.to_json(dead)), file=out)
         else:
             _pairs([("status", "DEAD"), ("stateDir", state_dir)], out)
         return EX.UNAVAILABLE
@@ -174,7 +176,7 @@ async def agent_stop(state_dir: Path, output: str, out: TextIO) -> int:
     except CommandError as exc:
         if exc.status != EX.UNAVAILABLE:
             raise
-        done = {"status": "DEAD", "stateDir": str(state_dir)}
+        done = replies.to_json(replies.NodeNotRunning(state_dir=str(state_dir)))
         print(
             json.dumps(done) if output == "json" else "Agent is not running", file=out
         )
@@ -189,8 +191,8 @@ async def agent_stop(state_dir: Path, output: str, out: TextIO) -> int:
             f"the node (pid {result['pid']}) did not stop in {STOP_WAIT:g} s",
             EX.TEMPFAIL,
         )
-    result["status"] = "STOPPED"
-    print(json.dumps(result) if output == "json" else "Agent stopped", file=out)
+    stopped = replies.to_json(replies.AgentStop("STOPPED", result["pid"]))
+    print(json.dumps(stopped) if output == "json" else "Agent stopped", file=out)
     return EX.OK
 
 
@@ -352,19 +354,17 @@ async def nodes_connections(state_dir: Path, output: str, out: TextIO) -> int:
 # -- keys: offline, on the state directory itself ----------------------------------
 
 
-def _certificates(chain: CertChain) -> list[JSON]:
-    out = []
-    for cert, node_id in zip(chain.certificates, chain.node_ids(), strict=True):
-        out.append(
-            {
-                "nodeIdEncoded": str(node_id),
-                "notBefore": cert.not_valid_before_utc.isoformat().replace(
-                    "+00:00", "Z"
-                ),
-                "notAfter": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
-            }
+def _utc(moment: datetime.datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _certificates(chain: CertChain) -> list[replies.Certificate]:
+    return [
+        replies.Certificate(
+            str(node_id), _utc(cert.not_valid_before_utc), _utc(cert.not_valid_after_utc)
         )
-    return out
+        for cert, node_id in zip(chain.certificates, chain.node_ids(), strict=True)
+    ]
 
 
 def _load_identity(state_dir: Path) -> NodeIdentity:
@@ -386,27 +386,24 @@ async def keys_show(state_dir: Path, output: str, out: TextIO) -> int:
         valid, why = True, None
     except CertificateError as exc:
         valid, why = False, str(exc)
-    result: JSON = {
-        "nodeIdEncoded": str(identity.node_id),
-        "keyFile": str(state_dir / "keys" / "private_key.pem"),
-        "chainValid": valid,
-        "chainError": why,
-        "certificates": _certificates(identity.chain),
-    }
+    shown = replies.KeysShow(
+        node_id_encoded=str(identity.node_id),
+        key_file=str(state_dir / "keys" / "private_key.pem"),
+        chain_valid=valid,
+        chain_error=why,
+        certificates=_certificates(identity.chain),
+    )
     if output == "json":
-        print(json.dumps(result), file=out)
+        print(json.dumps(replies.to_json(shown)), file=out)
         return EX.OK
     _pairs(
-        [("nodeId", result["nodeIdEncoded"]), ("keyFile", result["keyFile"]),
+        [("nodeId", shown.node_id_encoded), ("keyFile", shown.key_file),
          ("chain", "valid" if valid else f"INVALID: {why}")],
         out,
     )  # fmt: skip
     _table(
         ("certificate of", "not before", "not after"),
-        [
-            (c["nodeIdEncoded"], c["notBefore"], c["notAfter"])
-            for c in result["certificates"]
-        ],
+        [(c.node_id_encoded, c.not_before, c.not_after) for c in shown.certificates],
         out,
     )
     return EX.OK
@@ -419,13 +416,13 @@ async def keys_renew(state_dir: Path, output: str, out: TextIO) -> int:
         old, new = renew_identity(state_dir)
     except StateDirInUseError as exc:
         raise CommandError(f"{exc}: stop it first (agent stop)", EX.TEMPFAIL) from None
-    result = {
-        "previousNodeIdEncoded": str(old.node_id),
-        "nodeIdEncoded": str(new.node_id),
-        "certificates": _certificates(new.chain),
-    }
+    renewed = replies.KeysRenew(
+        previous_node_id_encoded=str(old.node_id),
+        node_id_encoded=str(new.node_id),
+        certificates=_certificates(new.chain),
+    )
     if output == "json":
-        print(json.dumps(result), file=out)
+        print(json.dumps(replies.to_json(renewed)), file=out)
     else:
         print(
             f"Renewed: {old.node_id} -> {new.node_id} (chain of {len(new.chain)})",

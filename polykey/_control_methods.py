@@ -1,7 +1,8 @@
 """The methods a running node serves on its control socket (``_control``).
 
 Each answers with JSON whose keys docs/cli.md lists (they are stable: the
-CLI's ``--format json`` prints them as they are):
+CLI's ``--format json`` prints them as they are), shaped by one of
+``_replies``' attrs classes:
 
 * ``agentStatus`` / ``nodeStatus`` (its old name): who and where the node
   is, since when, what it holds and has served.
@@ -32,6 +33,7 @@ import attrs
 import trio
 
 from . import __version__
+from . import _replies as replies
 from .keys import NodeId, NodeIdError
 from .nodes import (
     InvalidAddressError,
@@ -104,41 +106,29 @@ class AgentStatus(_Method):
         rpc = node.rpc_server.statistics()
         manager = node.manager.statistics()
         connections = node.connections.active()
-        return {
-            "status": "LIVE",
-            "pid": os.getpid(),
-            "version": __version__,
-            "nodeIdEncoded": str(node.node_id),
-            "host": host,
-            "port": port,
-            "startTime": _iso(node.started_at),
-            "upTime": round(time.time() - node.started_at, 3),
-            "connectionsActive": len(connections),
-            "nodesTotal": len(node.graph),
-            "graphSize": len(node.graph),  # the old name of nodesTotal
-            "connections": [
-                {
-                    "nodeIdEncoded": str(c.node_id),
-                    "host": c.address[0],
-                    "port": c.address[1],
-                    "path": c.path.value,
-                    "outgoing": c.outgoing,
-                }
+        reply = replies.AgentStatus(
+            status="LIVE",
+            pid=os.getpid(),
+            version=__version__,
+            node_id_encoded=str(node.node_id),
+            host=host,
+            port=port,
+            start_time=_iso(node.started_at),
+            up_time=round(time.time() - node.started_at, 3),
+            connections_active=len(connections),
+            nodes_total=len(node.graph),
+            graph_size=len(node.graph),
+            connections=[
+                replies.NodeLink(str(c.node_id), *c.address, c.path.value, c.outgoing)
                 for c in connections
             ],
             # Where peers see us (most recent first), and what it implies.
-            "reflexive": [
-                {"host": h, "port": p} for h, p in node.connections.reflexive
-            ],
-            "behindNat": node.connections.behind_nat(),
-            "relay": node.relay_status(),
-            "served": {
-                "rpcCalls": rpc.calls,
-                "lookups": manager.lookups,
-                "finds": manager.finds,
-            },
+            reflexive=[replies.HostPort(*a) for a in node.connections.reflexive],
+            behind_nat=node.connections.behind_nat(),
+            relay=node.relay_status(),
+            served=replies.ServedCounts(rpc.calls, manager.lookups, manager.finds),
             # Every component's counters, in one snapshot.
-            "statistics": {
+            statistics={
                 **node.connections.statistics(),
                 "rpc": attrs.asdict(rpc),
                 "manager": attrs.asdict(manager),
@@ -151,14 +141,15 @@ class AgentStatus(_Method):
                 # Live trio tasks in the process: a leak shows as growth.
                 "tasks": _live_tasks(),
             },
-            "control": {
-                "clients": stats.clients,
-                "accepted": stats.accepted,
-                "refusedBusy": stats.refused_busy,
-                "acceptErrors": stats.accept_errors,
-                "timeouts": stats.timeouts,
-            },
-        }
+            control=replies.ControlCounts(
+                stats.clients,
+                stats.accepted,
+                stats.refused_busy,
+                stats.accept_errors,
+                stats.timeouts,
+            ),
+        )
+        return replies.to_json(reply)
 
 
 def _live_tasks() -> int:
@@ -178,7 +169,7 @@ def _live_tasks() -> int:
 class AgentStop(_Method):
     async def handle(self, params: JSON, ctx: CallContext) -> JSON:
         self.node.request_stop()
-        return {"status": "STOPPING", "pid": os.getpid()}
+        return replies.to_json(replies.AgentStop("STOPPING", os.getpid()))
 
 
 class NodesAdd(_Method):
@@ -211,13 +202,14 @@ class NodesAdd(_Method):
         # and evicts the dead; the reply waits until the row is committed,
         # so an acknowledged node survives a crash.
         added = await self.node.manager.add_node(target, [address])
-        return {
-            "nodeIdEncoded": str(target),
-            "host": address.host,
-            "port": address.port,
-            "added": added,
-            "pinged": answered,
-        }
+        reply = replies.NodesAdd(
+            node_id_encoded=str(target),
+            host=address.host,
+            port=address.port,
+            added=added,
+            pinged=answered,
+        )
+        return replies.to_json(reply)
 
 
 class NodesFind(_Method):
@@ -227,20 +219,29 @@ class NodesFind(_Method):
         ctx.keep_deadline()
         target = _target(params)
         if target == self.node.node_id:
-            host, port = self.node.address
-            return {"nodeIdEncoded": str(target), "addresses": [[host, port]]}
+            # Found without a lookup: no rounds, no one asked.
+            own = replies.NodesFind(
+                node_id_encoded=str(target),
+                addresses=[self.node.address],
+                rounds=0,
+                found_round=0,
+                queries=0,
+                failures=0,
+            )
+            return replies.to_json(own)
         result = await self.node.manager.find(target)
         found = result.found
-        return {
-            "nodeIdEncoded": str(target),
-            "addresses": [[a.host, a.port] for a in found.addresses] if found else [],
+        reply = replies.NodesFind(
+            node_id_encoded=str(target),
+            addresses=[a.as_tuple() for a in found.addresses] if found else [],
             # How the lookup went: rounds (and the one that reached it),
             # nodes asked, of those failed.
-            "rounds": result.rounds,
-            "foundRound": result.found_round,
-            "queries": result.queries,
-            "failures": result.failures,
-        }
+            rounds=result.rounds,
+            found_round=result.found_round,
+            queries=result.queries,
+            failures=result.failures,
+        )
+        return replies.to_json(reply)
 
 
 class NodesPingNode(_Method):
@@ -258,29 +259,29 @@ class NodesPingNode(_Method):
             connected = trio.current_time()
             await request_ping(conn.rpc)
         except (NodesError, RPCError, OSError) as exc:
-            return {
-                "nodeIdEncoded": str(target),
-                "success": False,
-                "error": str(exc) or type(exc).__name__,
-            }
+            failed = replies.NodesPingFailed(
+                node_id_encoded=str(target), error=str(exc) or type(exc).__name__
+            )
+            return replies.to_json(failed)
         host, port = conn.address
-        answer: JSON = {
-            "nodeIdEncoded": str(target),
-            "success": True,
-            "path": conn.path.value,
-            "host": host,
-            "port": port,
-            "pooled": pooled,
-            # Finding and connecting (dialled, punched or relayed), then
-            # that and the ping.
-            "connectMs": _ms(connected - started),
-            "rttMs": _ms(trio.current_time() - started),
-        }
         # The winning attempt alone: the dial; a punch from its signal
         # request; a relayed connection from its circuit request.
+        attempt = None
         if conn.attempt_started is not None and conn.since >= started:
-            answer["attemptMs"] = _ms(conn.since - conn.attempt_started)
-        return answer
+            attempt = _ms(conn.since - conn.attempt_started)
+        answer = replies.NodesPing(
+            node_id_encoded=str(target),
+            path=conn.path.value,
+            host=host,
+            port=port,
+            pooled=pooled,
+            # Finding and connecting (dialled, punched or relayed), then
+            # that and the ping.
+            connect_ms=_ms(connected - started),
+            rtt_ms=_ms(trio.current_time() - started),
+            attempt_ms=attempt,
+        )
+        return replies.to_json(answer)
 
 
 def _ms(seconds: float) -> float:
@@ -294,17 +295,16 @@ class NodesGetAll(_Method):
         for index in graph.nonempty_buckets():
             for contact in graph.bucket(index):
                 seen = graph.last_seen(contact.node_id)
-                nodes.append(
-                    {
-                        "nodeIdEncoded": str(contact.node_id),
-                        "bucketIndex": index,
-                        "addresses": [
-                            {"host": a.host, "port": a.port} for a in contact.addresses
-                        ],
-                        "lastSeen": _iso(seen) if seen else None,
-                    }
+                entry = replies.GraphEntry(
+                    node_id_encoded=str(contact.node_id),
+                    bucket_index=index,
+                    addresses=[
+                        replies.HostPort(*a.as_tuple()) for a in contact.addresses
+                    ],
+                    last_seen=_iso(seen) if seen else None,
                 )
-        return {"nodes": nodes}
+                nodes.append(entry)
+        return replies.to_json(replies.NodesGetAll(nodes))
 
 
 class NodesConnections(_Method):
@@ -316,43 +316,39 @@ class NodesConnections(_Method):
             stats = c.connection.statistics()
             path = stats.path
             ttl = node.connections.ttl_of(c.node_id)
-            out.append(
-                {
-                    "nodeIdEncoded": str(c.node_id),
-                    "host": c.address[0],
-                    "port": c.address[1],
-                    "path": c.path.value,
-                    "outgoing": c.outgoing,
-                    "ageS": round(now - c.since, 3),
-                    "ttlLeftS": None
-                    if ttl is None
-                    else round(ttl - (now - c.last_used), 3),
-                    "streams": stats.streams_open,
-                    "bytesSent": stats.quiche.sent_bytes,
-                    "bytesReceived": stats.quiche.recv_bytes,
-                    "rttMs": round(path.rtt_ns / 1e6, 3) if path is not None else None,
-                }
+            entry = replies.ConnectionEntry(
+                node_id_encoded=str(c.node_id),
+                host=c.address[0],
+                port=c.address[1],
+                path=c.path.value,
+                outgoing=c.outgoing,
+                age_s=round(now - c.since, 3),
+                ttl_left_s=None if ttl is None else round(ttl - (now - c.last_used), 3),
+                streams=stats.streams_open,
+                bytes_sent=stats.quiche.sent_bytes,
+                bytes_received=stats.quiche.recv_bytes,
+                rtt_ms=round(path.rtt_ns / 1e6, 3) if path is not None else None,
             )
-        return {"connections": out}
+            out.append(entry)
+        return replies.to_json(replies.NodesConnections(out))
 
 
 class LookupProgress(_Method):
     """The lookups running now: for a CLI's progress line."""
 
     async def handle(self, params: JSON, ctx: CallContext) -> JSON:
-        return {
-            "lookups": [
-                {
-                    "targetNodeIdEncoded": str(m.target),
-                    "rounds": m.rounds,
-                    "contacted": m.contacted,
-                    "inFlight": m.in_flight,
-                    "responses": m.responses,
-                    "failures": m.failures,
-                }
-                for m in self.node.manager.running_lookups
-            ]
-        }
+        lookups = [
+            replies.LookupEntry(
+                target_node_id_encoded=str(m.target),
+                rounds=m.rounds,
+                contacted=m.contacted,
+                in_flight=m.in_flight,
+                responses=m.responses,
+                failures=m.failures,
+            )
+            for m in self.node.manager.running_lookups
+        ]
+        return replies.to_json(replies.LookupProgress(lookups))
 
 
 def control_methods(node: PolykeyNode, control: ControlServer) -> dict[str, Any]:

@@ -31,30 +31,30 @@ from ._state import default_state_dir, load_or_create_identity, lock_state_dir
 from .keys import NodeId, NodeIdentity
 from .nodes import (
     ActiveConnection,
+    Address,
+    Circuit,
+    ConnectionPath,
     InvalidAddressError,
     JoinResult,
     LookupResult,
     NodeAddress,
+    NodeConnection,
+    NodeConnectionManager,
     NodeContact,
+    NodeFinder,
     NodeGraph,
     NodeManager,
     NodeManagerConfig,
+    QUICNodeTransport,
+    RelayLimits,
+    SignalRequest,
+    display_address,
     format_host_port,
     node_handlers,
     parse_host_port,
-)
-from .nodes.connections import (
-    Address,
-    ConnectionPath,
-    NodeConnection,
-    NodeConnectionManager,
-    display_address,
+    relay_handlers,
     sticky_ttl,
 )
-from .nodes.finder import NodeFinder
-from .nodes.relay import Circuit, RelayLimits, relay_handlers
-from .nodes.signalling import SignalRequest
-from .nodes.transport import QUICNodeTransport
 from .quic import QUICConfig, QUICSocket
 from .rpc import ClientManifest, Handler, JSONObject, RPCClient, RPCServer
 
@@ -141,7 +141,7 @@ class NodeSettings:
     #: limits replace the same fields of ``quic``.
     limits: NodeLimits = attrs.field(factory=NodeLimits)
     #: ``(host, port)`` to serve Prometheus metrics on (None: off).
-    metrics: tuple[str, int] | None = None
+    metrics: Address | None = None
     #: Default timeout of the agent's RPC server and of calls to peers
     #: (Polykey's agent uses 15 s).
     rpc_timeout: float = 15.0
@@ -200,8 +200,8 @@ EVENT_BUFFER = 256
 
 class _NodeHost:
     """The node's connection manager as the signalling and relay handlers'
-    host (:class:`~polykey.nodes.signalling.SignalHost`,
-    :class:`~polykey.nodes.relay.RelayHost`): the handlers are made before
+    host (:class:`~polykey.nodes._signalling.SignalHost`,
+    :class:`~polykey.nodes._relay.RelayHost`): the handlers are made before
     the manager, which needs the RPC server that serves them."""
 
     def __init__(self, node: PolykeyNode) -> None:
@@ -247,7 +247,7 @@ class PolykeyNode:
         #: Wall-clock time (seconds since the epoch) the node started.
         self.started_at = 0.0
         #: Where ``/metrics`` is served (with ``NodeSettings.metrics``).
-        self.metrics_address: tuple[str, int] | None = None
+        self.metrics_address: Address | None = None
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
         #: Events dropped because a subscriber fell behind.
         self.events_dropped = 0

@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from . import __version__
+from . import _replies as replies
 from ._cli_control import (
     EX,
     agent_status,
@@ -59,7 +60,13 @@ from .agent import (
     dialable_host,
 )
 from .errors import PolykeyError
-from .nodes import InvalidAddressError, NodeAddress, format_host_port, parse_host_port
+from .nodes import (
+    Address,
+    InvalidAddressError,
+    NodeAddress,
+    format_host_port,
+    parse_host_port,
+)
 
 __all__ = ["main"]
 
@@ -96,7 +103,7 @@ def _address(text: str) -> NodeAddress:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _listen_address(text: str) -> tuple[str, int]:
+def _listen_address(text: str) -> Address:
     """``HOST:PORT`` to listen on (``[V6]:PORT``; wildcards and port 0 fine)."""
     host, _, port_text = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -394,22 +401,18 @@ def _print_started(node: PolykeyNode, output: str) -> None:
             else "; peers on other networks may need another"
         )
     if output == "json":
-        print(
-            json.dumps(
-                {
-                    "nodeIdEncoded": str(node.node_id),
-                    "host": host,
-                    "port": port,
-                    "seed": seed,
-                    "stateDir": str(state_dir),
-                    "controlSocket": str(state_dir / CONTROL_SOCKET),
-                    "pid": os.getpid(),
-                    "metrics": _metrics_url(node),
-                    "note": note,
-                }
-            ),
-            flush=True,
+        started = replies.Started(
+            node_id_encoded=str(node.node_id),
+            host=host,
+            port=port,
+            seed=seed,
+            state_dir=str(state_dir),
+            control_socket=str(state_dir / CONTROL_SOCKET),
+            pid=os.getpid(),
+            metrics=_metrics_url(node),
+            note=note,
         )
+        print(json.dumps(replies.to_json(started)), flush=True)
         return
     print(f"NodeId: {node.node_id}", flush=True)
     wildcard = " (all interfaces)" if guessed else ""

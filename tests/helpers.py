@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from polykey.keys import NodeId, NodeIdentity
-from polykey.nodes.connections import NodeConnectionManager
+from polykey.nodes import NodeConnectionManager
 from polykey.quic import QUICSocket
 from polykey.rpc import RPCServer
 

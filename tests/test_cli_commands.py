@@ -282,7 +282,7 @@ async def scrape(url: str) -> dict[str, float]:
 
 async def test_metrics_move_with_traffic(tmp_path: Path) -> None:
     from polykey.keys import NodeIdentity
-    from polykey.nodes.connections import NodeConnectionManager
+    from polykey.nodes import NodeConnectionManager
     from polykey.quic import QUICSocket
     from polykey.rpc import RPCServer
 
@@ -333,7 +333,7 @@ async def test_metrics_move_with_traffic(tmp_path: Path) -> None:
 
 async def test_keys_show_and_renew(tmp_path: Path) -> None:
     from polykey.keys import NodeId, NodeIdentity
-    from polykey.nodes.connections import NodeConnectionManager
+    from polykey.nodes import NodeConnectionManager
     from polykey.quic import QUICSocket
     from polykey.rpc import RPCServer
 

@@ -5,6 +5,7 @@ See docs/nodes.md. These names are the public API.
 
 from __future__ import annotations
 
+from ..quic import Address
 from ._address import (
     MAX_ADDRESSES,
     NodeAddress,
@@ -15,21 +16,21 @@ from ._address import (
     parse_contact_address,
     parse_host_port,
 )
-from ._messages import (
-    ActiveConnection,
-    encode_node_contact,
-    parse_active_connection_message,
-    parse_node_contact_message,
+from ._anchors import ANCHOR_PING_INTERVAL
+from ._attempts import (
+    DEFAULT_ATTEMPT_TIMEOUT,
+    MIN_ATTEMPT_TIMEOUT,
+    AttemptPolicy,
+    AttemptTimer,
 )
-from ._refresh import RefreshSchedule
-from ._writer import GraphWriter
-from .connections import (
+from ._connection import (
     ConnectionPath,
     NodeConnection,
     NodeConnectionError,
-    NodeConnectionManager,
+    display_address,
 )
-from .errors import (
+from ._connections import NodeConnectionManager, sticky_ttl
+from ._errors import (
     InvalidAddressError,
     NodeGraphCorruptError,
     NodeGraphError,
@@ -40,8 +41,8 @@ from .errors import (
     NodesError,
     OwnNodeIdError,
 )
-from .finder import FinderStatistics, NodeFinder
-from .graph import (
+from ._finder import FinderStatistics, NodeFinder
+from ._graph import (
     BUCKET_COUNT,
     DEFAULT_K,
     PING_BATCH,
@@ -49,7 +50,7 @@ from .graph import (
     NodeGraph,
     random_node_id_in_bucket,
 )
-from .handlers import (
+from ._handlers import (
     CLOSEST_ACTIVE_CONNECTIONS,
     CLOSEST_LOCAL_NODES,
     PING,
@@ -62,45 +63,99 @@ from .handlers import (
     request_closest_local_nodes,
     request_ping,
 )
-from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED, Lookup
-from .manager import (
+from ._lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED, Lookup
+from ._manager import (
     JoinResult,
     LookupResult,
     NodeManager,
     NodeManagerConfig,
     NodeManagerStatistics,
 )
-from .signalling import (
+from ._messages import (
+    ActiveConnection,
+    encode_node_contact,
+    parse_active_connection_message,
+    parse_node_contact_message,
+)
+from ._punching import MAX_FORWARDS, MAX_PUNCHES, MAX_PUNCHES_PER_HOST, PUNCH_DURATION
+from ._refresh import RefreshSchedule
+from ._relay import (
+    RELAY_CONNECT,
+    RELAY_RESERVE,
+    RELAY_STOP,
+    Circuit,
+    NodesRelayConnect,
+    NodesRelayReserve,
+    NodesRelayStop,
+    NoReservationError,
+    PermissionDeniedError,
+    RelayConnectionFailedError,
+    RelayError,
+    RelayHost,
+    RelayLimits,
+    RelayMalformedError,
+    RelayStatistics,
+    RelayTable,
+    ReservationRefusedError,
+    ResourceLimitError,
+    relay_handlers,
+)
+from ._relaying import RELAYED_PAYLOAD
+from ._signalling import (
     SIGNAL_FINAL,
     SIGNAL_INITIAL,
+    ConnectionNotFoundError,
+    NodeIdMissingError,
     NodesConnectionSignalFinal,
     NodesConnectionSignalInitial,
+    RelayVerificationError,
+    RequestRateExceededError,
+    RequestVerificationError,
     SignalError,
+    SignalHost,
+    SignalRequest,
     request_signal,
 )
-from .transport import (
+from ._transport import (
     ConnectFunction,
     ConnectionTransport,
     NodeTransport,
     QUICNodeTransport,
     RPCNodeTransport,
 )
+from ._writer import GraphWriter
 
 __all__ = [
+    "ANCHOR_PING_INTERVAL",
     "BUCKET_COUNT",
     "CLOSEST_ACTIVE_CONNECTIONS",
     "CLOSEST_LOCAL_NODES",
     "DEFAULT_ALPHA",
+    "DEFAULT_ATTEMPT_TIMEOUT",
     "DEFAULT_K",
     "DEFAULT_MAX_CONTACTED",
     "MAX_ADDRESSES",
+    "MAX_FORWARDS",
+    "MAX_PUNCHES",
+    "MAX_PUNCHES_PER_HOST",
+    "MIN_ATTEMPT_TIMEOUT",
     "PING",
     "PING_BATCH",
+    "PUNCH_DURATION",
+    "RELAYED_PAYLOAD",
+    "RELAY_CONNECT",
+    "RELAY_RESERVE",
+    "RELAY_STOP",
     "SIGNAL_FINAL",
     "SIGNAL_INITIAL",
     "ActiveConnection",
     "AddResult",
+    "Address",
+    "AttemptPolicy",
+    "AttemptTimer",
+    "Circuit",
     "ConnectFunction",
+    "ConnectionNotFoundError",
     "ConnectionPath",
     "ConnectionTransport",
     "FinderStatistics",
@@ -109,6 +164,7 @@ __all__ = [
     "JoinResult",
     "Lookup",
     "LookupResult",
+    "NoReservationError",
     "NodeAddress",
     "NodeConnection",
     "NodeConnectionError",
@@ -121,6 +177,7 @@ __all__ = [
     "NodeGraphForeignError",
     "NodeGraphStoreError",
     "NodeGraphVersionError",
+    "NodeIdMissingError",
     "NodeManager",
     "NodeManagerConfig",
     "NodeManagerStatistics",
@@ -133,11 +190,30 @@ __all__ = [
     "NodesConnectionSignalInitial",
     "NodesError",
     "NodesPing",
+    "NodesRelayConnect",
+    "NodesRelayReserve",
+    "NodesRelayStop",
     "OwnNodeIdError",
+    "PermissionDeniedError",
     "QUICNodeTransport",
     "RPCNodeTransport",
     "RefreshSchedule",
+    "RelayConnectionFailedError",
+    "RelayError",
+    "RelayHost",
+    "RelayLimits",
+    "RelayMalformedError",
+    "RelayStatistics",
+    "RelayTable",
+    "RelayVerificationError",
+    "RequestRateExceededError",
+    "RequestVerificationError",
+    "ReservationRefusedError",
+    "ResourceLimitError",
     "SignalError",
+    "SignalHost",
+    "SignalRequest",
+    "display_address",
     "encode_node_contact",
     "format_contact_address",
     "format_host_port",
@@ -148,8 +224,10 @@ __all__ = [
     "parse_host_port",
     "parse_node_contact_message",
     "random_node_id_in_bucket",
+    "relay_handlers",
     "request_closest_active_connections",
     "request_closest_local_nodes",
     "request_ping",
     "request_signal",
+    "sticky_ttl",
 ]

@@ -22,7 +22,8 @@ from typing import Final
 import attrs
 
 from ..keys import NodeId
-from .errors import InvalidAddressError
+from ..quic import Address
+from ._errors import InvalidAddressError
 
 __all__ = [
     "MAX_ADDRESSES",
@@ -95,8 +96,15 @@ def _check_port(port: object) -> int:
 
 @attrs.frozen(order=True)
 class NodeAddress:
-    """A dialable ``(host, port)``; construct with :func:`parse_address`
-    (or directly, which validates and canonicalises the same way)."""
+    """A contact's address as the graph stores it and the wire carries it:
+    a dialable host and port, validated and canonical; construct with
+    :func:`parse_address` (or directly, which validates and canonicalises
+    the same way).
+
+    Not a second address type: :data:`polykey.quic.Address` is any
+    ``(host, port)`` a socket can be given; a NodeAddress is one that passed
+    this module's checks, so what holds one never re-checks it.
+    :meth:`as_tuple` gives the Address to dial."""
 
     host: str = attrs.field(converter=_canonical_host)
     port: int = attrs.field(converter=_check_port)
@@ -104,7 +112,7 @@ class NodeAddress:
     def __str__(self) -> str:
         return format_contact_address(self)
 
-    def as_tuple(self) -> tuple[str, int]:
+    def as_tuple(self) -> Address:
         return (self.host, self.port)
 
 

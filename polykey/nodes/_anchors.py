@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from ..keys import NodeId
+from ..quic import Address
 from ._address import NodeAddress
-from ._connection import Address, NodeConnection, NodeConnectionError
+from ._connection import NodeConnection, NodeConnectionError
+from ._errors import InvalidAddressError
 from ._failures import PEER_FAILURES
-from .errors import InvalidAddressError
-from .handlers import PING
+from ._handlers import PING
 
 if TYPE_CHECKING:
-    from .connections import NodeConnectionManager
+    from ._connections import NodeConnectionManager
 
 __all__ = ["ANCHOR_PING_INTERVAL", "Anchors"]
 
@@ -70,7 +71,7 @@ class Anchors:
         # Connections we keep (to seeds): never reaped, re-dialled when lost.
         self._anchored: set[NodeId] = set()
         # Where peers see us, most recent first.
-        self.reflexive: list[tuple[str, int]] = []
+        self.reflexive: list[Address] = []
 
     def holds(self, node_id: NodeId) -> bool:
         """Whether the connection to ``node_id`` is anchored (kept)."""
@@ -137,7 +138,7 @@ class Anchors:
                     return
                 self._note_reflexive(address.as_tuple())
 
-    def _note_reflexive(self, address: tuple[str, int]) -> None:
+    def _note_reflexive(self, address: Address) -> None:
         if address in self.reflexive:
             self.reflexive.remove(address)
         self.reflexive.insert(0, address)

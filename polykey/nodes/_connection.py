@@ -1,7 +1,7 @@
 """A verified connection to a node: what the pool holds and its parts share.
 
-:mod:`polykey.nodes.connections` re-exports these (import them from there);
-they are defined here so that the connection manager's parts
+polykey.nodes exports these; they are defined here, not beside the
+connection manager, so that the connection manager's parts
 (:mod:`._punching`, :mod:`._relaying`, :mod:`._anchors`), which the
 manager's module imports, can use them without an import cycle.
 """
@@ -15,6 +15,7 @@ import attrs
 
 from ..keys import NodeId
 from ..quic import (
+    Address,
     CloseKind,
     CloseReason,
     QUICConnection,
@@ -22,20 +23,17 @@ from ..quic import (
     unmap_ipv4,
 )
 from ..rpc import ClientManifest, RPCClient
-from .errors import NodesError
+from ._errors import NodesError
 
 __all__ = [
     "CLOSE_DUPLICATE",
     "CLOSE_STOPPING",
     "CLOSE_TTL",
-    "Address",
     "ConnectionPath",
     "NodeConnection",
     "NodeConnectionError",
     "display_address",
 ]
-
-Address = tuple[str, int]
 
 CLOSE_TTL: Final = 0x1  # application code: closed after the TTL expired
 CLOSE_STOPPING: Final = 0x2  # application code: the node is stopping

@@ -32,6 +32,7 @@ from ._address import (
     format_contact_address,
     parse_contact_address,
 )
+from ._errors import InvalidAddressError
 from ._wire import (
     ActiveConnectionData,
     ConnectionInfo,
@@ -44,7 +45,6 @@ from ._wire import (
     converter,
     structure,
 )
-from .errors import InvalidAddressError
 
 __all__ = [
     "MAX_ADDRESS_KEYS",

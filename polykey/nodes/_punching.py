@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The protocol is :mod:`polykey.nodes.signalling`'s. Both halves live here,
+The protocol is :mod:`polykey.nodes._signalling`'s. Both halves live here,
 since both use the one socket the connection manager dials and accepts on
 (the only way a punch can work):
 
@@ -28,7 +28,7 @@ since both use the one socket the connection manager dials and accepts on
   takes the relayed one's place in the pool.
 
 The manager is the signalling handlers'
-:class:`~polykey.nodes.signalling.SignalHost` and hands their calls here; a
+:class:`~polykey.nodes._signalling.SignalHost` and hands their calls here; a
 :class:`Puncher` reaches the pool only through the manager's methods.
 """
 
@@ -43,6 +43,7 @@ import trio
 
 from ..keys import NodeId
 from ..quic import (
+    Address,
     CloseKind,
     CloseReason,
     QUICClient,
@@ -59,10 +60,10 @@ from ._connection import (
     NodeConnection,
     NodeConnectionError,
 )
-from .signalling import SIGNAL_FINAL, SignalRequest, request_signal
+from ._signalling import SIGNAL_FINAL, SignalRequest, request_signal
 
 if TYPE_CHECKING:
-    from .connections import NodeConnectionManager
+    from ._connections import NodeConnectionManager
 
 __all__ = [
     "MAX_FORWARDS",
@@ -98,7 +99,7 @@ class Puncher:
         self._client = client
         # Punches we are sending, by (host, port); and the nodes they are
         # for, until their connection arrives (it is then "punched").
-        self._punching: set[tuple[str, int]] = set()
+        self._punching: set[Address] = set()
         self._punch_hosts: dict[str, int] = {}
         self._awaiting_punch: dict[NodeId, float] = {}
         # Nodes signalled by our punch attempts in flight (a count each):
@@ -174,7 +175,7 @@ class Puncher:
         with self._manager.socket.watch_strays(address.host) as strays:
             async with trio.open_nursery() as nursery:
 
-                async def attempt(target: tuple[str, int]) -> None:
+                async def attempt(target: Address) -> None:
                     nonlocal winner
                     try:
                         conn = await self._client.connect(
@@ -296,7 +297,7 @@ class Puncher:
         self.punches += 1
         self._manager.spawn(self._punch, request, key)
 
-    async def _punch(self, request: SignalRequest, key: tuple[str, int]) -> None:
+    async def _punch(self, request: SignalRequest, key: Address) -> None:
         try:
             with trio.move_on_after(PUNCH_DURATION):
                 for delay in spray_delays():

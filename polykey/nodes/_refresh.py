@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 
-from .graph import BUCKET_COUNT
+from ._graph import BUCKET_COUNT
 
 __all__ = ["RefreshSchedule"]
 

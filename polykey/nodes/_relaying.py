@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The protocol is :mod:`polykey.nodes.relay`'s; its tables are pure, and
+The protocol is :mod:`polykey.nodes._relay`'s; its tables are pure, and
 :class:`Relaying` drives them and carries the datagrams. Every pooled
 connection hands its DATAGRAM frames to :meth:`Relaying.datagram`, each
 ``circuit id || payload``:
@@ -46,6 +46,7 @@ import trio
 
 from ..keys import NodeId
 from ..quic import (
+    Address,
     DatagramForward,
     QUICClient,
     QUICConfig,
@@ -55,12 +56,11 @@ from ..quic import (
     node_verifier,
 )
 from ._connection import (
-    Address,
     ConnectionPath,
     NodeConnection,
     NodeConnectionError,
 )
-from .relay import (
+from ._relay import (
     CIRCUIT_ID_LEN,
     RELAY_CONNECT,
     RELAY_RESERVE,
@@ -74,10 +74,10 @@ from .relay import (
     ReservationRefusedError,
     decode_circuit_id,
 )
-from .signalling import b64url_encode
+from ._signalling import b64url_encode
 
 if TYPE_CHECKING:
-    from .connections import NodeConnectionManager
+    from ._connections import NodeConnectionManager
 
 __all__ = ["RELAYED_PAYLOAD", "Relaying"]
 

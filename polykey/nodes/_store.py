@@ -21,14 +21,14 @@ from typing import Final, Literal
 
 from ..keys import NODE_ID_LENGTH, NodeId
 from ._address import NodeAddress
-from .errors import (
+from ._errors import (
     InvalidAddressError,
     NodeGraphCorruptError,
     NodeGraphForeignError,
     NodeGraphStoreError,
     NodeGraphVersionError,
 )
-from .graph import StoredNode
+from ._graph import StoredNode
 
 __all__ = ["APPLICATION_ID", "SCHEMA_NAME", "SCHEMA_VERSION", "SQLiteGraphStore"]
 

@@ -22,8 +22,8 @@ import logging
 
 import trio
 
-from .errors import NodeGraphStoreError
-from .graph import NodeGraph
+from ._errors import NodeGraphStoreError
+from ._graph import NodeGraph
 
 __all__ = ["GraphWriter"]
 

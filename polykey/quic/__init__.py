@@ -7,30 +7,34 @@ client connections dialled with ``QUICClient``/``connect``. Connections carry
 
 from __future__ import annotations
 
-from ._address import unmap_ipv4
+from ._address import Address, unmap_ipv4
 from ._binding import quiche_version
 from ._carrier import DatagramForward
-from ._spray import spray_delays
-from .client import QUICClient, connect
-from .config import PeerVerifier, QUICConfig, TLSIdentity
-from .connection import ConnectionStatistics, QUICConnection
-from .errors import (
+from ._client import QUICClient, connect
+from ._config import PeerVerifier, QUICConfig, TLSIdentity
+from ._connection import ConnectionStatistics, QUICConnection
+from ._errors import (
     CloseKind,
     CloseReason,
     PeerVerificationError,
     QUICConnectionError,
     QUICError,
     QuicheError,
+    QuicheErrorCode,
     QUICStreamError,
+    StreamReset,
+    StreamStopped,
     TLSAlert,
     TLSConfigError,
 )
-from .server import QUICServer, ServerStatistics
-from .socket import QUICSocket, SocketStatistics, StrayWatch, VirtualPath
-from .stream import QUICStream
-from .tls import node_tls_identity, node_verifier
+from ._server import QUICServer, ServerStatistics
+from ._socket import QUICSocket, SocketStatistics, StrayWatch, VirtualPath
+from ._spray import spray_delays
+from ._stream import QUICStream
+from ._tls import node_tls_identity, node_verifier
 
 __all__ = [
+    "Address",
     "CloseKind",
     "CloseReason",
     "ConnectionStatistics",
@@ -47,9 +51,12 @@ __all__ = [
     "QUICStream",
     "QUICStreamError",
     "QuicheError",
+    "QuicheErrorCode",
     "ServerStatistics",
     "SocketStatistics",
     "StrayWatch",
+    "StreamReset",
+    "StreamStopped",
     "TLSAlert",
     "TLSConfigError",
     "TLSIdentity",

@@ -2,7 +2,7 @@
 
 Rules this module keeps so nothing above it has to think about C:
 
-* Every quiche error code becomes a :class:`~polykey.quic.errors.QuicheError`
+* Every quiche error code becomes a :class:`~polykey.quic._errors.QuicheError`
   (or :class:`StreamReset` / :class:`StreamStopped`, which carry the peer's
   application code). ``QUICHE_ERR_DONE`` is not an error: the calls that can
   return it return ``None`` / ``0`` / ``False`` instead.
@@ -24,24 +24,24 @@ from __future__ import annotations
 import enum
 import socket
 from collections.abc import Iterable, Iterator
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import attrs
 
-from ._quiche import ffi, lib
-from .errors import (
+from ._address import SockAddr
+from ._errors import (
     QuicheError,
     QuicheErrorCode,
     StreamReset,
     StreamStopped,
     TLSConfigError,
 )
+from ._quiche import ffi, lib
 
 __all__ = [
     "MAX_CONN_ID_LEN",
     "MIN_CLIENT_INITIAL_LEN",
     "PROTOCOL_VERSION",
-    "Address",
     "Config",
     "Connection",
     "DatagramRoute",
@@ -70,9 +70,6 @@ _STREAM_STOPPED: Final = int(QuicheErrorCode.STREAM_STOPPED)
 _STREAM_RESET: Final = int(QuicheErrorCode.STREAM_RESET)
 _UINT62_MAX: Final = (1 << 62) - 1
 
-#: ``(host, port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6:
-#: the shapes Python's socket module uses.
-Address: TypeAlias = tuple[Any, ...]
 
 
 def quiche_version() -> str:
@@ -100,7 +97,7 @@ class _SockAddr:
 
     __slots__ = ("address", "len", "ptr", "storage")
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: SockAddr) -> None:
         host, port = address[0], address[1]
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"port out of range: {port}")
@@ -129,7 +126,7 @@ class _SockAddr:
         self.len = size
 
 
-def _from_sockaddr(ptr: Any, length: int) -> Address:
+def _from_sockaddr(ptr: Any, length: int) -> SockAddr:
     """A Python address from a C ``sockaddr`` (copied at once)."""
     family = ffi.cast("struct sockaddr *", ptr).sa_family
     if family == lib.AF_INET6 and length >= ffi.sizeof("struct sockaddr_in6"):
@@ -460,8 +457,8 @@ class Stats:
 class PathStats:
     """quiche's per-path counters (``quiche_path_stats``); times in ns."""
 
-    local_address: Address
-    peer_address: Address
+    local_address: SockAddr
+    peer_address: SockAddr
     active: bool
     recv: int
     sent: int
@@ -613,7 +610,7 @@ class Connection:
         "_to_cache",
     )
 
-    def __init__(self, ptr: Any, config: Config, local: Address, peer: Address) -> None:
+    def __init__(self, ptr: Any, config: Config, local: SockAddr, peer: SockAddr) -> None:
         if ptr == ffi.NULL:
             raise QuicheError(-6, "connection could not be created")
         self._ptr = ffi.gc(ptr, lib.quiche_conn_free)
@@ -629,7 +626,7 @@ class Connection:
         self._sid = ffi.new("uint64_t *")
         self._out_ptr = ffi.new("uint8_t **")
         self._out_len = ffi.new("size_t *")
-        self._to_cache: tuple[bytes, Address] = (b"", peer)
+        self._to_cache: tuple[bytes, SockAddr] = (b"", peer)
 
     def _set_recv_info(self) -> None:
         # "from" is a Python keyword, hence setattr.
@@ -644,8 +641,8 @@ class Connection:
         config: Config,
         scid: bytes,
         odcid: bytes | None,
-        local: Address,
-        peer: Address,
+        local: SockAddr,
+        peer: SockAddr,
     ) -> Connection:
         """A server-side connection. ``odcid`` is the original destination id
         when the client came back after a Retry."""
@@ -670,8 +667,8 @@ class Connection:
         config: Config,
         server_name: str | None,
         scid: bytes,
-        local: Address,
-        peer: Address,
+        local: SockAddr,
+        peer: SockAddr,
     ) -> Connection:
         """A client-side connection; its first Initial waits in :meth:`send`."""
         la, pa = _SockAddr(local), _SockAddr(peer)
@@ -688,7 +685,7 @@ class Connection:
 
     # -- packets ------------------------------------------------------------
 
-    def recv(self, buf: bytearray | memoryview, peer: Address) -> int:
+    def recv(self, buf: bytearray | memoryview, peer: SockAddr) -> int:
         """Feed one datagram from ``peer`` (quiche rewrites ``buf`` in place
         while decrypting). Returns the bytes processed; raises
         :class:`QuicheError`."""
@@ -706,7 +703,7 @@ class Connection:
         return n  # type: ignore[no-any-return]
 
     def recv_segments(
-        self, buf: memoryview, segment: int, dcid: bytes, peer: Address
+        self, buf: memoryview, segment: int, dcid: bytes, peer: SockAddr
     ) -> int:
         """Feed the consecutive ``segment``-sized datagrams of a GRO buffer,
         stopping before the first that is not a short-header packet for
@@ -719,7 +716,7 @@ class Connection:
             segment, dcid, len(dcid), self._recv_info,
         )  # fmt: skip
 
-    def send(self, buf: bytearray) -> tuple[int, Address] | None:
+    def send(self, buf: bytearray) -> tuple[int, SockAddr] | None:
         """Write the next packet into ``buf``; ``None`` when there is nothing
         to send now."""
         n = lib.quiche_conn_send(
@@ -733,7 +730,7 @@ class Connection:
 
     def send_batch(
         self, buf: bytearray, max_segments: int
-    ) -> tuple[int, int, Address] | None:
+    ) -> tuple[int, int, SockAddr] | None:
         """Write up to ``max_segments`` packets into ``buf`` back to back,
         all of the first one's size but a possibly shorter last one: one GSO
         send. Returns ``(total, segment_size, to)`` or ``None``."""
@@ -747,7 +744,7 @@ class Connection:
             raise QuicheError(n, "send")
         return n, self._seg[0], self._send_to()
 
-    def _send_to(self) -> Address:
+    def _send_to(self) -> SockAddr:
         info = self._send_info
         raw = bytes(ffi.buffer(ffi.addressof(info.to), info.to_len))
         cached_raw, cached = self._to_cache

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from . import _binding
 
 if TYPE_CHECKING:
-    from .connection import QUICConnection
+    from ._connection import QUICConnection
 
 __all__ = ["CarrierRoutes", "DatagramForward"]
 

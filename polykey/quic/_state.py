@@ -1,6 +1,6 @@
 """A connection's pure bookkeeping: stream ids, timer deadlines, close reasons.
 
-No I/O and no trio here: :class:`~polykey.quic.connection.QUICConnection`
+No I/O and no trio here: :class:`~polykey.quic._connection.QUICConnection`
 feeds these the numbers it reads from quiche and the clock, and acts on what
 they answer. Each is unit-tested on its own (tests/quic/test_state.py).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Final, NamedTuple, Protocol
 
-from .errors import CloseKind, CloseReason
+from ._errors import CloseKind, CloseReason
 
 __all__ = ["Deadlines", "Due", "StreamIds", "close_reason"]
 

@@ -5,7 +5,7 @@ Each :class:`NatNode` is a real :class:`~polykey.nodes.NodeGraph`,
 with an Ed25519 identity, serving the real node handlers (the signalling
 ones included) on an :class:`~polykey.rpc.RPCServer`. What stands in for
 QUIC is :class:`SimConnections`, the node's
-:class:`~polykey.nodes.finder.Connector`:
+:class:`~polykey.nodes._finder.Connector`:
 
 * **Packets.** A node has one socket (``local``): a public endpoint, or a
   private one behind its own :class:`~polykey.testing.Nat`. A packet leaves
@@ -57,13 +57,20 @@ import attrs
 import trio
 
 from ..keys import KeyPair, NodeId, NodeIdentity
-from ..nodes._address import NodeAddress, NodeContact, format_host_port
-from ..nodes.connections import ConnectionPath
-from ..nodes.finder import NodeFinder
-from ..nodes.graph import DEFAULT_K, NodeGraph
-from ..nodes.handlers import node_handlers
-from ..nodes.manager import JoinResult, NodeManager, NodeManagerConfig
-from ..nodes.transport import ConnectionTransport
+from ..nodes import (
+    DEFAULT_K,
+    ConnectionPath,
+    ConnectionTransport,
+    JoinResult,
+    NodeAddress,
+    NodeContact,
+    NodeFinder,
+    NodeGraph,
+    NodeManager,
+    NodeManagerConfig,
+    format_host_port,
+    node_handlers,
+)
 from ..quic import spray_delays
 from ..rpc import Handler, RPCClient, RPCServer, memory_stream_pair
 from ._nat import Endpoint, Nat, NatBehaviour, NatType

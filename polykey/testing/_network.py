@@ -37,11 +37,19 @@ import attrs
 import trio
 
 from ..keys import NodeId
-from ..nodes._address import NodeAddress, NodeContact
-from ..nodes.graph import DEFAULT_K, NodeGraph
-from ..nodes.handlers import NodesAgentAPI, node_handlers
-from ..nodes.manager import JoinResult, NodeManager, NodeManagerConfig
-from ..nodes.transport import NodeTransport, RPCNodeTransport
+from ..nodes import (
+    DEFAULT_K,
+    JoinResult,
+    NodeAddress,
+    NodeContact,
+    NodeGraph,
+    NodeManager,
+    NodeManagerConfig,
+    NodesAgentAPI,
+    NodeTransport,
+    RPCNodeTransport,
+    node_handlers,
+)
 from ..rpc import RPCClient, RPCServer, memory_stream_pair
 
 __all__ = ["NetworkStatistics", "SimNode", "SimulatedNetwork", "Unreachable"]

@@ -8,12 +8,18 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..keys import NodeId, NodeIdentity
-from ..nodes._address import NodeAddress, format_host_port
-from ..nodes._attempts import AttemptTimer
-from ..nodes._messages import ActiveConnection
-from ..nodes.connections import PUNCH_DURATION, ConnectionPath
-from ..nodes.signalling import SIGNAL_FINAL, SignalRequest, request_signal
-from ..quic import spray_delays
+from ..nodes import (
+    PUNCH_DURATION,
+    SIGNAL_FINAL,
+    ActiveConnection,
+    AttemptTimer,
+    ConnectionPath,
+    NodeAddress,
+    SignalRequest,
+    format_host_port,
+    request_signal,
+)
+from ..quic import Address, spray_delays
 from ..rpc import JSONObject
 from ._nat import Endpoint
 from ._network import Unreachable
@@ -27,8 +33,8 @@ __all__ = ["SimConnections"]
 
 class SimConnections:
     """A simulated node's connections: the
-    :class:`~polykey.nodes.finder.Connector` the finder drives, and the
-    :class:`~polykey.nodes.signalling.SignalHost` its signalling handlers
+    :class:`~polykey.nodes._finder.Connector` the finder drives, and the
+    :class:`~polykey.nodes._signalling.SignalHost` its signalling handlers
     call. See the module doc for what each call models."""
 
     def __init__(self, network: NatNetwork, node: NatNode) -> None:
@@ -112,7 +118,7 @@ class SimConnections:
 
     # -- the Connector ----------------------------------------------------------------
 
-    async def connect(self, node_id: NodeId, address: tuple[str, int]) -> SimLink:
+    async def connect(self, node_id: NodeId, address: Address) -> SimLink:
         """Dial ``node_id`` at ``address`` (a pooled link if there is one;
         concurrent dials to one node share an attempt). Raises
         :class:`Unreachable`; the caller's scope bounds it."""

@@ -10,8 +10,7 @@ import attrs
 import trio
 
 from ..keys import NodeId
-from ..nodes._address import format_host_port
-from ..nodes.connections import ConnectionPath
+from ..nodes import ConnectionPath, format_host_port
 from ..rpc import MemoryStream, RPCClient
 from ._nat import Endpoint
 from ._network import Unreachable
@@ -63,7 +62,7 @@ class Wire:
 
 @attrs.define(eq=False)
 class SimLink:
-    """One end of a simulated connection (a :class:`~polykey.nodes.finder.Link`)."""
+    """One end of a simulated connection (a :class:`~polykey.nodes._finder.Link`)."""
 
     #: The node at the other end, and where this end sees it.
     node_id: NodeId

@@ -27,10 +27,15 @@ import trio
 from polykey._control import CONTROL_SOCKET, control_client
 from polykey.agent import NodeSettings, PolykeyNode
 from polykey.keys import NodeId, NodeIdentity
-from polykey.nodes import request_ping
-from polykey.nodes.connections import NodeConnection, NodeConnectionManager
-from polykey.nodes.handlers import CLOSEST_ACTIVE_CONNECTIONS, CLOSEST_LOCAL_NODES
-from polykey.nodes.signalling import SIGNAL_FINAL, SIGNAL_INITIAL
+from polykey.nodes import (
+    CLOSEST_ACTIVE_CONNECTIONS,
+    CLOSEST_LOCAL_NODES,
+    SIGNAL_FINAL,
+    SIGNAL_INITIAL,
+    NodeConnection,
+    NodeConnectionManager,
+    request_ping,
+)
 from polykey.quic import QUICConnectionError, QUICSocket
 from polykey.rpc import CallContext, JSONValue, RPCError, RPCServer, ServerHandler
 

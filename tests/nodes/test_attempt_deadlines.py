@@ -12,13 +12,13 @@ import trio.testing
 
 from polykey.keys import NodeId
 from polykey.nodes import (
+    AttemptTimer,
     NodeAddress,
     NodeContact,
     NodeGraph,
     NodeManager,
     NodeManagerConfig,
 )
-from polykey.nodes._attempts import AttemptTimer
 
 from .helpers import addr, id_in_bucket
 

@@ -5,11 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polykey.nodes._attempts import (
-    DEFAULT_ATTEMPT_TIMEOUT,
-    MIN_ATTEMPT_TIMEOUT,
-    AttemptTimer,
-)
+from polykey.nodes import DEFAULT_ATTEMPT_TIMEOUT, MIN_ATTEMPT_TIMEOUT, AttemptTimer
 
 
 def test_default_before_any_dial_then_eight_dial_times() -> None:

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from polykey.keys import NodeId, NodeIdentity
-from polykey.nodes.connections import NodeConnectionError, NodeConnectionManager
+from polykey.nodes import NodeConnectionError, NodeConnectionManager
 from polykey.quic import QUICSocket
 from polykey.rpc import CallContext, RPCServer, UnaryHandler
 
@@ -191,7 +191,7 @@ async def test_the_reaper_survives_connections_ending_as_it_closes() -> None:
 
 def test_sticky_ttl_is_polykeys() -> None:
     from polykey.keys import bucket_index
-    from polykey.nodes.connections import sticky_ttl
+    from polykey.nodes import sticky_ttl
 
     own = NodeId.from_int(0)
     far = NodeId.from_int(1 << 255)  # bucket 255

@@ -17,20 +17,20 @@ import trio.testing
 
 from polykey.keys import KeyPair, NodeIdentity
 from polykey.nodes import (
+    PUNCH_DURATION,
     ConnectionPath,
+    NodeFinder,
     NodeManagerConfig,
     NodeNotFoundError,
     OwnNodeIdError,
+    request_ping,
 )
-from polykey.nodes.connections import PUNCH_DURATION
-from polykey.nodes.finder import (
+from polykey.nodes._finder import (
     _PUNCH_ATTEMPTS,
     _PUNCH_MIN,
     _RELAY_DELAY_ATTEMPTS,
     _RELAY_DELAY_MIN,
-    NodeFinder,
 )
-from polykey.nodes.handlers import request_ping
 from polykey.rpc import CallContext, JSONValue, UnaryHandler
 from polykey.testing import (
     Filtering,

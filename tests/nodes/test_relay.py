@@ -16,19 +16,19 @@ import trio
 
 from polykey.agent import NodeSettings, PolykeyNode
 from polykey.keys import KeyPair
-from polykey.nodes import ConnectionPath
-from polykey.nodes import _punching as punching_module
-from polykey.nodes import connections as connections_module
-from polykey.nodes.relay import (
+from polykey.nodes import (
     RELAY_CONNECT,
     RELAY_STOP,
     Circuit,
+    ConnectionPath,
+    NodeConnection,
     NoReservationError,
     PermissionDeniedError,
     RelayLimits,
     RelayTable,
     ResourceLimitError,
 )
+from polykey.nodes import _punching as punching_module
 from polykey.rpc import (
     CallContext,
     RawCall,
@@ -174,7 +174,7 @@ async def nodes(
 
 async def a_circuit(
     a: PolykeyNode, r: PolykeyNode, b: PolykeyNode
-) -> connections_module.NodeConnection:
+) -> NodeConnection:
     to_r = await a.connect(r.node_id, r.address)
     b_to_r = await b.connect(r.node_id, r.address)
     assert await b.connections.reserve(b_to_r) is not None

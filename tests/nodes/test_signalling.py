@@ -16,13 +16,15 @@ from hypothesis import strategies as st
 
 from polykey.agent import NodeSettings, PolykeyNode
 from polykey.keys import KeyPair, NodeId
-from polykey.nodes import ConnectionPath
-from polykey.nodes.signalling import (
+from polykey.nodes import (
     SIGNAL_FINAL,
     SIGNAL_INITIAL,
-    RateLimiter,
+    ConnectionPath,
     RelayVerificationError,
     RequestVerificationError,
+)
+from polykey.nodes._signalling import (
+    RateLimiter,
     address_json,
     b64url_decode,
     b64url_encode,

@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from polykey.nodes import NodeManagerConfig
-from polykey.nodes.manager import SELF_LOOKUP
+from polykey.nodes._manager import SELF_LOOKUP
 from polykey.testing._network import SimNode, SimulatedNetwork
 
 QUIET = NodeManagerConfig(refresh_interval=None, self_lookup_interval=None)

@@ -8,14 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from polykey.keys import NodeId
-from polykey.nodes import NodeAddress, NodeContact
-from polykey.nodes._messages import (
+from polykey.nodes import (
     ActiveConnection,
-    encode_active_connections,
+    NodeAddress,
+    NodeContact,
     encode_node_contact,
     parse_active_connection_message,
     parse_node_contact_message,
 )
+from polykey.nodes._messages import encode_active_connections
 from polykey.nodes._wire import (
     ConnectionInfo,
     ContactInfo,

@@ -20,7 +20,7 @@ import trio
 
 from polykey.quic import QUICClient, QUICConfig, QUICServer, QUICSocket
 from polykey.quic import _binding as b
-from polykey.quic.socket import CID_LEN
+from polykey.quic._socket import CID_LEN
 
 from .helpers import tls_identity
 from .test_loopback import echo_streams

@@ -11,8 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from polykey.quic import (
+    Address,
+    QuicheError,
+    StreamReset,
+    StreamStopped,
+    TLSConfigError,
+)
 from polykey.quic import _binding as b
-from polykey.quic.errors import QuicheError, StreamReset, StreamStopped, TLSConfigError
 
 from .helpers import plain_identity
 
@@ -444,7 +450,7 @@ def test_in_memory_handshake_with_node_certificates() -> None:
     assert bytes(buf[:11]) == b"from server"
 
 
-def _deliver_until_quiet(src: b.Connection, dst: b.Connection, to: b.Address) -> int:
+def _deliver_until_quiet(src: b.Connection, dst: b.Connection, to: Address) -> int:
     buf = bytearray(65536)
     moved = 0
     while (out := src.send(buf)) is not None:
@@ -504,7 +510,7 @@ def test_quiche_error_codes_are_named_as_quiche_h_names_them() -> None:
     import re
     from pathlib import Path
 
-    from polykey.quic.errors import QuicheErrorCode
+    from polykey.quic import QuicheErrorCode
 
     header = Path(__file__).parents[2] / "_quiche_build/vendor/quiche/include/quiche.h"
     if not header.exists():

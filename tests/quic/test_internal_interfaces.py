@@ -15,11 +15,11 @@ QUIC_DIR = Path(polykey.quic.__file__).parent
 # The modules of the trio driver; _binding.py is the cffi layer, whose
 # classes share their C pointers within the module.
 MODULES = [
-    "socket.py",
-    "connection.py",
-    "stream.py",
-    "server.py",
-    "client.py",
+    "_socket.py",
+    "_connection.py",
+    "_stream.py",
+    "_server.py",
+    "_client.py",
     "_state.py",
     "_address.py",
     "_admission.py",

@@ -9,7 +9,7 @@ import struct
 import pytest
 import trio
 
-import polykey.quic.socket as quic_socket
+import polykey.quic._socket as quic_socket
 from polykey.quic import QUICClient, QUICServer, QUICSocket
 from polykey.quic._binding import PacketType, parse_header
 

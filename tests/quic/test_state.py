@@ -20,13 +20,15 @@ from polykey.quic import (
     CloseReason,
     QUICConnectionError,
     QuicheError,
+    QUICStream,
     QUICStreamError,
+    StreamReset,
+    StreamStopped,
     unmap_ipv4,
 )
 from polykey.quic._address import for_family
 from polykey.quic._state import Deadlines, Due, StreamIds, close_reason
-from polykey.quic.errors import StreamReset, StreamStopped
-from polykey.quic.stream import QUICStream, _SendConflict
+from polykey.quic._stream import _SendConflict
 
 # -- stream ids ------------------------------------------------------------------
 

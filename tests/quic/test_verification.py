@@ -161,7 +161,7 @@ async def test_verifier_bug_refuses_peer_without_taking_socket_down() -> None:
 
 def test_verification_cache_respects_validity_and_expected_ids() -> None:
     from polykey.keys import CertificateExpiredError, NodeIdMismatchError
-    from polykey.quic.tls import _VerifiedChains
+    from polykey.quic._tls import _VerifiedChains
 
     start = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     identity = NodeIdentity.generate(now=start, duration=datetime.timedelta(hours=1))

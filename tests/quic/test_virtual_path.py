@@ -4,10 +4,11 @@ is an ordinary, end-to-end encrypted QUICConnection."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import attrs
 import pytest
@@ -29,26 +30,69 @@ OUTER = QUICConfig(datagram_queue=1024)
 INNER = attrs.evolve(OUTER, max_udp_payload_size=1200)
 
 
+@attrs.frozen
+class Triangle:
+    """A and B each connected to a relay R, with datagrams on (the outer
+    connections), and a circuit id for each end."""
+
+    a_sock: QUICSocket
+    b_sock: QUICSocket
+    a_to_r: QUICConnection
+    r_from_a: QUICConnection
+    b_to_r: QUICConnection
+    r_from_b: QUICConnection
+    cid_a: bytes = attrs.field(factory=lambda: os.urandom(8))
+    cid_b: bytes = attrs.field(factory=lambda: os.urandom(8))
+
+
+@contextlib.asynccontextmanager
+async def relay_triangle() -> AsyncIterator[Triangle]:
+    async with (
+        QUICSocket("127.0.0.1") as a_sock,
+        QUICSocket("127.0.0.1") as r_sock,
+        QUICSocket("127.0.0.1") as b_sock,
+    ):
+        r_server = QUICServer(r_sock, tls_identity("relay"), config=OUTER)
+        a_to_r = await QUICClient(a_sock, tls_identity("a"), config=OUTER).connect(
+            r_sock.local_address
+        )
+        r_from_a = await r_server.accept()
+        b_to_r = await QUICClient(b_sock, tls_identity("b"), config=OUTER).connect(
+            r_sock.local_address
+        )
+        r_from_b = await r_server.accept()
+        yield Triangle(a_sock, b_sock, a_to_r, r_from_a, b_to_r, r_from_b)
+
+
+async def transfer(
+    a_sock: QUICSocket,
+    b_sock: QUICSocket,
+    path: VirtualPath,
+    body: bytes,
+    got: bytearray,
+) -> tuple[QUICConnection, QUICConnection]:
+    """Connect from ``a_sock`` to a server on ``b_sock`` over ``path``, send
+    ``body`` on one stream, appending what B receives to ``got`` until the
+    stream's end. Returns both ends of that (inner) connection."""
+    server = QUICServer(b_sock, tls_identity("b-inner"), config=OUTER)
+    inner = await QUICClient(a_sock, tls_identity("a-inner"), config=INNER).connect(
+        path.address
+    )
+    accepted = await server.accept()
+    stream = await inner.open_stream()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_all_and_eof, body)
+        peer = await accepted.accept_stream()
+        while data := await peer.receive_some():
+            got += data
+    return inner, accepted
+
+
 async def test_a_connection_over_datagrams_through_a_relay() -> None:
     with trio.fail_after(30):
-        async with (
-            QUICSocket("127.0.0.1") as a_sock,
-            QUICSocket("127.0.0.1") as r_sock,
-            QUICSocket("127.0.0.1") as b_sock,
-        ):
-            r_server = QUICServer(r_sock, tls_identity("relay"), config=OUTER)
-            a_to_r = await QUICClient(a_sock, tls_identity("a"), config=OUTER).connect(
-                r_sock.local_address
-            )
-            r_from_a = await r_server.accept()
-            b_to_r = await QUICClient(b_sock, tls_identity("b"), config=OUTER).connect(
-                r_sock.local_address
-            )
-            r_from_b = await r_server.accept()
-            assert a_to_r.datagram_max_size() is not None
-            assert a_to_r.datagram_max_size() >= 1208  # type: ignore[operator]
-
-            cid_a, cid_b = os.urandom(8), os.urandom(8)
+        async with relay_triangle() as t:
+            assert t.a_to_r.datagram_max_size() is not None
+            assert t.a_to_r.datagram_max_size() >= 1208  # type: ignore[operator]
             seen_by_relay: list[bytes] = []
 
             # The relay swaps circuit ids and forwards; it holds no keys of
@@ -60,27 +104,21 @@ async def test_a_connection_over_datagrams_through_a_relay() -> None:
 
                 return forward
 
-            r_from_a.on_datagram(relay(r_from_b, cid_b))  # type: ignore[arg-type]
-            r_from_b.on_datagram(relay(r_from_a, cid_a))  # type: ignore[arg-type]
-            path_a = a_sock.open_virtual_path(lambda p: a_to_r.send_datagram(cid_a + p))
-            path_b = b_sock.open_virtual_path(lambda p: b_to_r.send_datagram(cid_b + p))
-            a_to_r.on_datagram(lambda d: path_a.deliver(d[8:]))
-            b_to_r.on_datagram(lambda d: path_b.deliver(d[8:]))
+            t.r_from_a.on_datagram(relay(t.r_from_b, t.cid_b))  # type: ignore[arg-type]
+            t.r_from_b.on_datagram(relay(t.r_from_a, t.cid_a))  # type: ignore[arg-type]
+            path_a = t.a_sock.open_virtual_path(
+                lambda p: t.a_to_r.send_datagram(t.cid_a + p)
+            )
+            path_b = t.b_sock.open_virtual_path(
+                lambda p: t.b_to_r.send_datagram(t.cid_b + p)
+            )
+            t.a_to_r.on_datagram(lambda d: path_a.deliver(d[8:]))
+            t.b_to_r.on_datagram(lambda d: path_b.deliver(d[8:]))
 
-            inner_server = QUICServer(b_sock, tls_identity("b-inner"), config=OUTER)
-            inner = await QUICClient(
-                a_sock, tls_identity("a-inner"), config=INNER
-            ).connect(path_a.address)
-            accepted = await inner_server.accept()
-            assert accepted.remote_address == path_b.address
             body = os.urandom(2 * 1024 * 1024)
-            stream = await inner.open_stream()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream.send_all_and_eof, body)
-                peer = await accepted.accept_stream()
-                got = bytearray()
-                while data := await peer.receive_some():
-                    got += data
+            got = bytearray()
+            inner, accepted = await transfer(t.a_sock, t.b_sock, path_a, body, got)
+            assert accepted.remote_address == path_b.address
             assert hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
             # The relay saw packets, never the plaintext.
             assert len(seen_by_relay) > 1000
@@ -88,9 +126,12 @@ async def test_a_connection_over_datagrams_through_a_relay() -> None:
             assert body[1000:1100] not in joined
             assert path_a.packets_sent > 0
             assert path_b.packets_received > 0
-            # Closing the path: the inner connection can no longer be used.
+            # Closing the path: the socket forgets it, so the inner
+            # connection can no longer be used.
+            assert t.a_sock.statistics.virtual_paths == 1
             path_a.close()
-            assert path_a.address not in a_sock._virtual
+            assert path_a.closed
+            assert t.a_sock.statistics.virtual_paths == 0
             await inner.aclose()
 
 
@@ -142,20 +183,11 @@ async def _through(
 
         paths.append(a_sock.open_virtual_path(carry(1)))
         paths.append(b_sock.open_virtual_path(carry(0)))
-        server = QUICServer(b_sock, tls_identity("b"), config=OUTER)
         body = os.urandom(size)
         got = bytearray()
         finished = False
         with trio.move_on_after(seconds):
-            conn = await QUICClient(a_sock, tls_identity("a"), config=INNER).connect(
-                paths[0].address
-            )
-            accepted = await server.accept()
-            stream = await conn.open_stream()
-            nursery.start_soon(stream.send_all_and_eof, body)
-            peer = await accepted.accept_stream()
-            while data := await peer.receive_some():
-                got += data
+            await transfer(a_sock, b_sock, paths[0], body, got)
             finished = True
         nursery.cancel_scope.cancel()
     return finished, body, bytes(got)
@@ -205,21 +237,7 @@ async def _carried(
     ends' paths carried in C too; ``size`` bytes sent over it. Returns
     (whether the stream reached its end, sent, received, counts)."""
     counts = {"relay_handler": 0, "end_handler": 0, "forwarded": 0, "bytes": 0}
-    async with (
-        QUICSocket("127.0.0.1") as a_sock,
-        QUICSocket("127.0.0.1") as r_sock,
-        QUICSocket("127.0.0.1") as b_sock,
-    ):
-        r_server = QUICServer(r_sock, tls_identity("relay"), config=OUTER)
-        a_to_r = await QUICClient(a_sock, tls_identity("a"), config=OUTER).connect(
-            r_sock.local_address
-        )
-        r_from_a = await r_server.accept()
-        b_to_r = await QUICClient(b_sock, tls_identity("b"), config=OUTER).connect(
-            r_sock.local_address
-        )
-        r_from_b = await r_server.accept()
-        cid_a, cid_b = os.urandom(8), os.urandom(8)
+    async with relay_triangle() as t:
 
         def relay_handler(payload: bytes) -> None:
             counts["relay_handler"] += 1  # what the forwards did not take
@@ -228,18 +246,18 @@ async def _carried(
             counts["forwarded"] += datagrams
             counts["bytes"] += size
 
-        r_from_a.on_datagram(relay_handler)
-        r_from_b.on_datagram(relay_handler)
+        t.r_from_a.on_datagram(relay_handler)
+        t.r_from_b.on_datagram(relay_handler)
         forwards = [
-            r_from_a.forward_datagrams(
-                cid_a, r_from_b, cid_b, budget=budget, on_forwarded=forwarded
+            t.r_from_a.forward_datagrams(
+                t.cid_a, t.r_from_b, t.cid_b, budget=budget, on_forwarded=forwarded
             ),
-            r_from_b.forward_datagrams(
-                cid_b, r_from_a, cid_a, budget=budget, on_forwarded=forwarded
+            t.r_from_b.forward_datagrams(
+                t.cid_b, t.r_from_a, t.cid_a, budget=budget, on_forwarded=forwarded
             ),
         ]
-        path_a = a_sock.open_virtual_path(carrier=a_to_r, prefix=cid_a)
-        path_b = b_sock.open_virtual_path(carrier=b_to_r, prefix=cid_b)
+        path_a = t.a_sock.open_virtual_path(carrier=t.a_to_r, prefix=t.cid_a)
+        path_b = t.b_sock.open_virtual_path(carrier=t.b_to_r, prefix=t.cid_b)
 
         def end(path: VirtualPath) -> Callable[[bytes], None]:
             def deliver(data: bytes) -> None:
@@ -248,26 +266,16 @@ async def _carried(
 
             return deliver
 
-        a_to_r.on_datagram(end(path_a))
-        b_to_r.on_datagram(end(path_b))
+        t.a_to_r.on_datagram(end(path_a))
+        t.b_to_r.on_datagram(end(path_b))
 
-        inner_server = QUICServer(b_sock, tls_identity("b-inner"), config=OUTER)
         body = os.urandom(size)
         got = bytearray()
         finished = False
         with trio.move_on_after(seconds):
-            inner = await QUICClient(
-                a_sock, tls_identity("a-inner"), config=INNER
-            ).connect(path_a.address)
-            accepted = await inner_server.accept()
+            _, accepted = await transfer(t.a_sock, t.b_sock, path_a, body, got)
             assert accepted.remote_address == path_b.address
-            stream = await inner.open_stream()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream.send_all_and_eof, body)
-                peer = await accepted.accept_stream()
-                while data := await peer.receive_some():
-                    got += data
-                finished = True
+            finished = True
             counts["inner_in"] = accepted.statistics().datagrams_in
         counts["counted"] = sum(f.counters()[0] for f in forwards)
         counts["sent_by_a"] = path_a.packets_sent

@@ -30,26 +30,28 @@ import pytest
 import trio
 
 from polykey.keys import KeyPair, NodeId, NodeIdentity
-from polykey.nodes import NodeAddress
-from polykey.nodes.signalling import (
+from polykey.nodes import (
     SIGNAL_FINAL,
     SIGNAL_INITIAL,
     ConnectionNotFoundError,
+    NodeAddress,
     NodeIdMissingError,
     NodesConnectionSignalFinal,
     NodesConnectionSignalInitial,
-    RateLimiter,
     RelayVerificationError,
     RequestRateExceededError,
     RequestVerificationError,
     SignalError,
     SignalRequest,
+    request_signal,
+)
+from polykey.nodes._signalling import (
+    RateLimiter,
     address_json,
     b64url_decode,
     b64url_encode,
     relay_data,
     request_data,
-    request_signal,
     verify_final,
 )
 from polykey.rpc import JSONObject, RPCClient, RPCServer, memory_stream_pair

@@ -54,12 +54,11 @@ import trio
 import trio.testing
 
 from . import _binding
-from ._address import for_family, unmap_ipv4
-from ._binding import Address
-from .errors import QuicheError
+from ._address import Address, SockAddr, for_family, unmap_ipv4
+from ._errors import QuicheError
 
 if TYPE_CHECKING:
-    from .connection import QUICConnection
+    from ._connection import QUICConnection
 
 __all__ = ["CID_LEN", "QUICSocket", "SocketStatistics", "StrayWatch", "VirtualPath"]
 
@@ -81,7 +80,7 @@ _FLUSH_ROUNDS: Final = 3
 
 class _InitialHandler(Protocol):
     def handle_initial(
-        self, header: _binding.Header, data: memoryview, address: Address
+        self, header: _binding.Header, data: memoryview, address: SockAddr
     ) -> None: ...
 
 
@@ -111,6 +110,8 @@ class SocketStatistics:
     gso: bool = False
     gro: bool = False
     connections: int = 0
+    #: Virtual paths open (a relayed connection's path, VirtualPath).
+    virtual_paths: int = 0
 
 
 #: Distinct sources one :class:`StrayWatch` keeps (a peer has few mappings).
@@ -127,16 +128,16 @@ class StrayWatch:
 
     def __init__(self, host: str) -> None:
         self.host = unmap_ipv4(host)
-        self.sources: list[tuple[str, int]] = []
+        self.sources: list[Address] = []
         self._lot = trio.lowlevel.ParkingLot()
 
-    def note(self, address: Address) -> None:
+    def note(self, address: SockAddr) -> None:
         source = (unmap_ipv4(str(address[0])), int(address[1]))
         if source not in self.sources and len(self.sources) < MAX_STRAY_SOURCES:
             self.sources.append(source)
             self._lot.unpark_all()
 
-    async def wait_source(self, n: int) -> tuple[str, int]:
+    async def wait_source(self, n: int) -> Address:
         """The ``n``-th source (0-based), waiting until it is seen."""
         while len(self.sources) <= n:
             await self._lot.park()
@@ -166,7 +167,7 @@ class VirtualPath:
     def __init__(
         self,
         socket: QUICSocket,
-        address: Address,
+        address: SockAddr,
         send: Callable[[bytes], bool] | None,
         carrier: QUICConnection | None = None,
         prefix: bytes = b"",
@@ -286,10 +287,10 @@ class QUICSocket:
         self._closed = False
         self._connections: set[QUICConnection] = set()
         self._stray_watches: dict[str, list[StrayWatch]] = {}
-        self._virtual: dict[Address, VirtualPath] = {}
+        self._virtual: dict[SockAddr, VirtualPath] = {}
         self._virtual_next = 0
         self.statistics = SocketStatistics()
-        self.local_address: Address = ()
+        self.local_address: SockAddr = ()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -391,7 +392,7 @@ class QUICSocket:
             self._scratch = bytearray(size)
         return self._scratch
 
-    def normalize_address(self, address: Address) -> Address:
+    def normalize_address(self, address: Address) -> SockAddr:
         """``address`` as this socket's family reports peers: IPv4 becomes
         IPv4-mapped IPv6 on a dual-stack socket."""
         assert self._sock is not None
@@ -446,7 +447,7 @@ class QUICSocket:
             self._process_dirty()
 
     def _dispatch_segments(
-        self, data: memoryview, segment: int, address: Address
+        self, data: memoryview, segment: int, address: SockAddr
     ) -> None:
         """A GRO buffer: packets of one sender, ``segment`` bytes each. Runs
         of short-header packets for one connection go to quiche in one call;
@@ -467,7 +468,7 @@ class QUICSocket:
             self._dispatch(first, address)
             start += segment
 
-    def _dispatch(self, data: memoryview, address: Address) -> None:
+    def _dispatch(self, data: memoryview, address: SockAddr) -> None:
         # quiche decrypts in place: ``data`` is a view of our receive buffer,
         # used up before the next read.
         if data and not data[0] & 0x80:
@@ -513,7 +514,7 @@ class QUICSocket:
             if self._stray_watches:
                 self._note_stray(address)
 
-    def _note_stray(self, address: Address) -> None:
+    def _note_stray(self, address: SockAddr) -> None:
         for watch in self._stray_watches.get(unmap_ipv4(str(address[0])), ()):
             watch.note(address)
 
@@ -531,7 +532,7 @@ class QUICSocket:
             if not watches:
                 del self._stray_watches[watch.host]
 
-    def inject(self, data: memoryview, address: Address) -> None:
+    def inject(self, data: memoryview, address: SockAddr) -> None:
         """Route ``data`` as if it had arrived from ``address`` (a virtual
         path's packet); :meth:`process_input` then acts on it. quiche
         decrypts in place: ``data`` must be the caller's to spend."""
@@ -615,9 +616,10 @@ class QUICSocket:
 
     # -- sending ----------------------------------------------------------------
 
-    def drop_virtual_path(self, address: Address) -> None:
+    def drop_virtual_path(self, address: SockAddr) -> None:
         """Stop sending to the virtual path at ``address`` (it closed)."""
         self._virtual.pop(address, None)
+        self.statistics.virtual_paths = len(self._virtual)
 
     def open_virtual_path(
         self,
@@ -640,9 +642,10 @@ class QUICSocket:
         path = self._virtual[address] = VirtualPath(
             self, address, send, carrier, prefix
         )
+        self.statistics.virtual_paths = len(self._virtual)
         return path
 
-    def send_segments(self, data: memoryview, segment: int, address: Address) -> bool:
+    def send_segments(self, data: memoryview, segment: int, address: SockAddr) -> bool:
         """Send ``data`` as packets of ``segment`` bytes (the last may be
         shorter) to ``address``. Returns False if the kernel's buffer is full
         and nothing was sent; other send errors are counted and swallowed
@@ -695,11 +698,11 @@ class QUICSocket:
         buffer is full."""
         if self._closed or self._sock is None:
             raise trio.ClosedResourceError("the QUIC socket is closed")
-        address = self.normalize_address(address)
+        peer = self.normalize_address(address)
         while True:
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                self._sock.sendto(data, address)
+                self._sock.sendto(data, peer)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._sock)
                 continue

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 from cryptography import x509
 
 from ..keys import CertificateError, NodeId, NodeIdentity, verify_chain
-from .config import PeerVerifier, TLSIdentity
-from .errors import PeerVerificationError, TLSAlert
+from ._config import PeerVerifier, TLSIdentity
+from ._errors import PeerVerificationError, TLSAlert
 
 __all__ = ["node_tls_identity", "node_verifier"]
 

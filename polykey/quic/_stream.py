@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, ClassVar
 import trio
 
 from ._binding import Shutdown
-from .errors import QuicheError, QUICStreamError, StreamReset, StreamStopped
+from ._errors import QuicheError, QUICStreamError, StreamReset, StreamStopped
 
 if TYPE_CHECKING:
-    from .connection import QUICConnection
+    from ._connection import QUICConnection
 
 __all__ = ["QUICStream"]
 

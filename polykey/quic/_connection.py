@@ -42,11 +42,10 @@ import trio
 
 from ..keys import NodeId
 from . import _binding
-from ._binding import Address
+from ._address import SockAddr
 from ._carrier import CarrierRoutes, DatagramForward, ForwardCallback
-from ._state import Deadlines, StreamIds, close_reason
-from .config import PeerVerifier, QUICConfig
-from .errors import (
+from ._config import PeerVerifier, QUICConfig
+from ._errors import (
     CloseKind,
     CloseReason,
     PeerVerificationError,
@@ -54,10 +53,11 @@ from .errors import (
     QuicheError,
     TLSAlert,
 )
-from .stream import QUICStream
+from ._state import Deadlines, StreamIds, close_reason
+from ._stream import QUICStream
 
 if TYPE_CHECKING:
-    from .socket import QUICSocket
+    from ._socket import QUICSocket
 
 __all__ = ["ConnectionStatistics", "QUICConnection"]
 
@@ -94,7 +94,7 @@ class QUICConnection(trio.abc.AsyncResource):
         is_server: bool,
         config: QUICConfig,
         verifier: PeerVerifier | None,
-        remote_address: Address,
+        remote_address: SockAddr,
     ) -> None:
         self._socket = socket
         # For streams, bound here so that each read makes one call, not two:
@@ -127,10 +127,10 @@ class QUICConnection(trio.abc.AsyncResource):
         self._stream_ids = StreamIds(is_server=is_server)
         self._deadlines = Deadlines()
         self._timer_scope: trio.CancelScope | None = None
-        self._pending: tuple[bytes, int, Address] | None = None
+        self._pending: tuple[bytes, int, SockAddr] | None = None
         # What we sent before the peer's first packet, kept only for a dial
         # that re-sends it through a hole punch (see resend_first_flight).
-        self._first_flight: list[tuple[bytes, int, Address]] | None = None
+        self._first_flight: list[tuple[bytes, int, SockAddr]] | None = None
         self._on_datagram: Callable[[bytes], None] | None = None
         # Routes of our datagrams that never reach Python (see _carrier).
         self._carrier_routes: CarrierRoutes | None = None
@@ -398,7 +398,7 @@ class QUICConnection(trio.abc.AsyncResource):
 
     # -- input ----------------------------------------------------------------------
 
-    def datagram_received(self, data: memoryview, address: Address) -> None:
+    def datagram_received(self, data: memoryview, address: SockAddr) -> None:
         """One packet from the socket's reader (``data`` is spent after)."""
         if self._finished:
             return
@@ -418,7 +418,7 @@ class QUICConnection(trio.abc.AsyncResource):
         self._socket.mark_dirty(self)
 
     def segments_received(
-        self, data: memoryview, segment: int, dcid: bytes, address: Address
+        self, data: memoryview, segment: int, dcid: bytes, address: SockAddr
     ) -> int:
         """A run of GRO segments addressed to us; returns bytes consumed."""
         if self._finished:

@@ -35,11 +35,11 @@ its theory of operation in its module:
 
 - :class:`~polykey.nodes._punching.Puncher`: hole punching, both halves
   (the manager is the signalling handlers'
-  :class:`~polykey.nodes.signalling.SignalHost`), and the upgrade of a
+  :class:`~polykey.nodes._signalling.SignalHost`), and the upgrade of a
   relayed connection to a punched one;
 - :class:`~polykey.nodes._relaying.Relaying`: relaying for others, and our
   ends of circuits (the manager is the relay handlers'
-  :class:`~polykey.nodes.relay.RelayHost`);
+  :class:`~polykey.nodes._relay.RelayHost`);
 - :class:`~polykey.nodes._anchors.Anchors`: the connections kept to seeds,
   and where peers see us.
 
@@ -71,6 +71,7 @@ import trio
 
 from ..keys import NodeId, NodeIdentity, bucket_index
 from ..quic import (
+    Address,
     CloseKind,
     CloseReason,
     QUICClient,
@@ -84,26 +85,20 @@ from ..quic import (
 )
 from ..rpc import JSONObject, RPCClient, RPCServer
 from ._address import format_host_port
-from ._anchors import ANCHOR_PING_INTERVAL as ANCHOR_PING_INTERVAL
 from ._anchors import Anchors
-from ._attempts import DEFAULT_ATTEMPT_TIMEOUT as DEFAULT_ATTEMPT_TIMEOUT
-from ._attempts import MIN_ATTEMPT_TIMEOUT as MIN_ATTEMPT_TIMEOUT
 from ._attempts import AttemptTimer
-from ._connection import CLOSE_DUPLICATE, CLOSE_STOPPING, CLOSE_TTL
-from ._connection import Address as Address
-from ._connection import ConnectionPath as ConnectionPath
-from ._connection import NodeConnection as NodeConnection
-from ._connection import NodeConnectionError as NodeConnectionError
-from ._connection import display_address as display_address
-from ._punching import MAX_FORWARDS as MAX_FORWARDS
-from ._punching import MAX_PUNCHES as MAX_PUNCHES
-from ._punching import MAX_PUNCHES_PER_HOST as MAX_PUNCHES_PER_HOST
-from ._punching import PUNCH_DURATION as PUNCH_DURATION
+from ._connection import (
+    CLOSE_DUPLICATE,
+    CLOSE_STOPPING,
+    CLOSE_TTL,
+    ConnectionPath,
+    NodeConnection,
+    NodeConnectionError,
+)
 from ._punching import Puncher
-from ._relaying import RELAYED_PAYLOAD as RELAYED_PAYLOAD
+from ._relay import Circuit, RelayLimits, RelayTable
 from ._relaying import Relaying
-from .relay import Circuit, RelayLimits, RelayTable
-from .signalling import SignalRequest
+from ._signalling import SignalRequest
 
 __all__ = [
     "ConnectionPath",
@@ -582,7 +577,7 @@ class NodeConnectionManager:
         self, node_id: NodeId, signaller: NodeConnection
     ) -> NodeConnection:
         """A verified connection to ``node_id`` through a hole punch that
-        ``signaller`` signals (step 1 and 4 of polykey.nodes.signalling).
+        ``signaller`` signals (step 1 and 4 of polykey.nodes._signalling).
         The caller's cancel scope bounds it; raises NodeConnectionError, or
         the signaller's refusal (an RPCError)."""
         return await self._puncher.connect(node_id, signaller)
@@ -650,7 +645,7 @@ class NodeConnectionManager:
         self._anchors.anchor(node_id, addresses)
 
     @property
-    def reflexive(self) -> list[tuple[str, int]]:
+    def reflexive(self) -> list[Address]:
         """Where peers see us, most recent first."""
         return self._anchors.reflexive
 

@@ -55,7 +55,7 @@ import attrs
 
 from ..keys import NodeId
 from ..rpc import CallContext, JSONObject, JSONValue, UnaryHandler
-from .signalling import (
+from ._signalling import (
     NodeIdMissingError,
     SignalError,
     b64url_decode,
@@ -80,10 +80,12 @@ __all__ = [
     "RelayHost",
     "RelayLimits",
     "RelayMalformedError",
+    "RelayStatistics",
     "RelayTable",
     "ReservationRefusedError",
     "ResourceLimitError",
     "decode_circuit_id",
+    "relay_handlers",
 ]
 
 RELAY_RESERVE: Final = "nodesRelayReserve"

@@ -51,6 +51,7 @@ from typing import Any, ClassVar, Final, Protocol, TypeVar
 import attrs
 
 from ..keys import NodeId, NodeIdentity
+from ..quic import Address
 from ..rpc import (
     CallContext,
     JSONObject,
@@ -60,6 +61,7 @@ from ..rpc import (
     UnaryHandler,
 )
 from ._address import NodeAddress
+from ._errors import InvalidAddressError, NodesError
 from ._wire import (
     JSONMapping,
     SignalFinalParams,
@@ -71,7 +73,6 @@ from ._wire import (
     converter,
     structure,
 )
-from .errors import InvalidAddressError, NodesError
 
 __all__ = [
     "SIGNAL_FINAL",
@@ -306,7 +307,7 @@ class SignalConnection(Protocol):
     """What a signaller needs of its connection to the target."""
 
     @property
-    def address(self) -> tuple[str, int]: ...
+    def address(self) -> Address: ...
 
 
 class SignalHost(Protocol):

@@ -15,11 +15,11 @@ import os
 import trio
 
 from . import _binding
-from ._binding import Address
+from ._address import Address
+from ._config import PeerVerifier, QUICConfig, TLSIdentity
+from ._connection import QUICConnection
+from ._socket import CID_LEN, QUICSocket
 from ._spray import spray_delays
-from .config import PeerVerifier, QUICConfig, TLSIdentity
-from .connection import QUICConnection
-from .socket import CID_LEN, QUICSocket
 
 __all__ = ["QUICClient", "connect"]
 

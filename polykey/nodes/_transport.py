@@ -23,12 +23,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from ..keys import NodeId
+from ..quic import Address
 from ..rpc import RPCClient
 from ._address import NodeAddress, NodeContact
+from ._connections import NodeConnectionError
 from ._failures import PEER_FAILURES
-from .connections import NodeConnectionError
-from .graph import DEFAULT_K
-from .handlers import request_closest_local_nodes, request_ping
+from ._graph import DEFAULT_K
+from ._handlers import request_closest_local_nodes, request_ping
 
 __all__ = [
     "ConnectFunction",
@@ -83,7 +84,7 @@ class _Pool(Protocol):
 
     def get(self, node_id: NodeId) -> Any: ...
 
-    async def connect(self, node_id: NodeId, address: tuple[str, int]) -> Any: ...
+    async def connect(self, node_id: NodeId, address: Address) -> Any: ...
 
 
 class ConnectionTransport:

@@ -17,7 +17,7 @@ had in flight):
   it (:meth:`NodeConnectionManager.connect_punched`); if no punch has
   worked a little later (a symmetric NAT facing a filtering one never
   will), we also connect through it as a relay
-  (:meth:`NodeConnectionManager.connect_relayed`, see polykey.nodes.relay).
+  (:meth:`NodeConnectionManager.connect_relayed`, see polykey.nodes._relay).
   The nodes it lists (the ``alpha`` closest to the target not yet asked)
   are reached at once (pooled, dialled at the address it reports, or
   punched through it) and asked in turn, so the search walks a chain of
@@ -44,14 +44,15 @@ import attrs
 import trio
 
 from ..keys import NodeId
+from ..quic import Address
 from ..rpc import RPCClient
 from ._address import NodeContact
+from ._connections import ConnectionPath
+from ._errors import NodeNotFoundError, OwnNodeIdError
 from ._failures import note_failure
-from .connections import ConnectionPath
-from .errors import NodeNotFoundError, OwnNodeIdError
-from .handlers import request_closest_active_connections
-from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED
-from .manager import NodeManager
+from ._handlers import request_closest_active_connections
+from ._lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED
+from ._manager import NodeManager
 
 __all__ = ["Connector", "FinderStatistics", "Link", "NodeFinder"]
 
@@ -94,7 +95,7 @@ class Connector(Protocol):
     def active(self) -> Sequence[Link]:
         """Every live connection."""
 
-    async def connect(self, node_id: NodeId, address: tuple[str, int]) -> Link:
+    async def connect(self, node_id: NodeId, address: Address) -> Link:
         """Dial ``node_id`` at ``address``."""
 
     async def connect_punched(self, node_id: NodeId, signaller: Any) -> Link:

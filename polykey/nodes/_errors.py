@@ -1,6 +1,6 @@
 """Exceptions of the nodes layer (graph, lookups, node RPC).
 
-Connection failures are reported by the transport (``connections.py`` has
+Connection failures are reported by the transport (``_connections.py`` has
 its own :class:`NodeConnectionError`); what lives here is about the node
 graph, its on-disk store, addresses and lookups.
 """

@@ -43,12 +43,12 @@ import attrs
 import trio
 
 from . import _binding
+from ._address import SockAddr
 from ._admission import Admission, AdmissionLimits, Refusal, address_key
-from ._binding import Address
-from .config import PeerVerifier, QUICConfig, TLSIdentity
-from .connection import QUICConnection
-from .errors import QuicheError
-from .socket import CID_LEN, QUICSocket
+from ._config import PeerVerifier, QUICConfig, TLSIdentity
+from ._connection import QUICConnection
+from ._errors import QuicheError
+from ._socket import CID_LEN, QUICSocket
 
 __all__ = ["QUICServer", "ServerStatistics"]
 
@@ -164,11 +164,11 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
 
     # -- tokens -------------------------------------------------------------------
 
-    def _mac(self, body: bytes, address: Address) -> bytes:
+    def _mac(self, body: bytes, address: SockAddr) -> bytes:
         message = body + repr(tuple(address[:2])).encode()
         return hmac.new(self._key, message, hashlib.sha256).digest()[:_MAC_LEN]
 
-    def _mint_token(self, odcid: bytes, scid: bytes, address: Address) -> bytes:
+    def _mint_token(self, odcid: bytes, scid: bytes, address: SockAddr) -> bytes:
         """A token for a client at ``address`` whose first Initial went to
         ``odcid``, told by our Retry to use ``scid`` next."""
         stamp = struct.pack("!Q", _now_ms())
@@ -176,7 +176,7 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         return body + self._mac(body, address)
 
     def _check_token(
-        self, token: bytes, dcid: bytes, address: Address
+        self, token: bytes, dcid: bytes, address: SockAddr
     ) -> tuple[bytes, bytes] | None:
         """The original DCID and MAC of a token that may admit a connection
         from ``address`` sent to ``dcid``; None (counted) if it may not."""
@@ -213,7 +213,7 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
     # -- new connections ------------------------------------------------------------
 
     def handle_initial(
-        self, header: _binding.Header, data: memoryview, address: Address
+        self, header: _binding.Header, data: memoryview, address: SockAddr
     ) -> None:
         """Called by the socket for an Initial to an unknown connection id, or
         a datagram of at least 1200 bytes naming a version we do not speak."""

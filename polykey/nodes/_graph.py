@@ -49,7 +49,7 @@ import attrs
 
 from ..keys import NodeId
 from ._address import NodeAddress, NodeContact
-from .errors import OwnNodeIdError
+from ._errors import OwnNodeIdError
 
 __all__ = [
     "BUCKET_COUNT",

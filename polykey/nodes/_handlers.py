@@ -10,7 +10,7 @@ Polykey's methods, same names and shapes (src/nodes/agent/handlers):
   ``{"nodeIdEncoded"}``; one ``ActiveConnectionDataMessage`` per node we hold
   a live connection to, the 20 closest to the target.
 * ``nodesConnectionSignalInitial`` and ``nodesConnectionSignalFinal``
-  (unary): hole-punch signalling, see :mod:`polykey.nodes.signalling`.
+  (unary): hole-punch signalling, see :mod:`polykey.nodes._signalling`.
 
 And our extension (Polykey pings by connecting; a pooled connection needs a
 cheap liveness check):
@@ -48,6 +48,7 @@ from ..rpc import (
     UnaryHandler,
 )
 from ._address import NodeContact
+from ._graph import DEFAULT_K, NodeGraph
 from ._messages import (
     ActiveConnection,
     encode_active_connections,
@@ -57,8 +58,7 @@ from ._messages import (
     parse_node_contact_message,
     parse_node_id_message,
 )
-from .graph import DEFAULT_K, NodeGraph
-from .signalling import (
+from ._signalling import (
     SIGNAL_FINAL,
     SIGNAL_INITIAL,
     NodesConnectionSignalFinal,

@@ -45,13 +45,13 @@ import trio
 from ..keys import NodeId
 from ._address import NodeAddress, NodeContact, format_host_port
 from ._attempts import AttemptPolicy
+from ._errors import InvalidAddressError, NodeNotFoundError, OwnNodeIdError
 from ._failures import note_failure
+from ._graph import PING_BATCH, NodeGraph
+from ._lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED, Lookup
 from ._refresh import RefreshSchedule
+from ._transport import NodeTransport
 from ._writer import GraphWriter
-from .errors import InvalidAddressError, NodeNotFoundError, OwnNodeIdError
-from .graph import PING_BATCH, NodeGraph
-from .lookup import DEFAULT_ALPHA, DEFAULT_MAX_CONTACTED, Lookup
-from .transport import NodeTransport
 
 __all__ = [
     "JoinResult",

@@ -1,0 +1,143 @@
+"""``--format json`` of every CLI command keeps the keys docs/cli.md lists,
+in order: the commands run in process against two live nodes, and what
+they print is parsed back."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from polykey import _cli_control as cli
+from polykey.agent import NodeSettings, PolykeyNode
+from polykey.cli import _print_started
+from polykey.keys import NodeId
+
+STATUS = ["status", "pid", "version", "nodeIdEncoded", "host", "port",
+          "startTime", "upTime", "connectionsActive", "nodesTotal", "graphSize",
+          "connections", "reflexive", "behindNat", "relay", "served",
+          "statistics", "control"]  # fmt: skip
+LINK = ["nodeIdEncoded", "host", "port", "path", "outgoing"]
+SERVED = ["rpcCalls", "lookups", "finds"]
+CONTROL = ["clients", "accepted", "refusedBusy", "acceptErrors", "timeouts"]
+ADD = ["nodeIdEncoded", "host", "port", "added", "pinged"]
+FIND = ["nodeIdEncoded", "addresses", "rounds", "foundRound", "queries", "failures"]
+PING = ["nodeIdEncoded", "success", "path", "host", "port", "pooled",
+        "connectMs", "rttMs"]  # fmt: skip
+PING_FAILED = ["nodeIdEncoded", "success", "error"]
+GRAPH_ENTRY = ["nodeIdEncoded", "bucketIndex", "addresses", "lastSeen"]
+CONNECTION = ["nodeIdEncoded", "host", "port", "path", "outgoing", "ageS",
+              "ttlLeftS", "streams", "bytesSent", "bytesReceived", "rttMs"]  # fmt: skip
+STOP = ["status", "pid"]
+DEAD = ["status", "stateDir"]
+CERTIFICATE = ["nodeIdEncoded", "notBefore", "notAfter"]
+KEYS_SHOW = ["nodeIdEncoded", "keyFile", "chainValid", "chainError", "certificates"]
+KEYS_RENEW = ["previousNodeIdEncoded", "nodeIdEncoded", "certificates"]
+STARTED = ["nodeIdEncoded", "host", "port", "seed", "stateDir", "controlSocket",
+           "pid", "metrics", "note"]  # fmt: skip
+
+
+async def run(command: Callable[..., Awaitable[int]], *args: object) -> tuple[int, Any]:
+    out, err = io.StringIO(), io.StringIO()
+    status = await cli.run_command(command, *args[:1], "json", out, *args[1:], err=err)
+    return status, json.loads(out.getvalue())
+
+
+def keys(value: Any) -> list[str]:
+    assert isinstance(value, dict), value
+    return list(value)
+
+
+async def _serve(settings: NodeSettings, task_status: Any) -> None:
+    """A node that runs until ``agent stop`` asks it to stop."""
+    async with PolykeyNode(settings) as node:
+        task_status.started(node)
+        await node.stop_requested.wait()
+
+
+async def test_every_command_prints_the_documented_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            a: PolykeyNode = await nursery.start(
+                _serve, NodeSettings(state_dir=a_dir, host="127.0.0.1", port=0)
+            )
+            b: PolykeyNode = await nursery.start(
+                _serve, NodeSettings(state_dir=b_dir, host="127.0.0.1", port=0)
+            )
+            host, b_port = b.address
+
+            _print_started(a, "json")
+            started = json.loads(capsys.readouterr().out)
+            assert keys(started) == STARTED
+
+            status, added = await run(
+                cli.nodes_add, a_dir, str(b.node_id), host, b_port, True, False
+            )
+            assert status == 0
+            assert keys(added) == ADD
+
+            status, info = await run(cli.agent_status, a_dir)
+            assert status == 0
+            assert keys(info) == STATUS
+            assert [keys(c) for c in info["connections"]] == [LINK]
+            assert all(keys(r) == ["host", "port"] for r in info["reflexive"])
+            assert keys(info["served"]) == SERVED
+            assert keys(info["control"]) == CONTROL
+
+            status, nodes = await run(cli.nodes_getall, a_dir)
+            assert status == 0
+            assert [keys(n) for n in nodes] == [GRAPH_ENTRY]
+            assert [keys(x) for x in nodes[0]["addresses"]] == [["host", "port"]]
+
+            status, connections = await run(cli.nodes_connections, a_dir)
+            assert status == 0
+            assert [keys(c) for c in connections] == [CONNECTION]
+
+            status, pinged = await run(cli.nodes_ping, a_dir, str(b.node_id))
+            assert status == 0
+            assert keys(pinged) == PING  # pooled: no attemptMs
+
+            status, found = await run(cli.nodes_find, a_dir, str(b.node_id))
+            assert status == 0
+            assert keys(found) == FIND
+            assert found["addresses"] == [[host, b_port]]
+            # Our own NodeId: found without a lookup, the same keys.
+            status, own = await run(cli.nodes_find, a_dir, str(a.node_id))
+            assert status == 0
+            assert keys(own) == FIND
+            assert (own["rounds"], own["queries"], own["failures"]) == (0, 0, 0)
+
+            stranger = str(NodeId(bytes(32)))
+            status, missed = await run(cli.nodes_ping, a_dir, stranger)
+            assert status == cli.EX.UNAVAILABLE
+            assert keys(missed) == PING_FAILED
+
+            status, stopped = await run(cli.agent_stop, b_dir)
+            assert status == 0
+            assert keys(stopped) == STOP
+            assert stopped["status"] == "STOPPED"
+            status, dead = await run(cli.agent_status, b_dir)
+            assert status == cli.EX.UNAVAILABLE
+            assert keys(dead) == DEAD
+            status, dead = await run(cli.agent_stop, b_dir)
+            assert status == 0
+            assert keys(dead) == DEAD
+
+            nursery.cancel_scope.cancel()
+
+    status, shown = await run(cli.keys_show, b_dir)
+    assert status == 0
+    assert keys(shown) == KEYS_SHOW
+    assert [keys(c) for c in shown["certificates"]] == [CERTIFICATE]
+    status, renewed = await run(cli.keys_renew, b_dir)
+    assert status == 0
+    assert keys(renewed) == KEYS_RENEW
+    assert [keys(c) for c in renewed["certificates"]] == [CERTIFICATE, CERTIFICATE]
