@@ -361,7 +361,9 @@ def _utc(moment: datetime.datetime) -> str:
 def _certificates(chain: CertChain) -> list[replies.Certificate]:
     return [
         replies.Certificate(
-            str(node_id), _utc(cert.not_valid_before_utc), _utc(cert.not_valid_after_utc)
+            str(node_id),
+            _utc(cert.not_valid_before_utc),
+            _utc(cert.not_valid_after_utc),
         )
         for cert, node_id in zip(chain.certificates, chain.node_ids(), strict=True)
     ]

@@ -81,14 +81,17 @@ def render_metrics(node: PolykeyNode) -> str:
          ({"outcome": "failed"}, server["handshakes_failed"])],
     )  # fmt: skip
     out += _family(
-        "polykey_quic_refused_total", "counter", "new clients refused, by reason",
+        "polykey_quic_refused_total", "counter",
+        "new clients refused, and peers closed for opening too many streams, by reason",
         [({"reason": r}, server[k]) for r, k in (
             ("backlog", "refused_backlog"), ("address_limit", "refused_address_limit"),
             ("bad_token", "bad_tokens"), ("reused_token", "reused_tokens"),
             ("token_dcid_mismatch", "token_dcid_mismatch"),
             ("connections", "refused_connections"),
             ("connections_per_address", "refused_connections_per_address"),
-            ("handshake_rate", "refused_handshake_rate"))],
+            ("handshake_rate", "refused_handshake_rate"))]
+        # Any connection, dialled or accepted: the socket counts them.
+        + [({"reason": "streams"}, socket["refused_streams"])],
     )  # fmt: skip
     out += _family(
         "polykey_quic_retries_sent_total",

@@ -71,7 +71,6 @@ _STREAM_RESET: Final = int(QuicheErrorCode.STREAM_RESET)
 _UINT62_MAX: Final = (1 << 62) - 1
 
 
-
 def quiche_version() -> str:
     """The version of the linked quiche library."""
     return str(ffi.string(lib.quiche_version()).decode())
@@ -610,7 +609,9 @@ class Connection:
         "_to_cache",
     )
 
-    def __init__(self, ptr: Any, config: Config, local: SockAddr, peer: SockAddr) -> None:
+    def __init__(
+        self, ptr: Any, config: Config, local: SockAddr, peer: SockAddr
+    ) -> None:
         if ptr == ffi.NULL:
             raise QuicheError(-6, "connection could not be created")
         self._ptr = ffi.gc(ptr, lib.quiche_conn_free)

@@ -51,6 +51,7 @@ from ._errors import (
     PeerVerificationError,
     QUICConnectionError,
     QuicheError,
+    StreamStopped,
     TLSAlert,
 )
 from ._state import Deadlines, StreamIds, close_reason
@@ -75,6 +76,9 @@ class ConnectionStatistics:
     flushes: int
     send_blocked: int
     streams_open: int
+    #: Streams closed here that quiche may still hold (their last frames not
+    #: yet acknowledged, or stopped by the peer): swept after each input.
+    streams_closing: int
 
 
 class QUICConnection(trio.abc.AsyncResource):
@@ -114,6 +118,8 @@ class QUICConnection(trio.abc.AsyncResource):
         self.peer_certificates: tuple[bytes, ...] = ()
         self.close_reason: CloseReason | None = None
         self._streams: dict[int, QUICStream] = {}
+        # Streams we closed that quiche still holds (see _sweep_closed).
+        self._closed_held: set[int] = set()
         self._incoming: collections.deque[QUICStream] = collections.deque()
         self._accept_lot = trio.lowlevel.ParkingLot()
         self._credit_lot = trio.lowlevel.ParkingLot()
@@ -235,6 +241,7 @@ class QUICConnection(trio.abc.AsyncResource):
             flushes=self._flushes,
             send_blocked=self._send_blocked,
             streams_open=len(self._streams),
+            streams_closing=len(self._closed_held),
         )
 
     # -- datagrams (RFC 9221) -----------------------------------------------------------
@@ -443,6 +450,8 @@ class QUICConnection(trio.abc.AsyncResource):
             if self._on_datagram is not None or self._carrier_routes is not None:
                 self._deliver_datagrams()
             self._deliver_streams()
+            if self._closed_held:
+                self._sweep_closed()
             if self._send_waiters:
                 for stream in list(self._send_waiters):
                     stream.wake_sender()
@@ -514,6 +523,25 @@ class QUICConnection(trio.abc.AsyncResource):
             streams[sid] = stream
             self._incoming.append(stream)
             self._accept_lot.unpark_all()
+
+    def _sweep_closed(self) -> None:
+        # quiche keeps a stream the peer stopped (STOP_SENDING) until the
+        # application touches it again, to hand it the StreamStopped error;
+        # we closed it already and never would, so quiche would keep it for
+        # good, and a stream of the peer's that quiche keeps is one of its
+        # stream credits gone (an RPC client that stops reading after an
+        # error response used them all up in about 1,000 calls). Asking for
+        # its capacity is that touch: quiche then collects it.
+        q = self.quiche
+        done = []
+        for sid in self._closed_held:
+            try:
+                q.stream_capacity(sid)
+            except StreamStopped:
+                pass  # collected now if complete; else seen again next time
+            except QuicheError:
+                done.append(sid)  # collected
+        self._closed_held.difference_update(done)
 
     def _discard(self, sid: int) -> None:
         buf = self._socket.scratch(65536)
@@ -653,6 +681,7 @@ class QUICConnection(trio.abc.AsyncResource):
         for stream in list(self._streams.values()):
             stream.connection_lost()
         self._streams.clear()
+        self._closed_held.clear()
         self._send_waiters.clear()
         self._accept_lot.unpark_all()
         self._credit_lot.unpark_all()
@@ -670,9 +699,13 @@ class QUICConnection(trio.abc.AsyncResource):
     # -- internal interface for streams ------------------------------------------------
 
     def forget_stream(self, stream: QUICStream) -> None:
-        """``stream`` is closed: stop waking it."""
-        if self._streams.get(stream.stream_id) is stream:
-            del self._streams[stream.stream_id]
+        """``stream`` is closed: stop waking it (and sweep it until quiche
+        lets it go, see _sweep_closed)."""
+        sid = stream.stream_id
+        if self._streams.get(sid) is stream:
+            del self._streams[sid]
+            if not self._finished:
+                self._closed_held.add(sid)
 
     def add_send_waiter(self, stream: QUICStream) -> None:
         """Wake ``stream``'s sender after each batch of input, until

@@ -55,7 +55,7 @@ import trio.testing
 
 from . import _binding
 from ._address import Address, SockAddr, for_family, unmap_ipv4
-from ._errors import QuicheError
+from ._errors import CloseKind, QuicheError
 
 if TYPE_CHECKING:
     from ._connection import QUICConnection
@@ -74,6 +74,9 @@ _RECV_BUFFER: Final = 65536
 _GSO_BYTES: Final = 65000
 _SOCKET_BUFFER: Final = 4 * 1024 * 1024
 _GRO_CMSG_SPACE: Final = _stdlib_socket.CMSG_SPACE(4)
+#: The transport error quiche closes a peer with that opened more streams
+#: than we allow (RFC 9000 section 20.1).
+STREAM_LIMIT_ERROR: Final = 0x4
 # Scheduling rounds a flush after input may wait for woken tasks (_flusher).
 _FLUSH_ROUNDS: Final = 3
 
@@ -107,6 +110,9 @@ class SocketStatistics:
     receive_errors: int = 0
     #: Sends that failed outright (unreachable network and the like).
     send_errors: int = 0
+    #: Connections quiche closed with STREAM_LIMIT_ERROR: the peer opened
+    #: more streams than we allow (``initial_max_streams_*``).
+    refused_streams: int = 0
     gso: bool = False
     gro: bool = False
     connections: int = 0
@@ -374,7 +380,15 @@ class QUICSocket:
         self.statistics.connections = len(self._connections)
 
     def remove_connection(self, conn: QUICConnection) -> None:
-        """Forget ``conn`` and every connection id routed to it."""
+        """Forget ``conn`` (ended) and every connection id routed to it."""
+        reason = conn.close_reason
+        if (
+            reason is not None
+            and reason.kind is CloseKind.PROTOCOL
+            and not reason.is_app
+            and reason.code == STREAM_LIMIT_ERROR
+        ):
+            self.statistics.refused_streams += 1
         self._connections.discard(conn)
         for cid in self._route_ids.pop(conn, ()):
             if self._routes.get(cid) is conn:

@@ -172,9 +172,7 @@ async def nodes(
         stop.set()
 
 
-async def a_circuit(
-    a: PolykeyNode, r: PolykeyNode, b: PolykeyNode
-) -> NodeConnection:
+async def a_circuit(a: PolykeyNode, r: PolykeyNode, b: PolykeyNode) -> NodeConnection:
     to_r = await a.connect(r.node_id, r.address)
     b_to_r = await b.connect(r.node_id, r.address)
     assert await b.connections.reserve(b_to_r) is not None

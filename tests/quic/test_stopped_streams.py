@@ -1,0 +1,54 @@
+"""Streams the peer stops (STOP_SENDING) after we are done with them.
+
+quiche keeps such a stream until the application touches it again (to hand
+it the StreamStopped error); a stream of the peer's that quiche keeps is
+one of the peer's stream credits that never comes back. An RPC client that
+gives up reading after an error response stops the stream exactly so, and
+after ``initial_max_streams_bidi`` of those it could open no stream at all
+(the garbage-signalling fuzz: calls unanswered for 15 s, then the connection
+closed as idle).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from polykey.quic import QUICConfig, QUICConnection, QUICStream
+
+from .helpers import open_pair
+
+LIMIT = 10
+
+
+async def _stopped_after_reply(
+    client_conn: QUICConnection, server_conn: QUICConnection
+) -> None:
+    """One exchange: request and FIN; the reply, without FIN; the server
+    closes its side, and the client, having read the reply, stops reading
+    (STOP_SENDING) before the server's FIN is acknowledged."""
+    cs = await client_conn.open_stream()
+    await cs.send_all_and_eof(b"request")
+    ss: QUICStream = await server_conn.accept_stream()
+    while await ss.receive_some():
+        pass
+    await ss.send_all(b"error response")
+    assert await cs.receive_some() == b"error response"
+    stopped = server_conn.quiche.stats().stopped_stream_count_remote
+    # No checkpoint between the two: the server's FIN goes out, and the
+    # client's STOP_SENDING follows before any ACK of it could.
+    ss.close()  # done with it: never touched again
+    cs.close(forceful=True)
+    stats = server_conn.quiche.stats
+    while stats().stopped_stream_count_remote == stopped:  # noqa: ASYNC110
+        await trio.sleep(0.001)
+
+
+async def test_streams_stopped_by_the_peer_give_their_credit_back() -> None:
+    config = QUICConfig(initial_max_streams_bidi=LIMIT)
+    async with open_pair(config) as pair:
+        client_conn, server_conn = await pair.connect()
+        with trio.fail_after(10):
+            # Four times the limit: each stream must come back to the client.
+            for _ in range(4 * LIMIT):
+                await _stopped_after_reply(client_conn, server_conn)
+        assert client_conn.quiche.peer_streams_left_bidi() > 0
