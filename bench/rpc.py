@@ -275,6 +275,10 @@ def main() -> None:
         "--repeat", type=int, help="client runs per metric, median shown (3)"
     )
     parser.add_argument("--tries", type=int, help="first contacts per client run (200)")
+    parser.add_argument(
+        "--rows",
+        help="comma-separated subset of the rows: unary1, unary64, stream, first",
+    )
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument(
@@ -317,7 +321,13 @@ def main() -> None:
     runner = Runner(settings)
     impls = [IMPLS[k] for k in keys]
     rows = []
-    for metric, mode, in_flight, label in METRICS:
+    metrics = METRICS
+    if args.rows:
+        wanted = {r.strip() for r in args.rows.split(",")}
+        if wanted - {m[0] for m in METRICS}:
+            parser.error(f"unknown rows in {args.rows!r}")
+        metrics = [m for m in METRICS if m[0] in wanted]
+    for metric, mode, in_flight, label in metrics:
         cells = runner.run_metric(impls, metric, mode, in_flight)
         rows.append((label, [cells.get(k, "-") for k in keys]))
     elapsed = time.monotonic() - started
