@@ -1,12 +1,14 @@
 """grpcio (grpc.aio) peer for bench/rpc.py (run by it).
 
     python bench/_rpc_grpc.py server --cert C --key K
-    python bench/_rpc_grpc.py client PORT --cert C --mode unary|stream [...]
+    python bench/_rpc_grpc.py client PORT --cert C --mode unary|stream|first [...]
 
 No protoc: generic handlers (``grpc.method_handlers_generic_handler``) whose
 messages are the same JSON objects polykey's RPC carries, serialised with
 ``json`` (as an RPC layer must). HTTP/2 over TLS (the self-signed ECDSA
 certificate), one channel, so the wire is encrypted as QUIC's is.
+``--mode first`` opens a new channel per try (TCP and TLS handshakes, the
+server verified by the client only: no client certificate) for one call.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _util import emit, emit_stream, ready
+from _util import emit, emit_latencies, emit_stream, ready
 
 HOST = "127.0.0.1"
 SERVICE = "bench.Bench"
@@ -110,7 +112,28 @@ async def stream(channel: grpc.aio.Channel, messages: int, max_seconds: float) -
     emit_stream(count, messages, time.perf_counter() - start)
 
 
+async def first_contact(args: argparse.Namespace) -> None:
+    creds = grpc.ssl_channel_credentials(root_certificates=args.cert_pem)
+    times = []
+    for i in range(args.tries):
+        start = time.perf_counter()
+        async with grpc.aio.secure_channel(f"{HOST}:{args.port}", creds) as channel:
+            call = channel.unary_unary(
+                f"/{SERVICE}/Echo",
+                request_serializer=dumps,
+                response_deserializer=loads,
+            )
+            out = await call({"i": i})
+            times.append(time.perf_counter() - start)
+        if out["i"] != i:
+            raise RuntimeError(f"bad echo {out!r}")
+    emit_latencies(times)
+
+
 async def client_main(args: argparse.Namespace) -> None:
+    if args.mode == "first":
+        await first_contact(args)
+        return
     creds = grpc.ssl_channel_credentials(root_certificates=args.cert_pem)
     async with grpc.aio.secure_channel(f"{HOST}:{args.port}", creds) as channel:
         await channel.channel_ready()
@@ -131,6 +154,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=1)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--tries", type=int, default=200)
     args = parser.parse_args()
     args.cert_pem = Path(args.cert).read_bytes()
     args.key_pem = Path(args.key).read_bytes() if args.key else None

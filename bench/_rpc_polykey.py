@@ -1,13 +1,21 @@
 """polykey RPC over polykey QUIC, peer for bench/rpc.py (run by it).
 
     python bench/_rpc_polykey.py server
-    python bench/_rpc_polykey.py client PORT --mode unary|stream [...]
+    python bench/_rpc_polykey.py client PORT --mode unary|stream|first [...]
 
 The server runs one ``RPCServer`` (default settings: timeout middleware on,
 no default timeout) and hands it every stream of every connection with
 ``handle_stream(stream, transport_meta)``; the client makes its calls with
 ``RPCClient(API, stream_factory=conn.open_stream)`` over one connection.
 Both present Ed25519 node certificates and verify each other.
+
+``--mode first`` is first contact, tried ``--tries`` times: each try is a
+fresh node (a new identity and a new socket, no state) that dials the
+server with its NodeId pinned, as a node dials a contact it has only read
+about, and makes one unary call. Timed: from the dial to the reply, which
+needs both sides' verification (the server hands a stream to RPC only
+after it has verified the client). The server's key comes from a fixed
+seed, so the client knows its NodeId without being told.
 """
 
 from __future__ import annotations
@@ -20,9 +28,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
-from _util import emit, emit_stream, ready
+from _util import emit, emit_latencies, emit_stream, ready
 
-from polykey.keys import NodeIdentity
+from polykey.keys import KeyPair, NodeIdentity
 from polykey.quic import (
     QUICClient,
     QUICConnection,
@@ -43,6 +51,8 @@ from polykey.rpc import (
 )
 
 HOST = "127.0.0.1"
+#: The server's key: the first-contact client pins the NodeId it gives.
+SERVER_KEY = KeyPair.from_seed(b"polykey bench rpc server key 32b")
 JSON = dict[str, Any]
 
 
@@ -63,7 +73,7 @@ class API(ClientManifest):
 
 
 async def server(args: argparse.Namespace) -> None:
-    identity = NodeIdentity.generate()
+    identity = NodeIdentity.generate(SERVER_KEY)
 
     async def stop_on_eof(scope: trio.CancelScope) -> None:
         # The driver closes our stdin to stop us.
@@ -147,7 +157,31 @@ async def stream(client: RPCClient[API], messages: int, max_seconds: float) -> N
     emit_stream(count, messages, time.perf_counter() - start)
 
 
+async def first_contact(port: int, tries: int) -> None:
+    times = []
+    server_id = SERVER_KEY.node_id
+    for i in range(tries):
+        # A fresh node: its key and certificate are made before it dials
+        # (not timed: a node makes them once, when it is created).
+        tls = node_tls_identity(NodeIdentity.generate())
+        async with QUICSocket(HOST, 0) as sock:
+            start = time.perf_counter()
+            conn = await QUICClient(sock, tls).connect(
+                (HOST, port), verifier=node_verifier(server_id)
+            )
+            out = await RPCClient(API, conn.open_stream).methods.echo({"i": i})
+            times.append(time.perf_counter() - start)
+            if out["i"] != i:
+                raise RuntimeError(f"bad echo {out!r}")
+            await conn.aclose()
+            sock.nursery.cancel_scope.cancel()
+    emit_latencies(times)
+
+
 async def client_main(args: argparse.Namespace) -> None:
+    if args.mode == "first":
+        await first_contact(args.port, args.tries)
+        return
     identity = NodeIdentity.generate()
     async with QUICSocket(HOST, 0) as sock:
         quic_client = QUICClient(
@@ -172,6 +206,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=1)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--tries", type=int, default=200)
     parser.add_argument("--profile", help="write a cProfile of this process here")
     args = parser.parse_args()
     run = server if args.role == "server" else client_main

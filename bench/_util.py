@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +49,19 @@ def emit_stream(count: int, messages: int, elapsed: float) -> None:
             "seconds": elapsed,
             "per_s": count / elapsed,
             "capped": count < messages,
+        }
+    )
+
+
+def emit_latencies(seconds: list[float]) -> None:
+    """Print a latency client's result: p50 and p95 in ms over its tries."""
+    ms = sorted(t * 1000 for t in seconds)
+    emit(
+        {
+            "count": len(ms),
+            "p50_ms": statistics.median(ms),
+            "p95_ms": ms[min(len(ms) - 1, int(0.95 * len(ms)))],
+            "max_ms": ms[-1],
         }
     )
 

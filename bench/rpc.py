@@ -5,8 +5,11 @@
     .venv/bin/python bench/rpc.py --only polykey,grpc
 
 One run on loopback prints one table: unary calls per second with one call
-in flight and with 64 in flight, and messages per second of one
-server-streaming call. Servers and clients are separate processes (server on
+in flight and with 64 in flight, messages per second of one
+server-streaming call, and first contact: p50 / p95 milliseconds from a
+fresh client's dial to the reply of its one unary call (polykey: a new
+node identity and socket per try, both sides verifying node certificates;
+grpcio: a new channel per try, TLS verifying the server only). Servers and clients are separate processes (server on
 CPU 0, client on CPU 1). See bench/README.md.
 """
 
@@ -46,6 +49,7 @@ class Settings:
     repeat: int
     messages: int
     stream_cap: float
+    tries: int
     pin: bool
     cert: Path
     key: Path
@@ -82,6 +86,8 @@ def _client_options(s: Settings, mode: str, in_flight: int) -> list[str]:
         str(s.messages),
         "--max-seconds",
         str(s.stream_cap),
+        "--tries",
+        str(s.tries),
     ]
 
 
@@ -144,6 +150,7 @@ METRICS = [
     ("unary1", "unary", 1, "unary calls/s, 1 in flight"),
     ("unary64", "unary", 64, "unary calls/s, 64 in flight"),
     ("stream", "stream", 1, "server-streaming messages/s"),
+    ("first", "first", 1, "first contact, p50 / p95 ms"),
 ]
 
 
@@ -193,6 +200,10 @@ class Runner(PeerRunner):
         speed drifts by tens of percent over minutes)."""
         cells: dict[str, str] = {}
         for impl in impls:
+            if mode == "first" and impl.key == "js":
+                # Not built: rpc_peer.mjs has no first-contact client.
+                cells[impl.key] = "-"
+                continue
             t0 = time.monotonic()
             try:
                 results = self.one(impl, metric, mode, in_flight)
@@ -200,12 +211,23 @@ class Runner(PeerRunner):
                 cells[impl.key] = "error"
                 self.notes.append(f"{impl.label} {metric}: {exc}")
                 continue
-            values = sorted(r["per_s"] for r in results)
-            cells[impl.key] = f"{statistics.median(values):,.0f}"
-            if len(values) > 1:
-                self.samples.append(
-                    f"{impl.label} {metric}: " + " / ".join(f"{v:,.0f}" for v in values)
-                )
+            if mode == "first":
+                p50 = statistics.median(r["p50_ms"] for r in results)
+                p95 = statistics.median(r["p95_ms"] for r in results)
+                cells[impl.key] = f"{p50:.2f} / {p95:.2f}"
+                if len(results) > 1:
+                    self.samples.append(
+                        f"{impl.label} {metric} p50: "
+                        + " / ".join(f"{r['p50_ms']:.2f}" for r in results)
+                    )
+            else:
+                values = sorted(r["per_s"] for r in results)
+                cells[impl.key] = f"{statistics.median(values):,.0f}"
+                if len(values) > 1:
+                    self.samples.append(
+                        f"{impl.label} {metric}: "
+                        + " / ".join(f"{v:,.0f}" for v in values)
+                    )
             per_call = [
                 r["datagrams_per_call"] for r in results if "datagrams_per_call" in r
             ]
@@ -252,6 +274,11 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, help="client runs per metric, median shown (3)"
     )
+    parser.add_argument("--tries", type=int, help="first contacts per client run (200)")
+    parser.add_argument(
+        "--rows",
+        help="comma-separated subset of the rows: unary1, unary64, stream, first",
+    )
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument(
@@ -279,6 +306,7 @@ def main() -> None:
         repeat=args.repeat or (1 if quick else 3),
         messages=args.messages or (5_000 if quick else 100_000),
         stream_cap=args.stream_cap or (2.0 if quick else 10.0),
+        tries=args.tries or (30 if quick else 200),
         pin=not args.no_pin and len(os.sched_getaffinity(0)) >= 2,
         cert=cert,
         key=key,
@@ -293,7 +321,13 @@ def main() -> None:
     runner = Runner(settings)
     impls = [IMPLS[k] for k in keys]
     rows = []
-    for metric, mode, in_flight, label in METRICS:
+    metrics = METRICS
+    if args.rows:
+        wanted = {r.strip() for r in args.rows.split(",")}
+        if wanted - {m[0] for m in METRICS}:
+            parser.error(f"unknown rows in {args.rows!r}")
+        metrics = [m for m in METRICS if m[0] in wanted]
+    for metric, mode, in_flight, label in metrics:
         cells = runner.run_metric(impls, metric, mode, in_flight)
         rows.append((label, [cells.get(k, "-") for k in keys]))
     elapsed = time.monotonic() - started
@@ -306,6 +340,7 @@ def main() -> None:
         f"median of {settings.repeat} client runs; "
         f"unary runs {settings.seconds:g} s each, streaming call of "
         f"{settings.messages:,} messages (cap {settings.stream_cap:g} s); "
+        f"{settings.tries} first contacts per client run; "
         f"load average before the run {load:.2f}; whole run {elapsed:.0f} s\n"
     )
     print(f"polykey at {revision}\n")

@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 __all__ = ["ConnectionStatistics", "QUICConnection"]
 
 _CRYPTO_ERROR = 0x100
+#: Small stream writes waiting for company are flushed at once when they
+#: add up to about a packet (quiche sends at most ~1,350 bytes a packet).
+_COALESCE_BYTES = 1200
 
 
 @attrs.frozen
@@ -147,6 +150,8 @@ class QUICConnection(trio.abc.AsyncResource):
         self._timer_fires = 0
         self._flushes = 0
         self._send_blocked = 0
+        # Bytes of small stream writes not flushed yet (flush_small).
+        self._unflushed = 0
 
     def __repr__(self) -> str:
         side = "server" if self.is_server else "client"
@@ -553,8 +558,19 @@ class QUICConnection(trio.abc.AsyncResource):
 
     # -- output -----------------------------------------------------------------------
 
+    def flush_small(self, nbytes: int) -> None:
+        """A stream took a small write of ``nbytes`` that may wait for
+        company: flush now once a packet's worth waits, else within a few
+        scheduling rounds (with the socket's deferred flushes)."""
+        self._unflushed += nbytes
+        if self._unflushed >= _COALESCE_BYTES:
+            self.flush()
+        else:
+            self._socket.flush_later(self)
+
     def flush(self) -> None:
         """Send what quiche has to send now (synchronous)."""
+        self._unflushed = 0
         if self._pending is not None or self._finished:
             return
         socket = self._socket

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["QUICStream"]
 
 _DEFAULT_RECEIVE = 65536
+#: A write at most this long may wait a few rounds for company (see _send).
+_SMALL_WRITE = 1200
 
 
 class _ConflictDetector:
@@ -90,6 +92,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
         self._send_error: BaseException | None = None
         # Set when we reset our own write side (a cancelled send_all).
         self._send_aborted = False
+        # The last thing done on the stream was a small write (see _send).
+        self._writing = False
 
     def __repr__(self) -> str:
         return f"<QUICStream {self.stream_id} of {self._conn!r}>"
@@ -140,6 +144,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 waited = True
                 continue
             n, fin = got
+            self._writing = False
             if fin:
                 self._eof_received = True
             # Reading returns flow-control credit: let quiche announce it, on
@@ -203,11 +208,21 @@ class QUICStream(trio.abc.HalfCloseableStream):
         offset = 0
         total = len(view)
         waited = False
+        # A small write right after another (a server streaming messages)
+        # leaves within a few rounds, with the writes that follow it: one
+        # packet for several messages instead of one each. The first write
+        # after a read (a request, an answer), a FIN and a large write go at
+        # once, so a round trip waits for nothing.
+        coalesce = self._writing and not fin and total <= _SMALL_WRITE
+        self._writing = total <= _SMALL_WRITE
         while offset < total:
             n = self._stream_send(view[offset:], fin)
             if n:
                 offset += n
-                conn.flush()
+                if coalesce:
+                    conn.flush_small(n)
+                else:
+                    conn.flush()
                 continue
             self._check_stream_exists()
             conn.add_send_waiter(self)

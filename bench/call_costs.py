@@ -1,0 +1,202 @@
+"""What one small RPC call costs, counted: trio task steps, scheduler
+rounds (waits for I/O), UDP datagrams and socket syscalls, per unary call
+(1 and 64 in flight) and per server-streamed message, client and server in
+one process on loopback (one core's work: the counts, not a rate).
+
+    .venv/bin/python bench/call_costs.py                 # all three
+    .venv/bin/python bench/call_costs.py --only stream --count 50000
+
+A fixed amount of work per run, so timing the whole process compares two
+builds (``/usr/bin/time -v``); ``--profile FILE`` writes a cProfile of the
+measured part. See docs/quic.md, "Where a small call's time goes".
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+
+from polykey.keys import NodeIdentity
+from polykey.quic import (
+    QUICClient,
+    QUICConnection,
+    QUICServer,
+    QUICSocket,
+    node_tls_identity,
+    node_verifier,
+)
+from polykey.rpc import (
+    CallContext,
+    ClientManifest,
+    RPCClient,
+    RPCServer,
+    ServerCaller,
+    ServerHandler,
+    UnaryCaller,
+    UnaryHandler,
+)
+
+JSON = dict[str, Any]
+
+
+class Echo(UnaryHandler[JSON, JSON]):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        return {"i": params["i"]}
+
+
+class Count(ServerHandler[JSON, JSON]):
+    async def handle(self, params: JSON, ctx: CallContext) -> AsyncIterator[JSON]:
+        for i in range(params["n"]):
+            yield {"i": i}
+
+
+class API(ClientManifest):
+    echo = UnaryCaller[JSON, JSON]()
+    count = ServerCaller[JSON, JSON]()
+
+
+class _Counter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.steps = 0
+        self.rounds = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.rounds += 1
+
+
+class _Syscalls:
+    """Counts the socket methods the QUIC layer calls (sendmsg, sendto,
+    recvmsg_into, recvmmsg-less): wraps them on the sockets' classes."""
+
+    NAMES = ("sendmsg", "sendto", "recvmsg_into", "recvfrom_into", "recv_into")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._saved: dict[str, Callable[..., Any]] = {}
+
+    def __enter__(self) -> _Syscalls:
+        for name in self.NAMES:
+            original = getattr(socket.socket, name)
+            self._saved[name] = original
+            setattr(socket.socket, name, self._wrap(name, original))
+        return self
+
+    def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        counts = self.counts
+
+        def counted(sock: socket.socket, *args: Any) -> Any:
+            counts[name] = counts.get(name, 0) + 1
+            return original(sock, *args)
+
+        return counted
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(socket.socket, name, original)
+
+
+async def _measure(mode: str, count: int, profile: str | None) -> JSON:
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    async with (
+        QUICSocket("127.0.0.1") as sa,
+        QUICSocket("127.0.0.1") as sb,
+        RPCServer({"echo": Echo(), "count": Count()}) as rpc,
+        trio.open_nursery() as nursery,
+    ):
+        server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
+
+        async def serve(conn: QUICConnection) -> None:
+            meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
+            while True:
+                await rpc.handle_stream(await conn.accept_stream(), meta)
+
+        conn = await QUICClient(sa, node_tls_identity(a)).connect(
+            sb.local_address, verifier=node_verifier(b.node_id)
+        )
+        nursery.start_soon(serve, await server.accept())
+        client = RPCClient(API, conn.open_stream)
+        for i in range(50):  # warm up: streams, credit, caches
+            await client.methods.echo({"i": i})
+        await trio.sleep(0.1)  # let the last ACKs go
+
+        def datagrams() -> int:
+            return sa.statistics.datagrams_sent + sb.statistics.datagrams_sent
+
+        counter = _Counter()
+        profiler = cProfile.Profile() if profile else None
+        d0 = datagrams()
+        start = time.perf_counter()
+        with _Syscalls() as syscalls:
+            trio.lowlevel.add_instrument(counter)
+            if profiler is not None:
+                profiler.enable()
+            try:
+                if mode == "stream":
+                    seen = 0
+                    async with client.methods.count({"n": count}) as results:
+                        async for r in results:
+                            assert r["i"] == seen
+                            seen += 1
+                    assert seen == count
+                elif mode == "unary1":
+                    for i in range(count):
+                        assert (await client.methods.echo({"i": i}))["i"] == i
+                else:
+                    limiter = trio.CapacityLimiter(64)
+
+                    async def one(i: int) -> None:
+                        async with limiter:
+                            out = await client.methods.echo({"i": i})
+                            assert out["i"] == i
+
+                    async with trio.open_nursery() as calls:
+                        for i in range(count):
+                            calls.start_soon(one, i)
+            finally:
+                if profiler is not None:
+                    profiler.disable()
+                trio.lowlevel.remove_instrument(counter)
+        elapsed = time.perf_counter() - start
+        if profiler is not None and profile:
+            profiler.dump_stats(profile)
+        sent = datagrams() - d0
+        nursery.cancel_scope.cancel()
+    per = "message" if mode == "stream" else "call"
+    return {
+        "mode": mode,
+        "count": count,
+        "per": per,
+        "us_per": round(elapsed / count * 1e6, 1),
+        "task_steps": round(counter.steps / count, 2),
+        "rounds": round(counter.rounds / count, 2),
+        "datagrams": round(sent / count, 3),
+        "syscalls": {
+            k: round(v / count, 3) for k, v in sorted(syscalls.counts.items())
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated: unary1, unary64, stream")
+    parser.add_argument("--count", type=int, help="calls or messages (2000 / 20000)")
+    parser.add_argument("--profile", help="cProfile of the measured part (one mode)")
+    args = parser.parse_args()
+    modes = args.only.split(",") if args.only else ["unary1", "unary64", "stream"]
+    for mode in modes:
+        count = args.count or (20_000 if mode == "stream" else 2_000)
+        print(json.dumps(trio.run(_measure, mode, count, args.profile)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
