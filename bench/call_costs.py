@@ -18,10 +18,11 @@ import cProfile
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
+from _rpc_polykey import API, JSON, Count, Echo
 
 from polykey.keys import NodeIdentity
 from polykey.quic import (
@@ -32,46 +33,8 @@ from polykey.quic import (
     node_tls_identity,
     node_verifier,
 )
-from polykey.rpc import (
-    CallContext,
-    ClientManifest,
-    RPCClient,
-    RPCServer,
-    ServerCaller,
-    ServerHandler,
-    UnaryCaller,
-    UnaryHandler,
-)
-
-JSON = dict[str, Any]
-
-
-class Echo(UnaryHandler[JSON, JSON]):
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
-        return {"i": params["i"]}
-
-
-class Count(ServerHandler[JSON, JSON]):
-    async def handle(self, params: JSON, ctx: CallContext) -> AsyncIterator[JSON]:
-        for i in range(params["n"]):
-            yield {"i": i}
-
-
-class API(ClientManifest):
-    echo = UnaryCaller[JSON, JSON]()
-    count = ServerCaller[JSON, JSON]()
-
-
-class _Counter(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.steps = 0
-        self.rounds = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps += 1
-
-    def before_io_wait(self, timeout: float) -> None:
-        self.rounds += 1
+from polykey.rpc import RPCClient, RPCServer
+from polykey.testing import SchedulerCounter
 
 
 class _Syscalls:
@@ -132,12 +95,10 @@ async def _measure(mode: str, count: int, profile: str | None) -> JSON:
         def datagrams() -> int:
             return sa.statistics.datagrams_sent + sb.statistics.datagrams_sent
 
-        counter = _Counter()
         profiler = cProfile.Profile() if profile else None
         d0 = datagrams()
         start = time.perf_counter()
-        with _Syscalls() as syscalls:
-            trio.lowlevel.add_instrument(counter)
+        with _Syscalls() as syscalls, SchedulerCounter() as counter:
             if profiler is not None:
                 profiler.enable()
             try:
@@ -165,7 +126,6 @@ async def _measure(mode: str, count: int, profile: str | None) -> JSON:
             finally:
                 if profiler is not None:
                     profiler.disable()
-                trio.lowlevel.remove_instrument(counter)
         elapsed = time.perf_counter() - start
         if profiler is not None and profile:
             profiler.dump_stats(profile)

@@ -10,6 +10,8 @@
   simulated dials, punches and relays, under MockClock. See docs/testing.md.
 - :class:`LossyUDPRelay`: a seeded UDP relay on real sockets that drops,
   duplicates, delays and reorders datagrams, or black-holes a peer.
+- :class:`SchedulerCounter`: counts trio task steps and scheduler rounds,
+  for regression guards counted in events rather than timed.
 - :func:`memory_stream_pair`: two connected in-memory half-closeable streams
   with QUIC-like reset codes (from :mod:`polykey.rpc`), for RPC tests.
 """
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 from ..rpc import MemoryStream, memory_stream_pair
+from ._counting import SchedulerCounter
 from ._nat import (
     Filtering,
     Mapping,
@@ -47,6 +50,7 @@ __all__ = [
     "NatType",
     "NetworkStatistics",
     "RelayStatistics",
+    "SchedulerCounter",
     "SimConnections",
     "SimLink",
     "SimNode",

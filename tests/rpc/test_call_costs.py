@@ -32,6 +32,7 @@ from polykey.quic import (
     node_verifier,
 )
 from polykey.rpc import RPCClient, RPCServer
+from polykey.testing import SchedulerCounter
 
 from .helpers import API, default_manifest, serve_rpc
 
@@ -40,18 +41,6 @@ ROUNDS_PER_CALL = 11.0
 DATAGRAMS_PER_CALL = 4.5
 DATAGRAMS_PER_CALL_64 = 4.6
 DATAGRAMS_PER_STREAMED_MESSAGE = 0.6
-
-
-class _Counter(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.steps = 0
-        self.rounds = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps += 1
-
-    def before_io_wait(self, timeout: float) -> None:
-        self.rounds += 1
 
 
 @asynccontextmanager
@@ -84,14 +73,10 @@ async def test_a_sequential_unary_call_costs_no_more_than_it_did() -> None:
     calls = 200
     with trio.fail_after(30):
         async with _pair() as (client, sa, sb):
-            counter = _Counter()
             before = _datagrams(sa, sb)
-            trio.lowlevel.add_instrument(counter)
-            try:
+            with SchedulerCounter() as counter:
                 for i in range(calls):
                     assert (await client.methods.echo({"i": i}))["echo"] == {"i": i}
-            finally:
-                trio.lowlevel.remove_instrument(counter)
             datagrams = _datagrams(sa, sb) - before
     assert counter.steps / calls <= STEPS_PER_CALL, counter.steps / calls
     assert counter.rounds / calls <= ROUNDS_PER_CALL, counter.rounds / calls
