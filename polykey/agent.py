@@ -370,7 +370,7 @@ class PolykeyNode:
                 graph,
                 QUICNodeTransport(connections),
                 config=settings.nodes,
-                attempts=connections,
+                attempts=connections.attempts,
             )
             self._finder = NodeFinder(manager, connections)
             await nursery.start(connections.run)

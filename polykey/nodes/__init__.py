@@ -20,7 +20,6 @@ from ._anchors import ANCHOR_PING_INTERVAL
 from ._attempts import (
     DEFAULT_ATTEMPT_TIMEOUT,
     MIN_ATTEMPT_TIMEOUT,
-    AttemptPolicy,
     AttemptTimer,
 )
 from ._connection import (
@@ -151,7 +150,6 @@ __all__ = [
     "ActiveConnection",
     "AddResult",
     "Address",
-    "AttemptPolicy",
     "AttemptTimer",
     "Circuit",
     "ConnectFunction",

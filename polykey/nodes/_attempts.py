@@ -8,24 +8,25 @@ policy.
 
 The estimate is TCP's retransmission timer (RFC 6298) applied to whole
 attempts: a smoothed time (gain 1/8) and a smoothed mean deviation (gain
-1/4). A deadline of eight smoothed times alone, as before, stays near its
-floor while a loaded host's attempts swing from milliseconds to seconds,
-so live peers missed it and were evicted; the deviation term follows such
-swings within a few samples. The back-off is per peer: each failure in a
-row doubles that peer's next deadline (up to the ceiling), so a live peer
-that missed one deadline gets a longer one before it is given up, while
-attempts to other peers keep the short one (a dead peer must not make
-every attempt slow, which a global back-off as TCP's would).
+1/4); the deadline is the larger of eight smoothed times and the smoothed
+time plus four deviations. The deviation term sets it only when times are
+spread wider than their mean (one slow attempt among fast ones); what keeps
+live peers from being taken for dead on a loaded host is the back-off,
+which is per peer: each failure in a row doubles that peer's next deadline
+(up to the ceiling), so a live peer that missed one deadline gets a longer
+one before it is given up, while attempts to other peers keep the short
+one (a dead peer must not make every attempt slow, which a global back-off
+as TCP's would). Successful queries and pings are samples too, not only
+dials: they are what the deadline bounds.
 """
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from typing import Final
 
 __all__ = [
     "DEFAULT_ATTEMPT_TIMEOUT",
     "MIN_ATTEMPT_TIMEOUT",
-    "AttemptPolicy",
     "AttemptTimer",
 ]
 
@@ -41,20 +42,6 @@ _DEVIATIONS: Final = 4
 #: Failures in a row past which the back-off grows no more (2**6 times the
 #: base is past any ceiling in use).
 _MAX_BACKOFF_FAILURES: Final = 6
-
-
-class AttemptPolicy(Protocol):
-    """What :class:`~polykey.nodes.NodeManager` needs of whoever keeps the
-    attempt timer (the connection manager, or the simulated network's)."""
-
-    def attempt_timeout(self, ceiling: float = 15.0, failures: int = 0) -> float:
-        """The deadline for one attempt to a peer that has failed
-        ``failures`` times in a row."""
-        ...
-
-    def note_attempt(self, seconds: float) -> None:
-        """An attempt (a query or ping) succeeded after ``seconds``."""
-        ...
 
 
 class AttemptTimer:

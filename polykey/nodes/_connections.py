@@ -25,8 +25,9 @@ the calls in flight on it.
 
 Deadlines of single attempts follow what the network shows:
 :meth:`attempt_timeout` follows the times dials and queries took recently
-and their spread (within bounds, longer for a peer that just failed), so a dead node costs a lookup a fraction of a second on a
-fast network instead of Polykey's 15 s.
+and their spread (within bounds, longer for a peer that just failed), so a
+dead node costs a lookup a fraction of a second on a fast network instead
+of Polykey's 15 s.
 
 The manager's parts
 -------------------
@@ -475,19 +476,18 @@ class NodeConnectionManager:
 
     # -- attempt deadlines ---------------------------------------------------------
 
-    def attempt_timeout(self, ceiling: float = 15.0, failures: int = 0) -> float:
-        """The deadline for one attempt (a dial, a query) to a peer that
-        failed ``failures`` times in a row: from the smoothed time and
-        deviation of the dials and attempts seen, at least
-        :data:`MIN_ATTEMPT_TIMEOUT` (:data:`DEFAULT_ATTEMPT_TIMEOUT` before
-        any), doubled per failure, at most ``ceiling``
-        (see :mod:`~polykey.nodes._attempts`)."""
-        return self._attempts.timeout(ceiling, failures)
+    @property
+    def attempts(self) -> AttemptTimer:
+        """The attempt timer our dials feed; the node manager feeds it the
+        times of its queries and pings, and backs it off per peer."""
+        return self._attempts
 
-    def note_attempt(self, seconds: float) -> None:
-        """A query or ping (which the node manager times) succeeded after
-        ``seconds``: a sample for :meth:`attempt_timeout`, as dials are."""
-        self._attempts.note(seconds)
+    def attempt_timeout(self, ceiling: float = 15.0) -> float:
+        """The deadline for one attempt (a dial, a query): from the smoothed
+        time and deviation of the dials and attempts seen, at least
+        :data:`MIN_ATTEMPT_TIMEOUT` (:data:`DEFAULT_ATTEMPT_TIMEOUT` before
+        any), at most ``ceiling`` (see :mod:`~polykey.nodes._attempts`)."""
+        return self._attempts.timeout(ceiling)
 
     # -- for the parts (puncher, relaying, anchors) ----------------------------------
 

@@ -44,7 +44,7 @@ import trio
 
 from ..keys import NodeId
 from ._address import NodeAddress, NodeContact, format_host_port
-from ._attempts import AttemptPolicy
+from ._attempts import AttemptTimer
 from ._errors import InvalidAddressError, NodeNotFoundError, OwnNodeIdError
 from ._failures import note_failure
 from ._graph import PING_BATCH, NodeGraph
@@ -80,7 +80,7 @@ class NodeManagerConfig:
     #: this, a popular node pings the same live members for every newcomer.
     fresh_interval: float = 60.0
     #: Seconds for one attempt (connect + call) to one node: the ceiling
-    #: when the manager is given an ``attempts`` policy.
+    #: when the manager is given an ``attempts`` timer.
     query_timeout: float = 15.0
     #: Seconds for a whole lookup.
     lookup_timeout: float = 60.0
@@ -169,11 +169,11 @@ class NodeManager:
         config: NodeManagerConfig | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
-        attempts: AttemptPolicy | None = None,
+        attempts: AttemptTimer | None = None,
     ) -> None:
-        """``attempts``, when given (the connection manager, whose
-        :meth:`~polykey.nodes.NodeConnectionManager.attempt_timeout` it is),
-        bounds each ping and query by what attempts have taken and by how
+        """``attempts``, when given (the connection manager's
+        :attr:`~polykey.nodes.NodeConnectionManager.attempts`), bounds each
+        ping and query by what attempts have taken and by how
         often that peer has just failed, instead of ``config.query_timeout``
         alone, which stays the ceiling; every ping and query that succeeds
         is reported to it."""
@@ -471,11 +471,11 @@ class NodeManager:
         failures = backoff
         if node_id is not None:
             failures += self.graph.failures(node_id)
-        return self._attempts.attempt_timeout(ceiling, failures)
+        return self._attempts.timeout(ceiling, failures)
 
     def _note_attempt(self, seconds: float) -> None:
         if self._attempts is not None:
-            self._attempts.note_attempt(seconds)
+            self._attempts.note(seconds)
 
     def _transport_error(self, what: str, node_id: NodeId, exc: BaseException) -> None:
         # A peer's failure is routine; it must never take the node down.

@@ -274,7 +274,7 @@ class NatNetwork:
             config=self.config,
             rng=random.Random(self.rng.getrandbits(64)),
             clock=trio.current_time,
-            attempts=node.connections,
+            attempts=node.connections.attempts,
         )
         node.finder = NodeFinder(node.manager, node.connections)
         self.nodes[node.node_id] = node

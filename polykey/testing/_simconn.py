@@ -91,14 +91,15 @@ class SimConnections:
         if link is not None:
             self._network._close_wire(link.wire)
 
-    def attempt_timeout(self, ceiling: float = 15.0, failures: int = 0) -> float:
+    @property
+    def attempts(self) -> AttemptTimer:
+        """As :attr:`NodeConnectionManager.attempts`."""
+        return self._timer
+
+    def attempt_timeout(self, ceiling: float = 15.0) -> float:
         """As :meth:`NodeConnectionManager.attempt_timeout`: from the times
         direct dials and the manager's attempts took."""
-        return self._timer.timeout(ceiling, failures)
-
-    def note_attempt(self, seconds: float) -> None:
-        """As :meth:`NodeConnectionManager.note_attempt`."""
-        self._timer.note(seconds)
+        return self._timer.timeout(ceiling)
 
     def _adopt(self, link: SimLink) -> bool:
         """Pool ``link`` unless a live one is pooled; a relayed one gives
