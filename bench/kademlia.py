@@ -33,7 +33,7 @@ import trio.testing
 
 from polykey.keys import NodeId
 from polykey.nodes import NodeManagerConfig
-from polykey.testing._network import SimNode, SimulatedNetwork
+from polykey.testing import SimNode, SimulatedNetwork
 
 
 def p95(values: list[int]) -> float:

@@ -1,6 +1,6 @@
 """The packages' API is their ``__init__``, as in trio: every implementation
-module of polykey.quic and polykey.nodes is private, and every name a
-package exports exists."""
+module of polykey's subpackages (quic, nodes, rpc, keys, testing) is private,
+and every name a package exports exists."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from types import ModuleType
 
 import pytest
 
+import polykey.keys
 import polykey.nodes
 import polykey.quic
+import polykey.rpc
+import polykey.testing
 
-PACKAGES = [polykey.quic, polykey.nodes]
+PACKAGES = [polykey.quic, polykey.nodes, polykey.rpc, polykey.keys, polykey.testing]
+SUBPACKAGES = [p.__name__.split(".")[1] for p in PACKAGES]
 ROOT = Path(__file__).parent.parent
 
 
@@ -48,16 +52,24 @@ def test_every_private_modules_all_resolves(module: str) -> None:
     assert missing == []
 
 
+def _package_of(path: Path, root: Path) -> list[str]:
+    """The dotted package ``path`` is in, as a list of names."""
+    return list(path.relative_to(root).parent.parts)
+
+
 def _private_imports(path: Path, root: Path = ROOT) -> list[str]:
-    """Imports in ``path`` of a private module of polykey.quic or
-    polykey.nodes (absolute or relative)."""
+    """Imports in ``path`` of a private module of one of polykey's
+    subpackages other than the one ``path`` belongs to (absolute or
+    relative): a subpackage's modules may use each other, nobody else may."""
+    here = _package_of(path, root)
+    own = here[1] if here[:1] == ["polykey"] and len(here) > 1 else None
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            names = [f"{module}.{a.name}" for a in node.names]
+            base = (node.module or "").split(".") if node.module else []
             if node.level:
-                names = [f"polykey.{name}" for name in names]
+                base = here[: len(here) - node.level + 1] + base
+            names = [".".join([*base, a.name]) for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         else:
@@ -65,7 +77,10 @@ def _private_imports(path: Path, root: Path = ROOT) -> list[str]:
         for name in names:
             parts = name.split(".")
             if (
-                parts[1:2] in (["quic"], ["nodes"])
+                parts[:1] == ["polykey"]
+                and parts[1:2]
+                and parts[1] in SUBPACKAGES
+                and parts[1] != own
                 and parts[2:3]
                 and parts[2][0] == "_"
             ):
@@ -74,25 +89,31 @@ def _private_imports(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def test_the_import_check_finds_what_it_looks_for(tmp_path: Path) -> None:
-    source = tmp_path / "x.py"
+    (tmp_path / "polykey" / "nodes").mkdir(parents=True)
+    source = tmp_path / "polykey" / "nodes" / "_x.py"
     source.write_text(
-        "from polykey.nodes._graph import NodeGraph\n"
+        "from polykey.rpc._codec import encode_json\n"
         "from ..quic import _socket\n"
+        "from ._graph import NodeGraph\n"
+        "from polykey.nodes._lookup import Lookup\n"
         "from polykey.quic import QUICSocket\n"
     )
     found = [line.split(": ", 1)[1] for line in _private_imports(source, tmp_path)]
-    assert found == ["polykey.nodes._graph.NodeGraph", "polykey.quic._socket"]
+    assert found == ["polykey.rpc._codec.encode_json", "polykey.quic._socket"]
+    outside = tmp_path / "bench.py"
+    outside.write_text("from polykey.nodes._graph import NodeGraph\n")
+    found = [line.split(": ", 1)[1] for line in _private_imports(outside, tmp_path)]
+    assert found == ["polykey.nodes._graph.NodeGraph"]
 
 
 def test_callers_import_the_packages_not_their_modules() -> None:
-    # Tests may reach into internals; the rest of the project may not.
+    # Tests may reach into internals; the rest of the project, including the
+    # other subpackages, may not.
     callers = [
         path
         for top in ("polykey", "bench", "examples")
         for path in (ROOT / top).rglob("*.py")
-        if not path.is_relative_to(ROOT / "polykey" / "quic")
-        and not path.is_relative_to(ROOT / "polykey" / "nodes")
-        and "node_modules" not in path.parts
+        if "node_modules" not in path.parts
     ]
     assert len(callers) > 20
     assert [hit for path in callers for hit in _private_imports(path)] == []

@@ -7,6 +7,23 @@ so that our nodes and Polykey's verify each other (see ``_x509`` for how).
 
 from __future__ import annotations
 
+from ._errors import (
+    CertificateChainEmptyError,
+    CertificateChainError,
+    CertificateError,
+    CertificateExpiredError,
+    CertificateIdentityError,
+    CertificateKeyTypeError,
+    CertificateNotYetValidError,
+    CertificateParseError,
+    CertificateSignatureError,
+    CertificateValidityError,
+    KeyFileError,
+    KeysError,
+    NodeIdError,
+    NodeIdMismatchError,
+    NodeSignatureError,
+)
 from ._identity import (
     KeyPair,
     load_key_pair,
@@ -36,23 +53,6 @@ from ._x509 import (
     generate_certificate,
     load_cert_chain,
     save_cert_chain,
-)
-from .errors import (
-    CertificateChainEmptyError,
-    CertificateChainError,
-    CertificateError,
-    CertificateExpiredError,
-    CertificateIdentityError,
-    CertificateKeyTypeError,
-    CertificateNotYetValidError,
-    CertificateParseError,
-    CertificateSignatureError,
-    CertificateValidityError,
-    KeyFileError,
-    KeysError,
-    NodeIdError,
-    NodeIdMismatchError,
-    NodeSignatureError,
 )
 
 __all__ = [

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from ._errors import KeyFileError
 from ._node_id import NodeId
-from .errors import KeyFileError
 
 __all__ = [
     "KeyPair",

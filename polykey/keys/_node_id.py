@@ -20,7 +20,7 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .errors import NodeIdError
+from ._errors import NodeIdError
 
 __all__ = [
     "NODE_ID_BITS",

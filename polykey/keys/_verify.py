@@ -10,7 +10,7 @@ separately and never compares them). The format itself is described in
 Per certificate, in order: DER, Ed25519 key and signature algorithm, CN is
 the key's NodeId, validity at ``now``, node signature. Per link (certificate
 i issued by certificate i+1): issuer name, issuer signature. Each failure
-raises its own :class:`~polykey.keys.errors.CertificateError` subclass.
+raises its own :class:`~polykey.keys.CertificateError` subclass.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from . import _der
-from ._node_id import NodeId
-from .errors import (
+from ._errors import (
     CertificateChainEmptyError,
     CertificateChainError,
     CertificateExpiredError,
@@ -41,6 +40,7 @@ from .errors import (
     NodeIdMismatchError,
     NodeSignatureError,
 )
+from ._node_id import NodeId
 
 __all__ = [
     "MAX_CHAIN_LENGTH",
@@ -285,7 +285,7 @@ def verify_chain(
     NodeIds) the chain is walked from the leaf to the first certificate
     whose NodeId is expected, checking each certificate and each link on the
     way; certificates beyond it are not looked at. Each check failing raises
-    its own :class:`~polykey.keys.errors.CertificateError` subclass.
+    its own :class:`~polykey.keys.CertificateError` subclass.
     """
     if isinstance(expected, NodeId):
         wanted: frozenset[NodeId] | None = frozenset((expected,))

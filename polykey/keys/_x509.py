@@ -47,6 +47,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .. import __version__
 from . import _der
+from ._errors import CertificateParseError, KeyFileError
 from ._identity import KeyPair, write_file_atomic
 from ._node_id import NodeId
 from ._verify import (
@@ -57,7 +58,6 @@ from ._verify import (
     load_certificate,
     verify_chain,
 )
-from .errors import CertificateParseError, KeyFileError
 
 __all__ = [
     "CERT_VERSION",

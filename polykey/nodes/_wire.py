@@ -26,8 +26,7 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from ..keys import NodeId
-from ..keys.errors import NodeIdError
+from ..keys import NodeId, NodeIdError
 from ._address import NodeAddress
 
 __all__ = [
