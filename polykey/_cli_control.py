@@ -3,7 +3,10 @@ printed in the format asked for, and an exit status from sysexits.
 
 Human output is aligned ``key  value`` lines (lists as tables); JSON output
 is the control method's answer, one object per command, with the keys
-docs/cli.md lists. Errors are one line on stderr.
+docs/cli.md lists. Every answer is read through its class in ``_replies``
+(the classes the node built it from), so a malformed answer is one clear
+error, and JSON output is that object written back. Errors are one line on
+stderr.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, TypeVar
 
 import trio
 
@@ -57,6 +60,7 @@ STOP_WAIT: Final = 30.0
 PROGRESS_INTERVAL: Final = 0.25
 
 JSON = dict[str, Any]
+T = TypeVar("T")
 
 
 class CommandError(Exception):
@@ -78,7 +82,7 @@ def _exit_status(error: RPCRemoteError) -> int:
     return EX.SOFTWARE
 
 
-async def _call(state_dir: Path, method: str, params: JSON) -> JSON:
+async def _call_json(state_dir: Path, method: str, params: JSON) -> JSON:
     client = control_client(state_dir)
     try:
         result = await client.unary(method, params)
@@ -96,6 +100,21 @@ async def _call(state_dir: Path, method: str, params: JSON) -> JSON:
         raise CommandError("the node's answer is not an object", EX.SOFTWARE)
     result.pop("metadata", None)
     return result
+
+
+def _read(cls: type[T], method: str, result: JSON) -> T:
+    try:
+        return replies.from_json(cls, result)
+    except replies.MalformedReply as exc:
+        raise CommandError(f"the node's answer to {method} is {exc}", EX.SOFTWARE) from None
+
+
+async def _call(state_dir: Path, method: str, params: JSON, reply: type[T]) -> T:
+    return _read(reply, method, await _call_json(state_dir, method, params))
+
+
+def _print_json(reply: object, out: TextIO) -> None:
+    print(json.dumps(replies.to_json(reply)), file=out)
 
 
 # -- human output -----------------------------------------------------------------
@@ -119,31 +138,30 @@ def _table(
         )
 
 
-def _address(entry: JSON) -> str:
-    return format_host_port(str(entry["host"]), int(entry["port"]))
+def _address(entry: Any) -> str:
+    """``host:port`` of a reply with ``host`` and ``port`` fields."""
+    return format_host_port(entry.host, entry.port)
 
 
-def _status_human(r: JSON, out: TextIO) -> None:
+def _status_human(r: replies.AgentStatus, out: TextIO) -> None:
     rows: list[tuple[str, object]] = [
-        ("status", r["status"]),
-        ("pid", r["pid"]),
-        ("nodeId", r["nodeIdEncoded"]),
+        ("status", r.status),
+        ("pid", r.pid),
+        ("nodeId", r.node_id_encoded),
         ("address", _address(r)),
     ]
-    rows += [("seenAt", _address(seen)) for seen in r.get("reflexive", [])]
+    rows += [("seenAt", _address(seen)) for seen in r.reflexive]
+    serving = "serving" if r.relay.get("serving") else "not serving"
     rows += [
-        ("behindNat", "yes" if r.get("behindNat") else "no"),
-        ("startTime", r["startTime"]),
-        ("upTime", f"{r['upTime']:.0f} s"),
-        ("version", r["version"]),
-        ("connectionsActive", r["connectionsActive"]),
-        ("nodesTotal", r["nodesTotal"]),
-        ("rpcCallsServed", r["served"]["rpcCalls"]),
-        ("lookups", r["served"]["lookups"]),
-        (
-            "relay",
-            f"{r['relay']['mode']}, {'serving' if r['relay']['serving'] else 'not serving'}",
-        ),
+        ("behindNat", "yes" if r.behind_nat else "no"),
+        ("startTime", r.start_time),
+        ("upTime", f"{r.up_time:.0f} s"),
+        ("version", r.version),
+        ("connectionsActive", r.connections_active),
+        ("nodesTotal", r.nodes_total),
+        ("rpcCallsServed", r.served.rpc_calls),
+        ("lookups", r.served.lookups),
+        ("relay", f"{r.relay.get('mode')}, {serving}"),
     ]
     _pairs(rows, out)
 
@@ -153,18 +171,17 @@ def _status_human(r: JSON, out: TextIO) -> None:
 
 async def agent_status(state_dir: Path, output: str, out: TextIO) -> int:
     try:
-        result = await _call(state_dir, "agentStatus", {})
+        result = await _call(state_dir, "agentStatus", {}, replies.AgentStatus)
     except CommandError as exc:
         if exc.status != EX.UNAVAILABLE:
             raise
         if output == "json":
-            dead = replies.NodeNotRunning(state_dir=str(state_dir))
-            print(json.dumps(replies.to_json(dead)), file=out)
+            _print_json(replies.NodeNotRunning(state_dir=str(state_dir)), out)
         else:
             _pairs([("status", "DEAD"), ("stateDir", state_dir)], out)
         return EX.UNAVAILABLE
     if output == "json":
-        print(json.dumps(result), file=out)
+        _print_json(result, out)
     else:
         _status_human(result, out)
     return EX.OK
@@ -172,7 +189,7 @@ async def agent_status(state_dir: Path, output: str, out: TextIO) -> int:
 
 async def agent_stop(state_dir: Path, output: str, out: TextIO) -> int:
     try:
-        result = await _call(state_dir, "agentStop", {})
+        result = await _call(state_dir, "agentStop", {}, replies.AgentStop)
     except CommandError as exc:
         if exc.status != EX.UNAVAILABLE:
             raise
@@ -188,11 +205,13 @@ async def agent_stop(state_dir: Path, output: str, out: TextIO) -> int:
             await trio.sleep(0.05)
     if waited.cancelled_caught:
         raise CommandError(
-            f"the node (pid {result['pid']}) did not stop in {STOP_WAIT:g} s",
+            f"the node (pid {result.pid}) did not stop in {STOP_WAIT:g} s",
             EX.TEMPFAIL,
         )
-    stopped = replies.to_json(replies.AgentStop("STOPPED", result["pid"]))
-    print(json.dumps(stopped) if output == "json" else "Agent stopped", file=out)
+    if output == "json":
+        _print_json(replies.AgentStop("STOPPED", result.pid), out)
+    else:
+        print("Agent stopped", file=out)
     return EX.OK
 
 
@@ -210,23 +229,24 @@ async def nodes_add(
             "ping": ping,
             "force": force,
         },
+        replies.NodesAdd,
     )
     if output == "json":
-        print(json.dumps(result), file=out)
+        _print_json(result, out)
     else:
         pinged = {
             True: "answered",
             False: "did not answer (added anyway)",
             None: "not pinged",
         }
-        if result.get("added", True):
+        if result.added:
             print(
-                f"Added {result['nodeIdEncoded']} at {_address(result)}: {pinged[result['pinged']]}",
+                f"Added {result.node_id_encoded} at {_address(result)}: {pinged[result.pinged]}",
                 file=out,
             )
         else:
             print(
-                f"Not added {result['nodeIdEncoded']}: its bucket is full of live nodes",
+                f"Not added {result.node_id_encoded}: its bucket is full of live nodes",
                 file=out,
             )
     return EX.OK
@@ -240,7 +260,7 @@ async def _with_progress(
     one line of stderr. Quiet when piped or with --format json."""
     err = sys.stderr
     if output != "human" or not err.isatty():
-        return await _call(state_dir, method, params)
+        return await _call_json(state_dir, method, params)
     result: JSON = {}
     failed: CommandError | None = None
     async with trio.open_nursery() as nursery:
@@ -248,7 +268,7 @@ async def _with_progress(
         async def call() -> None:
             nonlocal result, failed
             try:
-                result = await _call(state_dir, method, params)
+                result = await _call_json(state_dir, method, params)
             except CommandError as exc:
                 failed = exc  # raised below, not as an exception group
             nursery.cancel_scope.cancel()
@@ -257,14 +277,16 @@ async def _with_progress(
         while True:
             await trio.sleep(PROGRESS_INTERVAL)
             try:
-                progress = await _call(state_dir, "lookupProgress", {})
+                progress = await _call(
+                    state_dir, "lookupProgress", {}, replies.LookupProgress
+                )
             except CommandError:
                 continue
-            for lookup in progress.get("lookups", []):
-                if lookup["targetNodeIdEncoded"] == target:
+            for lookup in progress.lookups:
+                if lookup.target_node_id_encoded == target:
                     print(
-                        f"\r  round {lookup['rounds']}, {lookup['contacted']} asked,"
-                        f" {lookup['responses']} answered, {lookup['failures']} failed  ",
+                        f"\r  round {lookup.rounds}, {lookup.contacted} asked,"
+                        f" {lookup.responses} answered, {lookup.failures} failed  ",
                         end="",
                         file=err,
                         flush=True,
@@ -276,15 +298,16 @@ async def _with_progress(
 
 
 async def nodes_find(state_dir: Path, output: str, out: TextIO, node_id: str) -> int:
-    result = await _with_progress(
+    answer = await _with_progress(
         state_dir, output, "nodesFind", {"nodeIdEncoded": node_id}, node_id
     )
-    found = bool(result["addresses"])
+    result = _read(replies.NodesFind, "nodesFind", answer)
+    found = bool(result.addresses)
     if output == "json":
-        print(json.dumps(result), file=out)
+        _print_json(result, out)
     elif found:
-        how = f"round {result.get('foundRound')}, {result.get('queries')} asked"
-        for host, port in result["addresses"]:
+        how = f"round {result.found_round}, {result.queries} asked"
+        for host, port in result.addresses:
             print(f"Found node at {format_host_port(host, port)} ({how})", file=out)
     if not found:
         raise CommandError(f"{node_id}: not found", EX.UNAVAILABLE)
@@ -292,39 +315,43 @@ async def nodes_find(state_dir: Path, output: str, out: TextIO, node_id: str) ->
 
 
 async def nodes_ping(state_dir: Path, output: str, out: TextIO, node_id: str) -> int:
-    result = await _with_progress(
+    answer = await _with_progress(
         state_dir, output, "nodesPingNode", {"nodeIdEncoded": node_id}, node_id
     )
+    # One answer, two shapes: told apart by its success key.
+    result: replies.NodesPing | replies.NodesPingFailed
+    if answer.get("success") is True:
+        result = _read(replies.NodesPing, "nodesPingNode", answer)
+    else:
+        result = _read(replies.NodesPingFailed, "nodesPingNode", answer)
     if output == "json":
-        print(json.dumps(result), file=out)
-    elif result["success"]:
+        _print_json(result, out)
+    elif isinstance(result, replies.NodesPing):
         print(
-            f"Node is Active: {_address(result)}, {result['path']},"
-            f" connected in {result['connectMs']:.1f} ms, {result['rttMs']:.1f} ms in all",
+            f"Node is Active: {_address(result)}, {result.path},"
+            f" connected in {result.connect_ms:.1f} ms, {result.rtt_ms:.1f} ms in all",
             file=out,
         )
-    if not result["success"]:
-        raise CommandError(
-            f"{node_id}: not reached: {result.get('error')}", EX.UNAVAILABLE
-        )
+    if isinstance(result, replies.NodesPingFailed):
+        raise CommandError(f"{node_id}: not reached: {result.error}", EX.UNAVAILABLE)
     return EX.OK
 
 
 async def nodes_getall(state_dir: Path, output: str, out: TextIO) -> int:
-    result = await _call(state_dir, "nodesGetAll", {})
+    result = await _call(state_dir, "nodesGetAll", {}, replies.NodesGetAll)
     if output == "json":
-        print(json.dumps(result["nodes"]), file=out)
+        print(json.dumps(replies.to_json(result)["nodes"]), file=out)
         return EX.OK
     _table(
         ("bucket", "nodeId", "address", "lastSeen"),
         [
             (
-                n["bucketIndex"],
-                n["nodeIdEncoded"],
-                ", ".join(_address(a) for a in n["addresses"]),
-                n["lastSeen"],
+                n.bucket_index,
+                n.node_id_encoded,
+                ", ".join(_address(a) for a in n.addresses),
+                n.last_seen,
             )
-            for n in result["nodes"]
+            for n in result.nodes
         ],
         out,
     )
@@ -332,19 +359,19 @@ async def nodes_getall(state_dir: Path, output: str, out: TextIO) -> int:
 
 
 async def nodes_connections(state_dir: Path, output: str, out: TextIO) -> int:
-    result = await _call(state_dir, "nodesConnections", {})
+    result = await _call(state_dir, "nodesConnections", {}, replies.NodesConnections)
     if output == "json":
-        print(json.dumps(result["connections"]), file=out)
+        print(json.dumps(replies.to_json(result)["connections"]), file=out)
         return EX.OK
     _table(
         ("nodeId", "address", "path", "dir", "age s", "ttl s", "streams", "sent", "received", "rtt ms"),
         [
             (
-                c["nodeIdEncoded"], _address(c), c["path"], "out" if c["outgoing"] else "in",
-                f"{c['ageS']:.0f}", None if c["ttlLeftS"] is None else f"{c['ttlLeftS']:.0f}",
-                c["streams"], c["bytesSent"], c["bytesReceived"], c["rttMs"],
+                c.node_id_encoded, _address(c), c.path, "out" if c.outgoing else "in",
+                f"{c.age_s:.0f}", None if c.ttl_left_s is None else f"{c.ttl_left_s:.0f}",
+                c.streams, c.bytes_sent, c.bytes_received, c.rtt_ms,
             )
-            for c in result["connections"]
+            for c in result.connections
         ],
         out,
     )  # fmt: skip
@@ -396,7 +423,7 @@ async def keys_show(state_dir: Path, output: str, out: TextIO) -> int:
         certificates=_certificates(identity.chain),
     )
     if output == "json":
-        print(json.dumps(replies.to_json(shown)), file=out)
+        _print_json(shown, out)
         return EX.OK
     _pairs(
         [("nodeId", shown.node_id_encoded), ("keyFile", shown.key_file),
@@ -424,7 +451,7 @@ async def keys_renew(state_dir: Path, output: str, out: TextIO) -> int:
         certificates=_certificates(new.chain),
     )
     if output == "json":
-        print(json.dumps(replies.to_json(renewed)), file=out)
+        _print_json(renewed, out)
     else:
         print(
             f"Renewed: {old.node_id} -> {new.node_id} (chain of {len(new.chain)})",

@@ -10,16 +10,23 @@ A field marked :data:`OPTIONAL` is left out while it is None (``attemptMs``
 of a ping that found a pooled connection); every other None is a JSON null.
 Counters that are a component's own snapshot (``statistics``, ``relay``)
 stay plain mappings: their keys are the component's.
+
+The CLI reads the node's answers back through the same classes
+(:func:`from_json`), strictly: a key missing or of the wrong JSON type is a
+:class:`MalformedReply` naming the key, never a ``KeyError`` deep in the
+printing code. Keys the classes do not know are ignored, so an older CLI
+reads a newer node's answers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 __all__ = [
     "AgentStatus",
@@ -33,6 +40,7 @@ __all__ = [
     "KeysShow",
     "LookupEntry",
     "LookupProgress",
+    "MalformedReply",
     "NodeLink",
     "NodeNotRunning",
     "NodesAdd",
@@ -43,6 +51,7 @@ __all__ = [
     "NodesPingFailed",
     "ServedCounts",
     "Started",
+    "from_json",
     "to_json",
 ]
 
@@ -50,6 +59,11 @@ __all__ = [
 OPTIONAL: Final = {"omit_if_none": True}
 
 JSON = dict[str, Any]
+T = TypeVar("T")
+
+
+class MalformedReply(ValueError):
+    """A node's answer that does not have the shape its class says."""
 
 
 @attrs.frozen
@@ -276,6 +290,30 @@ def _omitting_none(cls: type, conv: cattrs.Converter) -> Any:
     return unstructure
 
 
+def _renamed_structure(cls: type, conv: cattrs.Converter) -> Any:
+    """The structure function of ``cls``, from camelCase keys."""
+    return make_dict_structure_fn(
+        cls,
+        conv,
+        **{f.name: override(rename=_camel(f.name)) for f in attrs.fields(cls)},  # type: ignore[arg-type]
+    )
+
+
+def _strict(kind: type, accepted: tuple[type, ...]) -> Callable[[Any, type], Any]:
+    """A structure hook that checks the JSON type instead of converting
+    (cattrs' default would make ``str(5)`` of a number)."""
+
+    def structure(value: Any, _: type) -> Any:
+        # bool is an int in Python, never in JSON.
+        if isinstance(value, bool) is not (kind is bool) or not isinstance(
+            value, accepted
+        ):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return kind(value)
+
+    return structure
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter()
     # JSON has arrays, not tuples: an address is [host, port].
@@ -285,6 +323,13 @@ def _make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook_factory(
         attrs.has, lambda cls: _omitting_none(cls, conv)
     )
+    conv.register_structure_hook_factory(
+        attrs.has, lambda cls: _renamed_structure(cls, conv)
+    )
+    conv.register_structure_hook(str, _strict(str, (str,)))
+    conv.register_structure_hook(bool, _strict(bool, (bool,)))
+    conv.register_structure_hook(int, _strict(int, (int,)))
+    conv.register_structure_hook(float, _strict(float, (int, float)))
     return conv
 
 
@@ -297,3 +342,16 @@ def to_json(reply: object) -> JSON:
     out = _converter.unstructure(reply)
     assert isinstance(out, dict)
     return out
+
+
+def from_json(cls: type[T], data: object) -> T:
+    """``data``, a node's answer, read as ``cls``; :class:`MalformedReply`
+    names what is wrong with it."""
+    if not isinstance(data, dict):
+        raise MalformedReply(f"not a {cls.__name__}: not a JSON object")
+    try:
+        return _converter.structure(data, cls)
+    except Exception as exc:  # cattrs' errors, as one line with the JSON keys
+        why = "; ".join(cattrs.transform_error(exc, path=""))
+        why = re.sub(r"\.([a-z_]+)", lambda m: "." + _camel(m[1]), why)
+        raise MalformedReply(f"not a {cls.__name__}: {why}") from None

@@ -61,8 +61,25 @@ async def _serve(settings: NodeSettings, task_status: Any) -> None:
 
 
 async def test_every_command_prints_the_documented_keys(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Every answer is read through its class and written back: what the CLI
+    # prints must be exactly what the node sent.
+    answers: list[Any] = []
+    call_json = cli._call_json
+
+    async def recording(*args: Any) -> Any:
+        answers.append(await call_json(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(cli, "_call_json", recording)
+
+    def sent(printed: Any, key: str | None = None) -> bool:
+        last = answers[-1] if key is None else answers[-1][key]
+        return bool(printed == last)
+
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -83,10 +100,12 @@ async def test_every_command_prints_the_documented_keys(
             )
             assert status == 0
             assert keys(added) == ADD
+            assert sent(added)
 
             status, info = await run(cli.agent_status, a_dir)
             assert status == 0
             assert keys(info) == STATUS
+            assert sent(info)
             assert [keys(c) for c in info["connections"]] == [LINK]
             assert all(keys(r) == ["host", "port"] for r in info["reflexive"])
             assert keys(info["served"]) == SERVED
@@ -95,19 +114,23 @@ async def test_every_command_prints_the_documented_keys(
             status, nodes = await run(cli.nodes_getall, a_dir)
             assert status == 0
             assert [keys(n) for n in nodes] == [GRAPH_ENTRY]
+            assert sent(nodes, "nodes")
             assert [keys(x) for x in nodes[0]["addresses"]] == [["host", "port"]]
 
             status, connections = await run(cli.nodes_connections, a_dir)
             assert status == 0
             assert [keys(c) for c in connections] == [CONNECTION]
+            assert sent(connections, "connections")
 
             status, pinged = await run(cli.nodes_ping, a_dir, str(b.node_id))
             assert status == 0
             assert keys(pinged) == PING  # pooled: no attemptMs
+            assert sent(pinged)
 
             status, found = await run(cli.nodes_find, a_dir, str(b.node_id))
             assert status == 0
             assert keys(found) == FIND
+            assert sent(found)
             assert found["addresses"] == [[host, b_port]]
             # Our own NodeId: found without a lookup, the same keys.
             status, own = await run(cli.nodes_find, a_dir, str(a.node_id))
@@ -119,6 +142,7 @@ async def test_every_command_prints_the_documented_keys(
             status, missed = await run(cli.nodes_ping, a_dir, stranger)
             assert status == cli.EX.UNAVAILABLE
             assert keys(missed) == PING_FAILED
+            assert sent(missed)
 
             status, stopped = await run(cli.agent_stop, b_dir)
             assert status == 0
@@ -141,3 +165,37 @@ async def test_every_command_prints_the_documented_keys(
     assert status == 0
     assert keys(renewed) == KEYS_RENEW
     assert [keys(c) for c in renewed["certificates"]] == [CERTIFICATE, CERTIFICATE]
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "answer", "why"),
+    [
+        (cli.nodes_find, ("x",), {"nodeIdEncoded": "x"}, "required field missing @ .addresses"),
+        (cli.nodes_find, ("x",), [], "not a JSON object"),
+        (cli.agent_stop, (), {"status": "STOPPING", "pid": "12"}, "expected int @ .pid"),
+        (cli.nodes_ping, ("x",), {"success": True, "nodeIdEncoded": "x"}, "NodesPing"),
+        (cli.nodes_ping, ("x",), {"success": 1}, "NodesPingFailed"),
+        (cli.nodes_getall, (), {"nodes": [{"bucketIndex": True}]}, "expected int @ .nodes[0].bucketIndex"),
+    ],
+)  # fmt: skip
+async def test_a_malformed_answer_is_one_line_naming_the_key(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: Callable[..., Awaitable[int]],
+    args: tuple[object, ...],
+    answer: Any,
+    why: str,
+) -> None:
+    async def answering(*_: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return answer
+
+    monkeypatch.setattr(cli, "_call_json", answering)
+    out, err = io.StringIO(), io.StringIO()
+    with trio.fail_after(10):
+        status = await cli.run_command(command, tmp_path, "json", out, *args, err=err)
+    assert status == cli.EX.SOFTWARE
+    assert out.getvalue() == ""
+    [line] = err.getvalue().splitlines()
+    assert line.startswith("polykey: the node's answer to ")
+    assert why in line
