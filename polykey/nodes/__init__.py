@@ -21,6 +21,7 @@ from ._attempts import (
     DEFAULT_ATTEMPT_TIMEOUT,
     MIN_ATTEMPT_TIMEOUT,
     AttemptTimer,
+    DialGate,
 )
 from ._connection import (
     ConnectionPath,
@@ -156,6 +157,7 @@ __all__ = [
     "ConnectionNotFoundError",
     "ConnectionPath",
     "ConnectionTransport",
+    "DialGate",
     "FinderStatistics",
     "GraphWriter",
     "InvalidAddressError",

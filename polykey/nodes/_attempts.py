@@ -18,17 +18,30 @@ one before it is given up, while attempts to other peers keep the short
 one (a dead peer must not make every attempt slow, which a global back-off
 as TCP's would). Successful queries and pings are samples too, not only
 dials: they are what the deadline bounds.
+
+:class:`DialGate` is the other rule both connection pools follow: one
+attempt to reach a node at a time, which callers arriving meanwhile wait
+for and share.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Final, TypeVar
+
+import trio
+
+from ..keys import NodeId
 
 __all__ = [
     "DEFAULT_ATTEMPT_TIMEOUT",
     "MIN_ATTEMPT_TIMEOUT",
     "AttemptTimer",
+    "DialGate",
 ]
+
+T = TypeVar("T")
 
 #: Bounds of one attempt's deadline, and its multiple of the times seen.
 MIN_ATTEMPT_TIMEOUT: Final = 0.5
@@ -81,3 +94,55 @@ class AttemptTimer:
             )
         backoff: float = 2.0 ** min(max(failures, 0), _MAX_BACKOFF_FAILURES)
         return min(ceiling, base * backoff)
+
+
+class DialGate:
+    """At most one attempt to reach each node in flight.
+
+    A caller takes its :meth:`turn`: while an attempt to the node is in
+    flight it waits, then takes the connection that came of it (``pooled``).
+    If there is none, it is its turn, and it makes its attempt inside
+    :meth:`attempt`. When an attempt fails, every waiter wakes and the first
+    to run tries again; the others wait for that one.
+    """
+
+    def __init__(self) -> None:
+        self._in_flight: dict[NodeId, trio.Event] = {}
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._in_flight
+
+    def __len__(self) -> int:
+        """Attempts in flight."""
+        return len(self._in_flight)
+
+    async def turn(self, node_id: NodeId, pooled: Callable[[], T | None]) -> T | None:
+        """The pooled connection to ``node_id`` (after any attempt in flight
+        ends), or None: then the caller attempts, at once, before its next
+        checkpoint."""
+        while True:
+            existing = pooled()
+            if existing is not None:
+                await trio.lowlevel.checkpoint()
+                return existing
+            pending = self._in_flight.get(node_id)
+            if pending is None:
+                # No checkpoint: the caller's attempt must be marked before
+                # anyone else runs, or two would dial.
+                return None
+            await pending.wait()
+
+    @contextlib.contextmanager
+    def attempt(self, node_id: NodeId) -> Iterator[None]:
+        """Within the block an attempt to ``node_id`` is in flight; a block
+        inside another for the same node marks nothing (the outer one is
+        the attempt waiters wait for)."""
+        if node_id in self._in_flight:
+            yield
+            return
+        done = self._in_flight[node_id] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._in_flight[node_id]
+            done.set()

@@ -87,7 +87,7 @@ from ..quic import (
 from ..rpc import JSONObject, RPCClient, RPCServer
 from ._address import format_host_port
 from ._anchors import Anchors
-from ._attempts import AttemptTimer
+from ._attempts import AttemptTimer, DialGate
 from ._connection import (
     CLOSE_DUPLICATE,
     CLOSE_STOPPING,
@@ -195,7 +195,7 @@ class NodeConnectionManager:
         self._on_connection = on_connection
         self._on_disconnect = on_disconnect
         self._pool: dict[NodeId, NodeConnection] = {}
-        self._dialling: dict[NodeId, trio.Event] = {}
+        self._gate = DialGate()
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._attempts = AttemptTimer()
@@ -408,20 +408,11 @@ class NodeConnectionManager:
         ``address``). The caller's cancel scope bounds the attempt."""
         if node_id == self.node_id:
             raise ValueError("a node does not connect to itself")
-        while True:
-            existing = self.get(node_id)
-            if existing is not None:
-                existing.last_used = trio.current_time()
-                await trio.lowlevel.checkpoint()
-                return existing
-            pending = self._dialling.get(node_id)
-            if pending is None:
-                break
-            # If that attempt fails, we try ourselves, unless another of
-            # its waiters woke first and tries already: then we wait again.
-            await pending.wait()
-        done = self._dialling[node_id] = trio.Event()
-        try:
+        existing = await self._gate.turn(node_id, lambda: self.get(node_id))
+        if existing is not None:
+            existing.last_used = trio.current_time()
+            return existing
+        with self._gate.attempt(node_id):
             async with self._dial_limit:
                 self.dials += 1
                 started = trio.current_time()
@@ -432,9 +423,6 @@ class NodeConnectionManager:
                     raise
                 self._attempts.note(trio.current_time() - started)
             return await self.adopt_dialled(conn, started=started)
-        finally:
-            del self._dialling[node_id]
-            done.set()
 
     async def _dial(self, node_id: NodeId, address: Address) -> QUICConnection:
         """Dial ``address`` (a hostname: each address it resolves to, in
@@ -551,15 +539,13 @@ class NodeConnectionManager:
         :meth:`connect` waits for the block's end, and dials only if no
         connection came of it. Nothing is marked where a dial is in flight
         already."""
-        if node_id in self._dialling:
+        with self._gate.attempt(node_id):
             yield
-            return
-        done = self._dialling[node_id] = trio.Event()
-        try:
-            yield
-        finally:
-            del self._dialling[node_id]
-            done.set()
+
+    @property
+    def dials_in_flight(self) -> int:
+        """Attempts to reach a node under way (one per node at most)."""
+        return len(self._gate)
 
     @property
     def dial_limit(self) -> trio.CapacityLimiter:

@@ -14,6 +14,7 @@ from ..nodes import (
     ActiveConnection,
     AttemptTimer,
     ConnectionPath,
+    DialGate,
     NodeAddress,
     SignalRequest,
     format_host_port,
@@ -41,7 +42,7 @@ class SimConnections:
         self._network = network
         self._node = node
         self._pool: dict[NodeId, SimLink] = {}
-        self._dialling: dict[NodeId, trio.Event] = {}
+        self._gate = DialGate()
         self._timer = AttemptTimer()
         self._punch_attempts: set[Attempt] = set()
         self._punching: set[Endpoint] = set()
@@ -92,6 +93,11 @@ class SimConnections:
             self._network._close_wire(link.wire)
 
     @property
+    def dials_in_flight(self) -> int:
+        """Attempts to reach a node under way (one per node at most)."""
+        return len(self._gate)
+
+    @property
     def attempts(self) -> AttemptTimer:
         """As :attr:`NodeConnectionManager.attempts`."""
         return self._timer
@@ -125,19 +131,10 @@ class SimConnections:
         :class:`Unreachable`; the caller's scope bounds it."""
         if node_id == self.node_id:
             raise ValueError("a node does not connect to itself")
-        while True:
-            existing = self.get(node_id)
-            if existing is not None:
-                await trio.lowlevel.checkpoint()
-                return existing
-            pending = self._dialling.get(node_id)
-            if pending is None:
-                break
-            # If that attempt fails, we try ourselves, unless another of
-            # its waiters woke first and tries already: then we wait again.
-            await pending.wait()
-        done = self._dialling[node_id] = trio.Event()
-        try:
+        existing = await self._gate.turn(node_id, lambda: self.get(node_id))
+        if existing is not None:
+            return existing
+        with self._gate.attempt(node_id):
             self.dials += 1
             started = trio.current_time()
             try:
@@ -149,9 +146,6 @@ class SimConnections:
                 raise
             self._timer.note(trio.current_time() - started)
             return link
-        finally:
-            del self._dialling[node_id]
-            done.set()
 
     async def connect_punched(self, node_id: NodeId, signaller: SimLink) -> SimLink:
         """Punch through to ``node_id``, signalled by ``signaller`` (a link

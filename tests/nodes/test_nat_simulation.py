@@ -274,7 +274,7 @@ async def test_the_callers_deadline_ends_everything(
             assert (b.connections.punches == 1) is (stage in ("punch", "relay"))
             assert (a.connections.relayed_dials == 1) is (stage == "relay")
             assert a.connections.get(b.node_id) is None
-            assert not a.connections._dialling
+            assert a.connections.dials_in_flight == 0
             assert not a.connections._punch_attempts
             # What the far ends started (B's punch, the seed's signal) ends
             # by its own deadline, and no link appears late.
