@@ -4,7 +4,8 @@ SIGKILLs while nodes are added, and a 100-node network on loopback.
 
 Run by hand: ``.venv/bin/python bench/hardening.py [--quick]``. Each
 section starts its own ``python -m polykey node`` (the scale section runs
-its nodes in this process); everything else comes from this process over
+its nodes in this process, or with ``--processes`` one process a node);
+everything else comes from this process over
 real sockets. Progress goes to stderr; node logs stay in the directory
 printed at the end. bench/README.md says what each figure means.
 """
@@ -486,6 +487,104 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
     )
 
 
+async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
+    """The scale run with one ``python -m polykey node`` a node, driven
+    over their control sockets: what a network of separate hosts does,
+    without one Python process's event loop serving 100 nodes in turn."""
+    rng = random.Random(args.seed)
+    nodes: list[LiveNode] = []
+
+    async def joined(node: LiveNode) -> None:
+        with trio.fail_after(300):
+            # The node's log is another process's file: polled.
+            while "joined through" not in node.log.read_text(errors="replace"):  # noqa: ASYNC110
+                await trio.sleep(0.5)
+
+    try:
+        started = trio.current_time()
+        seed = await LiveNode.start(work / "pscale-seed", work / "pscale-seed.log", *LOOPBACK_FLAGS)
+        nodes.append(seed)
+        seed_flag = f"{seed.node_id}@{seed.address[0]}:{seed.address[1]}"
+        starting = trio.CapacityLimiter(4)
+
+        async def start(i: int) -> None:
+            async with starting:
+                flags = ("--seed", seed_flag, *LOOPBACK_FLAGS)
+                log = work / f"pscale{i}.log"
+                nodes.append(await LiveNode.start(work / f"pscale{i}", log, *flags))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(args.nodes - 1):
+                nursery.start_soon(start, i)
+        all_started = trio.current_time() - started
+        say(f"scale: {len(nodes)} node processes started in {all_started:.1f} s")
+        async with trio.open_nursery() as nursery:
+            for node in nodes[1:]:
+                nursery.start_soon(joined, node)
+        converge = trio.current_time() - started
+        say(f"scale: {len(nodes)} nodes joined in {converge:.1f} s")
+
+        results: list[tuple[bool, int]] = []
+        why: dict[str, int] = {}
+        limiter = trio.CapacityLimiter(16)
+
+        async def find(a: LiveNode, b: LiveNode) -> None:
+            async with limiter:
+                try:
+                    result = await a.call("nodesFind", {"nodeIdEncoded": str(b.node_id)}, 90)
+                except Exception as exc:
+                    why[type(exc).__name__] = why.get(type(exc).__name__, 0) + 1
+                    results.append((False, 0))
+                    return
+                ok = [b.address[0], b.address[1]] in result["addresses"]
+                if not ok:
+                    say(f"scale: {a.log.stem} did not find {b.log.stem}: {result}")
+                    key = "wrong address" if result["addresses"] else "not found"
+                    if not result["addresses"] and result["failures"]:
+                        key += " (with failed queries)"
+                    why[key] = why.get(key, 0) + 1
+                results.append((ok, result["rounds"]))
+                if len(results) % 200 == 0:
+                    say(f"scale: {len(results)} finds")
+
+        finds_started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for a in nodes:
+                others = [b for b in nodes if b is not a]
+                for b in rng.sample(others, min(args.finds, len(others))):
+                    nursery.start_soon(find, a, b)
+        finds_took = trio.current_time() - finds_started
+        statuses = [await n.status() for n in nodes]
+        graph_sizes = sorted(s["nodesTotal"] for s in statuses)
+        evicted = sum(s["statistics"]["manager"]["evictions"] for s in statuses)
+        removed = sum(s["statistics"]["manager"]["removed_failing"] for s in statuses)
+        failed_queries = sum(s["statistics"]["manager"]["query_failures"] for s in statuses)
+        errors = sum(s["statistics"]["manager"]["transport_errors"] for s in statuses)
+        deadlines = sorted(s["statistics"]["attempt_timeout"] for s in statuses)
+        say(f"scale: {failed_queries} queries failed, {errors} of them with an error; attempt deadlines {deadlines}")
+        tracebacks = sum(n.tracebacks() for n in nodes)
+        say("scale: stopping the nodes")
+    finally:
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for node in nodes:
+                    nursery.start_soon(node.stop)
+    ok = sum(1 for r in results if r[0])
+    rounds = [float(r[1]) for r in results if r[0]]
+    return (
+        f"scale: {args.nodes} node processes, {args.finds} finds each",
+        [
+            str(len(results)),
+            f"{len(results) - ok} not found",
+            f"all started in {all_started:.1f} s, joined in {converge:.1f} s; success {ok / len(results) * 100:.1f}%; "
+            f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
+            f"finds took {finds_took:.1f} s; graph sizes {graph_sizes[0]}.."
+            f"{graph_sizes[-1]}; {evicted} evictions, {removed} removed after "
+            f"failing; {tracebacks} tracebacks logged; failures: {why}",
+        ],
+    )
+
+
 async def stall(args: argparse.Namespace) -> Row:
     # bench/graph_stall.py's measure, once: a burst of 1,000 adds with the
     # writer off the loop.
@@ -520,6 +619,11 @@ async def main() -> None:
     parser.add_argument("--kills", type=int)
     parser.add_argument("--nodes", type=int)
     parser.add_argument("--finds", type=int)
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="scale: one node process a node, not all nodes in this process",
+    )
     args = parser.parse_args()
     defaults = {
         "fuzz": (100_000, 2_000),
@@ -554,6 +658,8 @@ async def main() -> None:
                 rows.append(await soak(args, work))
             elif section == "crash":
                 rows.append(await crash(args, work))
+            elif section == "scale" and args.processes:
+                rows.append(await scale_processes(args, work))
             elif section == "scale":
                 rows.append(await scale(args, work))
             else:

@@ -179,14 +179,17 @@ class NodeFinder:
     # -- direct ------------------------------------------------------------------
 
     async def _dial_known(self, contact: NodeContact) -> Link | None:
+        # The peer's own deadline (longer after failures), and a failure
+        # that counts as the manager's do: the lookup that may follow then
+        # backs off instead of spending a second short deadline on it.
+        node_id = contact.node_id
         for address in contact.addresses:
-            with trio.move_on_after(self._attempt()):
+            with trio.move_on_after(self.manager.attempt_deadline(node_id)):
                 try:
-                    return await self.connections.connect(
-                        contact.node_id, address.as_tuple()
-                    )
+                    return await self.connections.connect(node_id, address.as_tuple())
                 except Exception as exc:
-                    self._failed("dial", contact.node_id, exc)
+                    self._failed("dial", node_id, exc)
+        self.manager.note_unreachable(node_id)
         return None
 
     async def _direct(self, node_id: NodeId, won: Callable[[Link], None]) -> None:

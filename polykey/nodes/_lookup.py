@@ -23,7 +23,10 @@ response are read; anything that is not a :class:`NodeContact`, has no
 address, is our own NodeId, or is already a candidate is ignored (counted in
 :attr:`ignored`). Unverified contacts never reach the node graph: only nodes
 that answer a query are reported to it (by the driver). A contact for the
-target that failed may be retried once per new address set, at most twice.
+target that failed may be retried once per new address set, at most twice;
+and in ``find`` mode once more when the driver says its failure may pass
+(``on_failure(retry=True)``: the manager says so of a first timeout, and
+backs off the retry's deadline).
 
 Rounds: a candidate from the local graph has depth 0, one first named in
 the answer to a round-``r`` query has depth ``r``; querying a depth-``d``
@@ -114,6 +117,7 @@ class Lookup:
         # Sorted by (distance, tie) for selection; distances are unique per id.
         self._order: list[_Candidate] = []
         self._target_retries = 0
+        self._target_asked_again = False
         self.in_flight = 0
         self.contacted = 0
         self.responses = 0
@@ -247,14 +251,24 @@ class Lookup:
                 continue
             self._add(contact, depth)
 
-    def on_failure(self, node_id: NodeId) -> None:
-        """``node_id`` did not answer (unreachable, timed out, bad reply)."""
+    def on_failure(self, node_id: NodeId, *, retry: bool = False) -> None:
+        """``node_id`` did not answer (unreachable, timed out, bad reply).
+        ``retry``: in find mode, ask the target once more (once a lookup)."""
         candidate = self._waiting(node_id)
         if candidate is None:
             return
-        candidate.state = _State.FAILED
         self.in_flight -= 1
         self.failures += 1
+        if (
+            retry
+            and self.find
+            and candidate.distance == 0
+            and not self._target_asked_again
+        ):
+            self._target_asked_again = True
+            candidate.state = _State.NEW
+            return
+        candidate.state = _State.FAILED
 
     # -- results --------------------------------------------------------------
 

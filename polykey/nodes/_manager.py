@@ -341,7 +341,10 @@ class NodeManager:
         if result.status == "full":
             self._queue(result.bucket, contact.node_id, contact.addresses)
 
-    def _failed(self, node_id: NodeId) -> None:
+    def note_unreachable(self, node_id: NodeId) -> None:
+        """An attempt to reach ``node_id`` failed (a query, a ping, or the
+        finder's dial): its next deadline doubles, and after
+        ``max_failures`` in a row it leaves the graph."""
         if self.graph.mark_failed(node_id) >= self.config.max_failures:
             self.graph.remove(node_id)
             self._stats.removed_failing += 1
@@ -500,7 +503,7 @@ class NodeManager:
         if ok:
             self._seen(NodeContact(node_id, addresses))
         else:
-            self._failed(node_id)
+            self.note_unreachable(node_id)
         return ok
 
     def closest_local(
@@ -569,7 +572,16 @@ class NodeManager:
         self._stats.queries += 1
         answer: Sequence[NodeContact] | None = None
         started = trio.current_time()
-        with trio.move_on_after(self.attempt_deadline(contact.node_id)):
+        # A find asks its target once more, backed off, when the first ask
+        # timed out and nothing had failed to reach it before: one slow
+        # answer (a loaded peer) must not lose the find, and a target known
+        # to be failing costs no second deadline.
+        retry = (
+            machine.find
+            and contact.node_id == machine.target
+            and not self.graph.failures(contact.node_id)
+        )
+        with trio.move_on_after(self.attempt_deadline(contact.node_id)) as scope:
             try:
                 found = await self.transport.closest_nodes(
                     contact.node_id, contact.addresses, machine.target
@@ -581,8 +593,8 @@ class NodeManager:
                 self._transport_error("query", contact.node_id, exc)
         if answer is None:
             self._stats.query_failures += 1
-            machine.on_failure(contact.node_id)
-            self._failed(contact.node_id)
+            machine.on_failure(contact.node_id, retry=retry and scope.cancelled_caught)
+            self.note_unreachable(contact.node_id)
         else:
             machine.on_response(contact.node_id, answer)
             self._seen(contact)
@@ -636,7 +648,7 @@ class NodeManager:
                     ", ".join(format_host_port(a.host, a.port) for a in seed.addresses),
                     why.get(seed.node_id, "unreachable"),
                 )
-                self._failed(seed.node_id)
+                self.note_unreachable(seed.node_id)
         self_lookup = await self._self_lookup()
         refreshed: list[int] = []
         nonempty = self.graph.nonempty_buckets()

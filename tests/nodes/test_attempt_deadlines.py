@@ -145,3 +145,52 @@ async def test_query_times_feed_the_deadline(
     # Smoothed time 0.1 s with a deviation of about 0.15 s: 8 x 0.1 s alone
     # would be 0.8 s; the deviation term makes it past 0.8 s.
     assert after > 0.8
+
+
+async def test_a_find_asks_its_slow_target_once_more_backed_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One late answer (a loaded target) must not lose a find: the target's
+    first timeout earns one more ask at twice the deadline. A dead target
+    costs those two deadlines and no more; one already failing, only its
+    backed-off one."""
+    rng = random.Random(10)
+
+    def alone_with(target: NodeId, delay: float | None) -> NodeManager:
+        graph = NodeGraph(OWN)
+        graph.add(target, addr(1), 0.0)
+        return NodeManager(
+            graph,
+            SlowTransport({target: delay}),
+            config=QUIET,
+            clock=trio.current_time,
+            attempts=fast_network(),
+        )
+
+    slow, dead, failing = (id_in_bucket(OWN, 150 + i, rng) for i in range(3))
+    with trio.fail_after(60):
+        manager = alone_with(slow, 0.8)
+        start = trio.current_time()
+        found = await manager.find(slow)
+        assert found.found is not None
+        assert found.found.node_id == slow
+        assert (found.queries, found.failures) == (2, 1)
+        # The first ask ended at 0.5 s, the second was answered 0.8 s later.
+        assert trio.current_time() - start == pytest.approx(0.5 + 0.8)
+        assert manager.graph.failures(slow) == 0
+
+        manager = alone_with(dead, None)
+        start = trio.current_time()
+        missed = await manager.find(dead)
+        assert missed.found is None
+        assert (missed.queries, missed.failures) == (2, 2)
+        assert trio.current_time() - start == pytest.approx(0.5 + 1.0)
+        assert manager.graph.failures(dead) == 2
+
+        manager = alone_with(failing, None)
+        manager.note_unreachable(failing)
+        start = trio.current_time()
+        missed = await manager.find(failing)
+        assert missed.found is None
+        assert (missed.queries, missed.failures) == (1, 1)
+        assert trio.current_time() - start == pytest.approx(1.0)

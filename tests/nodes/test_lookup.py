@@ -134,6 +134,24 @@ def test_target_failing_is_retried_at_a_new_address_only() -> None:
     assert lookup.found is not None
 
 
+def test_a_find_asks_its_target_again_once_when_the_driver_says_so() -> None:
+    lookup = Lookup(OWN, TARGET, [contact(TARGET, 1), contact(near(9), 2)], find=True)
+    assert [q.node_id for q in lookup.next_queries()] == [TARGET, near(9)]
+    lookup.on_failure(TARGET, retry=True)
+    assert [q.node_id for q in lookup.next_queries()] == [TARGET]
+    assert (lookup.contacted, lookup.failures) == (3, 1)
+    lookup.on_failure(TARGET, retry=True)  # once a lookup
+    assert lookup.next_queries() == []
+    assert lookup.is_failed(TARGET)
+    # Only the target, only in find mode.
+    for find, failing in ((True, near(9)), (False, TARGET)):
+        lookup = Lookup(OWN, TARGET, [contact(TARGET, 1), contact(near(9), 2)], find=find)
+        lookup.next_queries()
+        lookup.on_failure(failing, retry=True)
+        assert lookup.next_queries() == []
+        assert lookup.is_failed(failing)
+
+
 def test_bad_answers_do_not_corrupt_anything() -> None:
     lookup = Lookup(OWN, TARGET, [contact(near(50), 1)], k=10, alpha=1)
     (q,) = lookup.next_queries()

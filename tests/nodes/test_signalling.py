@@ -4,6 +4,7 @@ loopback (initiator, signaller and target; bad input at each)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -297,6 +298,7 @@ async def test_the_signaller_refuses_bad_requests_with_polykeys_errors(
             assert info.value.remote_type == "ErrorRPCInvalidParams"
             # A flood: 20 pass, then the bucket is empty; others still served.
             outcomes: list[str] = []
+            flood_started = trio.current_time()
             for _ in range(40):
                 try:
                     address = await signal(
@@ -309,7 +311,12 @@ async def test_the_signaller_refuses_bad_requests_with_polykeys_errors(
                     outcomes.append("ok")
             refused = outcomes.count("ErrorNodeConnectionManagerRequestRateExceeded")
             assert refused + outcomes.count("ok") == 40
-            assert 15 <= refused <= 25
+            # 20 tokens, 10 more a second: what passes depends on how long
+            # the flood took (seconds on a loaded machine).
+            took = trio.current_time() - flood_started
+            passed_at_most = 20 + math.ceil(10 * took)
+            assert 15 <= outcomes.count("ok") <= passed_at_most
+            assert refused >= 40 - passed_at_most
             to_b = b64url_encode(
                 m.identity.key_pair.sign(request_data(m.node_id, b.node_id))
             )
