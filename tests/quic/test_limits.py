@@ -3,9 +3,15 @@ address: the pure bookkeeping, then each limit biting on real sockets."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
+import pytest
 import trio
 
 from polykey.quic import QUICClient, QUICConfig, QUICConnection, QUICServer, QUICSocket
@@ -75,10 +81,10 @@ Address = tuple[str, int]
 
 @asynccontextmanager
 async def limited_server(
-    config: QUICConfig,
+    config: QUICConfig, host: str = "127.0.0.1"
 ) -> AsyncIterator[tuple[QUICServer, Address, AsyncExitStack]]:
     async with (
-        QUICSocket("127.0.0.1") as ss,
+        QUICSocket(host) as ss,
         trio.open_nursery() as nursery,
         AsyncExitStack() as clients,
     ):
@@ -209,3 +215,49 @@ async def test_no_unidirectional_streams_offered_bidirectional_ones_work() -> No
         await cs.send_all(b"bidi")
         with trio.fail_after(5):
             assert await ss.receive_some() == b"bidi"
+
+
+#: Addresses of the namespace's loopback: two hosts of one /64 beside the
+#: server's, and one of the next /64.
+V6_SERVER = "2001:db8:1:2::1"
+V6_SAME_64 = ("2001:db8:1:2::10", "2001:db8:1:2:ffff::11", "2001:db8:1:2::12")
+V6_OTHER_64 = "2001:db8:1:3::10"
+_IN_NAMESPACE = "POLYKEY_TEST_V6_NAMESPACE"
+
+
+async def test_an_ipv6_slash_64_is_one_address_on_real_sockets() -> None:
+    """Hosts of one /64 share one per-address limit; the next /64 has its
+    own. Real sockets need real IPv6 addresses: the test runs itself again
+    inside a network namespace whose loopback has them."""
+    if os.environ.get(_IN_NAMESPACE):
+        config = QUICConfig(max_connections_per_address=2)
+        with trio.fail_after(30):
+            async with limited_server(config, V6_SERVER) as (server, address, clients):
+                for host in V6_SAME_64[:2]:
+                    assert await dial(clients, host, address) is not None
+                assert await dial(clients, V6_SAME_64[2], address, within=1) is None
+                assert server.statistics.refused_connections_per_address >= 1
+                assert await dial(clients, V6_OTHER_64, address) is not None
+                assert server.statistics.connections == 3
+        return
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and `ip` for a network namespace")
+    namespace = f"pkv6-{os.getpid()}"
+    ip = ["ip", "-n", namespace]
+    await trio.run_process(["ip", "netns", "add", namespace])
+    try:
+        await trio.run_process([*ip, "link", "set", "lo", "up"])
+        for host in (V6_SERVER, *V6_SAME_64, V6_OTHER_64):
+            await trio.run_process([*ip, "addr", "add", f"{host}/64", "dev", "lo", "nodad"])
+        here = f"{Path(__file__).relative_to(Path.cwd())}::{sys._getframe().f_code.co_name}"
+        with trio.fail_after(60):
+            inner = await trio.run_process(
+                ["ip", "netns", "exec", namespace, sys.executable, "-m", "pytest",
+                 "-q", "-p", "no:cacheprovider", here],
+                env={**os.environ, _IN_NAMESPACE: "1"},
+                capture_stdout=True, stderr=subprocess.STDOUT, check=False,
+            )  # fmt: skip
+        assert inner.returncode == 0, inner.stdout.decode(errors="replace")
+        assert b"1 passed" in inner.stdout
+    finally:
+        await trio.run_process(["ip", "netns", "del", namespace], check=False)
