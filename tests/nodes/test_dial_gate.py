@@ -15,7 +15,8 @@ A, B = NodeId(bytes(32)), NodeId(bytes([1]) * 32)
 
 
 async def test_callers_meanwhile_share_the_attempt_in_flight() -> None:
-    gate, pool = DialGate(), {}
+    gate = DialGate()
+    pool: dict[NodeId, str] = {}
     attempts: list[str] = []
     results: list[str] = []
     release = trio.Event()
