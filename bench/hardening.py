@@ -527,9 +527,12 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
         results: list[tuple[bool, int]] = []
         why: dict[str, int] = {}
         limiter = trio.CapacityLimiter(16)
+        # Below each node's 16 control clients, which a closing client's
+        # socket still holds for a moment.
+        per_node = {n.node_id: trio.CapacityLimiter(8) for n in nodes}
 
         async def find(a: LiveNode, b: LiveNode) -> None:
-            async with limiter:
+            async with limiter, per_node[a.node_id]:
                 try:
                     result = await a.call("nodesFind", {"nodeIdEncoded": str(b.node_id)}, 90)
                 except Exception as exc:

@@ -26,7 +26,9 @@ that answer a query are reported to it (by the driver). A contact for the
 target that failed may be retried once per new address set, at most twice;
 and in ``find`` mode once more when the driver says its failure may pass
 (``on_failure(retry=True)``: the manager says so of a first timeout, and
-backs off the retry's deadline).
+backs off the retry's deadline). That second ask is beyond the
+``max_contacted`` budget: it is the same query again, and a lookup that had
+spent its budget reaching the target must not end one ask short of it.
 
 Rounds: a candidate from the local graph has depth 0, one first named in
 the answer to a round-``r`` query has depth ``r``; querying a depth-``d``
@@ -118,6 +120,8 @@ class Lookup:
         self._order: list[_Candidate] = []
         self._target_retries = 0
         self._target_asked_again = False
+        # max_contacted, plus the target's second ask once granted.
+        self._budget = max_contacted
         self.in_flight = 0
         self.contacted = 0
         self.responses = 0
@@ -198,13 +202,13 @@ class Lookup:
             return True
         if self.in_flight:
             return False
-        return self.contacted >= self.max_contacted or not self._eligible()
+        return self.contacted >= self._budget or not self._eligible()
 
     def next_queries(self) -> list[NodeContact]:
         """Contacts to query now (marked WAITING); empty when none may start."""
         if self.found is not None:
             return []
-        room = min(self.alpha - self.in_flight, self.max_contacted - self.contacted)
+        room = min(self.alpha - self.in_flight, self._budget - self.contacted)
         if room <= 0:
             return []
         out: list[NodeContact] = []
@@ -266,6 +270,7 @@ class Lookup:
             and not self._target_asked_again
         ):
             self._target_asked_again = True
+            self._budget += 1
             candidate.state = _State.NEW
             return
         candidate.state = _State.FAILED

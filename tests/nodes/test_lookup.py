@@ -143,6 +143,19 @@ def test_a_find_asks_its_target_again_once_when_the_driver_says_so() -> None:
     lookup.on_failure(TARGET, retry=True)  # once a lookup
     assert lookup.next_queries() == []
     assert lookup.is_failed(TARGET)
+    # Beyond the budget: the last query allowed was the target's first ask.
+    lookup = Lookup(
+        OWN, TARGET, [contact(TARGET, 1), contact(near(9), 2)], find=True,
+        max_contacted=2,
+    )  # fmt: skip
+    lookup.next_queries()
+    lookup.on_response(near(9), [])
+    lookup.on_failure(TARGET, retry=True)
+    assert not lookup.done
+    assert [q.node_id for q in lookup.next_queries()] == [TARGET]
+    lookup.on_response(TARGET, [])
+    assert lookup.found is not None
+    assert lookup.contacted == 3
     # Only the target, only in find mode.
     for find, failing in ((True, near(9)), (False, TARGET)):
         lookup = Lookup(OWN, TARGET, [contact(TARGET, 1), contact(near(9), 2)], find=find)
