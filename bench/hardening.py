@@ -561,6 +561,7 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
         graph_sizes = sorted(s["nodesTotal"] for s in statuses)
         evicted = sum(s["statistics"]["manager"]["evictions"] for s in statuses)
         removed = sum(s["statistics"]["manager"]["removed_failing"] for s in statuses)
+        unconfirmed = sum(s["statistics"]["manager"]["removed_unconfirmed"] for s in statuses)
         failed_queries = sum(s["statistics"]["manager"]["query_failures"] for s in statuses)
         errors = sum(s["statistics"]["manager"]["transport_errors"] for s in statuses)
         deadlines = sorted(s["statistics"]["attempt_timeout"] for s in statuses)
@@ -583,7 +584,8 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
             f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
             f"finds took {finds_took:.1f} s; graph sizes {graph_sizes[0]}.."
             f"{graph_sizes[-1]}; {evicted} evictions, {removed} removed after "
-            f"failing; {tracebacks} tracebacks logged; failures: {why}",
+            f"failing, {unconfirmed} unconfirmed ones removed when their "
+            f"connection ended; {tracebacks} tracebacks logged; failures: {why}",
         ],
     )
 
