@@ -93,6 +93,48 @@ class QUICConnection(trio.abc.AsyncResource):
     says how the connection ended once it has.
     """
 
+    # Slots, not a __dict__: about 1 KiB less per connection.
+    __slots__ = (
+        "__weakref__",
+        "_accept_lot",
+        "_carrier_routes",
+        "_closed_event",
+        "_closed_held",
+        "_config",
+        "_credit_lot",
+        "_datagrams_in",
+        "_deadlines",
+        "_driver_task",
+        "_finished",
+        "_first_flight",
+        "_flushes",
+        "_handshake_done",
+        "_incoming",
+        "_on_datagram",
+        "_on_finished",
+        "_on_verified",
+        "_pending",
+        "_send_blocked",
+        "_send_waiters",
+        "_socket",
+        "_stream_ids",
+        "_streams",
+        "_timer_fires",
+        "_timer_scope",
+        "_unflushed",
+        "_verified",
+        "_verifier",
+        "_verify_error",
+        "close_reason",
+        "is_server",
+        "local_address",
+        "peer_certificates",
+        "peer_identity",
+        "quiche",
+        "remote_address",
+        "scratch",
+    )
+
     def __init__(
         self,
         socket: QUICSocket,
@@ -121,15 +163,19 @@ class QUICConnection(trio.abc.AsyncResource):
         self.peer_certificates: tuple[bytes, ...] = ()
         self.close_reason: CloseReason | None = None
         self._streams: dict[int, QUICStream] = {}
+        # What an idle connection does not use is made when first needed
+        # (None until then): a server holds thousands of idle connections,
+        # and an empty set, deque or ParkingLot costs 200-700 bytes.
         # Streams we closed that quiche still holds (see _sweep_closed).
-        self._closed_held: set[int] = set()
-        self._incoming: collections.deque[QUICStream] = collections.deque()
-        self._accept_lot = trio.lowlevel.ParkingLot()
-        self._credit_lot = trio.lowlevel.ParkingLot()
-        self._send_waiters: set[QUICStream] = set()
-        self._driver_lot = trio.lowlevel.ParkingLot()
-        self._handshake_done = trio.Event()
-        self._closed_event = trio.Event()
+        self._closed_held: set[int] | None = None
+        self._incoming: collections.deque[QUICStream] | None = None
+        self._accept_lot: trio.lowlevel.ParkingLot | None = None
+        self._credit_lot: trio.lowlevel.ParkingLot | None = None
+        self._send_waiters: set[QUICStream] | None = None
+        # The driver task while it sleeps (see _driver_sleep).
+        self._driver_task: trio.lowlevel.Task | None = None
+        self._handshake_done: trio.Event | None = None
+        self._closed_event: trio.Event | None = None
         self._verified = False
         self._finished = False
         self._verify_error: PeerVerificationError | None = None
@@ -179,7 +225,12 @@ class QUICConnection(trio.abc.AsyncResource):
 
     async def wait_closed(self) -> CloseReason:
         """Wait until the connection has ended; returns how."""
-        await self._closed_event.wait()
+        if not self._finished:
+            if self._closed_event is None:
+                self._closed_event = trio.Event()
+            await self._closed_event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
         assert self.close_reason is not None
         return self.close_reason
 
@@ -190,7 +241,7 @@ class QUICConnection(trio.abc.AsyncResource):
         while True:
             self.raise_if_dead()
             if not self._verified:
-                await self._handshake_done.wait()
+                await self.wait_handshake()
                 continue
             q = self.quiche
             left = (
@@ -200,6 +251,8 @@ class QUICConnection(trio.abc.AsyncResource):
             )
             if left > 0:
                 break
+            if self._credit_lot is None:
+                self._credit_lot = trio.lowlevel.ParkingLot()
             await self._credit_lot.park()
         sid = self._stream_ids.open_local(unidirectional=unidirectional)
         # An empty write creates the stream in quiche, so it counts against
@@ -216,6 +269,8 @@ class QUICConnection(trio.abc.AsyncResource):
         waited = False
         while not self._incoming:
             self.raise_if_dead()
+            if self._accept_lot is None:
+                self._accept_lot = trio.lowlevel.ParkingLot()
             await self._accept_lot.park()
             waited = True
         stream = self._incoming.popleft()
@@ -246,7 +301,7 @@ class QUICConnection(trio.abc.AsyncResource):
             flushes=self._flushes,
             send_blocked=self._send_blocked,
             streams_open=len(self._streams),
-            streams_closing=len(self._closed_held),
+            streams_closing=len(self._closed_held or ()),
         )
 
     # -- datagrams (RFC 9221) -----------------------------------------------------------
@@ -378,7 +433,12 @@ class QUICConnection(trio.abc.AsyncResource):
     async def wait_handshake(self) -> bool:
         """Wait until the handshake is over: True if the peer was verified,
         False if the connection ended first (see :meth:`closed_error`)."""
-        await self._handshake_done.wait()
+        if self._verified or self._finished:
+            await trio.lowlevel.checkpoint()
+        else:
+            if self._handshake_done is None:
+                self._handshake_done = trio.Event()
+            await self._handshake_done.wait()
         return self._verified
 
     def call_when_verified(self, callback: Callable[[QUICConnection], None]) -> None:
@@ -507,7 +567,8 @@ class QUICConnection(trio.abc.AsyncResource):
             return
         self._verified = True
         self._deadlines.handshake = math.inf
-        self._handshake_done.set()
+        if self._handshake_done is not None:
+            self._handshake_done.set()
         for callback in self._on_verified:
             callback(self)
         self._on_verified.clear()
@@ -526,8 +587,11 @@ class QUICConnection(trio.abc.AsyncResource):
                 continue
             stream = QUICStream(self, sid, can_read=True, can_write=not sid & 2)
             streams[sid] = stream
+            if self._incoming is None:
+                self._incoming = collections.deque()
             self._incoming.append(stream)
-            self._accept_lot.unpark_all()
+            if self._accept_lot is not None:
+                self._accept_lot.unpark_all()
 
     def _sweep_closed(self) -> None:
         # quiche keeps a stream the peer stopped (STOP_SENDING) until the
@@ -538,15 +602,17 @@ class QUICConnection(trio.abc.AsyncResource):
         # error response used them all up in about 1,000 calls). Asking for
         # its capacity is that touch: quiche then collects it.
         q = self.quiche
+        held = self._closed_held
+        assert held is not None
         done = []
-        for sid in self._closed_held:
+        for sid in held:
             try:
                 q.stream_capacity(sid)
             except StreamStopped:
                 pass  # collected now if complete; else seen again next time
             except QuicheError:
                 done.append(sid)  # collected
-        self._closed_held.difference_update(done)
+        held.difference_update(done)
 
     def _discard(self, sid: int) -> None:
         buf = self._socket.scratch(65536)
@@ -595,7 +661,7 @@ class QUICConnection(trio.abc.AsyncResource):
             if not send(view[:total], segment, to):
                 self._pending = (bytes(view[:total]), segment, to)
                 self._send_blocked += 1
-                self._driver_lot.unpark_all()
+                self._wake_driver()
                 break
         if sent:
             # Sending arms quiche's loss-detection timer.
@@ -622,7 +688,7 @@ class QUICConnection(trio.abc.AsyncResource):
                     if self._pending is not None:
                         await self._socket.wait_writable()
                     else:
-                        await self._driver_lot.park()
+                        await self._driver_sleep()
                 self._timer_scope = None
                 if self._finished:
                     break
@@ -643,6 +709,22 @@ class QUICConnection(trio.abc.AsyncResource):
                     reason=b"socket closed",
                     kind=CloseKind.SOCKET_CLOSED,
                 )
+
+    async def _driver_sleep(self) -> None:
+        # A ParkingLot of one task, without the lot: until _wake_driver, or
+        # the timer's cancel scope.
+        self._driver_task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._driver_task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _wake_driver(self) -> None:
+        task, self._driver_task = self._driver_task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     def _on_timer(self) -> None:
         self._timer_fires += 1
@@ -697,15 +779,19 @@ class QUICConnection(trio.abc.AsyncResource):
         for stream in list(self._streams.values()):
             stream.connection_lost()
         self._streams.clear()
-        self._closed_held.clear()
-        self._send_waiters.clear()
-        self._accept_lot.unpark_all()
-        self._credit_lot.unpark_all()
-        self._driver_lot.unpark_all()
+        self._closed_held = None
+        self._send_waiters = None
+        if self._accept_lot is not None:
+            self._accept_lot.unpark_all()
+        if self._credit_lot is not None:
+            self._credit_lot.unpark_all()
+        self._wake_driver()
         if self._timer_scope is not None:
             self._timer_scope.cancel()
-        self._handshake_done.set()
-        self._closed_event.set()
+        if self._handshake_done is not None:
+            self._handshake_done.set()
+        if self._closed_event is not None:
+            self._closed_event.set()
         self._socket.remove_connection(self)
         callbacks, self._on_finished = self._on_finished, []
         self._on_verified.clear()
@@ -721,15 +807,20 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._streams.get(sid) is stream:
             del self._streams[sid]
             if not self._finished:
+                if self._closed_held is None:
+                    self._closed_held = set()
                 self._closed_held.add(sid)
 
     def add_send_waiter(self, stream: QUICStream) -> None:
         """Wake ``stream``'s sender after each batch of input, until
         :meth:`discard_send_waiter`."""
+        if self._send_waiters is None:
+            self._send_waiters = set()
         self._send_waiters.add(stream)
 
     def discard_send_waiter(self, stream: QUICStream) -> None:
-        self._send_waiters.discard(stream)
+        if self._send_waiters is not None:
+            self._send_waiters.discard(stream)
 
     def flush_later(self) -> None:
         """Flush within a few scheduling rounds (what a read frees: credit)."""
