@@ -43,19 +43,17 @@ async def main(args: argparse.Namespace, state: Path) -> None:
     failed = 0
     async with trio.open_nursery() as nursery:
         targets = []
-        ready = trio.Event()
 
-        async def hold(i: int) -> None:
+        async def hold(i: int, task_status: trio.TaskStatus[None]) -> None:
             async with running_agent(state / f"target{i}") as agent:
                 targets.append(agent)
-                if len(targets) == args.targets:
-                    ready.set()
+                task_status.started()
                 await trio.sleep_forever()
 
+        # One at a time: agents starting at once on two busy cores time out
+        # starting their workers.
         for i in range(args.targets):
-            nursery.start_soon(hold, i)
-        with trio.fail_after(300):
-            await ready.wait()
+            await nursery.start(hold, i)
         # A fresh agent's start-up work (its node graph, seed dials) settles.
         await trio.sleep(args.settle)
         for p in range(args.pingers):
