@@ -1,4 +1,4 @@
-"""A QUIC connection: one quiche connection, its streams and its driver task.
+"""A QUIC connection: one quiche connection and its streams.
 
 Theory of operation
 -------------------
@@ -20,11 +20,12 @@ Step 3 and 4 after socket input are deferred a few scheduling rounds to the
 socket's flusher (see QUICSocket._flusher) so that ACKs ride on the replies
 of the tasks the input woke; a read that frees credit defers its flush the
 same way. Writes and closes call :meth:`flush` themselves, synchronously.
-The driver task, living in the socket's nursery, only sleeps until the timer
-(then calls quiche's ``on_timeout`` and does the same steps at once) or
-until the kernel's send buffer has room again for a batch it refused. So
-nothing per packet needs a task switch, and an idle connection costs one
-sleeping task.
+A connection has no task of its own: the socket's timer task calls
+:meth:`timer_due` when the connection's one deadline comes (quiche's
+``on_timeout``, then the same steps at once), and its writer task
+:meth:`retry_send` once the kernel's send buffer has room again for a batch
+it refused. So nothing per packet needs a task switch, and an idle
+connection costs no task at all (a task per connection cost about 2 KB).
 
 quiche reads the real monotonic clock; the timer is a trio deadline. Under
 trio's MockClock the two disagree, see docs/quic.md.
@@ -58,7 +59,7 @@ from ._state import Deadlines, StreamIds, close_reason
 from ._stream import QUICStream
 
 if TYPE_CHECKING:
-    from ._socket import QUICSocket
+    from ._socket import QUICSocket, Timer
 
 __all__ = ["ConnectionStatistics", "QUICConnection"]
 
@@ -70,7 +71,7 @@ _COALESCE_BYTES = 1200
 
 @attrs.frozen
 class ConnectionStatistics:
-    """quiche's counters, the active path's, and the driver's own."""
+    """quiche's counters, the active path's, and the connection's own."""
 
     quiche: _binding.Stats
     path: _binding.PathStats | None
@@ -104,7 +105,6 @@ class QUICConnection(trio.abc.AsyncResource):
         "_credit_lot",
         "_datagrams_in",
         "_deadlines",
-        "_driver_task",
         "_finished",
         "_first_flight",
         "_flushes",
@@ -119,8 +119,8 @@ class QUICConnection(trio.abc.AsyncResource):
         "_socket",
         "_stream_ids",
         "_streams",
+        "_timer",
         "_timer_fires",
-        "_timer_scope",
         "_unflushed",
         "_verified",
         "_verifier",
@@ -172,8 +172,6 @@ class QUICConnection(trio.abc.AsyncResource):
         self._accept_lot: trio.lowlevel.ParkingLot | None = None
         self._credit_lot: trio.lowlevel.ParkingLot | None = None
         self._send_waiters: set[QUICStream] | None = None
-        # The driver task while it sleeps (see _driver_sleep).
-        self._driver_task: trio.lowlevel.Task | None = None
         self._handshake_done: trio.Event | None = None
         self._closed_event: trio.Event | None = None
         self._verified = False
@@ -181,7 +179,8 @@ class QUICConnection(trio.abc.AsyncResource):
         self._verify_error: PeerVerificationError | None = None
         self._stream_ids = StreamIds(is_server=is_server)
         self._deadlines = Deadlines()
-        self._timer_scope: trio.CancelScope | None = None
+        # Our entry in the socket's timer queue, for _deadlines.armed.
+        self._timer: Timer | None = None
         self._pending: tuple[bytes, int, SockAddr] | None = None
         # What we sent before the peer's first packet, kept only for a dial
         # that re-sends it through a hole punch (see resend_first_flight).
@@ -206,15 +205,12 @@ class QUICConnection(trio.abc.AsyncResource):
     # -- start ------------------------------------------------------------------
 
     def start(self, handshake_timeout: float | None) -> None:
-        """Register with the socket, start the driver, send what is due.
+        """Register with the socket, send what is due (which arms the timer).
         Called once, by the server or client that made the connection,
         after routing its connection id."""
         self._socket.add_connection(self)
         if handshake_timeout is not None:
             self._deadlines.handshake = trio.current_time() + handshake_timeout
-        self._socket.nursery.start_soon(
-            self._drive, name=f"quic-driver {self.remote_address}"
-        )
         self.after_input()
 
     # -- public API ---------------------------------------------------------------
@@ -661,7 +657,7 @@ class QUICConnection(trio.abc.AsyncResource):
             if not send(view[:total], segment, to):
                 self._pending = (bytes(view[:total]), segment, to)
                 self._send_blocked += 1
-                self._wake_driver()
+                self._socket.send_refused(self)
                 break
         if sent:
             # Sending arms quiche's loss-detection timer.
@@ -672,59 +668,41 @@ class QUICConnection(trio.abc.AsyncResource):
     def _rearm(self) -> None:
         deadlines = self._deadlines
         keep_alive = self._config.keep_alive_interval if self._verified else None
-        if (
-            deadlines.rearm(trio.current_time(), self.quiche.timeout(), keep_alive)
-            and self._timer_scope is not None
-        ):
-            self._timer_scope.deadline = deadlines.armed
+        if deadlines.rearm(trio.current_time(), self.quiche.timeout(), keep_alive):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._socket.set_timer(self, deadlines.armed)
 
-    # -- the driver task ----------------------------------------------------------------
+    # -- timer and blocked sends, from the socket ------------------------------------
 
-    async def _drive(self) -> None:
-        try:
-            while not self._finished:
-                with trio.CancelScope(deadline=self._deadlines.armed) as scope:
-                    self._timer_scope = scope
-                    if self._pending is not None:
-                        await self._socket.wait_writable()
-                    else:
-                        await self._driver_sleep()
-                self._timer_scope = None
-                if self._finished:
-                    break
-                if self._pending is not None:
-                    data, segment, to = self._pending
-                    if self._socket.send_segments(memoryview(data), segment, to):
-                        self._pending = None
-                if trio.current_time() >= self._deadlines.armed:
-                    self._on_timer()
-                self.after_input()
-        finally:
-            self._timer_scope = None
-            if not self._finished:
-                # The socket is going away under us.
-                self._close_now(
-                    is_app=True,
-                    code=0,
-                    reason=b"socket closed",
-                    kind=CloseKind.SOCKET_CLOSED,
-                )
+    def timer_due(self) -> None:
+        """The socket's timer reached the deadline this connection armed
+        last (see _rearm)."""
+        self._timer = None
+        if self._finished:
+            return
+        self._on_timer()
+        self.after_input()
 
-    async def _driver_sleep(self) -> None:
-        # A ParkingLot of one task, without the lot: until _wake_driver, or
-        # the timer's cancel scope.
-        self._driver_task = trio.lowlevel.current_task()
+    def retry_send(self) -> bool:
+        """The socket may take data again: send the batch it refused, then
+        what else is due. False: refused again (or nothing was pending)."""
+        pending = self._pending
+        if pending is None or self._finished:
+            return pending is None
+        data, segment, to = pending
+        if not self._socket.send_segments(memoryview(data), segment, to):
+            return False
+        self._pending = None
+        self.after_input()
+        return True
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._driver_task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def _wake_driver(self) -> None:
-        task, self._driver_task = self._driver_task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+    def socket_lost(self) -> None:
+        """The socket's tasks are gone (its nursery was cancelled without
+        closing it): nothing drives this connection any more."""
+        self._close_now(
+            is_app=True, code=0, reason=b"socket closed", kind=CloseKind.SOCKET_CLOSED
+        )
 
     def _on_timer(self) -> None:
         self._timer_fires += 1
@@ -779,15 +757,15 @@ class QUICConnection(trio.abc.AsyncResource):
         for stream in list(self._streams.values()):
             stream.connection_lost()
         self._streams.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._closed_held = None
         self._send_waiters = None
         if self._accept_lot is not None:
             self._accept_lot.unpark_all()
         if self._credit_lot is not None:
             self._credit_lot.unpark_all()
-        self._wake_driver()
-        if self._timer_scope is not None:
-            self._timer_scope.cancel()
         if self._handshake_done is not None:
             self._handshake_done.set()
         if self._closed_event is not None:

@@ -92,10 +92,11 @@ class Deadlines:
     """A connection's one timer: the earliest of quiche's timeout, the next
     keep-alive and the handshake deadline (trio-clock seconds, inf: none).
 
-    ``armed`` is the deadline the driver sleeps until. Moving a trio
-    deadline costs more than the packet that moved it, so a later deadline
-    does not move ``armed``: the driver wakes at the earlier, finds nothing
-    due, and re-arms. An earlier one, or one after ``armed`` passed, does.
+    ``armed`` is the deadline the socket's timer task calls the connection
+    at. Moving it costs more than the packet that moved it (a new entry in
+    the socket's timer heap), so a later deadline does not move ``armed``:
+    the connection is called at the earlier, finds nothing due, and
+    re-arms. An earlier one, or one after ``armed`` passed, does.
     """
 
     __slots__ = ("armed", "handshake", "keep_alive", "quiche")
