@@ -686,7 +686,7 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def retry_send(self) -> bool:
         """The socket may take data again: send the batch it refused, then
-        what else is due. False: refused again (or nothing was pending)."""
+        what else is due. False: a batch is still refused."""
         pending = self._pending
         if pending is None or self._finished:
             return pending is None
@@ -695,7 +695,8 @@ class QUICConnection(trio.abc.AsyncResource):
             return False
         self._pending = None
         self.after_input()
-        return True
+        # What after_input flushed may have been refused in turn.
+        return self._pending is None
 
     def socket_lost(self) -> None:
         """The socket's tasks are gone (its nursery was cancelled without

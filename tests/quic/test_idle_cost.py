@@ -15,6 +15,7 @@ import gc
 import tracemalloc
 from typing import Any
 
+import pytest
 import trio
 
 from polykey.quic import QUICConnection
@@ -81,20 +82,24 @@ async def test_idle_connection_python_bytes() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_refused_batches_are_sent_when_the_socket_drains() -> None:
+@pytest.mark.parametrize("pattern", ["first six", "every other"])
+async def test_refused_batches_are_sent_when_the_socket_drains(pattern: str) -> None:
     # Without a task per connection, the socket's writer task retries the
-    # batches the kernel refused: here the client's socket refuses its first
-    # sends of a 1 MiB transfer (as a full send buffer does), for two
-    # connections at once, and both transfers still arrive whole.
+    # batches the kernel refused: here the client's socket refuses sends of
+    # a 1 MiB transfer (as a full send buffer does), for two connections at
+    # once, and both transfers still arrive whole. "every other": a retried
+    # batch goes and the next flush is refused again, which the writer must
+    # not mistake for done.
     size = 1 << 20
     async with open_pair() as pair:
         sock = pair.client_socket
         real = sock.send_segments
-        refusals = 0
+        refusals = calls = 0
 
         def refusing(data: memoryview, segment: int, address: Any) -> bool:
-            nonlocal refusals
-            if refusals < 6:
+            nonlocal refusals, calls
+            calls += 1
+            if refusals < 6 and (pattern == "first six" or calls % 2):
                 refusals += 1
                 return False
             return real(data, segment, address)
