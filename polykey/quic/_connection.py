@@ -1,4 +1,4 @@
-"""A QUIC connection: one quiche connection, its streams and its driver task.
+"""A QUIC connection: one quiche connection and its streams.
 
 Theory of operation
 -------------------
@@ -20,11 +20,12 @@ Step 3 and 4 after socket input are deferred a few scheduling rounds to the
 socket's flusher (see QUICSocket._flusher) so that ACKs ride on the replies
 of the tasks the input woke; a read that frees credit defers its flush the
 same way. Writes and closes call :meth:`flush` themselves, synchronously.
-The driver task, living in the socket's nursery, only sleeps until the timer
-(then calls quiche's ``on_timeout`` and does the same steps at once) or
-until the kernel's send buffer has room again for a batch it refused. So
-nothing per packet needs a task switch, and an idle connection costs one
-sleeping task.
+A connection has no task of its own: the socket's timer task calls
+:meth:`timer_due` when the connection's one deadline comes (quiche's
+``on_timeout``, then the same steps at once), and its writer task
+:meth:`retry_send` once the kernel's send buffer has room again for a batch
+it refused. So nothing per packet needs a task switch, and an idle
+connection costs no task at all (a task per connection cost about 2 KB).
 
 quiche reads the real monotonic clock; the timer is a trio deadline. Under
 trio's MockClock the two disagree, see docs/quic.md.
@@ -58,7 +59,7 @@ from ._state import Deadlines, StreamIds, close_reason
 from ._stream import QUICStream
 
 if TYPE_CHECKING:
-    from ._socket import QUICSocket
+    from ._socket import QUICSocket, Timer
 
 __all__ = ["ConnectionStatistics", "QUICConnection"]
 
@@ -70,7 +71,7 @@ _COALESCE_BYTES = 1200
 
 @attrs.frozen
 class ConnectionStatistics:
-    """quiche's counters, the active path's, and the driver's own."""
+    """quiche's counters, the active path's, and the connection's own."""
 
     quiche: _binding.Stats
     path: _binding.PathStats | None
@@ -92,6 +93,47 @@ class QUICConnection(trio.abc.AsyncResource):
     nodes) and ``peer_certificates`` the chain it checked. ``close_reason``
     says how the connection ended once it has.
     """
+
+    # Slots, not a __dict__: about 1 KiB less per connection.
+    __slots__ = (
+        "__weakref__",
+        "_accept_lot",
+        "_carrier_routes",
+        "_closed_event",
+        "_closed_held",
+        "_config",
+        "_credit_lot",
+        "_datagrams_in",
+        "_deadlines",
+        "_finished",
+        "_first_flight",
+        "_flushes",
+        "_handshake_done",
+        "_incoming",
+        "_on_datagram",
+        "_on_finished",
+        "_on_verified",
+        "_pending",
+        "_send_blocked",
+        "_send_waiters",
+        "_socket",
+        "_stream_ids",
+        "_streams",
+        "_timer",
+        "_timer_fires",
+        "_unflushed",
+        "_verified",
+        "_verifier",
+        "_verify_error",
+        "close_reason",
+        "is_server",
+        "local_address",
+        "peer_certificates",
+        "peer_identity",
+        "quiche",
+        "remote_address",
+        "scratch",
+    )
 
     def __init__(
         self,
@@ -121,21 +163,24 @@ class QUICConnection(trio.abc.AsyncResource):
         self.peer_certificates: tuple[bytes, ...] = ()
         self.close_reason: CloseReason | None = None
         self._streams: dict[int, QUICStream] = {}
+        # What an idle connection does not use is made when first needed
+        # (None until then): a server holds thousands of idle connections,
+        # and an empty set, deque or ParkingLot costs 200-700 bytes.
         # Streams we closed that quiche still holds (see _sweep_closed).
-        self._closed_held: set[int] = set()
-        self._incoming: collections.deque[QUICStream] = collections.deque()
-        self._accept_lot = trio.lowlevel.ParkingLot()
-        self._credit_lot = trio.lowlevel.ParkingLot()
-        self._send_waiters: set[QUICStream] = set()
-        self._driver_lot = trio.lowlevel.ParkingLot()
-        self._handshake_done = trio.Event()
-        self._closed_event = trio.Event()
+        self._closed_held: set[int] | None = None
+        self._incoming: collections.deque[QUICStream] | None = None
+        self._accept_lot: trio.lowlevel.ParkingLot | None = None
+        self._credit_lot: trio.lowlevel.ParkingLot | None = None
+        self._send_waiters: set[QUICStream] | None = None
+        self._handshake_done: trio.Event | None = None
+        self._closed_event: trio.Event | None = None
         self._verified = False
         self._finished = False
         self._verify_error: PeerVerificationError | None = None
         self._stream_ids = StreamIds(is_server=is_server)
         self._deadlines = Deadlines()
-        self._timer_scope: trio.CancelScope | None = None
+        # Our entry in the socket's timer queue, for _deadlines.armed.
+        self._timer: Timer | None = None
         self._pending: tuple[bytes, int, SockAddr] | None = None
         # What we sent before the peer's first packet, kept only for a dial
         # that re-sends it through a hole punch (see resend_first_flight).
@@ -160,15 +205,12 @@ class QUICConnection(trio.abc.AsyncResource):
     # -- start ------------------------------------------------------------------
 
     def start(self, handshake_timeout: float | None) -> None:
-        """Register with the socket, start the driver, send what is due.
+        """Register with the socket, send what is due (which arms the timer).
         Called once, by the server or client that made the connection,
         after routing its connection id."""
         self._socket.add_connection(self)
         if handshake_timeout is not None:
             self._deadlines.handshake = trio.current_time() + handshake_timeout
-        self._socket.nursery.start_soon(
-            self._drive, name=f"quic-driver {self.remote_address}"
-        )
         self.after_input()
 
     # -- public API ---------------------------------------------------------------
@@ -179,7 +221,12 @@ class QUICConnection(trio.abc.AsyncResource):
 
     async def wait_closed(self) -> CloseReason:
         """Wait until the connection has ended; returns how."""
-        await self._closed_event.wait()
+        if not self._finished:
+            if self._closed_event is None:
+                self._closed_event = trio.Event()
+            await self._closed_event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
         assert self.close_reason is not None
         return self.close_reason
 
@@ -190,7 +237,7 @@ class QUICConnection(trio.abc.AsyncResource):
         while True:
             self.raise_if_dead()
             if not self._verified:
-                await self._handshake_done.wait()
+                await self.wait_handshake()
                 continue
             q = self.quiche
             left = (
@@ -200,6 +247,8 @@ class QUICConnection(trio.abc.AsyncResource):
             )
             if left > 0:
                 break
+            if self._credit_lot is None:
+                self._credit_lot = trio.lowlevel.ParkingLot()
             await self._credit_lot.park()
         sid = self._stream_ids.open_local(unidirectional=unidirectional)
         # An empty write creates the stream in quiche, so it counts against
@@ -216,6 +265,8 @@ class QUICConnection(trio.abc.AsyncResource):
         waited = False
         while not self._incoming:
             self.raise_if_dead()
+            if self._accept_lot is None:
+                self._accept_lot = trio.lowlevel.ParkingLot()
             await self._accept_lot.park()
             waited = True
         stream = self._incoming.popleft()
@@ -246,7 +297,7 @@ class QUICConnection(trio.abc.AsyncResource):
             flushes=self._flushes,
             send_blocked=self._send_blocked,
             streams_open=len(self._streams),
-            streams_closing=len(self._closed_held),
+            streams_closing=len(self._closed_held or ()),
         )
 
     # -- datagrams (RFC 9221) -----------------------------------------------------------
@@ -378,7 +429,12 @@ class QUICConnection(trio.abc.AsyncResource):
     async def wait_handshake(self) -> bool:
         """Wait until the handshake is over: True if the peer was verified,
         False if the connection ended first (see :meth:`closed_error`)."""
-        await self._handshake_done.wait()
+        if self._verified or self._finished:
+            await trio.lowlevel.checkpoint()
+        else:
+            if self._handshake_done is None:
+                self._handshake_done = trio.Event()
+            await self._handshake_done.wait()
         return self._verified
 
     def call_when_verified(self, callback: Callable[[QUICConnection], None]) -> None:
@@ -507,7 +563,8 @@ class QUICConnection(trio.abc.AsyncResource):
             return
         self._verified = True
         self._deadlines.handshake = math.inf
-        self._handshake_done.set()
+        if self._handshake_done is not None:
+            self._handshake_done.set()
         for callback in self._on_verified:
             callback(self)
         self._on_verified.clear()
@@ -526,8 +583,11 @@ class QUICConnection(trio.abc.AsyncResource):
                 continue
             stream = QUICStream(self, sid, can_read=True, can_write=not sid & 2)
             streams[sid] = stream
+            if self._incoming is None:
+                self._incoming = collections.deque()
             self._incoming.append(stream)
-            self._accept_lot.unpark_all()
+            if self._accept_lot is not None:
+                self._accept_lot.unpark_all()
 
     def _sweep_closed(self) -> None:
         # quiche keeps a stream the peer stopped (STOP_SENDING) until the
@@ -538,15 +598,17 @@ class QUICConnection(trio.abc.AsyncResource):
         # error response used them all up in about 1,000 calls). Asking for
         # its capacity is that touch: quiche then collects it.
         q = self.quiche
+        held = self._closed_held
+        assert held is not None
         done = []
-        for sid in self._closed_held:
+        for sid in held:
             try:
                 q.stream_capacity(sid)
             except StreamStopped:
                 pass  # collected now if complete; else seen again next time
             except QuicheError:
                 done.append(sid)  # collected
-        self._closed_held.difference_update(done)
+        held.difference_update(done)
 
     def _discard(self, sid: int) -> None:
         buf = self._socket.scratch(65536)
@@ -595,7 +657,7 @@ class QUICConnection(trio.abc.AsyncResource):
             if not send(view[:total], segment, to):
                 self._pending = (bytes(view[:total]), segment, to)
                 self._send_blocked += 1
-                self._driver_lot.unpark_all()
+                self._socket.send_refused(self)
                 break
         if sent:
             # Sending arms quiche's loss-detection timer.
@@ -606,43 +668,42 @@ class QUICConnection(trio.abc.AsyncResource):
     def _rearm(self) -> None:
         deadlines = self._deadlines
         keep_alive = self._config.keep_alive_interval if self._verified else None
-        if (
-            deadlines.rearm(trio.current_time(), self.quiche.timeout(), keep_alive)
-            and self._timer_scope is not None
-        ):
-            self._timer_scope.deadline = deadlines.armed
+        if deadlines.rearm(trio.current_time(), self.quiche.timeout(), keep_alive):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._socket.set_timer(self, deadlines.armed)
 
-    # -- the driver task ----------------------------------------------------------------
+    # -- timer and blocked sends, from the socket ------------------------------------
 
-    async def _drive(self) -> None:
-        try:
-            while not self._finished:
-                with trio.CancelScope(deadline=self._deadlines.armed) as scope:
-                    self._timer_scope = scope
-                    if self._pending is not None:
-                        await self._socket.wait_writable()
-                    else:
-                        await self._driver_lot.park()
-                self._timer_scope = None
-                if self._finished:
-                    break
-                if self._pending is not None:
-                    data, segment, to = self._pending
-                    if self._socket.send_segments(memoryview(data), segment, to):
-                        self._pending = None
-                if trio.current_time() >= self._deadlines.armed:
-                    self._on_timer()
-                self.after_input()
-        finally:
-            self._timer_scope = None
-            if not self._finished:
-                # The socket is going away under us.
-                self._close_now(
-                    is_app=True,
-                    code=0,
-                    reason=b"socket closed",
-                    kind=CloseKind.SOCKET_CLOSED,
-                )
+    def timer_due(self) -> None:
+        """The socket's timer reached the deadline this connection armed
+        last (see _rearm)."""
+        self._timer = None
+        if self._finished:
+            return
+        self._on_timer()
+        self.after_input()
+
+    def retry_send(self) -> bool:
+        """The socket may take data again: send the batch it refused, then
+        what else is due. False: a batch is still refused."""
+        pending = self._pending
+        if pending is None or self._finished:
+            return pending is None
+        data, segment, to = pending
+        if not self._socket.send_segments(memoryview(data), segment, to):
+            return False
+        self._pending = None
+        self.after_input()
+        # What after_input flushed may have been refused in turn.
+        return self._pending is None
+
+    def socket_lost(self) -> None:
+        """The socket's tasks are gone (its nursery was cancelled without
+        closing it): nothing drives this connection any more."""
+        self._close_now(
+            is_app=True, code=0, reason=b"socket closed", kind=CloseKind.SOCKET_CLOSED
+        )
 
     def _on_timer(self) -> None:
         self._timer_fires += 1
@@ -697,15 +758,19 @@ class QUICConnection(trio.abc.AsyncResource):
         for stream in list(self._streams.values()):
             stream.connection_lost()
         self._streams.clear()
-        self._closed_held.clear()
-        self._send_waiters.clear()
-        self._accept_lot.unpark_all()
-        self._credit_lot.unpark_all()
-        self._driver_lot.unpark_all()
-        if self._timer_scope is not None:
-            self._timer_scope.cancel()
-        self._handshake_done.set()
-        self._closed_event.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._closed_held = None
+        self._send_waiters = None
+        if self._accept_lot is not None:
+            self._accept_lot.unpark_all()
+        if self._credit_lot is not None:
+            self._credit_lot.unpark_all()
+        if self._handshake_done is not None:
+            self._handshake_done.set()
+        if self._closed_event is not None:
+            self._closed_event.set()
         self._socket.remove_connection(self)
         callbacks, self._on_finished = self._on_finished, []
         self._on_verified.clear()
@@ -721,15 +786,20 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._streams.get(sid) is stream:
             del self._streams[sid]
             if not self._finished:
+                if self._closed_held is None:
+                    self._closed_held = set()
                 self._closed_held.add(sid)
 
     def add_send_waiter(self, stream: QUICStream) -> None:
         """Wake ``stream``'s sender after each batch of input, until
         :meth:`discard_send_waiter`."""
+        if self._send_waiters is None:
+            self._send_waiters = set()
         self._send_waiters.add(stream)
 
     def discard_send_waiter(self, stream: QUICStream) -> None:
-        self._send_waiters.discard(stream)
+        if self._send_waiters is not None:
+            self._send_waiters.discard(stream)
 
     def flush_later(self) -> None:
         """Flush within a few scheduling rounds (what a read frees: credit)."""

@@ -33,7 +33,8 @@ full the caller keeps the batch and waits for writability in its own task.
 Receiving uses UDP GRO where available: the kernel may coalesce packets of
 one flow into one buffer and tells the segment size in a control message.
 
-Every connection task (driver) runs in this socket's nursery, so leaving the
+Connections have no tasks: this socket's reader, flusher, timer and (while
+the kernel refuses sends) writer tasks drive them all, so leaving the
 ``async with`` block closes every connection made through it.
 """
 
@@ -41,6 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
+import itertools
 import math
 import socket as _stdlib_socket
 import struct
@@ -250,6 +253,20 @@ class VirtualPath:
                 self._carrier.stop_carrying(self._prefix)
 
 
+class Timer:
+    """A connection's place in its socket's timer queue; cancelling it lets
+    go of the connection at once (a closed connection is not kept until its
+    last deadline)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: QUICConnection) -> None:
+        self.conn: QUICConnection | None = conn
+
+    def cancel(self) -> None:
+        self.conn = None
+
+
 class QUICSocket:
     """A UDP socket for QUIC, used as ``async with QUICSocket(...) as sock``.
 
@@ -277,6 +294,15 @@ class QUICSocket:
         self._flush_due: dict[QUICConnection, int] = {}
         self._flush_round = 0
         self._flusher_lot = trio.lowlevel.ParkingLot()
+        # Every connection's one timer: (deadline, order, Timer), the
+        # earliest first. A connection that re-arms pushes again and cancels
+        # the Timer it replaced, which is skipped when it comes up.
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._timer_order = itertools.count()
+        self._timer_scope: trio.CancelScope | None = None
+        # Connections whose batch the kernel refused, waiting for room.
+        self._refused: dict[QUICConnection, None] = {}
+        self._writer_running = False
         self._recv_buf = bytearray(_RECV_BUFFER)
         self._recv_view = memoryview(self._recv_buf)
         # One send buffer for all connections: sending is synchronous. A GSO
@@ -314,6 +340,7 @@ class QUICSocket:
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._nursery.start_soon(self._reader)
         self._nursery.start_soon(self._flusher)
+        self._nursery.start_soon(self._timer)
         return self
 
     async def __aexit__(
@@ -603,6 +630,68 @@ class QUICSocket:
         if conn in self._flush_due and not conn.quiche.is_closed():
             del self._flush_due[conn]
 
+    def set_timer(self, conn: QUICConnection, deadline: float) -> Timer:
+        """Call ``conn.timer_due()`` once trio's clock reaches ``deadline``,
+        unless the returned :class:`Timer` is cancelled first."""
+        timer = Timer(conn)
+        if deadline == math.inf:
+            return timer
+        heapq.heappush(self._timers, (deadline, next(self._timer_order), timer))
+        scope = self._timer_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+        return timer
+
+    async def _timer(self) -> None:
+        timers = self._timers
+        try:
+            while True:
+                with trio.CancelScope(
+                    deadline=timers[0][0] if timers else math.inf
+                ) as scope:
+                    self._timer_scope = scope
+                    await trio.sleep_forever()
+                self._timer_scope = None
+                # The ones due now; what they arm, even for now, waits for
+                # the next pass (after a checkpoint: a timer due again at
+                # once cannot starve the other tasks).
+                now = trio.current_time()
+                due = []
+                while timers and timers[0][0] <= now:
+                    due.append(heapq.heappop(timers))
+                for _, _, timer in due:
+                    if timer.conn is not None:
+                        timer.conn.timer_due()
+        finally:
+            self._timer_scope = None
+            # Cancelled with the socket's nursery: nothing drives the
+            # connections any more.
+            for conn in list(self._connections):
+                conn.socket_lost()
+
+    def send_refused(self, conn: QUICConnection) -> None:
+        """The kernel refused ``conn``'s batch: call ``conn.retry_send()``
+        when the socket is writable, until it returns True."""
+        self._refused[conn] = None
+        if not self._writer_running and self._nursery is not None and not self._closed:
+            self._writer_running = True
+            self._nursery.start_soon(self._writer)
+
+    async def _writer(self) -> None:
+        # Started when a send is refused, gone once every refused batch
+        # went: one task waits for the socket, not one per connection.
+        refused = self._refused
+        try:
+            while refused:
+                await self.wait_writable()
+                for conn in list(refused):
+                    if conn.closed or conn.retry_send():
+                        del refused[conn]
+                    else:
+                        break  # the buffer is full again
+        finally:
+            self._writer_running = False
+
     async def _flusher(self) -> None:
         # What quiche has to send after input is mostly ACKs (and credit
         # that reads returned). Sent at once they cost a packet each; the
@@ -729,7 +818,7 @@ class QUICSocket:
 def _refuse_autojump_clock() -> None:
     """quiche reads the real monotonic clock; an autojumping MockClock would
     make every QUIC timer fire at once in virtual time while quiche still
-    waits in real time, so drivers would spin. Refuse clearly instead."""
+    waits in real time, so the timer task would spin. Refuse clearly instead."""
     clock = trio.lowlevel.current_clock()
     if (
         isinstance(clock, trio.testing.MockClock)

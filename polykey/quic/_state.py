@@ -24,15 +24,19 @@ class StreamIds:
 
     __slots__ = ("_gaps", "_local", "_next_bidi", "_next_uni", "_peer_max")
 
+    _gaps: set[int] | None
+
     def __init__(self, *, is_server: bool) -> None:
         self._local = int(is_server)
         self._next_bidi = self._local
         self._next_uni = self._local | 2
         # Highest peer id seen per kind (bidi 0, uni 2), and the lower ids
         # not seen yet: together they tell a new peer stream from one we
-        # already closed. The gaps stay within the peer's stream limit.
-        self._peer_max = {0: -1, 2: -1}
-        self._gaps: set[int] = set()
+        # already closed. The gaps stay within the peer's stream limit; the
+        # set is made when the first gap is (every connection has a
+        # StreamIds, most never see a gap).
+        self._peer_max = [-1, -1, -1]
+        self._gaps = None
 
     def open_local(self, *, unidirectional: bool) -> int:
         """The id of the next stream we open."""
@@ -55,11 +59,15 @@ class StreamIds:
             # Lower ids the peer opened implicitly come later, with their
             # first data; remember them until then.
             start = highest + 4 if highest >= 0 else sid & 3
-            self._gaps.update(range(start, sid, 4))
+            if start < sid:
+                if self._gaps is None:
+                    self._gaps = set()
+                self._gaps.update(range(start, sid, 4))
             self._peer_max[kind] = sid
             return True
-        if sid in self._gaps:
-            self._gaps.discard(sid)
+        gaps = self._gaps
+        if gaps is not None and sid in gaps:
+            gaps.discard(sid)
             return True
         return False
 
@@ -84,10 +92,11 @@ class Deadlines:
     """A connection's one timer: the earliest of quiche's timeout, the next
     keep-alive and the handshake deadline (trio-clock seconds, inf: none).
 
-    ``armed`` is the deadline the driver sleeps until. Moving a trio
-    deadline costs more than the packet that moved it, so a later deadline
-    does not move ``armed``: the driver wakes at the earlier, finds nothing
-    due, and re-arms. An earlier one, or one after ``armed`` passed, does.
+    ``armed`` is the deadline the socket's timer task calls the connection
+    at. Moving it costs more than the packet that moved it (a new entry in
+    the socket's timer heap), so a later deadline does not move ``armed``:
+    the connection is called at the earlier, finds nothing due, and
+    re-arms. An earlier one, or one after ``armed`` passed, does.
     """
 
     __slots__ = ("armed", "handshake", "keep_alive", "quiche")

@@ -5,6 +5,10 @@
 //
 //   {"op": "find", "nodeId": N}  -> {"op": "find", "nodeId": N, "address": [host, port] | null}
 //   {"op": "alive"}              -> {"op": "alive", "connections": count}
+//   {"op": "ping", "nodeId": N, "host": H, "port": P}
+//                                -> {"op": "ping", "ok": bool, "ms": elapsed}
+//     Polykey's pingNodeAddress: a connection to N at H:P (handshake and
+//     both certificate checks; no RPC), timed in this process.
 //
 //   node agent.mjs [OPTIONS] NODE_PATH [SEED_NODE_ID@HOST:PORT ...]
 //
@@ -84,6 +88,13 @@ async function answer(command) {
       found = undefined;
     }
     return { op: 'find', nodeId: command.nodeId, address: found ? found[0] : null };
+  }
+  if (command.op === 'ping') {
+    const target = nodesUtils.decodeNodeId(command.nodeId);
+    const start = performance.now();
+    const ok = await agent.nodeManager.pingNodeAddress(
+      target, command.host, command.port, { timer: 20000 });
+    return { op: 'ping', ok, ms: performance.now() - start };
   }
   if (command.op === 'alive') {
     return { op: 'alive', connections: agent.nodeConnectionManager.connectionsActive() };
