@@ -67,11 +67,11 @@ _CRYPTO_ERROR = 0x100
 #: QUIC's INTERNAL_ERROR transport code: what a connection closed after a
 #: bug of ours is closed with.
 _INTERNAL_ERROR = 0x1
-
-_log = logging.getLogger("polykey.quic")
 #: Small stream writes waiting for company are flushed at once when they
 #: add up to about a packet (quiche sends at most ~1,350 bytes a packet).
 _COALESCE_BYTES = 1200
+
+_log = logging.getLogger("polykey.quic")
 
 
 @attrs.frozen
