@@ -26,6 +26,7 @@ from polykey.quic import (
 )
 from polykey.rpc import (
     CallContext,
+    ClientHandler,
     ErrorRegistry,
     ErrorResponse,
     Middleware,
@@ -423,3 +424,47 @@ def test_an_error_class_that_fails_to_rebuild_is_logged_and_counted(
     [warning] = rpc_warnings(caplog)
     assert "'Picky'" in warning.getMessage()
     assert "'vaultsList'" in warning.getMessage()
+
+
+class FirstOnly(ClientHandler[JSON, JSON]):
+    """Answers with its first input; ``parse_params`` has a bug for later
+    ones."""
+
+    def parse_params(self, params: Any) -> JSON:
+        if isinstance(params, dict) and params.get("bad"):
+            raise AttributeError("a bug in parse_params")
+        return dict(params)
+
+    async def handle(self, input: AsyncIterator[JSON], ctx: CallContext) -> JSON:
+        async for first in input:
+            return {"first": first.get("x")}
+        return {}
+
+
+async def test_a_bug_parsing_input_after_the_answer_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"first": FirstOnly(), "echo": Echo()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            stream = await clients.conns[0].open_stream()
+            header = {"jsonrpc": "2.0", "method": "first", "params": {"x": 1},
+                      "id": None}  # fmt: skip
+            await stream.send_all(json.dumps(header).encode())
+            wire = b""
+            while chunk := await stream.receive_some():
+                wire += chunk
+            assert json.loads(wire)["result"] == {"first": 1}
+            # Answered; more input, which the server reads to its FIN.
+            later = {**header, "params": {"bad": True}}
+            await stream.send_all(json.dumps(later).encode())
+            await until(lambda: server.statistics().handler_bugs == 1)
+            assert await client.unary("echo", {"x": 4}) == {"echo": 4}
+    [warning] = rpc_warnings(caplog)
+    assert "input of 'first'" in warning.getMessage()
+    assert str(identity.node_id) in warning.getMessage()
+    assert warning.exc_info is not None
+    assert warning.exc_info[0] is AttributeError
