@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -181,3 +182,48 @@ async def test_a_verifier_that_raises_refuses_that_peer_and_is_logged(
     [warning] = warnings(caplog)
     assert "peer verifier" in warning.getMessage()
     assert f"{cs.local_address[0]}:{cs.local_address[1]}" in warning.getMessage()
+
+
+async def test_a_bug_in_one_connections_driver_closes_that_one_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Keep-alives make the driver's timer fire soon.
+    async with open_pair(server_config=QUICConfig(keep_alive_interval=0.2)) as pair:
+        client_conn, server_conn = await pair.connect()
+        other = await pair.connect()
+
+        def on_timer() -> None:
+            raise ZeroDivisionError("a bug of ours in the timer")
+
+        server_conn._on_timer = on_timer  # type: ignore[method-assign]
+        with trio.fail_after(5):
+            reason = await server_conn.wait_closed()
+        assert (reason.is_app, reason.code) == (False, 0x1)
+        await still_serves(pair, other)
+    [warning] = warnings(caplog)
+    assert "driver" in warning.getMessage()
+    assert where(client_conn) in warning.getMessage()
+
+
+async def test_a_bug_handling_an_initial_does_not_end_the_socket(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_pair() as pair:
+        real = pair.server.handle_initial
+        calls = 0
+
+        def handle_initial(*args: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise IndexError("a bug of ours parsing a token")
+            real(*args)
+
+        monkeypatch.setattr(pair.server, "handle_initial", handle_initial)
+        # The client's Initial is lost to the bug; its retransmission gets in.
+        client_conn, server_conn = await pair.connect()
+        await round_trip(client_conn, server_conn)
+        assert pair.server_socket.statistics.unexpected_errors == 1
+    [warning] = warnings(caplog)
+    assert "Initial" in warning.getMessage()
+    assert where(client_conn) in warning.getMessage()
