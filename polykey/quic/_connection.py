@@ -514,7 +514,9 @@ class QUICConnection(trio.abc.AsyncResource):
                 # A verifier that raises anything else (a bug in it) still
                 # refuses the peer; it must not take the socket down.
                 self._unexpected("the peer verifier")
-                exc = PeerVerificationError(f"{type(exc).__name__}: {exc}")
+                # Its text stays in the log: the close reason goes to the peer.
+                bug, exc = exc, PeerVerificationError("the verifier failed")
+                exc.__cause__ = bug
             self._verify_error = exc
             self._close_now(
                 is_app=False,

@@ -174,6 +174,9 @@ async def test_a_verifier_that_raises_refuses_that_peer_and_is_logged(
             await refused.wait_closed()
             with pytest.raises(QUICConnectionError):
                 refused.raise_if_dead()
+            # Nothing of the bug on the wire, in the close reason.
+            assert refused.close_reason is not None
+            assert refused.close_reason.reason == b"the verifier failed"
             conn = await client.connect(ss.local_address)
             accepted = await server.accept()
         assert accepted.peer_identity == client_id.node_id
