@@ -72,7 +72,17 @@ def render_metrics(node: PolykeyNode) -> str:
     out += _family(
         "polykey_quic_dropped_total", "counter", "datagrams dropped, by reason",
         [({"reason": r}, socket[f"dropped_{r}"])
-         for r in ("not_quic", "unknown_connection", "short_unknown_version", "no_server")],
+         for r in ("not_quic", "unknown_connection", "short_unknown_version", "no_server",
+                   "by_quiche")],
+    )  # fmt: skip
+    out += _family(
+        "polykey_bugs_total", "counter",
+        "bugs caught and logged at WARNING (the node ran on), by where",
+        [({"where": "quic"}, socket["unexpected_errors"]),
+         ({"where": "rpc_handler"}, rpc.handler_bugs),
+         ({"where": "rpc_server"}, rpc.internal_errors),
+         ({"where": "connections"}, stats["task_errors"]),
+         ({"where": "node_manager"}, manager.unexpected_errors)],
     )  # fmt: skip
     out += _family(
         "polykey_quic_handshakes_total", "counter", "server handshakes, by outcome",

@@ -321,6 +321,14 @@ async def test_metrics_move_with_traffic(tmp_path: Path) -> None:
             received = 'polykey_quic_datagrams_total{direction="received"}'
             assert during[received] > before[received]
             assert during["polykey_graph_nodes"] == 1
+            # No bug was caught anywhere, and each layer says so.
+            bugs = {k: v for k, v in during.items() if k.startswith("polykey_bugs")}
+            assert sorted(bugs) == [
+                f'polykey_bugs_total{{where="{w}"}}'
+                for w in sorted(["quic", "rpc_handler", "rpc_server",
+                                 "connections", "node_manager"])
+            ]  # fmt: skip
+            assert set(bugs.values()) == {0}
             # Anything but /metrics is 404.
             host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
             stream = await trio.open_tcp_stream(host, int(port))

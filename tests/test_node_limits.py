@@ -171,6 +171,81 @@ async def test_a_failing_connection_callback_does_not_end_the_node(
     assert any("fails" in w and str(c.node_id) in w for w in warnings)
 
 
+async def test_a_bug_run_for_a_peers_datagram_does_not_end_the_node(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The node's DATAGRAM handler (relaying) runs from the socket's reader:
+    # before, its exception ended the reader, the socket and the node.
+    handlers = {"echo": Echo()}
+    with trio.fail_after(60):
+        async with nodes(tmp_path, ["127.0.0.1", "127.0.0.2"], handlers=handlers) as (
+            a,
+            b,
+            c,
+        ):
+
+            def broken(sender: object, data: bytes) -> None:
+                raise IndexError("a bug in relaying")
+
+            monkeypatch.setattr(a.connections._relaying, "datagram", broken)
+            conn = await connect(b, a)
+            assert conn is not None
+            assert conn.connection.send_datagram(bytes(20))
+            stats = a.connections.socket.statistics
+            with trio.fail_after(10):
+                while stats.unexpected_errors < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            assert await conn.rpc.unary("echo", {"x": 1}) == {"echo": 1}
+            again = await connect(c, a)
+            assert again is not None
+            assert await again.rpc.unary("echo", {"x": 2}) == {"echo": 2}
+            assert stats.unexpected_errors == 1
+    [warning] = [
+        r
+        for r in caplog.records
+        if r.name == "polykey.quic" and r.levelno == logging.WARNING
+    ]
+    assert "DATAGRAM handler" in warning.getMessage()
+    assert str(b.node_id) in warning.getMessage()
+
+
+async def test_a_bug_in_a_reservation_or_a_forwarded_signal_is_told(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Both swallowed every exception at DEBUG: a bug of ours looked like a
+    # relay that refused, or a target that did not answer.
+    with trio.fail_after(60):
+        async with nodes(tmp_path, ["127.0.0.1"]) as (a, b):
+            conn = await connect(a, b)
+            assert conn is not None
+            assert a.connections.get(b.node_id) is conn
+
+            async def broken(*args: object, **kwargs: object) -> object:
+                raise TypeError("a bug on our side of the call")
+
+            monkeypatch.setattr(conn.rpc, "unary", broken)
+            assert await a.connections.reserve(conn) is None
+            assert a.connections.task_errors == 1
+            a.connections.forward_signal(b.node_id, {})
+            with trio.fail_after(10):
+                while a.connections.task_errors < 2:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            assert a.connections.statistics()["signal_failures"] == 1
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "polykey.nodes.connections" and r.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 2
+    assert all(str(b.node_id) in w for w in warnings)
+    assert "reservation on" in warnings[0]
+    assert "signal to" in warnings[1]
+
+
 def test_limit_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = build_parser()
     args = parser.parse_args(

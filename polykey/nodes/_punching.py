@@ -60,6 +60,7 @@ from ._connection import (
     NodeConnection,
     NodeConnectionError,
 )
+from ._failures import note_failure
 from ._signalling import SIGNAL_FINAL, SignalRequest, request_signal
 
 if TYPE_CHECKING:
@@ -227,7 +228,8 @@ class Puncher:
                     address = await request_signal(relay.rpc, manager.identity, node_id)
                     conn = await self._dial(node_id, address)
                 except Exception as exc:
-                    log.debug("upgrade of %s: %r", node_id, exc)
+                    if not note_failure(log, "upgrade of", node_id, exc):
+                        manager.task_errors += 1
                     continue
                 manager.adopt(
                     conn, outgoing=True, path=ConnectionPath.PUNCHED, started=started
@@ -268,7 +270,8 @@ class Puncher:
                 except Exception as exc:
                     # Fire and forget: the requester learns nothing of it.
                     self.signal_failures += 1
-                    log.debug("signal to %s failed: %r", target, exc)
+                    if not note_failure(log, "signal to", target, exc):
+                        self._manager.task_errors += 1
                     return
                 self.signals_forwarded += 1
         finally:

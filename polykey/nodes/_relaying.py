@@ -60,6 +60,7 @@ from ._connection import (
     NodeConnection,
     NodeConnectionError,
 )
+from ._failures import note_failure
 from ._relay import (
     CIRCUIT_ID_LEN,
     RELAY_CONNECT,
@@ -313,7 +314,8 @@ class Relaying:
         try:
             result = await relay.rpc.unary(RELAY_RESERVE, {})
         except Exception as exc:
-            log.debug("no reservation on %s: %r", relay.node_id, exc)
+            if not note_failure(log, "reservation on", relay.node_id, exc):
+                self._manager.task_errors += 1
             return None
         self._reserved_with.add(relay.node_id)
         expires = result.get("expiresMs") if isinstance(result, dict) else None

@@ -34,6 +34,7 @@ trio's MockClock the two disagree, see docs/quic.md.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -64,9 +65,14 @@ if TYPE_CHECKING:
 __all__ = ["ConnectionStatistics", "QUICConnection"]
 
 _CRYPTO_ERROR = 0x100
+#: QUIC's INTERNAL_ERROR transport code: what a connection closed after a
+#: bug of ours is closed with.
+_INTERNAL_ERROR = 0x1
 #: Small stream writes waiting for company are flushed at once when they
 #: add up to about a packet (quiche sends at most ~1,350 bytes a packet).
 _COALESCE_BYTES = 1200
+
+_log = logging.getLogger("polykey.quic")
 
 
 @attrs.frozen
@@ -376,16 +382,27 @@ class QUICConnection(trio.abc.AsyncResource):
                 else:
                     n = q.dgram_route(routes.table, buf)
             except QuicheError:
+                # Done (the queue is empty) is None, and our buffer is larger
+                # than any datagram: an error here is a bug of ours.
+                self._unexpected("reading a DATAGRAM frame")
                 n = None
             finally:
                 # Before the handler sees the frame no route took: a
                 # relay's budget check needs what the routes carried.
                 if routes is not None:
-                    routes.settle()
+                    try:
+                        routes.settle()
+                    except Exception:
+                        self._unexpected("a datagram route's callback")
             if n is None:
                 return
             if handler is not None:
-                handler(bytes(buf[:n]))
+                try:
+                    handler(bytes(buf[:n]))
+                except Exception:
+                    # The application's code, run from the socket's reader:
+                    # its bug must not end the socket (and every connection).
+                    self._unexpected("the DATAGRAM handler")
 
     # -- hole punching ---------------------------------------------------------------
 
@@ -476,7 +493,7 @@ class QUICConnection(trio.abc.AsyncResource):
         except QuicheError:
             # A bad or late packet: quiche drops it, or closes the connection
             # if it is fatal, which after_input notices.
-            pass
+            self._socket.statistics.dropped_by_quiche += 1
         self._socket.mark_dirty(self)
 
     def datagrams_carried(self, n: int) -> None:
@@ -550,9 +567,12 @@ class QUICConnection(trio.abc.AsyncResource):
                 self.peer_identity = self._verifier(chain)
         except Exception as exc:
             if not isinstance(exc, PeerVerificationError):
-                # A verifier that raises anything else still refuses the
-                # peer; it must not take the socket down.
-                exc = PeerVerificationError(f"{type(exc).__name__}: {exc}")
+                # A verifier that raises anything else (a bug in it) still
+                # refuses the peer; it must not take the socket down.
+                self._unexpected("the peer verifier")
+                # Its text stays in the log: the close reason goes to the peer.
+                bug, exc = exc, PeerVerificationError("the verifier failed")
+                exc.__cause__ = bug
             self._verify_error = exc
             self._close_now(
                 is_app=False,
@@ -566,7 +586,10 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._handshake_done is not None:
             self._handshake_done.set()
         for callback in self._on_verified:
-            callback(self)
+            try:
+                callback(self)
+            except Exception:
+                self._unexpected(f"a verified callback ({_name(callback)})")
         self._on_verified.clear()
 
     def _deliver_streams(self) -> None:
@@ -775,7 +798,31 @@ class QUICConnection(trio.abc.AsyncResource):
         callbacks, self._on_finished = self._on_finished, []
         self._on_verified.clear()
         for callback in callbacks:
-            callback(self)
+            try:
+                callback(self)
+            except Exception:
+                self._unexpected(f"a finished callback ({_name(callback)})")
+
+    def _unexpected(self, what: str) -> None:
+        """A bug caught in an ``except`` block (ours, or the application's
+        callback): counted in the socket's ``unexpected_errors`` and logged
+        at WARNING with the peer."""
+        self._socket.statistics.unexpected_errors += 1
+        peer = f"{self.remote_address[0]}:{self.remote_address[1]}"
+        if self.peer_identity is not None:
+            peer = f"{self.peer_identity} at {peer}"
+        _log.warning("%s failed unexpectedly (peer %s)", what, peer, exc_info=True)
+
+    def fail_unexpectedly(self, what: str) -> None:
+        """A bug of ours escaped ``what`` (this connection's input or timer):
+        logged and counted, and the connection, whose state can no longer
+        be trusted, closed with INTERNAL_ERROR; the socket and its other
+        connections carry on."""
+        self._unexpected(what)
+        try:
+            self._close_now(is_app=False, code=_INTERNAL_ERROR, reason=b"")
+        except Exception:
+            self._unexpected("closing the connection after that")
 
     # -- internal interface for streams ------------------------------------------------
 
@@ -804,3 +851,9 @@ class QUICConnection(trio.abc.AsyncResource):
     def flush_later(self) -> None:
         """Flush within a few scheduling rounds (what a read frees: credit)."""
         self._socket.flush_later(self)
+
+
+def _name(callback: Callable[..., object]) -> str:
+    """A callback's name for the log (a partial's function's)."""
+    func = getattr(callback, "func", callback)
+    return getattr(func, "__qualname__", repr(func))

@@ -44,6 +44,7 @@ import contextlib
 import errno
 import heapq
 import itertools
+import logging
 import math
 import socket as _stdlib_socket
 import struct
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
     from ._connection import QUICConnection
 
 __all__ = ["CID_LEN", "QUICSocket", "SocketStatistics", "StrayWatch", "VirtualPath"]
+
+_log = logging.getLogger("polykey.quic")
 
 #: Length of every connection id we issue; short headers are routed by it.
 CID_LEN: Final = 16
@@ -107,6 +110,9 @@ class SocketStatistics:
     dropped_short_unknown_version: int = 0
     #: Initials that arrived while no server was attached.
     dropped_no_server: int = 0
+    #: Packets for a known connection that quiche refused (malformed, or a
+    #: protocol violation: then quiche closes the connection).
+    dropped_by_quiche: int = 0
     #: Sends the kernel refused for lack of buffer space (then retried).
     send_would_block: int = 0
     #: Receives that failed (ICMP errors reported on the socket).
@@ -116,6 +122,12 @@ class SocketStatistics:
     #: Connections quiche closed with STREAM_LIMIT_ERROR: the peer opened
     #: more streams than we allow (``initial_max_streams_*``).
     refused_streams: int = 0
+    #: Bugs caught in the QUIC layer: a verifier or a connection's callback
+    #: (the application's) that raised, or a bug of ours in one
+    #: connection's input or driver (that connection is closed with
+    #: INTERNAL_ERROR). Each logged at WARNING (``polykey.quic``) with the
+    #: peer; none ends the socket.
+    unexpected_errors: int = 0
     gso: bool = False
     gro: bool = False
     connections: int = 0
@@ -544,16 +556,31 @@ class QUICSocket:
             elif self._server is None:
                 self.statistics.dropped_no_server += 1
             else:
-                self._server.handle_initial(header, data, address)
+                self._to_server(header, data, address)
         elif header.type is _binding.PacketType.INITIAL:
             if self._server is None:
                 self.statistics.dropped_no_server += 1
             else:
-                self._server.handle_initial(header, data, address)
+                self._to_server(header, data, address)
         else:
             self.statistics.dropped_unknown_connection += 1
             if self._stray_watches:
                 self._note_stray(address)
+
+    def _to_server(
+        self, header: _binding.Header, data: memoryview, address: SockAddr
+    ) -> None:
+        assert self._server is not None
+        try:
+            self._server.handle_initial(header, data, address)
+        except Exception:
+            # A stranger's packet must not find a way to end the socket.
+            self.statistics.unexpected_errors += 1
+            _log.warning(
+                "the server's handling of an Initial failed unexpectedly (peer %s:%s)",
+                *address[:2],
+                exc_info=True,
+            )
 
     def _note_stray(self, address: SockAddr) -> None:
         for watch in self._stray_watches.get(unmap_ipv4(str(address[0])), ()):
@@ -608,7 +635,12 @@ class QUICSocket:
                 for conn in dirty:
                     if id(conn) not in seen:
                         seen.add(id(conn))
-                        conn.after_input(defer_flush=True)
+                        try:
+                            conn.after_input(defer_flush=True)
+                        except Exception:
+                            # One connection's bug must not end the reader,
+                            # and with it the socket.
+                            conn.fail_unexpectedly("processing its input")
         finally:
             self._processing = False
 
@@ -660,8 +692,14 @@ class QUICSocket:
                 while timers and timers[0][0] <= now:
                     due.append(heapq.heappop(timers))
                 for _, _, timer in due:
-                    if timer.conn is not None:
-                        timer.conn.timer_due()
+                    conn = timer.conn
+                    if conn is not None:
+                        try:
+                            conn.timer_due()
+                        except Exception:
+                            # One connection's bug must not end the timer
+                            # task, and with it every connection's timers.
+                            conn.fail_unexpectedly("its timer")
         finally:
             self._timer_scope = None
             # Cancelled with the socket's nursery: nothing drives the
@@ -685,7 +723,12 @@ class QUICSocket:
             while refused:
                 await self.wait_writable()
                 for conn in list(refused):
-                    if conn.closed or conn.retry_send():
+                    try:
+                        sent = conn.closed or conn.retry_send()
+                    except Exception:
+                        conn.fail_unexpectedly("resending a refused batch")
+                        sent = True
+                    if sent:
                         del refused[conn]
                     else:
                         break  # the buffer is full again

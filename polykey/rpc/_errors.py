@@ -17,6 +17,7 @@ subclasses, and ``{code, message, data}`` for its protocol errors.
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, Protocol
@@ -24,6 +25,8 @@ from typing import Any, ClassVar, Final, Protocol
 import trio
 
 from ..errors import PolykeyError
+
+_log = logging.getLogger("polykey.rpc")
 
 __all__ = [
     "DEFAULT_ERROR_REGISTRY",
@@ -344,6 +347,10 @@ class ErrorRegistry:
     def __init__(self) -> None:
         self._by_name: dict[str, Callable[[str], BaseException]] = {}
         self._by_code: dict[int, type[RPCError]] = {}
+        #: Registered classes (or factories) that raised instead of building
+        #: the error from a peer's message: a registration bug, logged at
+        #: WARNING; the caller gets the generic RPCRemoteError.
+        self.rebuild_failures = 0
 
     def register(
         self,
@@ -379,7 +386,12 @@ class ErrorRegistry:
         return new
 
     def rebuild(
-        self, name: str | None, code: int | None, message: str
+        self,
+        name: str | None,
+        code: int | None,
+        message: str,
+        *,
+        method: str | None = None,
     ) -> BaseException | None:
         factory = self._by_name.get(name) if name else None
         if factory is None and code is not None and name is None:
@@ -389,6 +401,14 @@ class ErrorRegistry:
         try:
             return factory(message)
         except Exception:
+            self.rebuild_failures += 1
+            _log.warning(
+                "the error class registered for %r failed to rebuild a reply "
+                "to %r; raised as a plain remote error",
+                name if name is not None else code,
+                (method or "?")[:100],
+                exc_info=True,
+            )
             return None
 
 
@@ -525,7 +545,7 @@ def error_from_wire(
         message = top_message
     if code is None:
         code = top_code
-    rebuilt = registry.rebuild(name, code, message)
+    rebuilt = registry.rebuild(name, code, message, method=method)
     if name is None:
         name = type(rebuilt).__name__ if rebuilt is not None else "Error"
         if isinstance(rebuilt, RPCError):

@@ -372,22 +372,37 @@ class RPCServer:
         await reset_stream(stream, StreamCode.HANDLER_FAILED)
 
     def _handler_bug(
-        self, exc: BaseException, method: str, transport: Mapping[str, Any]
+        self,
+        exc: BaseException,
+        method: str,
+        transport: Mapping[str, Any],
+        *,
+        part: str = "handler",
+        outcome: str = "answered -32603",
     ) -> RPCInternalError:
         """What a handler's unexpected exception is answered with; logged
-        with the peer it came from, the traceback kept off the wire."""
+        with the peer it came from, the traceback kept off the wire. Also
+        for the call's other code of the application's (``part``: its
+        middleware, its input's parsing), where ``outcome`` says what the
+        caller got instead."""
         self._stats.handler_bugs += 1
-        peer = transport.get("node_id", transport.get("peer", "?"))
-        host, port = transport.get("host"), transport.get("port")
-        where = f" at {host}:{port}" if host is not None else ""
         _log.warning(
-            "RPC handler %r failed unexpectedly (peer %s%s); answered -32603",
+            "RPC %s %r failed unexpectedly (peer %s); %s",
+            part,
             method[:100],
-            peer,
-            where,
+            _peer(transport),
+            outcome,
             exc_info=exc,
         )
         return RPCInternalError()
+
+    def _internal_error(self, what: str, transport: Mapping[str, Any]) -> None:
+        """A bug of the server's own, caught where a call ends: counted in
+        ``internal_errors``, logged at WARNING with the peer."""
+        self._stats.internal_errors += 1
+        _log.warning(
+            "%s failed unexpectedly (peer %s)", what, _peer(transport), exc_info=True
+        )
 
     def _register(
         self, stream: trio.abc.HalfCloseableStream, meta: Mapping[str, Any] | None
@@ -407,8 +422,7 @@ class RPCServer:
         except Exception:
             # A bug, not a peer's doing (those are handled in the call): keep
             # serving the other calls, and say so.
-            self._stats.internal_errors += 1
-            _log.exception("RPC call failed unexpectedly")
+            self._internal_error("RPC call", call.transport)
         finally:
             if connection is not None:
                 self._per_connection[connection] -= 1
@@ -417,6 +431,15 @@ class RPCServer:
             self._calls.discard(call)
             if not self._calls:
                 self._idle.set()
+
+
+def _peer(transport: Mapping[str, Any]) -> str:
+    """Who a call came from, for the log: NodeId (or peer) and address."""
+    peer = transport.get("node_id", transport.get("peer", "?"))
+    host, port = transport.get("host"), transport.get("port")
+    if host is None:
+        return str(peer)
+    return f"{peer} at {host}" + (f":{port}" if port is not None else "")
 
 
 class _OnFirstBlock:
@@ -599,7 +622,7 @@ class _ServerCall:
             _log.info(
                 "method %r not served (peer %s): stream reset with code %d",
                 method[:100],
-                self.transport.get("node_id", self.transport.get("peer", "?")),
+                _peer(self.transport),
                 StreamCode.HANDLER_FAILED,
             )
             await self._reset(StreamCode.HANDLER_FAILED)
@@ -785,8 +808,7 @@ class _ServerCall:
             with self.reader_scope:
                 await self._reader(handler, first, channel)
         except Exception:
-            self.server._stats.internal_errors += 1
-            _log.exception("RPC call's reader failed unexpectedly")
+            self.server._internal_error("RPC call's reader", self.transport)
             self.scope.cancel()
         finally:
             self.reader_done.set()
@@ -831,8 +853,18 @@ class _ServerCall:
             self._event(ServerEvent.INPUT_BROKE)
             return
         if not self.state.answered:
-            self.input_error = exc
+            self.input_error = exc  # answered later, a bug as -32603
+        elif not is_answer(exc):
+            # Nobody left to tell, but a bug (in parse_params or a
+            # middleware) is still seen.
+            self.server._handler_bug(
+                exc, self._method(), self.transport,
+                part="input of", outcome="the call had answered",
+            )  # fmt: skip
         self._event(ServerEvent.INPUT_FAILED)
+
+    def _method(self) -> str:
+        return self.ctx.method if self.ctx is not None else "?"
 
     async def _feed(
         self,
@@ -921,16 +953,19 @@ class _ServerCall:
         if self.state.answered or self.state.output is Output.GONE:
             return
         if not is_answer(exc):
-            method = self.ctx.method if self.ctx is not None else "?"
-            exc = self.server._handler_bug(exc, method, self.transport)
+            exc = self.server._handler_bug(exc, self._method(), self.transport)
         wire = error_to_wire(exc)
         message: Response | ErrorResponse = ErrorResponse(
             ErrorObject(wire["code"], wire["message"], wire["data"])
         )
         try:
             message = await run_reverse(self.chain, message)
-        except Exception:
-            pass  # the error goes out as it was
+        except Exception as bug:
+            # The error goes out as it was; the middleware's bug is seen.
+            self.server._handler_bug(
+                bug, self._method(), self.transport,
+                part="middleware on", outcome="its error reply sent unchanged",
+            )  # fmt: skip
         self.server._stats.error_responses += 1
         try:
             await self._send_value(message.to_wire())
@@ -975,8 +1010,14 @@ class _ServerCall:
         except Exception as exc:
             if not call.accepted:
                 await self._send_error(exc)
-            else:
-                await self._reset(StreamCode.HANDLER_FAILED)
+                return
+            if not is_answer(exc):
+                # Past the leading response there is no error reply to give.
+                self.server._handler_bug(
+                    exc, ctx.method, self.transport,
+                    part="raw handler", outcome="stream reset",
+                )  # fmt: skip
+            await self._reset(StreamCode.HANDLER_FAILED)
             return
         if not call.accepted:
             await self._send_error(

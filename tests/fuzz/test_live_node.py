@@ -67,6 +67,7 @@ async def test_malformed_json_rpc_over_a_verified_connection(fuzzer: Fuzzer) -> 
     survived(result, 3000)
     assert result.detail["no answer"] == 0
     assert result.detail["trace on wire"] == 0
+    assert result.detail["connections"] == 1  # never lost, never re-dialled
 
 
 async def test_garbage_node_lists_from_a_verified_peer(fuzzer: Fuzzer) -> None:

@@ -1,5 +1,7 @@
 """Calls in flight per connection and per server, refused at once; a
-handler's bug answered -32603. Over real QUIC (and a real Unix socket)."""
+handler's bug answered -32603, and the server's own bugs, a middleware's
+and a raw handler's logged with the peer and counted. Over real QUIC (and a
+real Unix socket)."""
 
 from __future__ import annotations
 
@@ -18,17 +20,27 @@ from polykey.quic import (
     QUICConnection,
     QUICServer,
     QUICSocket,
+    QUICStreamError,
     node_tls_identity,
     node_verifier,
 )
 from polykey.rpc import (
     CallContext,
+    ClientHandler,
+    ErrorRegistry,
+    ErrorResponse,
+    Middleware,
+    RawCall,
+    RawHandler,
+    Response,
     RPCClient,
     RPCRemoteError,
     RPCServer,
     RPCStreamReset,
     UnaryHandler,
+    error_from_wire,
 )
+from polykey.rpc import parse_request as real_parse_request
 
 JSON = dict[str, Any]
 
@@ -257,3 +269,202 @@ async def test_exceptions_meant_for_the_caller_keep_their_type() -> None:
             assert info.value.remote_type == "ValueError"
             assert info.value.remote_code == -32006
             assert server.statistics().handler_bugs == 0
+
+
+def rpc_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "polykey.rpc"
+    ]
+
+
+async def raw_exchange(conn: QUICConnection, request: JSON) -> bytes:
+    """What the server sends back on a stream carrying ``request``."""
+    stream = await conn.open_stream()
+    await stream.send_all(json.dumps(request).encode())
+    await stream.send_eof()
+    wire = b""
+    try:
+        while chunk := await stream.receive_some():
+            wire += chunk
+    except RPCStreamReset:
+        pass
+    except trio.BrokenResourceError:
+        pass  # reset: what came before it is all there is
+    return wire
+
+
+async def test_a_bug_in_the_servers_own_code_is_logged_and_the_server_goes_on(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def parse_request(value: Any) -> Any:
+        # A codec step with a bug for one request.
+        if (
+            isinstance(value, dict)
+            and value.get("method") == "echo"
+            and (value.get("params") == {"x": "boom"})
+        ):
+            raise RuntimeError("secret internals of ours")
+        return real_parse_request(value)
+
+    monkeypatch.setattr("polykey.rpc._server.parse_request", parse_request)
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"echo": Echo()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            request = {"jsonrpc": "2.0", "method": "echo", "params": {"x": "boom"},
+                       "id": None}  # fmt: skip
+            wire = await raw_exchange(clients.conns[0], request)
+            assert b"secret" not in wire
+            assert b"Traceback" not in wire
+            assert await client.unary("echo", {"x": 1}) == {"echo": 1}
+            assert server.statistics().internal_errors == 1
+    [warning] = rpc_warnings(caplog)
+    assert str(identity.node_id) in warning.getMessage()
+    assert "127.0.0.1" in warning.getMessage()
+    assert warning.exc_info is not None
+    assert warning.exc_info[0] is RuntimeError
+
+
+class BreaksOnErrors(Middleware):
+    """A middleware with a bug in its reverse hook, for error replies."""
+
+    async def reverse(
+        self, message: Response | ErrorResponse
+    ) -> Response | ErrorResponse:
+        if isinstance(message, ErrorResponse):
+            raise KeyError("a bug in the middleware")
+        return message
+
+
+class Refuses(UnaryHandler[JSON, JSON]):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        raise ValueError("no such thing")
+
+
+async def test_a_middlewares_bug_on_an_error_reply_is_logged_and_the_error_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manifest = {"refuses": Refuses(), "echo": Echo()}
+    with trio.fail_after(30):
+        async with (
+            RPCServer(manifest, timeout=10, middleware=[BreaksOnErrors]) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            with pytest.raises(RPCRemoteError) as info:
+                await client.unary("refuses", {})
+            # The handler's own answer went out, unchanged.
+            assert info.value.remote_type == "ValueError"
+            assert "no such thing" in str(info.value)
+            assert await client.unary("echo", {"x": 2}) == {"echo": 2}
+            assert server.statistics().handler_bugs == 1
+    [warning] = rpc_warnings(caplog)
+    assert "middleware" in warning.getMessage()
+    assert "'refuses'" in warning.getMessage()
+    assert str(identity.node_id) in warning.getMessage()
+    assert warning.exc_info is not None
+    assert warning.exc_info[0] is KeyError
+
+
+async def drain(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+class RawBuggy(RawHandler):
+    async def handle(self, call: RawCall, ctx: CallContext) -> None:
+        stream = await call.accept({"ok": True})
+        await stream.send_all(b"some")
+        raise ZeroDivisionError("secret division")
+
+
+async def test_a_raw_handlers_bug_after_accepting_is_logged_and_the_stream_reset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"raw": RawBuggy(), "echo": Echo()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            async with client.raw("raw", {}) as call:
+                assert call.header == {"ok": True}
+                with pytest.raises(QUICStreamError) as info:
+                    await drain(call.stream)
+            assert info.value.reset_code == 1
+            assert await client.unary("echo", {"x": 3}) == {"echo": 3}
+            assert server.statistics().handler_bugs == 1
+    [warning] = rpc_warnings(caplog)
+    assert "raw handler 'raw'" in warning.getMessage()
+    assert str(identity.node_id) in warning.getMessage()
+    assert warning.exc_info is not None
+    assert warning.exc_info[0] is ZeroDivisionError
+
+
+def test_an_error_class_that_fails_to_rebuild_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Picky(Exception):
+        def __init__(self, message: str) -> None:
+            super().__init__(int(message))  # a bug: messages are text
+
+    registry = ErrorRegistry()
+    registry.register(Picky)
+    error = {"code": -32006, "message": "x",
+             "data": {"type": "Picky", "message": "not a number"}}  # fmt: skip
+    remote = error_from_wire(error, registry, method="vaultsList")
+    assert isinstance(remote, RPCRemoteError)
+    assert remote.remote_type == "Picky"
+    assert remote.__cause__ is None
+    assert registry.rebuild_failures == 1
+    [warning] = rpc_warnings(caplog)
+    assert "'Picky'" in warning.getMessage()
+    assert "'vaultsList'" in warning.getMessage()
+
+
+class FirstOnly(ClientHandler[JSON, JSON]):
+    """Answers with its first input; ``parse_params`` has a bug for later
+    ones."""
+
+    def parse_params(self, params: Any) -> JSON:
+        if isinstance(params, dict) and params.get("bad"):
+            raise AttributeError("a bug in parse_params")
+        return dict(params)
+
+    async def handle(self, input: AsyncIterator[JSON], ctx: CallContext) -> JSON:
+        async for first in input:
+            return {"first": first.get("x")}
+        return {}
+
+
+async def test_a_bug_parsing_input_after_the_answer_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"first": FirstOnly(), "echo": Echo()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            stream = await clients.conns[0].open_stream()
+            header = {"jsonrpc": "2.0", "method": "first", "params": {"x": 1},
+                      "id": None}  # fmt: skip
+            await stream.send_all(json.dumps(header).encode())
+            wire = b""
+            while chunk := await stream.receive_some():
+                wire += chunk
+            assert json.loads(wire)["result"] == {"first": 1}
+            # Answered; more input, which the server reads to its FIN.
+            later = {**header, "params": {"bad": True}}
+            await stream.send_all(json.dumps(later).encode())
+            await until(lambda: server.statistics().handler_bugs == 1)
+            assert await client.unary("echo", {"x": 4}) == {"echo": 4}
+    [warning] = rpc_warnings(caplog)
+    assert "input of 'first'" in warning.getMessage()
+    assert str(identity.node_id) in warning.getMessage()
+    assert warning.exc_info is not None
+    assert warning.exc_info[0] is AttributeError
