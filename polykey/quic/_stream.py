@@ -337,6 +337,11 @@ class QUICStream(trio.abc.HalfCloseableStream):
         if not conn.closed:
             if code is not None:
                 forceful = True
+            # Done both ways already (FIN sent and received): closing sends
+            # nothing of the stream's, and the ACK of the peer's FIN can wait
+            # for company (the socket's deferred flush): a server's next
+            # reply takes it along instead of a packet of its own.
+            quiet = self._fin_sent and self._eof_received and not forceful
             code = self.cancel_code if code is None else code
             if not self._eof_received and self._recv_error is None:
                 self._shutdown(Shutdown.READ, code if forceful else 0)
@@ -353,7 +358,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
                     except QuicheError:
                         pass
                 self._fin_sent = True
-            conn.flush()
+            if quiet:
+                conn.flush_later()
+            else:
+                conn.flush()
         conn.forget_stream(self)
         self._recv_lot.unpark_all()
         self._send_lot.unpark_all()
