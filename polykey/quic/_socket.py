@@ -48,7 +48,6 @@ import logging
 import math
 import socket as _stdlib_socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -304,9 +303,10 @@ class QUICSocket:
         self._dirty: list[QUICConnection] = []
         self._processing = False
         # Connections whose flush waits until nothing else can run (see
-        # _flusher), each with this thread's CPU time when it was marked; in
+        # _flusher), each with the flusher's wait it was marked in; in
         # marking order.
-        self._flush_due: dict[QUICConnection, float] = {}
+        self._flush_due: dict[QUICConnection, int] = {}
+        self._flush_wait = 0
         self._flusher_lot = trio.lowlevel.ParkingLot()
         # Every connection's one timer: (deadline, order, Timer), the
         # earliest first. A connection that re-arms pushes again and cancels
@@ -648,13 +648,13 @@ class QUICSocket:
 
     def flush_later(self, conn: QUICConnection) -> None:
         """Call ``conn.flush_after_input()`` once this process has nothing
-        else to run, or after :data:`FLUSH_WAIT` of work (see
-        :meth:`_flusher`), unless a flush of its own makes it moot."""
+        else to run, or within two :data:`FLUSH_WAIT` (see :meth:`_flusher`),
+        unless a flush of its own makes it moot."""
         due = self._flush_due
         if not due:
             self._flusher_lot.unpark_all()
         if conn not in due:
-            due[conn] = time.thread_time()
+            due[conn] = self._flush_wait
 
     def flush_sent(self, conn: QUICConnection) -> None:
         """``conn`` just sent what quiche had (and re-armed its timer)."""
@@ -748,20 +748,20 @@ class QUICSocket:
         # call's FIN), and what is left leaves together.
         #
         # A process that never idles (both ends of a busy exchange in one
-        # process) flushes a mark once it is FLUSH_WAIT old in this thread's
-        # CPU time, not the clock's: a process the machine preempted resumes
-        # with its tasks about to write, and must not flush before them.
+        # process) waits FLUSH_WAIT at a time, and flushes at its end the
+        # marks made before it began: a mark made just now (the last input's,
+        # or one made just before the machine preempted the process, which
+        # resumes with its tasks about to write) gets a whole wait more.
         # The marks are in marking order, so the ripe ones are in front.
         due = self._flush_due
         while True:
             if not due:
                 await self._flusher_lot.park()
+            self._flush_wait += 1
             with trio.move_on_after(FLUSH_WAIT) as bounded:
                 await trio.testing.wait_all_tasks_blocked()
             ripe = (
-                time.thread_time() - FLUSH_WAIT
-                if bounded.cancelled_caught
-                else math.inf
+                self._flush_wait - 1 if bounded.cancelled_caught else self._flush_wait
             )
             while due:
                 conn, marked = next(iter(due.items()))
