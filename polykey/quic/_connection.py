@@ -16,9 +16,9 @@ this order, and the invariant every path keeps (aioquic's ``transmit()``):
 4. re-arm the one timer: min(quiche's timeout, keep-alive, handshake
    deadline), or notice that quiche closed the connection.
 
-Step 3 and 4 after socket input are deferred a few scheduling rounds to the
-socket's flusher (see QUICSocket._flusher) so that ACKs ride on the replies
-of the tasks the input woke; a read that frees credit defers its flush the
+Step 3 and 4 after socket input are deferred to the socket's flusher, which
+runs them once every task is blocked (see QUICSocket._flusher), so that ACKs
+ride on the replies of the tasks the input woke; a read that frees credit defers its flush the
 same way. Writes and closes call :meth:`flush` themselves, synchronously.
 A connection has no task of its own: the socket's timer task calls
 :meth:`timer_due` when the connection's one deadline comes (quiche's
@@ -317,8 +317,8 @@ class QUICConnection(trio.abc.AsyncResource):
             self._deliver_datagrams()
 
     def send_datagram(self, payload: bytes) -> bool:
-        """Queue an unreliable DATAGRAM frame; sent within a few scheduling
-        rounds, with whatever else is due. False when quiche's queue is full
+        """Queue an unreliable DATAGRAM frame; sent with the deferred flush,
+        with whatever else is due. False when quiche's queue is full
         or the payload is larger than :meth:`datagram_max_size`."""
         if self._finished or not self._verified:
             return False
@@ -645,8 +645,8 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def flush_small(self, nbytes: int) -> None:
         """A stream took a small write of ``nbytes`` that may wait for
-        company: flush now once a packet's worth waits, else within a few
-        scheduling rounds (with the socket's deferred flushes)."""
+        company: flush now once a packet's worth waits, else with the
+        socket's deferred flush."""
         self._unflushed += nbytes
         if self._unflushed >= _COALESCE_BYTES:
             self.flush()
@@ -849,7 +849,8 @@ class QUICConnection(trio.abc.AsyncResource):
             self._send_waiters.discard(stream)
 
     def flush_later(self) -> None:
-        """Flush within a few scheduling rounds (what a read frees: credit)."""
+        """Flush with the socket's deferred flush (what a read frees: credit;
+        the ACK of a finished stream's FIN)."""
         self._socket.flush_later(self)
 
 

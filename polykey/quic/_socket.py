@@ -83,8 +83,10 @@ _GRO_CMSG_SPACE: Final = _stdlib_socket.CMSG_SPACE(4)
 #: The transport error quiche closes a peer with that opened more streams
 #: than we allow (RFC 9000 section 20.1).
 STREAM_LIMIT_ERROR: Final = 0x4
-# Scheduling rounds a flush after input may wait for woken tasks (_flusher).
-_FLUSH_ROUNDS: Final = 3
+#: The longest a deferred flush waits for the process to have nothing else
+#: to run (_flusher): well under quiche's max_ack_delay (25 ms), which the
+#: peer's loss detection allows for.
+FLUSH_WAIT: Final = 0.002
 
 
 class _InitialHandler(Protocol):
@@ -300,11 +302,11 @@ class QUICSocket:
         self._server: _InitialHandler | None = None
         self._dirty: list[QUICConnection] = []
         self._processing = False
-        # Connections whose flush after input waits for the tasks the input
-        # woke (see _flusher), each with the flusher's round when it was
-        # marked; in marking order.
+        # Connections whose flush waits until nothing else can run (see
+        # _flusher), each with the flusher's wait it was marked in; in
+        # marking order.
         self._flush_due: dict[QUICConnection, int] = {}
-        self._flush_round = 0
+        self._flush_wait = 0
         self._flusher_lot = trio.lowlevel.ParkingLot()
         # Every connection's one timer: (deadline, order, Timer), the
         # earliest first. A connection that re-arms pushes again and cancels
@@ -645,13 +647,14 @@ class QUICSocket:
             self._processing = False
 
     def flush_later(self, conn: QUICConnection) -> None:
-        """Call ``conn.flush_after_input()`` a few scheduling rounds from now
-        (see :meth:`_flusher`), unless a flush of its own makes it moot."""
+        """Call ``conn.flush_after_input()`` once this process has nothing
+        else to run, or within two :data:`FLUSH_WAIT` (see :meth:`_flusher`),
+        unless a flush of its own makes it moot."""
         due = self._flush_due
         if not due:
             self._flusher_lot.unpark_all()
         if conn not in due:
-            due[conn] = self._flush_round
+            due[conn] = self._flush_wait
 
     def flush_sent(self, conn: QUICConnection) -> None:
         """``conn`` just sent what quiche had (and re-armed its timer)."""
@@ -736,23 +739,30 @@ class QUICSocket:
             self._writer_running = False
 
     async def _flusher(self) -> None:
-        # What quiche has to send after input is mostly ACKs (and credit
-        # that reads returned). Sent at once they cost a packet each; the
-        # tasks the input woke usually answer within a few scheduling rounds
-        # (an RPC reply, a FIN: a new stream's handler starts in the second)
-        # and their write takes the ACK along. So each connection's flush
-        # waits a fixed few rounds from when it was marked: ACKs are held
-        # microseconds, never longer. (trio's tasks_runnable cannot say "they
-        # have run": it does not count the rest of the batch being run.)
+        # What waits here is what no task waits on: ACKs, credit that reads
+        # returned, small writes waiting for company. Sent at once each
+        # costs a packet; held until every task is blocked (trio's idle
+        # point: the run queue is empty and the I/O poll found nothing),
+        # it rides on whatever the woken tasks send meanwhile (an RPC reply
+        # takes the request's ACK, a server's next reply the ACK of the last
+        # call's FIN), and what is left leaves together.
+        #
+        # A process that never idles (both ends of a busy exchange in one
+        # process) waits FLUSH_WAIT at a time, and flushes at its end the
+        # marks made before it began: a mark made just now (the last input's,
+        # or one made just before the machine preempted the process, which
+        # resumes with its tasks about to write) gets a whole wait more.
+        # The marks are in marking order, so the ripe ones are in front.
         due = self._flush_due
         while True:
             if not due:
                 await self._flusher_lot.park()
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._flush_round += 1
-            # Marked in round order (a connection keeps its first mark), so
-            # the ripe ones are at the front.
-            ripe = self._flush_round - _FLUSH_ROUNDS
+            self._flush_wait += 1
+            with trio.move_on_after(FLUSH_WAIT) as bounded:
+                await trio.testing.wait_all_tasks_blocked()
+            ripe = (
+                self._flush_wait - 1 if bounded.cancelled_caught else self._flush_wait
+            )
             while due:
                 conn, marked = next(iter(due.items()))
                 if marked > ripe:

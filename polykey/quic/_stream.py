@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["QUICStream"]
 
 _DEFAULT_RECEIVE = 65536
-#: A write at most this long may wait a few rounds for company (see _send).
+#: A write at most this long may wait for company (see _send).
 _SMALL_WRITE = 1200
 
 
@@ -209,7 +209,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
         total = len(view)
         waited = False
         # A small write right after another (a server streaming messages)
-        # leaves within a few rounds, with the writes that follow it: one
+        # leaves with the deferred flush, with the writes that follow it: one
         # packet for several messages instead of one each. The first write
         # after a read (a request, an answer), a FIN and a large write go at
         # once, so a round trip waits for nothing.
@@ -337,6 +337,14 @@ class QUICStream(trio.abc.HalfCloseableStream):
         if not conn.closed:
             if code is not None:
                 forceful = True
+            # Done both ways already (FIN sent and received): closing sends
+            # nothing of the stream's, and the ACK of the peer's FIN can wait
+            # for company (the socket's deferred flush): a server's next
+            # reply takes it along instead of a packet of its own (with
+            # idle-point flushing, bench/call_costs.py: 4.12 -> 3.15
+            # datagrams per unary call; tested against the flush at once in
+            # test_a_finished_stream_closes_without_a_packet_of_its_own).
+            quiet = self._fin_sent and self._eof_received and not forceful
             code = self.cancel_code if code is None else code
             if not self._eof_received and self._recv_error is None:
                 self._shutdown(Shutdown.READ, code if forceful else 0)
@@ -353,7 +361,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
                     except QuicheError:
                         pass
                 self._fin_sent = True
-            conn.flush()
+            if quiet:
+                conn.flush_later()
+            else:
+                conn.flush()
         conn.forget_stream(self)
         self._recv_lot.unpark_all()
         self._send_lot.unpark_all()

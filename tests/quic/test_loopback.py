@@ -392,6 +392,44 @@ async def test_acks_ride_on_replies() -> None:
         assert client_conn.statistics().quiche.sent - client_before == 21
 
 
+async def test_a_finished_stream_closes_without_a_packet_of_its_own() -> None:
+    """Closing a stream done both ways (the peer's FIN read, ours sent)
+    sends nothing of the stream's: the ACK of the peer's FIN waits for the
+    deferred flush and rides on the next reply. Calls shaped as js-rpc's
+    unary calls (request; reply and FIN; the caller's FIN), one at a time:
+    the server sent two packets per call when its close flushed at once."""
+    calls = 20
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+
+        async def serve() -> None:
+            while True:
+                ss = await server_conn.accept_stream()
+                assert await ss.receive_some() == b"ping"
+                await ss.send_all_and_eof(b"pong")
+                assert await ss.receive_some() == b""
+                await ss.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await settled(client_conn, server_conn)
+            server_before = server_conn.statistics().quiche.sent
+            with trio.fail_after(10):
+                for _ in range(calls):
+                    cs = await client_conn.open_stream()
+                    await cs.send_all(b"ping")
+                    assert await cs.receive_some() == b"pong"
+                    assert await cs.receive_some() == b""
+                    await cs.send_eof()
+                    await cs.aclose()
+            await settled(client_conn, server_conn)
+            nursery.cancel_scope.cancel()
+        sent = server_conn.statistics().quiche.sent - server_before
+    # The replies, the last ACK, and the odd ACK sent at an idle moment
+    # (waiting for stream credit, say).
+    assert calls < sent <= calls * 5 // 4, sent
+
+
 async def test_connect_then_close_at_once_completes_the_handshake() -> None:
     """A client that closes as soon as connect() returns has still sent its
     handshake's last flight: the server finishes the handshake, so its
