@@ -20,7 +20,9 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -40,6 +42,7 @@ from tests.fuzz.engine import (
 )
 
 Row = tuple[str, list[str]]
+N = TypeVar("N")
 
 
 def say(text: str) -> None:
@@ -390,6 +393,65 @@ LOOPBACK_LIMITS = NodeLimits(
 )
 
 
+class _Finds:
+    """The finds of a scale run (every node finds ``count`` random others):
+    each outcome and its rounds, and why each miss missed."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[bool, int]] = []
+        self.why: dict[str, int] = {}
+
+    def _count(self, key: str) -> None:
+        self.why[key] = self.why.get(key, 0) + 1
+
+    def failed(self, exc: Exception) -> None:
+        self._count(type(exc).__name__)
+        self.results.append((False, 0))
+
+    def answered(self, ok: bool, rounds: int, found: bool, failures: int) -> None:
+        """``found``: the lookup found the target at some address."""
+        if not ok:
+            key = "wrong address" if found else "not found"
+            if not found and failures:
+                key += " (with failed queries)"
+            self._count(key)
+        self.results.append((ok, rounds))
+        if len(self.results) % 200 == 0:
+            say(f"scale: {len(self.results)} finds")
+
+    async def run(
+        self,
+        nodes: Sequence[N],
+        rng: random.Random,
+        count: int,
+        find: Callable[[N, N], Awaitable[None]],
+    ) -> float:
+        """``find(a, b)`` for each node ``a`` and ``count`` others; seconds
+        it all took."""
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for a in nodes:
+                others = [b for b in nodes if b is not a]
+                for b in rng.sample(others, min(count, len(others))):
+                    nursery.start_soon(find, a, b)
+        return trio.current_time() - started
+
+    def figures(self, started: float, joined: float, took: float) -> list[str]:
+        """The row's first columns: finds, misses, and the figures every
+        scale row starts with."""
+        results = self.results
+        ok = sum(1 for r in results if r[0])
+        rounds = [float(r[1]) for r in results if r[0]]
+        return [
+            str(len(results)),
+            f"{len(results) - ok} not found",
+            f"all started in {started:.1f} s, joined in {joined:.1f} s; "
+            f"success {ok / len(results) * 100:.1f}%; "
+            f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
+            f"finds took {took:.1f} s",
+        ]
+
+
 async def scale(args: argparse.Namespace, work: Path) -> Row:
     rng = random.Random(args.seed)
     async with contextlib.AsyncExitStack() as stack:
@@ -434,8 +496,7 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
             f"scale: {len(nodes)} nodes joined in {converge:.1f} s; {no_seed} "
             f"reached no seed, {empty_at_join} with an empty graph"
         )
-        results: list[tuple[bool, int]] = []
-        why: dict[str, int] = {}
+        finds = _Finds()
         limiter = trio.CapacityLimiter(16)
 
         async def find(a: PolykeyNode, b: PolykeyNode) -> None:
@@ -444,45 +505,27 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
                     with trio.fail_after(90):
                         result = await a.manager.find(b.node_id)
                 except Exception as exc:
-                    why[type(exc).__name__] = why.get(type(exc).__name__, 0) + 1
-                    results.append((False, 0))
+                    finds.failed(exc)
                     return
                 want = NodeAddress(*b.address)
                 ok = result.found is not None and want in result.found.addresses
-                if not ok:
-                    key = "wrong address" if result.found else "not found"
-                    if not result.found and result.failures:
-                        key += " (with failed queries)"
-                    why[key] = why.get(key, 0) + 1
-                results.append((ok, result.rounds))
-                if len(results) % 100 == 0:
-                    say(f"scale: {len(results)} finds")
+                finds.answered(ok, result.rounds, result.found is not None, result.failures)
 
-        finds_started = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            for a in nodes:
-                others = [b for b in nodes if b is not a]
-                for b in rng.sample(others, min(args.finds, len(others))):
-                    nursery.start_soon(find, a, b)
-        finds_took = trio.current_time() - finds_started
+        finds_took = await finds.run(nodes, rng, args.finds, find)
         graph_sizes = sorted(len(n.graph) for n in nodes)
         stats = [n.manager.statistics() for n in nodes]
         evicted = sum(s.evictions for s in stats)
         removed = sum(s.removed_failing for s in stats)
         say("scale: stopping the nodes")
-    ok = sum(1 for r in results if r[0])
-    rounds = [float(r[1]) for r in results if r[0]]
+    *counts, figures = finds.figures(all_started, converge, finds_took)
     return (
         f"scale: {args.nodes} nodes, {args.finds} finds each",
         [
-            str(len(results)),
-            f"{len(results) - ok} not found",
-            f"all started in {all_started:.1f} s, joined in {converge:.1f} s; success {ok / len(results) * 100:.1f}%; "
-            f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
-            f"finds took {finds_took:.1f} s; graph sizes {graph_sizes[0]}.."
+            *counts,
+            f"{figures}; graph sizes {graph_sizes[0]}.."
             f"{graph_sizes[-1]}; at join {no_seed} reached no seed, "
             f"{empty_at_join} had an empty graph; {evicted} evictions, "
-            f"{removed} removed after failing; failures: {why}",
+            f"{removed} removed after failing; failures: {finds.why}",
         ],
     )
 
@@ -524,8 +567,7 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
         converge = trio.current_time() - started
         say(f"scale: {len(nodes)} nodes joined in {converge:.1f} s")
 
-        results: list[tuple[bool, int]] = []
-        why: dict[str, int] = {}
+        finds = _Finds()
         limiter = trio.CapacityLimiter(16)
         # Below each node's 16 control clients, which a closing client's
         # socket still holds for a moment.
@@ -536,27 +578,15 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
                 try:
                     result = await a.call("nodesFind", {"nodeIdEncoded": str(b.node_id)}, 90)
                 except Exception as exc:
-                    why[type(exc).__name__] = why.get(type(exc).__name__, 0) + 1
-                    results.append((False, 0))
+                    finds.failed(exc)
                     return
                 ok = [b.address[0], b.address[1]] in result["addresses"]
                 if not ok:
                     say(f"scale: {a.log.stem} did not find {b.log.stem}: {result}")
-                    key = "wrong address" if result["addresses"] else "not found"
-                    if not result["addresses"] and result["failures"]:
-                        key += " (with failed queries)"
-                    why[key] = why.get(key, 0) + 1
-                results.append((ok, result["rounds"]))
-                if len(results) % 200 == 0:
-                    say(f"scale: {len(results)} finds")
+                found = bool(result["addresses"])
+                finds.answered(ok, result["rounds"], found, result["failures"])
 
-        finds_started = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            for a in nodes:
-                others = [b for b in nodes if b is not a]
-                for b in rng.sample(others, min(args.finds, len(others))):
-                    nursery.start_soon(find, a, b)
-        finds_took = trio.current_time() - finds_started
+        finds_took = await finds.run(nodes, rng, args.finds, find)
         statuses = [await n.status() for n in nodes]
         graph_sizes = sorted(s["nodesTotal"] for s in statuses)
         evicted = sum(s["statistics"]["manager"]["evictions"] for s in statuses)
@@ -573,19 +603,15 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
             async with trio.open_nursery() as nursery:
                 for node in nodes:
                     nursery.start_soon(node.stop)
-    ok = sum(1 for r in results if r[0])
-    rounds = [float(r[1]) for r in results if r[0]]
+    *counts, figures = finds.figures(all_started, converge, finds_took)
     return (
         f"scale: {args.nodes} node processes, {args.finds} finds each",
         [
-            str(len(results)),
-            f"{len(results) - ok} not found",
-            f"all started in {all_started:.1f} s, joined in {converge:.1f} s; success {ok / len(results) * 100:.1f}%; "
-            f"rounds p50 {pct(rounds, 0.5):g} p95 {pct(rounds, 0.95):g}; "
-            f"finds took {finds_took:.1f} s; graph sizes {graph_sizes[0]}.."
+            *counts,
+            f"{figures}; graph sizes {graph_sizes[0]}.."
             f"{graph_sizes[-1]}; {evicted} evictions, {removed} removed after "
             f"failing, {unconfirmed} unconfirmed ones removed when their "
-            f"connection ended; {tracebacks} tracebacks logged; failures: {why}",
+            f"connection ended; {tracebacks} tracebacks logged; failures: {finds.why}",
         ],
     )
 
