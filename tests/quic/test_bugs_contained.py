@@ -35,6 +35,21 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     ]
 
 
+def bug_in(
+    monkeypatch: pytest.MonkeyPatch, method: str, conn: QUICConnection, bug: Exception
+) -> None:
+    """``QUICConnection.<method>`` raises ``bug`` for ``conn`` only: patched
+    on the class (a QUICConnection has slots), the others are unharmed."""
+    real = getattr(QUICConnection, method)
+
+    def buggy(self: QUICConnection, *args: Any, **kwargs: Any) -> Any:
+        if self is conn:
+            raise bug
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(QUICConnection, method, buggy)
+
+
 def where(conn: QUICConnection) -> str:
     host, port = conn.local_address[:2]
     return f"{host}:{port}"
@@ -126,16 +141,8 @@ async def test_a_bug_in_one_connections_input_closes_that_one_only(
     async with open_pair() as pair:
         client_conn, server_conn = await pair.connect()
         other_client, other_server = await pair.connect()
-        real = QUICConnection._deliver_streams
-
-        def deliver_streams(self: QUICConnection) -> None:
-            if self is server_conn:
-                raise AssertionError("a bug of ours in stream delivery")
-            real(self)
-
-        # On the class (a QUICConnection has slots), for one connection
-        # only: the other is unharmed.
-        monkeypatch.setattr(QUICConnection, "_deliver_streams", deliver_streams)
+        bug = AssertionError("a bug of ours in stream delivery")
+        bug_in(monkeypatch, "_deliver_streams", server_conn, bug)
         stream = await client_conn.open_stream()
         await stream.send_all(b"x")
         with trio.fail_after(5):
@@ -198,14 +205,7 @@ async def test_a_bug_in_one_connections_timer_closes_that_one_only(
     async with open_pair(server_config=QUICConfig(keep_alive_interval=0.2)) as pair:
         client_conn, server_conn = await pair.connect()
         other = await pair.connect()
-        real = QUICConnection._on_timer
-
-        def on_timer(self: QUICConnection) -> None:
-            if self is server_conn:
-                raise ZeroDivisionError("a bug of ours in the timer")
-            real(self)
-
-        monkeypatch.setattr(QUICConnection, "_on_timer", on_timer)
+        bug_in(monkeypatch, "_on_timer", server_conn, ZeroDivisionError("a bug of ours in the timer"))
         with trio.fail_after(5):
             reason = await server_conn.wait_closed()
         assert (reason.is_app, reason.code) == (False, 0x1)
