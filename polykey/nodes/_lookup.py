@@ -119,8 +119,7 @@ class Lookup:
         # Sorted by (distance, tie) for selection; distances are unique per id.
         self._order: list[_Candidate] = []
         self._target_retries = 0
-        self._target_asked_again = False
-        # max_contacted, plus the target's second ask once granted.
+        # max_contacted, plus one once the target's second ask is granted.
         self._budget = max_contacted
         self.in_flight = 0
         self.contacted = 0
@@ -267,9 +266,8 @@ class Lookup:
             retry
             and self.find
             and candidate.distance == 0
-            and not self._target_asked_again
+            and self._budget == self.max_contacted  # not granted yet
         ):
-            self._target_asked_again = True
             self._budget += 1
             candidate.state = _State.NEW
             return

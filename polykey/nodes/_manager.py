@@ -572,15 +572,11 @@ class NodeManager:
         self._stats.queries += 1
         answer: Sequence[NodeContact] | None = None
         started = trio.current_time()
-        # A find asks its target once more, backed off, when the first ask
-        # timed out and nothing had failed to reach it before: one slow
-        # answer (a loaded peer) must not lose the find, and a target known
-        # to be failing costs no second deadline.
-        retry = (
-            machine.find
-            and contact.node_id == machine.target
-            and not self.graph.failures(contact.node_id)
-        )
+        # A find asks its target once more (the Lookup's rule), backed off,
+        # when the first ask timed out and nothing had failed to reach it
+        # before: one slow answer (a loaded peer) must not lose the find,
+        # and a target known to be failing costs no second deadline.
+        failed_before = self.graph.failures(contact.node_id)
         with trio.move_on_after(self.attempt_deadline(contact.node_id)) as scope:
             try:
                 found = await self.transport.closest_nodes(
@@ -593,7 +589,8 @@ class NodeManager:
                 self._transport_error("query", contact.node_id, exc)
         if answer is None:
             self._stats.query_failures += 1
-            machine.on_failure(contact.node_id, retry=retry and scope.cancelled_caught)
+            retry = scope.cancelled_caught and not failed_before
+            machine.on_failure(contact.node_id, retry=retry)
             self.note_unreachable(contact.node_id)
         else:
             machine.on_response(contact.node_id, answer)
