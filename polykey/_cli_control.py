@@ -193,10 +193,10 @@ async def agent_stop(state_dir: Path, output: str, out: TextIO) -> int:
     except CommandError as exc:
         if exc.status != EX.UNAVAILABLE:
             raise
-        done = replies.to_json(replies.NodeNotRunning(state_dir=str(state_dir)))
-        print(
-            json.dumps(done) if output == "json" else "Agent is not running", file=out
-        )
+        if output == "json":
+            _print_json(replies.NodeNotRunning(state_dir=str(state_dir)), out)
+        else:
+            print("Agent is not running", file=out)
         return EX.OK
     # Gone once its state directory's lock is free: the node lets go of it
     # last, after closing its connections and its graph.
