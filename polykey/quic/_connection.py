@@ -53,7 +53,6 @@ from ._errors import (
     PeerVerificationError,
     QUICConnectionError,
     QuicheError,
-    StreamStopped,
     TLSAlert,
 )
 from ._state import Deadlines, StreamIds, close_reason
@@ -623,15 +622,10 @@ class QUICConnection(trio.abc.AsyncResource):
         q = self.quiche
         held = self._closed_held
         assert held is not None
-        done = []
-        for sid in held:
-            try:
-                q.stream_capacity(sid)
-            except StreamStopped:
-                pass  # collected now if complete; else seen again next time
-            except QuicheError:
-                done.append(sid)  # collected
-        held.difference_update(done)
+        # Collected now if complete; a stream still held is seen again next time.
+        done = [sid for sid in held if q.stream_collect(sid)]
+        if done:
+            held.difference_update(done)
 
     def _discard(self, sid: int) -> None:
         buf = self._socket.scratch(65536)

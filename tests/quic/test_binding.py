@@ -522,3 +522,31 @@ def test_quiche_error_codes_are_named_as_quiche_h_names_them() -> None:
         )
     }
     assert declared == {e.name: e.value for e in QuicheErrorCode}
+
+
+def test_stream_collect_tells_held_streams_from_collected(
+    configs: tuple[b.Config, b.Config],
+) -> None:
+    # The sweep of closed streams keeps a stream while this says False.
+    pair = Pair(*configs)
+    server = pair.handshake()
+    buf = bytearray(100)
+    # Done both ways and acknowledged: quiche has let it go.
+    pair.client.stream_send(0, b"request", fin=True)
+    pair.pump()
+    assert server.stream_recv(0, buf) == (7, True)
+    server.stream_send(0, b"reply", fin=True)
+    pair.pump()
+    assert pair.client.stream_recv(0, buf) == (5, True)
+    pair.pump()
+    assert pair.client.stream_collect(0)
+    # Open: held.
+    pair.client.stream_send(4, b"open")
+    pair.pump()
+    assert not pair.client.stream_collect(4)
+    # Stopped by the peer: held until the touch hands quiche the error.
+    pair.client.stream_send(8, b"stopped")
+    pair.pump()
+    server.stream_shutdown(8, b.Shutdown.READ, 7)
+    pair.pump()
+    assert not pair.client.stream_collect(8)
