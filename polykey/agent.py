@@ -34,6 +34,7 @@ from .nodes import (
     Address,
     Circuit,
     ConnectionPath,
+    ConnectionTransport,
     InvalidAddressError,
     JoinResult,
     LookupResult,
@@ -45,7 +46,6 @@ from .nodes import (
     NodeGraph,
     NodeManager,
     NodeManagerConfig,
-    QUICNodeTransport,
     RelayLimits,
     SignalRequest,
     display_address,
@@ -368,7 +368,7 @@ class PolykeyNode:
             )
             manager = self._manager = NodeManager(
                 graph,
-                QUICNodeTransport(connections),
+                ConnectionTransport(connections),
                 config=settings.nodes,
                 attempts=connections.attempts,
             )

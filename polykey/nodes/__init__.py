@@ -74,6 +74,7 @@ from ._manager import (
 from ._messages import (
     ActiveConnection,
     encode_node_contact,
+    encode_node_contact_structured,
     parse_active_connection_message,
     parse_node_contact_message,
 )
@@ -117,11 +118,8 @@ from ._signalling import (
     request_signal,
 )
 from ._transport import (
-    ConnectFunction,
     ConnectionTransport,
     NodeTransport,
-    QUICNodeTransport,
-    RPCNodeTransport,
 )
 from ._writer import GraphWriter
 
@@ -153,7 +151,6 @@ __all__ = [
     "Address",
     "AttemptTimer",
     "Circuit",
-    "ConnectFunction",
     "ConnectionNotFoundError",
     "ConnectionPath",
     "ConnectionTransport",
@@ -195,8 +192,6 @@ __all__ = [
     "NodesRelayStop",
     "OwnNodeIdError",
     "PermissionDeniedError",
-    "QUICNodeTransport",
-    "RPCNodeTransport",
     "RefreshSchedule",
     "RelayConnectionFailedError",
     "RelayError",
@@ -215,6 +210,7 @@ __all__ = [
     "SignalRequest",
     "display_address",
     "encode_node_contact",
+    "encode_node_contact_structured",
     "format_contact_address",
     "format_host_port",
     "node_handlers",

@@ -14,6 +14,7 @@ On the wire (Polykey's ``NodeContact``) an address is the key
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -52,6 +53,14 @@ def _canonical_host(host: object) -> str:
         raise InvalidAddressError(f"host is longer than {_MAX_HOSTNAME} characters")
     if "%" in host:
         raise InvalidAddressError(f"scoped IPv6 address {host!r} is not usable")
+    return _canonical_text(host)
+
+
+# Every lookup answer names 20 addresses, mostly ones seen before, and
+# parsing an IP address costs some 5 us; bounded, so a peer naming new
+# hosts only evicts entries. (A refused host raises, and is not kept.)
+@functools.lru_cache(maxsize=4096)
+def _canonical_text(host: str) -> str:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

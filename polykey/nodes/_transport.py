@@ -8,36 +8,27 @@ peer that is not that node) and its known addresses, most recent first.
 A failure is any exception (or ``False`` from ``ping``); the manager bounds
 every call with its own deadline, so a transport needs no timeouts.
 
-:class:`RPCNodeTransport` implements it over this package's RPC methods,
-given a function that returns an :class:`~polykey.rpc.RPCClient` connected
-to a node; the simulator (``polykey.testing``) runs it over in-memory
-streams. :class:`QUICNodeTransport` is what a node runs: the same RPC calls
-over the :class:`~polykey.nodes.NodeConnectionManager`'s pooled QUIC
-connections, and, as Polykey does, a node is alive if a verified
+:class:`ConnectionTransport` is the one implementation, for a node and its
+simulations alike: the node RPC methods over a node's connections (the
+:class:`~polykey.nodes.NodeConnectionManager`'s pooled QUIC connections, or
+a simulated network's), and, as Polykey does, a node is alive if a verified
 connection to it can be had.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..keys import NodeId
 from ..quic import Address
-from ..rpc import RPCClient
 from ._address import NodeAddress, NodeContact
 from ._connections import NodeConnectionError
 from ._failures import PEER_FAILURES
 from ._graph import DEFAULT_K
-from ._handlers import request_closest_local_nodes, request_ping
+from ._handlers import request_closest_local_nodes
 
-__all__ = [
-    "ConnectFunction",
-    "ConnectionTransport",
-    "NodeTransport",
-    "QUICNodeTransport",
-    "RPCNodeTransport",
-]
+__all__ = ["ConnectionTransport", "NodeTransport"]
 
 
 class NodeTransport(Protocol):
@@ -53,29 +44,6 @@ class NodeTransport(Protocol):
         """Ask ``node_id`` for the nodes it knows closest to ``target``
         (``nodesClosestLocalNodesGet``). Raise on failure."""
         ...
-
-
-#: ``await connect(node_id, addresses)``: an RPC client to that node (a
-#: pooled connection or a new one); raises if it cannot be reached.
-ConnectFunction = Callable[[NodeId, Sequence[NodeAddress]], Awaitable[RPCClient[Any]]]
-
-
-class RPCNodeTransport:
-    """:class:`NodeTransport` over the node RPC methods."""
-
-    def __init__(self, connect: ConnectFunction, *, limit: int = DEFAULT_K) -> None:
-        self._connect = connect
-        self.limit = limit
-
-    async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
-        client = await self._connect(node_id, addresses)
-        return await request_ping(client)
-
-    async def closest_nodes(
-        self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
-    ) -> list[NodeContact]:
-        client = await self._connect(node_id, addresses)
-        return await request_closest_local_nodes(client, target, limit=self.limit)
 
 
 class _Pool(Protocol):
@@ -123,7 +91,3 @@ class ConnectionTransport:
     ) -> Sequence[NodeContact]:
         conn = await self.connection(node_id, addresses)
         return await request_closest_local_nodes(conn.rpc, target, limit=self.limit)
-
-
-#: The transport a node runs: :class:`ConnectionTransport` over QUIC.
-QUICNodeTransport = ConnectionTransport

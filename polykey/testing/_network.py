@@ -2,25 +2,34 @@
 
 Each :class:`SimNode` is a real :class:`~polykey.nodes.NodeGraph` and
 :class:`~polykey.nodes.NodeManager` (timers and eviction worker running in
-the network's nursery). How nodes talk is chosen per network:
+the network's nursery) talking through
+:class:`~polykey.nodes.ConnectionTransport`, the transport a node runs, over
+a simulated pool in place of the QUIC connection manager. What a
+connection's RPC is, is chosen per network:
 
 * ``transport="rpc"`` (the default): every node serves the real node
-  handlers on an :class:`~polykey.rpc.RPCServer`, and talks through
-  :class:`~polykey.nodes.RPCNodeTransport` over
-  :func:`~polykey.rpc.memory_stream_pair` streams: the real handlers, codec,
-  validation and timeouts run. About 2 ms of CPU per lookup query.
-* ``transport="direct"``: a query calls the peer's ``closest_local`` directly
-  (no JSON, no streams), some 30 times cheaper; for networks of thousands
-  of nodes (the 1,000-node tests, ``bench/kademlia.py``). Lookups, the graph
-  and the manager are the same code.
+  handlers on an :class:`~polykey.rpc.RPCServer`, and a connection is an
+  :class:`~polykey.rpc.RPCClient` over :func:`~polykey.rpc.memory_stream_pair`
+  streams: the real handlers, codec, validation and timeouts run. About
+  2 ms of CPU per lookup query.
+* ``transport="direct"``: a query runs the peer's real handler in the
+  caller's task and hands its messages to the real parser (no JSON text,
+  no streams, no server tasks), about 0.8 ms of CPU per query; for
+  networks of thousands of nodes (the 1,000-node tests,
+  ``bench/kademlia.py``).
 
-Reaching a node is what a QUIC dial would be: the address must belong to a
-live node with the NodeId asked for (else the attempt fails as an identity
-mismatch would), and the callee records the caller as a contact (the
-connection manager's ``on_connection``). :meth:`SimulatedNetwork.kill`
-makes a node unreachable: ``"timeout"`` (attempts hang until the caller's
-deadline, as a silent host does) or ``"refuse"`` (they fail at once).
-``latency`` (seconds, virtual under MockClock) is added to every attempt.
+Either way the transport, lookups, the graph, the manager and the handlers
+are the code a node runs. Reaching a node is what a QUIC dial would be: the
+address must belong to a live node with the NodeId asked for (else the
+attempt fails at once, as an identity mismatch would), and both ends note
+the connection as the connection manager's ``on_connection`` does (the
+callee's record of the caller is unconfirmed until it dials it back).
+Nothing is pooled: every query or ping dials, so :class:`NetworkStatistics`
+counts one attempt per query or ping and address tried.
+:meth:`SimulatedNetwork.kill` makes a node unreachable: ``"timeout"``
+(attempts hang until the caller's deadline, as a silent host does) or
+``"refuse"`` (they fail at once). ``latency`` (seconds, virtual under
+MockClock) is added to every attempt.
 
 Use under ``trio.testing.MockClock(autojump_threshold=0)``; timeouts and
 timers then cost no real time.
@@ -29,7 +38,8 @@ timers then cost no real time.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -39,6 +49,7 @@ import trio
 from ..keys import NodeId
 from ..nodes import (
     DEFAULT_K,
+    ConnectionTransport,
     JoinResult,
     NodeAddress,
     NodeContact,
@@ -46,13 +57,28 @@ from ..nodes import (
     NodeManager,
     NodeManagerConfig,
     NodesAgentAPI,
-    NodeTransport,
-    RPCNodeTransport,
     node_handlers,
 )
-from ..rpc import RPCClient, RPCServer, memory_stream_pair
+from ..quic import Address
+from ..rpc import (
+    CallContext,
+    Handler,
+    JSONObject,
+    JSONValue,
+    RPCClient,
+    RPCMethodNotFound,
+    RPCServer,
+    ServerHandler,
+    memory_stream_pair,
+)
 
-__all__ = ["NetworkStatistics", "SimNode", "SimulatedNetwork", "Unreachable"]
+__all__ = [
+    "NetworkStatistics",
+    "SimConnection",
+    "SimNode",
+    "SimulatedNetwork",
+    "Unreachable",
+]
 
 KillMode = Literal["timeout", "refuse"]
 
@@ -63,7 +89,7 @@ class Unreachable(ConnectionError):
 
 @attrs.define
 class NetworkStatistics:
-    #: Dial attempts (one per query or ping).
+    #: Dial attempts (one per query or ping and address tried).
     attempts: int = 0
     #: Attempts that reached the node asked for.
     reached: int = 0
@@ -85,6 +111,8 @@ class SimNode:
     manager: NodeManager
     alive: bool = True
     kill_mode: KillMode = "timeout"
+    #: The node handlers it serves (``node_handlers`` of its graph).
+    handlers: dict[str, Handler[Any, Any]] = attrs.Factory(dict)
     server: RPCServer | None = None
     scope: trio.CancelScope | None = None
     #: Attempts that reached this node.
@@ -95,30 +123,63 @@ class SimNode:
         return NodeContact(self.node_id, (self.address,))
 
 
-class _DirectTransport:
-    """NodeTransport that calls the peer's manager without serialising."""
+@attrs.define(eq=False)
+class SimConnection:
+    """A simulated connection from one node to ``peer``: what the pool of
+    :class:`~polykey.nodes.ConnectionTransport` hands out (``rpc`` is what
+    the node RPC calls go over)."""
+
+    peer: SimNode
+    rpc: Any
+
+
+class _InProcessRPC:
+    """Where ``transport="direct"`` puts a connection's RPC client: a server
+    stream runs the peer's own handler in the caller's task, with the
+    caller's verified identity in its context, and hands its messages to
+    the caller's parser; what is skipped is the JSON text, the streams and
+    the RPC server's tasks."""
+
+    def __init__(
+        self, handlers: dict[str, Handler[Any, Any]], meta: JSONObject
+    ) -> None:
+        self._handlers = handlers
+        self._meta = meta
+
+    @asynccontextmanager
+    async def server_stream(
+        self, method: str, params: JSONValue = None
+    ) -> AsyncIterator[AsyncIterator[JSONValue]]:
+        handler = self._handlers.get(method)
+        if not isinstance(handler, ServerHandler):
+            raise RPCMethodNotFound(f"{method} is not a server-streaming method here")
+        parsed = handler.parse_params(params)
+        with trio.CancelScope() as scope:
+            ctx = CallContext(method, "server", scope, transport=self._meta)
+            messages = [m async for m in handler.handle(parsed, ctx)]
+        yield _iterate(messages)
+
+
+async def _iterate(messages: list[JSONValue]) -> AsyncIterator[JSONValue]:
+    for message in messages:
+        yield message
+
+
+class _SimPool:
+    """One node's side of the network, as the connection manager is a
+    node's: what :class:`~polykey.nodes.ConnectionTransport` needs (``get``
+    and ``connect``). Nothing is pooled: every query or ping dials, as a
+    node does once its connections have idled out."""
 
     def __init__(self, network: SimulatedNetwork, node: SimNode) -> None:
         self._network = network
         self._node = node
 
-    async def ping(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> bool:
-        await self._network._reach(self._node, node_id, addresses)
-        return True
+    def get(self, node_id: NodeId) -> SimConnection | None:
+        return None
 
-    async def closest_nodes(
-        self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
-    ) -> list[NodeContact]:
-        peer = await self._network._reach(self._node, node_id, addresses)
-        k = peer.graph.k
-        caller = self._node.node_id
-        # As the handler does: without the caller, at most k.
-        found = peer.manager.closest_local(target, k + 1)
-        if caller in peer.graph:
-            return [
-                c for c in found if c.node_id is not caller and c.node_id != caller
-            ][:k]
-        return found[:k]
+    async def connect(self, node_id: NodeId, address: Address) -> SimConnection:
+        return await self._network._connect(self._node, node_id, NodeAddress(*address))
 
 
 class SimulatedNetwork:
@@ -196,16 +257,10 @@ class SimulatedNetwork:
         address = self._new_address()
         graph = NodeGraph(node_id, k=self.k)
         node = SimNode(node_id, address, graph, None)  # type: ignore[arg-type]
-        transport: NodeTransport
-        if self.transport == "rpc":
-            transport = RPCNodeTransport(
-                lambda n, a: self._connect(node, n, a), limit=self.k
-            )
-        else:
-            transport = _DirectTransport(self, node)
+        node.handlers = node_handlers(graph, limit=self.k)
         node.manager = NodeManager(
             graph,
-            transport,
+            ConnectionTransport(_SimPool(self, node), limit=self.k),
             config=self.config,
             rng=random.Random(self.rng.getrandbits(64)),
             clock=trio.current_time,
@@ -225,9 +280,7 @@ class SimulatedNetwork:
             async with trio.open_nursery() as nursery:
                 if self.transport == "rpc":
                     node.server = await nursery.start(
-                        RPCServer(
-                            node_handlers(node.graph), timeout=self.rpc_timeout
-                        ).run
+                        RPCServer(node.handlers, timeout=self.rpc_timeout).run
                     )
                 if run:
                     await nursery.start(node.manager.run)
@@ -255,44 +308,47 @@ class SimulatedNetwork:
         raise Unreachable(why)
 
     async def _reach(
-        self, caller: SimNode, node_id: NodeId, addresses: Sequence[NodeAddress]
+        self, caller: SimNode, node_id: NodeId, address: NodeAddress
     ) -> SimNode:
-        """The node ``node_id`` as a dial to ``addresses`` would reach it."""
+        """The node ``node_id`` as a dial to ``address`` would reach it."""
         self.stats.attempts += 1
         if self.latency:
             await trio.sleep(self.latency)
-        for address in addresses:
-            peer = self._by_address.get(address)
-            if peer is None:
-                continue
-            if peer.node_id != node_id:
-                self.stats.wrong_node += 1
-                continue
-            if not peer.alive:
-                self.stats.to_dead += 1
-                return await self._fail(peer.kill_mode, f"{node_id} is down")
-            if not self.latency:
-                await trio.lowlevel.checkpoint()
-            self.stats.reached += 1
-            peer.contacted += 1
-            # The callee sees a verified connection from the caller.
-            if caller.alive:
-                peer.manager.note_contact(caller.node_id, caller.address)
-            return peer
-        self.stats.unknown_address += 1
-        return await self._fail(
-            self.unknown_address, f"{node_id} not at {list(addresses)}"
-        )
+        peer = self._by_address.get(address)
+        if peer is None:
+            self.stats.unknown_address += 1
+            return await self._fail(self.unknown_address, f"{node_id} not at {address}")
+        if peer.node_id != node_id:
+            # As QUIC's verification of the pinned NodeId fails at once.
+            self.stats.wrong_node += 1
+            return await self._fail("refuse", f"{address} is not {node_id}")
+        if not peer.alive:
+            self.stats.to_dead += 1
+            return await self._fail(peer.kill_mode, f"{node_id} is down")
+        if not self.latency:
+            await trio.lowlevel.checkpoint()
+        self.stats.reached += 1
+        peer.contacted += 1
+        # Both ends see a verified connection: the connection manager's
+        # on_connection, outgoing at the caller, incoming at the callee.
+        if caller.alive:
+            peer.manager.note_connection(
+                caller.node_id, caller.address.host, caller.address.port, False
+            )
+            caller.manager.note_connection(peer.node_id, address.host, address.port)
+        return peer
 
     async def _connect(
-        self, caller: SimNode, node_id: NodeId, addresses: Sequence[NodeAddress]
-    ) -> RPCClient[Any]:
-        peer = await self._reach(caller, node_id, addresses)
-        meta = {
+        self, caller: SimNode, node_id: NodeId, address: NodeAddress
+    ) -> SimConnection:
+        peer = await self._reach(caller, node_id, address)
+        meta: JSONObject = {
             "node_id": caller.node_id,
             "host": caller.address.host,
             "port": caller.address.port,
         }
+        if self.transport == "direct":
+            return SimConnection(peer, _InProcessRPC(peer.handlers, meta))
 
         async def open_stream() -> trio.abc.HalfCloseableStream:
             server = peer.server
@@ -302,4 +358,6 @@ class SimulatedNetwork:
             await server.handle_stream(theirs, meta)
             return ours
 
-        return RPCClient(NodesAgentAPI, open_stream, timeout=self.rpc_timeout)
+        return SimConnection(
+            peer, RPCClient(NodesAgentAPI, open_stream, timeout=self.rpc_timeout)
+        )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,18 +13,19 @@ import trio
 from polykey.keys import NodeId
 from polykey.nodes import (
     ActiveConnection,
+    ConnectionTransport,
     NodeAddress,
     NodeContact,
     NodeGraph,
     NodeManager,
     NodeManagerConfig,
     NodesAgentAPI,
-    RPCNodeTransport,
     node_handlers,
     request_closest_active_connections,
     request_closest_local_nodes,
     request_ping,
 )
+from polykey.quic import Address
 from polykey.rpc import (
     CallContext,
     Handler,
@@ -256,25 +258,29 @@ async def test_bad_peer_cannot_corrupt_the_graph() -> None:
         for nid, (_, manifest) in servers.items():
             running[nid] = await nursery.start(RPCServer(manifest, timeout=15).run)
 
-        async def connect(
-            nid: NodeId, addresses: Sequence[NodeAddress]
-        ) -> RPCClient[Any]:
-            if nid not in servers or servers[nid][0] not in addresses:
-                raise ConnectionError("unreachable")
-            server = running[nid]
+        class Pool:
+            """What ConnectionTransport dials through: nothing pooled."""
 
-            async def open_stream() -> trio.abc.HalfCloseableStream:
-                ours, theirs = memory_stream_pair()
-                await server.handle_stream(theirs, {"node_id": OWN})
-                return ours
+            def get(self, nid: NodeId) -> None:
+                return None
 
-            return RPCClient(None, open_stream, timeout=15)
+            async def connect(self, nid: NodeId, address: Address) -> SimpleNamespace:
+                if nid not in servers or servers[nid][0].as_tuple() != address:
+                    raise ConnectionError("unreachable")
+                server = running[nid]
+
+                async def open_stream() -> trio.abc.HalfCloseableStream:
+                    ours, theirs = memory_stream_pair()
+                    await server.handle_stream(theirs, {"node_id": OWN})
+                    return ours
+
+                return SimpleNamespace(rpc=RPCClient(None, open_stream, timeout=15))
 
         graph = NodeGraph(OWN)
         graph.add(evil_id, evil_addr, 0.0)
         manager = NodeManager(
             graph,
-            RPCNodeTransport(connect),
+            ConnectionTransport(Pool()),
             config=NodeManagerConfig(query_timeout=5),
             clock=trio.current_time,
         )

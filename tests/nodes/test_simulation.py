@@ -55,15 +55,20 @@ async def test_rpc_network_every_node_finds_every_other(
             pairs = [(a, b) for a in nodes for b in nodes if a is not b]
             found, _ = await find_all(random.Random(1).sample(pairs, 150))
         assert found == 150
+        # Every reached node served one call, but a ping (a connection, as
+        # a node pings) serves none.
         served = sum(n.server.statistics().calls for n in nodes if n.server)
-        assert served == net.stats.reached
+        pings = sum(n.manager.statistics().pings for n in nodes)
+        assert served + pings == net.stats.reached
         assert all(
             n.server.statistics().error_responses == 0 for n in nodes if n.server
         )
 
 
-# ~30 s on an idle machine (the joins: ~180 queries each); room for a busy one.
-@pytest.mark.timeout(300)
+# The joins are ~140 queries each, every one through the handler and the
+# message codec a node runs: 197-267 s at load 2-6 (it was ~30 s when the
+# direct transport skipped them); room for a busy machine.
+@pytest.mark.timeout(900)
 async def test_thousand_nodes_join_find_and_survive_30_percent_dying(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

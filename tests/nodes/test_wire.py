@@ -3,6 +3,8 @@ what peers send and unstructures what we send, with our own error words."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,13 +12,17 @@ from hypothesis import strategies as st
 from polykey.keys import NodeId
 from polykey.nodes import (
     ActiveConnection,
+    InvalidAddressError,
     NodeAddress,
     NodeContact,
     encode_node_contact,
     parse_active_connection_message,
     parse_node_contact_message,
 )
-from polykey.nodes._messages import encode_active_connections
+from polykey.nodes._messages import (
+    encode_active_connections,
+    encode_node_contact_structured,
+)
 from polykey.nodes._wire import (
     ConnectionInfo,
     ContactInfo,
@@ -58,6 +64,37 @@ def test_node_contact_round_trips(
         assert entry["scopes"] == ["global"]
         assert isinstance(entry["connectedTime"], int)
     assert parse_node_contact_message(message) == contact
+
+
+def _v6(ip: object) -> NodeAddress | None:
+    try:
+        return NodeAddress(str(ip), 1314)
+    except InvalidAddressError:
+        return None  # multicast, unspecified: not node addresses
+
+
+more_addresses = st.one_of(
+    addresses,
+    st.ip_addresses(v=6).map(_v6).filter(lambda a: a is not None),
+    st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]\.example", fullmatch=True).map(
+        lambda name: NodeAddress(name, 443)
+    ),
+)
+connected_times = st.one_of(
+    st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 2**40)
+)
+
+
+@given(node_ids, st.lists(more_addresses, max_size=5, unique=True), connected_times)
+def test_the_written_out_contact_encoding_is_the_cattrs_one(
+    node_id: NodeId, addrs: list[NodeAddress | None], seen: float | None
+) -> None:
+    """encode_node_contact is written out for speed: the same JSON as the
+    attrs shapes through cattrs, key order included."""
+    contact = NodeContact(node_id, [a for a in addrs if a is not None])
+    fast = encode_node_contact(contact, seen)
+    assert fast == encode_node_contact_structured(contact, seen)
+    assert json.dumps(fast) == json.dumps(encode_node_contact_structured(contact, seen))
 
 
 @given(node_ids, st.lists(addresses, min_size=1, max_size=5, unique=True))
