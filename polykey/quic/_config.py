@@ -86,8 +86,17 @@ class QUICConfig:
     max_stream_window: int = 16 * 1024 * 1024
     cc_algorithm: str = "cubic"
     grease: bool = True
-    #: Servers: answer every new client with a stateless Retry first.
+    #: Servers: validate new clients' addresses with a stateless Retry
+    #: while under load (see the two thresholds); False: never.
     retry: bool = True
+    #: Servers: handshakes in flight at which every new client is sent a
+    #: Retry first, as servers under attack do; below it a quiet dial is
+    #: accepted at once, saving a round trip. 0: Retry always.
+    retry_threshold: int = attrs.field(default=16, validator=_positive)
+    #: Servers: the same, for handshakes in flight from the client's own
+    #: address (IPv4, or IPv6 /64), so one flooding address turns Retry on
+    #: for itself and not for everyone.
+    retry_threshold_per_address: int = attrs.field(default=2, validator=_positive)
     #: Servers: a connection still handshaking after this long is dropped.
     handshake_timeout: float = attrs.field(default=15.0, validator=_positive)
     #: Servers: connections waiting in ``accept()`` before new ones are

@@ -66,6 +66,9 @@ class ServerStatistics:
     """Counters of a :class:`QUICServer`; each refusal has its own."""
 
     retries_sent: int = 0
+    #: New clients accepted without a Retry (the server was below both
+    #: retry thresholds).
+    unvalidated_handshakes: int = 0
     version_negotiations_sent: int = 0
     #: Tokens that are malformed, forged or from another address.
     bad_tokens: int = 0
@@ -237,8 +240,20 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         odcid: bytes | None = None
         scid = os.urandom(CID_LEN)
         mac: bytes | None = None
-        if self._config.retry:
+        host = address_key(str(address[0]))
+        config = self._config
+        if config.retry:
             if not header.token:
+                if (
+                    self._handshaking < config.retry_threshold
+                    and self._per_address[host] < config.retry_threshold_per_address
+                ):
+                    # Quiet: accept the Initial as it is. quiche's
+                    # anti-amplification limit (3x) bounds what a spoofed
+                    # source gets back until the handshake validates it.
+                    stats.unvalidated_handshakes += 1
+                    self._start(header, data, address, host, scid, None, None)
+                    return
                 token = self._mint_token(header.dcid, scid, address)
                 packet = _binding.retry(
                     header.scid, header.dcid, scid, token, header.version
@@ -251,7 +266,20 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
                 return
             odcid, mac = checked
             scid = header.dcid
-        host = address_key(str(address[0]))
+        self._start(header, data, address, host, scid, odcid, mac)
+
+    def _start(
+        self,
+        header: _binding.Header,
+        data: memoryview,
+        address: SockAddr,
+        host: str,
+        scid: bytes,
+        odcid: bytes | None,
+        mac: bytes | None,
+    ) -> None:
+        """A connection for a new client, unless a limit refuses it."""
+        stats = self.statistics
         if self._per_address[host] >= self._config.max_handshakes_per_address:
             stats.refused_address_limit += 1
             return

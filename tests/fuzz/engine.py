@@ -657,7 +657,8 @@ class Fuzzer:
                     "captured": len(initials),
                     **{
                         k: server_after[k] - server_before[k]
-                        for k in ("retries_sent", "bad_tokens", "reused_tokens",
+                        for k in ("retries_sent", "unvalidated_handshakes",
+                                  "bad_tokens", "reused_tokens",
                                   "token_dcid_mismatch", "handshakes_started")
                         if k in server_after
                     },

@@ -58,7 +58,10 @@ async def test_mutated_initials_and_short_headers(fuzzer: Fuzzer) -> None:
         initial, short = await fuzzer.fuzz_quic(3000, 1000)
     survived(initial, 3000)
     survived(short, 3000)
-    assert initial.detail["retries_sent"] > 0  # some were still Initials
+    # Some were still Initials: sent Retry, or (Retry off while quiet)
+    # accepted; later copies to that DCID then reach the connection itself.
+    detail = initial.detail
+    assert detail["retries_sent"] + detail["unvalidated_handshakes"] > 0
     assert short.detail["own connection"] == "alive"
 
 

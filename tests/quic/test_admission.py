@@ -83,6 +83,9 @@ class Attacker:
 async def attacked_server(
     config: QUICConfig | None = None, host: str = "127.0.0.1"
 ) -> AsyncIterator[tuple[QUICSocket, QUICServer, Attacker]]:
+    # Retry always on unless the test says otherwise: these tests are about
+    # what holds once a server under attack sends Retry.
+    config = config or QUICConfig(retry_threshold=0)
     async with QUICSocket("127.0.0.1") as ss, trio.open_nursery() as nursery:
         server = QUICServer(ss, tls_identity("server"), config=config)
         nursery.start_soon(server.serve, echo_streams)
@@ -123,7 +126,7 @@ async def test_token_for_another_dcid_is_refused() -> None:
 async def test_a_token_admits_one_connection_only() -> None:
     # Once the first connection is gone (its handshake timed out), the
     # same Initial again must not start a second one.
-    config = QUICConfig(handshake_timeout=0.3)
+    config = QUICConfig(handshake_timeout=0.3, retry_threshold=0)
     with trio.fail_after(20):
         async with attacked_server(config) as (ss, server, attacker):
             token, dcid = await attacker.retry()
@@ -212,3 +215,53 @@ async def _flood_and_dial(tokens: int) -> None:
         assert stats.refused_backlog == 0
         attacker_handshakes = min(tokens, config.max_handshakes_per_address)
         assert stats.handshakes_started == attacker_handshakes + 1
+
+
+async def _dial_and_echo(server: Address, host: str = "127.0.0.2") -> None:
+    async with QUICSocket(host) as cs:
+        client = QUICClient(cs, tls_identity("client"))
+        with trio.fail_after(5):
+            conn = await client.connect(server)
+            async with conn, await conn.open_stream() as stream:
+                await stream.send_all(b"hello")
+                await stream.send_eof()
+                assert await stream.receive_some() == b"hello"
+
+
+async def test_retry_turns_on_under_a_flood_and_a_quiet_dial_gets_none() -> None:
+    config = QUICConfig(handshake_timeout=1.0)
+    per_address = config.retry_threshold_per_address
+    with trio.fail_after(30):
+        async with attacked_server(config) as (ss, server, attacker):
+            stats = server.statistics
+            # One address floods with Initials it never follows up: past its
+            # own threshold it is sent Retry...
+            for _ in range(10):
+                await attacker.send(attacker._first_initial()[1])
+            await attacker.settle()
+            assert stats.unvalidated_handshakes == per_address
+            assert stats.retries_sent == 10 - per_address
+            # ...and a quiet dial from another address is not.
+            await _dial_and_echo(ss.local_address)
+            assert stats.retries_sent == 10 - per_address
+            assert stats.unvalidated_handshakes == per_address + 1
+            # Many addresses (spoofed, say) fill the global threshold: now
+            # every new client is sent Retry, and still gets in.
+            hosts = [f"127.0.0.{i}" for i in range(3, 3 + config.retry_threshold)]
+            for host in hosts:
+                raw = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+                with raw:
+                    await raw.bind((host, 0))
+                    await Attacker(raw, ss.local_address).send(
+                        attacker._first_initial()[1]
+                    )
+            await attacker.settle()
+            assert stats.handshaking >= config.retry_threshold
+            retries = stats.retries_sent
+            await _dial_and_echo(ss.local_address)
+            assert stats.retries_sent == retries + 1
+            # Once the stalled handshakes have timed out, Retry is off again.
+            while stats.handshaking:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            await _dial_and_echo(ss.local_address)
+            assert stats.retries_sent == retries + 1

@@ -182,7 +182,7 @@ async def test_closed_connections_give_their_slot_back() -> None:
 async def test_a_handshake_left_unfinished_holds_its_slot_until_it_times_out() -> None:
     from .test_admission import attacked_server
 
-    config = QUICConfig(max_connections=1, handshake_timeout=0.5)
+    config = QUICConfig(max_connections=1, handshake_timeout=0.5, retry_threshold=0)
     with trio.fail_after(30):
         async with (
             attacked_server(config) as (ss, server, attacker),

@@ -20,6 +20,7 @@ import trio
 
 from polykey.quic import (
     CloseKind,
+    QUICConfig,
     QUICServer,
     QUICSocket,
     node_tls_identity,
@@ -130,8 +131,12 @@ async def test_aioquic_client_against_our_server(
     their_sizes = [THEIR_SIZE + i for i in range(THEIR_STREAMS)]
     with trio.fail_after(40):
         async with QUICSocket("127.0.0.1") as sock, trio.open_nursery() as nursery:
+            # Retry always, so that the peer's handling of it is tested.
             server = QUICServer(
-                sock, node_tls_identity(our_node.identity), verifier=node_verifier()
+                sock,
+                node_tls_identity(our_node.identity),
+                config=QUICConfig(retry_threshold=0),
+                verifier=node_verifier(),
             )
             args = [
                 *peer_args("client", their_node),

@@ -27,6 +27,7 @@ from polykey.keys import NodeIdentity
 from polykey.quic import (
     CloseKind,
     QUICClient,
+    QUICConfig,
     QUICConnectionError,
     QUICServer,
     QUICSocket,
@@ -142,8 +143,12 @@ async def test_js_quic_client_against_our_server(
     js_sizes = [JS_SIZE + i for i in range(JS_STREAMS)]
     with trio.fail_after(30):
         async with QUICSocket("127.0.0.1") as sock, trio.open_nursery() as nursery:
+            # Retry always, so that the peer's handling of it is tested.
             server = QUICServer(
-                sock, node_tls_identity(our_node.identity), verifier=node_verifier()
+                sock,
+                node_tls_identity(our_node.identity),
+                config=QUICConfig(retry_threshold=0),
+                verifier=node_verifier(),
             )
             args = [
                 *peer_args("client", their_node, our_node),
