@@ -51,6 +51,11 @@ class NodeLimits:
     #: ``handshake_burst`` (``refused_handshake_rate``).
     handshake_rate: float = attrs.field(default=10.0, validator=_positive)
     handshake_burst: int = attrs.field(default=30, validator=_at_least(1))
+    #: Handshakes in flight, in all and from one address, at which new
+    #: clients are sent a Retry first (below both, a quiet dial saves that
+    #: round trip; ``retries_sent``, ``unvalidated_handshakes``). 0: always.
+    retry_threshold: int = attrs.field(default=16, validator=_at_least(0))
+    retry_threshold_per_address: int = attrs.field(default=2, validator=_at_least(0))
     #: Handshakes plus verified connections not yet accepted
     #: (``refused_backlog``).
     accept_backlog: int = attrs.field(default=128, validator=_at_least(1))
@@ -92,6 +97,8 @@ class NodeLimits:
             max_handshakes_per_address=self.max_handshakes_per_address,
             handshake_rate=self.handshake_rate,
             handshake_burst=self.handshake_burst,
+            retry_threshold=self.retry_threshold,
+            retry_threshold_per_address=self.retry_threshold_per_address,
             accept_backlog=self.accept_backlog,
             initial_max_streams_bidi=self.max_streams,
             initial_max_streams_uni=self.max_streams_uni,

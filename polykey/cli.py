@@ -119,6 +119,8 @@ _LIMIT_HELP: dict[str, str] = {
     "max_handshakes_per_address": "handshakes in flight per address",
     "handshake_rate": "new handshakes a second per address",
     "handshake_burst": "new handshakes per address at once, beyond the rate",
+    "retry_threshold": "handshakes in flight at which new clients get a Retry (0: always)",
+    "retry_threshold_per_address": "the same, from the client's own address",
     "accept_backlog": "handshakes plus connections not yet served",
     "max_streams": "bidirectional streams a peer may open at once",
     "max_streams_uni": "unidirectional streams (unused by Polykey)",

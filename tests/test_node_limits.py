@@ -287,8 +287,15 @@ def test_bad_limits_exit_with_one_line(
 
 
 def test_node_limits_replace_the_quic_settings() -> None:
-    limits = NodeLimits(max_streams=7, connection_credit=1000, handshake_rate=3.0)
+    limits = NodeLimits(
+        max_streams=7,
+        connection_credit=1000,
+        handshake_rate=3.0,
+        retry_threshold=0,
+        retry_threshold_per_address=5,
+    )
     quic = limits.quic_config(NodeSettings().quic)
+    assert (quic.retry_threshold, quic.retry_threshold_per_address) == (0, 5)
     assert quic.initial_max_streams_bidi == 7
     assert quic.initial_max_streams_uni == 0
     assert quic.initial_max_data == 1000
