@@ -533,6 +533,48 @@ def test_an_error_class_that_fails_to_rebuild_is_logged_and_counted(
     assert "'vaultsList'" in warning.getMessage()
 
 
+class Picky(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(int(message))  # a bug: messages are text
+
+
+class SaysPicky(Exception):
+    """Goes out as a peer's error of type ``Picky``."""
+
+    def rpc_error_data(self, message: str) -> dict[str, Any]:
+        return {"type": "Picky", "message": message}
+
+
+class RaisesPicky(UnaryHandler[JSON, JSON]):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        raise SaysPicky("not a number")
+
+
+async def test_the_registrys_warning_names_the_peer_the_error_came_from(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = ErrorRegistry()
+    registry.register(Picky)
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"picky": RaisesPicky()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            conn = clients.conns[0]
+            client: RPCClient[Any] = RPCClient(
+                None, conn.open_stream, timeout=10, errors=registry,
+                peer="the-seed at 127.0.0.1:1314",
+            )  # fmt: skip
+            with pytest.raises(RPCRemoteError) as info:
+                await client.unary("picky", {})
+            assert info.value.remote_type == "Picky"
+    assert registry.rebuild_failures == 1
+    [warning] = rpc_warnings(caplog)
+    assert "'Picky'" in warning.getMessage()
+    assert "'picky'" in warning.getMessage()
+    assert "the-seed at 127.0.0.1:1314" in warning.getMessage()
+
+
 class FirstOnly(ClientHandler[JSON, JSON]):
     """Answers with its first input; ``parse_params`` has a bug for later
     ones."""
