@@ -348,7 +348,7 @@ async def test_a_result_that_cannot_be_encoded_is_answered_internal_error(
             quic_clients(server, 1) as clients,
         ):
             client, identity = clients[0], clients.identities[0]
-            request = {"jsonrpc": "2.0", "method": "unencodable", "params": {},
+            request: JSON = {"jsonrpc": "2.0", "method": "unencodable", "params": {},
                        "id": None}  # fmt: skip
             wire = await raw_exchange(clients.conns[0], request)
             reply = json.loads(wire)  # a whole reply, not a reset
@@ -362,6 +362,7 @@ async def test_a_result_that_cannot_be_encoded_is_answered_internal_error(
     assert "'unencodable'" in warning.getMessage()
     assert str(identity.node_id) in warning.getMessage()
     assert warning.exc_info is not None
+    assert warning.exc_info[1] is not None
     assert isinstance(warning.exc_info[1].__cause__, TypeError)
 
 
@@ -382,7 +383,7 @@ async def test_a_bug_of_ours_writing_an_error_reply_is_answered_internal_error(
             quic_clients(server, 1) as clients,
         ):
             client, identity = clients[0], clients.identities[0]
-            request = {"jsonrpc": "2.0", "method": "refuses", "params": {},
+            request: JSON = {"jsonrpc": "2.0", "method": "refuses", "params": {},
                        "id": None}  # fmt: skip
             wire = await raw_exchange(clients.conns[0], request)
             reply = json.loads(wire)
