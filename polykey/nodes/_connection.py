@@ -92,5 +92,8 @@ class NodeConnection:
         """A typed RPC client over this connection: ``conn.client(MyAPI)``
         (see docs/rpc.md, "Clients"); one new stream per call, as ``rpc``."""
         return RPCClient(
-            manifest, self.connection.open_stream, timeout=self.rpc.timeout
+            manifest,
+            self.connection.open_stream,
+            timeout=self.rpc.timeout,
+            peer=self.rpc.peer,
         )

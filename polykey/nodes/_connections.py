@@ -95,6 +95,7 @@ from ._connection import (
     ConnectionPath,
     NodeConnection,
     NodeConnectionError,
+    display_address,
 )
 from ._punching import Puncher
 from ._relay import Circuit, RelayLimits, RelayTable
@@ -273,10 +274,16 @@ class NodeConnectionManager:
             outgoing and self._puncher.signalled(node_id)
         ):
             path = ConnectionPath.PUNCHED  # it came through a punch
+        remote = conn.remote_address
         node = NodeConnection(
             node_id=node_id,
             connection=conn,
-            rpc=RPCClient(None, conn.open_stream, timeout=self._rpc_timeout),
+            rpc=RPCClient(
+                None,
+                conn.open_stream,
+                timeout=self._rpc_timeout,
+                peer=f"{node_id} at {format_host_port(*display_address(remote))}",
+            ),
             last_used=now,
             outgoing=outgoing,
             path=path,

@@ -218,6 +218,7 @@ class _Call:
                 {"code": err.code, "message": err.message, "data": err.data},
                 self.client.errors,
                 method=self.method,
+                peer=self.client.peer,
             )
         return message.result
 
@@ -469,6 +470,7 @@ class RPCClient(Generic[ManifestT]):
     default, for none); ``pace`` inserts a pause after the first message of a
     streaming call, a work-around for js-rpc 0.5.1 servers; ``linger``
     bounds the wait for the server's FIN once a call has its answer.
+    ``peer`` says who the calls go to (NodeId and address), for the log.
     """
 
     def __init__(
@@ -483,6 +485,7 @@ class RPCClient(Generic[ManifestT]):
         errors: ErrorRegistry = DEFAULT_ERROR_REGISTRY,
         linger: float = 5.0,
         pace: float = 0.0,
+        peer: str | None = None,
     ) -> None:
         if timeout < 0:
             raise ValueError("timeout must be >= 0")
@@ -497,6 +500,7 @@ class RPCClient(Generic[ManifestT]):
         self.errors = errors
         self.linger = linger
         self.pace = pace
+        self.peer = peer
         self._methods = manifest(self) if manifest is not None else None
 
     @property

@@ -61,7 +61,11 @@ class MessageConn:
     async def send(self, value: Any, *, last: bool = False) -> None:
         """Send ``value``; ``last`` sends the FIN after it, in the same packet
         when the stream can (QUIC's ``send_all_and_eof``)."""
-        data = encode_json(value)
+        await self.send_encoded(encode_json(value), last=last)
+
+    async def send_encoded(self, data: bytes, *, last: bool = False) -> None:
+        """:meth:`send` of a value already encoded: the server encodes first,
+        so a value that cannot be encoded fails before any byte is written."""
         if not last:
             await self.stream.send_all(data)
             return

@@ -392,6 +392,7 @@ class ErrorRegistry:
         message: str,
         *,
         method: str | None = None,
+        peer: str | None = None,
     ) -> BaseException | None:
         factory = self._by_name.get(name) if name else None
         if factory is None and code is not None and name is None:
@@ -404,9 +405,10 @@ class ErrorRegistry:
             self.rebuild_failures += 1
             _log.warning(
                 "the error class registered for %r failed to rebuild a reply "
-                "to %r; raised as a plain remote error",
+                "to %r (peer %s); raised as a plain remote error",
                 name if name is not None else code,
                 (method or "?")[:100],
+                peer or "?",
                 exc_info=True,
             )
             return None
@@ -526,8 +528,10 @@ def error_from_wire(
     registry: ErrorRegistry = DEFAULT_ERROR_REGISTRY,
     *,
     method: str | None = None,
+    peer: str | None = None,
 ) -> RPCRemoteError:
-    """Build the exception a caller raises for a response's ``error`` member."""
+    """Build the exception a caller raises for a response's ``error`` member
+    (``peer``: who sent it, for the log)."""
     top_code = _int(error.get("code"))
     top_message = _str(error.get("message")) or ""
     data = error.get("data")
@@ -545,7 +549,7 @@ def error_from_wire(
         message = top_message
     if code is None:
         code = top_code
-    rebuilt = registry.rebuild(name, code, message, method=method)
+    rebuilt = registry.rebuild(name, code, message, method=method, peer=peer)
     if name is None:
         name = type(rebuilt).__name__ if rebuilt is not None else "Error"
         if isinstance(rebuilt, RPCError):

@@ -126,6 +126,12 @@ _log = logging.getLogger("polykey.rpc")
 
 #: How long a best-effort reply may take once the call is being torn down.
 _REPLY_GRACE: Final = 1.0
+#: What a bug of the server's own is answered with, where it still can be.
+_INTERNAL_ERROR_REPLY: Final = {
+    "jsonrpc": "2.0",
+    "error": error_to_wire(RPCInternalError()),
+    "id": None,
+}
 
 # The states and events of every message sent, looked up once: reading an
 # Enum member off its class costs 0.2 us in CPython 3.11 (a global, 0.02).
@@ -396,12 +402,23 @@ class RPCServer:
         )
         return RPCInternalError()
 
-    def _internal_error(self, what: str, transport: Mapping[str, Any]) -> None:
+    def _internal_error(
+        self,
+        what: str,
+        transport: Mapping[str, Any],
+        exc: BaseException | None = None,
+        outcome: str = "stream reset",
+    ) -> None:
         """A bug of the server's own, caught where a call ends: counted in
-        ``internal_errors``, logged at WARNING with the peer."""
+        ``internal_errors``, logged at WARNING with the peer and what the
+        caller got (``outcome``)."""
         self._stats.internal_errors += 1
         _log.warning(
-            "%s failed unexpectedly (peer %s)", what, _peer(transport), exc_info=True
+            "%s failed unexpectedly (peer %s); %s",
+            what,
+            _peer(transport),
+            outcome,
+            exc_info=exc if exc is not None else True,
         )
 
     def _register(
@@ -420,9 +437,11 @@ class RPCServer:
         try:
             await call.run()
         except Exception:
-            # A bug, not a peer's doing (those are handled in the call): keep
-            # serving the other calls, and say so.
+            # A bug, not a peer's doing (those are handled in the call), that
+            # got past run()'s own catch (its close, or its -32603 reply):
+            # keep serving the other calls, and say so.
             self._internal_error("RPC call", call.transport)
+            await trio.aclose_forcefully(call.stream)
         finally:
             if connection is not None:
                 self._per_connection[connection] -= 1
@@ -440,6 +459,20 @@ def _peer(transport: Mapping[str, Any]) -> str:
     if host is None:
         return str(peer)
     return f"{peer} at {host}" + (f":{port}" if port is not None else "")
+
+
+class _UnencodableReply(Exception):
+    """A reply JSON cannot carry (a handler's result, an error's data): a
+    bug, never an answer (-32603); the encoder's error is its cause."""
+
+
+def _encode_reply(value: Any) -> bytes:
+    try:
+        return encode_json(value)
+    except Exception as exc:
+        raise _UnencodableReply(
+            f"the reply cannot be encoded ({type(exc).__name__})"
+        ) from exc
 
 
 class _OnFirstBlock:
@@ -568,6 +601,8 @@ class _ServerCall:
                 )
             elif ending.action is EndAction.DRAIN:
                 await self._drain(in_call_scope=False)
+        except Exception as bug:
+            await self._own_bug(bug)
         finally:
             if self.state.graceful:
                 # FIN both ways: nothing left for a forceful close to abort.
@@ -628,6 +663,30 @@ class _ServerCall:
             await self._reset(StreamCode.HANDLER_FAILED)
         else:
             await self._send_error(RPCMethodNotFound(f"method {method!r} not found"))
+
+    async def _own_bug(self, bug: Exception) -> None:
+        # A bug of the server's own where the call ends: -32603 if no message
+        # of the answer has gone out (as js-rpc answers an internal error),
+        # else nothing more can be said and the stream is reset (run()'s
+        # forceful close).  The reply is a constant: the code that builds
+        # replies may be what failed.
+        output = self.state.output
+        replyable = output is Output.RUNNING or output is Output.AWAITING_HEADER
+        self.server._internal_error(
+            "RPC call", self.transport, bug,
+            "answered -32603" if replyable else "stream reset",
+        )  # fmt: skip
+        if not replyable:
+            return
+        self.late_deadline = trio.current_time() + _REPLY_GRACE
+        self.server._stats.error_responses += 1
+        with trio.CancelScope(shield=True):
+            try:
+                await self._send_value(_INTERNAL_ERROR_REPLY)
+            except trio.BrokenResourceError:
+                return
+            await self._finish()
+            await self._drain(in_call_scope=False)
 
     async def _reset(self, code: int) -> None:
         self.server._stats.resets += 1
@@ -900,9 +959,10 @@ class _ServerCall:
         # scope outside the call: that leaves the stream torn.  A
         # cancellation already pending stops us before anything is sent.
         await trio.lowlevel.checkpoint_if_cancelled()
+        data = _encode_reply(value)  # one that cannot be fails unsent
         state.handle(_SEND)  # never owes an action
         try:
-            await self.conn.send(value, last=last)
+            await self.conn.send_encoded(data, last=last)
         except trio.BrokenResourceError:
             self._event(ServerEvent.PEER_GONE)
             raise
@@ -917,13 +977,14 @@ class _ServerCall:
         # The last reply after the call scope ended: bounded by its own short
         # deadline (and a forced stop), shielded from everything else.
         assert self.late_deadline is not None
+        data = _encode_reply(value)
         with trio.CancelScope(shield=True, deadline=self.late_deadline) as scope:
             self.send_scope = scope
             if self.state.stop is Stop.FORCED:
                 scope.cancel()
             self._event(ServerEvent.SEND)
             try:
-                await self.conn.send(value, last=last)
+                await self.conn.send_encoded(data, last=last)
             except trio.BrokenResourceError:
                 self.send_scope = None
                 self._event(ServerEvent.PEER_GONE)

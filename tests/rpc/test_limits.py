@@ -40,6 +40,7 @@ from polykey.rpc import (
     UnaryHandler,
     error_from_wire,
 )
+from polykey.rpc import error_to_wire as real_error_to_wire
 from polykey.rpc import parse_request as real_parse_request
 
 JSON = dict[str, Any]
@@ -329,6 +330,113 @@ async def test_a_bug_in_the_servers_own_code_is_logged_and_the_server_goes_on(
     assert warning.exc_info[0] is RuntimeError
 
 
+class Unencodable(UnaryHandler[JSON, JSON]):
+    """Returns a value JSON cannot carry: the application's bug, found by our
+    encoder once the handler has returned."""
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        return {"when": object()}
+
+
+async def test_a_result_that_cannot_be_encoded_is_answered_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manifest = {"unencodable": Unencodable(), "echo": Echo()}
+    with trio.fail_after(30):
+        async with (
+            RPCServer(manifest, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            request: JSON = {"jsonrpc": "2.0", "method": "unencodable", "params": {},
+                       "id": None}  # fmt: skip
+            wire = await raw_exchange(clients.conns[0], request)
+            reply = json.loads(wire)  # a whole reply, not a reset
+            assert reply["error"]["code"] == -32603
+            assert b"object" not in wire
+            assert b"Traceback" not in wire
+            assert await client.unary("echo", {"x": 1}) == {"echo": 1}
+            assert server.statistics().handler_bugs == 1
+            assert server.statistics().resets == 0
+    [warning] = rpc_warnings(caplog)
+    assert "'unencodable'" in warning.getMessage()
+    assert str(identity.node_id) in warning.getMessage()
+    assert warning.exc_info is not None
+    assert warning.exc_info[1] is not None
+    assert isinstance(warning.exc_info[1].__cause__, TypeError)
+
+
+async def test_a_bug_of_ours_writing_an_error_reply_is_answered_internal_error(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The handler raised an error meant for its caller; our code turning it
+    # into the reply has a bug for that one error.
+    def error_to_wire(exc: BaseException) -> Any:
+        if str(exc) == "no such thing":
+            raise RuntimeError("secret internals of ours")
+        return real_error_to_wire(exc)
+
+    monkeypatch.setattr("polykey.rpc._server.error_to_wire", error_to_wire)
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"refuses": Refuses(), "echo": Echo()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            request: JSON = {"jsonrpc": "2.0", "method": "refuses", "params": {},
+                       "id": None}  # fmt: skip
+            wire = await raw_exchange(clients.conns[0], request)
+            reply = json.loads(wire)
+            assert reply["error"]["code"] == -32603
+            assert reply["error"]["message"] == "Internal error"
+            assert b"secret" not in wire
+            assert b"Traceback" not in wire
+            # Our client raises it as a remote error; calls go on.
+            with pytest.raises(RPCRemoteError) as info:
+                await client.unary("refuses", {})
+            assert info.value.remote_code == -32603
+            assert await client.unary("echo", {"x": 1}) == {"echo": 1}
+            stats = server.statistics()
+            assert (stats.internal_errors, stats.handler_bugs) == (2, 0)
+            assert stats.resets == 0
+    warnings = rpc_warnings(caplog)
+    assert len(warnings) == 2
+    assert "answered -32603" in warnings[0].getMessage()
+    assert str(identity.node_id) in warnings[0].getMessage()
+    assert "127.0.0.1" in warnings[0].getMessage()
+    assert warnings[0].exc_info is not None
+    assert warnings[0].exc_info[0] is RuntimeError
+
+
+async def test_a_bug_of_ours_after_the_answer_resets_and_is_logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reply is out whole (and its FIN): nothing more can be said, so the
+    # stream is reset, and the bug seen.
+    async def drain(self: Any, *, in_call_scope: bool) -> None:
+        raise RuntimeError("a bug of ours after the answer")
+
+    monkeypatch.setattr("polykey.rpc._server._ServerCall._drain", drain)
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"echo": Echo()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            request = {"jsonrpc": "2.0", "method": "echo", "params": {"x": 2},
+                       "id": None}  # fmt: skip
+            wire = await raw_exchange(clients.conns[0], request)
+            assert json.loads(wire)["result"] == {"echo": 2}
+            assert await client.unary("echo", {"x": 3}) == {"echo": 3}
+            assert server.statistics().internal_errors == 2
+    warnings = rpc_warnings(caplog)
+    assert len(warnings) == 2
+    assert "stream reset" in warnings[0].getMessage()
+    assert str(identity.node_id) in warnings[0].getMessage()
+    assert warnings[0].exc_info is not None
+    assert warnings[0].exc_info[0] is RuntimeError
+
+
 class BreaksOnErrors(Middleware):
     """A middleware with a bug in its reverse hook, for error replies."""
 
@@ -424,6 +532,48 @@ def test_an_error_class_that_fails_to_rebuild_is_logged_and_counted(
     [warning] = rpc_warnings(caplog)
     assert "'Picky'" in warning.getMessage()
     assert "'vaultsList'" in warning.getMessage()
+
+
+class Picky(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(int(message))  # a bug: messages are text
+
+
+class SaysPicky(Exception):
+    """Goes out as a peer's error of type ``Picky``."""
+
+    def rpc_error_data(self, message: str) -> dict[str, Any]:
+        return {"type": "Picky", "message": message}
+
+
+class RaisesPicky(UnaryHandler[JSON, JSON]):
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        raise SaysPicky("not a number")
+
+
+async def test_the_registrys_warning_names_the_peer_the_error_came_from(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = ErrorRegistry()
+    registry.register(Picky)
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"picky": RaisesPicky()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            conn = clients.conns[0]
+            client: RPCClient[Any] = RPCClient(
+                None, conn.open_stream, timeout=10, errors=registry,
+                peer="the-seed at 127.0.0.1:1314",
+            )  # fmt: skip
+            with pytest.raises(RPCRemoteError) as info:
+                await client.unary("picky", {})
+            assert info.value.remote_type == "Picky"
+    assert registry.rebuild_failures == 1
+    [warning] = rpc_warnings(caplog)
+    assert "'Picky'" in warning.getMessage()
+    assert "'picky'" in warning.getMessage()
+    assert "the-seed at 127.0.0.1:1314" in warning.getMessage()
 
 
 class FirstOnly(ClientHandler[JSON, JSON]):
