@@ -82,7 +82,8 @@ def render_metrics(node: PolykeyNode) -> str:
          ({"where": "rpc_handler"}, rpc.handler_bugs),
          ({"where": "rpc_server"}, rpc.internal_errors),
          ({"where": "connections"}, stats["task_errors"]),
-         ({"where": "node_manager"}, manager.unexpected_errors)],
+         ({"where": "node_manager"}, manager.unexpected_errors),
+         ({"where": "node"}, node.bugs)],
     )  # fmt: skip
     out += _family(
         "polykey_quic_handshakes_total", "counter", "server handshakes, by outcome",

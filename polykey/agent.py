@@ -30,6 +30,7 @@ from ._metrics import serve_metrics
 from ._state import default_state_dir, load_or_create_identity, lock_state_dir
 from .keys import NodeId, NodeIdentity
 from .nodes import (
+    PEER_FAILURES,
     ActiveConnection,
     Address,
     Circuit,
@@ -251,6 +252,9 @@ class PolykeyNode:
         self._subscribers: list[trio.MemorySendChannel[NodeEvent]] = []
         #: Events dropped because a subscriber fell behind.
         self.events_dropped = 0
+        #: Bugs of the node's own tasks (the join), caught and logged at
+        #: WARNING (``polykey_bugs_total{where="node"}``).
+        self.bugs = 0
         # The running parts: all None outside ``async with`` (their
         # properties raise trio.ClosedResourceError then).
         self._graph: NodeGraph | None = None
@@ -415,10 +419,17 @@ class PolykeyNode:
             self.connections.anchor(seed.node_id, [(seed.host, seed.port)])
         try:
             result = await self.manager.join(seeds)
+        except PEER_FAILURES as exc:
+            # The network's doing, though the manager absorbs most of it:
+            # one line for the operator; the node keeps serving.
+            log.warning("joining through the seeds failed: %s", exc)
         except Exception:
-            # A bug, not the network's doing (the manager absorbs those): the
-            # node keeps serving, and wait_joined() still returns.
-            log.exception("joining through the seeds failed")
+            # A bug of ours: told with its traceback and counted; the node
+            # keeps serving, and wait_joined() still returns.
+            self.bugs += 1
+            log.warning(
+                "joining through the seeds failed unexpectedly (a bug)", exc_info=True
+            )
         else:
             self.joined = result
             log.info(

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import trio
 
-from polykey.agent import NodeLimits, NodeSettings, PolykeyNode
+from polykey.agent import NodeLimits, NodeSettings, PolykeyNode, SeedNode
 from polykey.cli import _limits, build_parser
-from polykey.nodes import NodeConnection
+from polykey.nodes import NodeConnection, NodeManager
 from polykey.rpc import CallContext, RPCRemoteError, UnaryHandler
 
 JSON = dict[str, Any]
@@ -302,3 +302,50 @@ def test_node_limits_replace_the_quic_settings() -> None:
     assert quic.handshake_rate == 3.0
     assert quic.max_connections == limits.max_connections
     assert quic.datagram_queue == NodeSettings().quic.datagram_queue  # kept
+
+
+@pytest.mark.parametrize("failure", ["network", "bug"])
+async def test_a_failed_join_is_one_warning_and_a_bug_is_counted(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """The join's failures: the network's is one WARNING line, a bug of ours
+    a WARNING with its traceback, counted; never ERROR, and the node serves
+    on either way (wait_joined() returns)."""
+
+    async def join(self: NodeManager, seeds: object) -> None:
+        await trio.lowlevel.checkpoint()
+        if failure == "network":
+            raise OSError("network is unreachable")
+        raise KeyError("lost track")
+
+    monkeypatch.setattr(NodeManager, "join", join)
+    with trio.fail_after(60):
+        async with nodes(tmp_path, []) as (seed,):
+            settings = NodeSettings(
+                state_dir=tmp_path / "joiner",
+                host="127.0.0.1",
+                port=0,
+                seeds=(SeedNode(seed.node_id, *seed.address),),
+            )
+            async with PolykeyNode(settings) as joiner:
+                assert await joiner.wait_joined() is None
+                conn = await connect(seed, joiner)
+                assert conn is not None
+                pong = await conn.rpc.unary("nodesPing", {})
+                assert pong["success"] is True
+                bugs = joiner.bugs
+    records = [
+        r for r in caplog.records if "joining through the seeds" in r.getMessage()
+    ]
+    assert [r.levelno for r in records] == [logging.WARNING]
+    if failure == "network":
+        assert "network is unreachable" in records[0].getMessage()
+        assert records[0].exc_info is None
+        assert bugs == 0
+    else:
+        assert "a bug" in records[0].getMessage()
+        assert records[0].exc_info is not None
+        assert bugs == 1

@@ -41,6 +41,7 @@ from ._errors import (
     NodesError,
     OwnNodeIdError,
 )
+from ._failures import PEER_FAILURES
 from ._finder import FinderStatistics, NodeFinder
 from ._graph import (
     BUCKET_COUNT,
@@ -137,6 +138,7 @@ __all__ = [
     "MAX_PUNCHES",
     "MAX_PUNCHES_PER_HOST",
     "MIN_ATTEMPT_TIMEOUT",
+    "PEER_FAILURES",
     "PING",
     "PING_BATCH",
     "PUNCH_DURATION",
