@@ -598,10 +598,13 @@ def test_polykeys_signal_final_accepts_our_relay(
 
 
 def test_polykeys_signal_initial_accepts_our_request(vectors: Vectors) -> None:
-    # As a node's connection writes it (rpc_timeout 15 s), as Polykey's does.
-    assert json.loads(vectors.ours.initial_wire)["params"]["metadata"] == {
-        "timeout": 15000
-    }
+    # As a node's connection writes it (rpc_timeout 15 s), as Polykey's does:
+    # whole milliseconds left before the call's deadline, so a busy machine
+    # may have spent a few of them before the request was written.
+    metadata = json.loads(vectors.ours.initial_wire)["params"]["metadata"]
+    assert list(metadata) == ["timeout"]
+    assert type(metadata["timeout"]) is int
+    assert 14_500 <= metadata["timeout"] <= 15_000
     result = vectors.checks["initial our wire"]
     assert result["ok"], result["reply"]
     assert result["reply"] == TARGET_ADDRESS
