@@ -4,6 +4,7 @@ on loopback (a circuit end to end, limits and refusals, the upgrade)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ import pytest
 import trio
 
 from polykey.agent import NodeSettings, PolykeyNode
-from polykey.keys import KeyPair
+from polykey.keys import KeyPair, NodeId
 from polykey.nodes import (
     RELAY_CONNECT,
     RELAY_STOP,
@@ -352,6 +353,53 @@ async def test_a_relayed_connection_upgrades_to_a_punched_one(
             assert (await upgraded.rpc.unary("nodesPing", {}))["success"]
             with trio.fail_after(10):
                 await relayed.connection.wait_closed()
+
+
+@pytest.mark.parametrize("failure", ["peer", "bug"])
+async def test_a_failed_upgrade_attempt_is_told_by_kind_and_the_next_one_runs(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+) -> None:
+    """One attempt of the upgrade fails: the peer's failure at DEBUG and not
+    counted, a bug of ours at WARNING with the peer and counted in
+    task_errors; either way the relayed connection carries on and the next
+    attempt upgrades it."""
+    monkeypatch.setattr(punching_module, "_UPGRADE_FIRST", 0.2)
+    dial = punching_module.Puncher._dial
+    failed: list[NodeId] = []
+
+    async def first_fails(self: Any, node_id: NodeId, address: Any) -> Any:
+        if not failed:
+            failed.append(node_id)
+            await trio.lowlevel.checkpoint()
+            if failure == "peer":
+                raise OSError("host unreachable")
+            raise KeyError("lost track")
+        return await dial(self, node_id, address)
+
+    monkeypatch.setattr(punching_module.Puncher, "_dial", first_fails)
+    caplog.set_level(logging.DEBUG, logger="polykey.nodes.connections")
+    with trio.fail_after(30):
+        async with nodes(tmp_path, ("a", {}), ("r", {"relay": "on"}), ("b", {})) as (
+            a,
+            r,
+            b,
+        ):
+            relayed = await a_circuit(a, r, b)
+            with trio.fail_after(10):
+                while a.connections.get(b.node_id) is relayed:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            upgraded = a.connections.get(b.node_id)
+            assert upgraded is not None
+            assert upgraded.path is ConnectionPath.PUNCHED
+            assert failed == [b.node_id]
+            assert a.connections.task_errors == (1 if failure == "bug" else 0)
+    told = [r for r in caplog.records if "upgrade of" in r.getMessage()]
+    assert len(told) == 1
+    assert str(b.node_id) in told[0].getMessage()
+    assert told[0].levelno == (logging.WARNING if failure == "bug" else logging.DEBUG)
 
 
 def test_circuit_type() -> None:
