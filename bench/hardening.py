@@ -81,6 +81,7 @@ async def fuzz(args: argparse.Namespace, work: Path) -> list[Row]:
             node, work, seed=args.seed, counts=counts, big=True
         )
         tracebacks = node.tracebacks()
+        end_fds = node.fds()
         rows = [_fuzz_row(r) for r in results]
         rows.append(
             (
@@ -90,7 +91,8 @@ async def fuzz(args: argparse.Namespace, work: Path) -> list[Row]:
                     f"{tracebacks} tracebacks logged",
                     f"RSS {fuzzer.base_rss / 1024:.1f} -> max "
                     f"{fuzzer.max_rss / 1024:.1f} MiB; tasks {fuzzer.base_tasks} "
-                    f"-> max {fuzzer.max_tasks}; slowest check ping "
+                    f"-> max {fuzzer.max_tasks}; fds {fuzzer.base_fds} -> max "
+                    f"{fuzzer.max_fds} -> {end_fds} after; slowest check ping "
                     f"{fuzzer.ping_max * 1000:.0f} ms",
                 ],
             )

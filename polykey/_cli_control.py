@@ -106,7 +106,9 @@ def _read(cls: type[T], method: str, result: JSON) -> T:
     try:
         return replies.from_json(cls, result)
     except replies.MalformedReply as exc:
-        raise CommandError(f"the node's answer to {method} is {exc}", EX.SOFTWARE) from None
+        raise CommandError(
+            f"the node's answer to {method} is {exc}", EX.SOFTWARE
+        ) from None
 
 
 async def _call(state_dir: Path, method: str, params: JSON, reply: type[T]) -> T:

@@ -79,6 +79,10 @@ class ControlStatistics:
     accept_errors: int = 0
     #: Calls that timed out (no request in time, or a method's timeout).
     timeouts: int = 0
+    #: Bugs of ours in a control call (a method's, or the call's own
+    #: running), caught, logged at WARNING and answered -32603 or closed;
+    #: the socket serves on.
+    bugs: int = 0
 
 
 def _remove_stale(path: Path) -> None:
@@ -114,7 +118,9 @@ class ControlServer:
         self._stats = ControlStatistics()
 
     def statistics(self) -> ControlStatistics:
-        self._stats.timeouts = self._rpc.statistics().timeouts
+        rpc = self._rpc.statistics()
+        self._stats.timeouts = rpc.timeouts
+        self._stats.bugs = rpc.internal_errors + rpc.handler_bugs
         return attrs.evolve(self._stats)
 
     async def serve(

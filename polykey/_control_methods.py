@@ -147,6 +147,7 @@ class AgentStatus(_Method):
                 stats.refused_busy,
                 stats.accept_errors,
                 stats.timeouts,
+                stats.bugs,
             ),
         )
         return replies.to_json(reply)

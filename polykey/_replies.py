@@ -97,6 +97,7 @@ class ControlCounts:
     refused_busy: int
     accept_errors: int
     timeouts: int
+    bugs: int
 
 
 @attrs.frozen(kw_only=True)

@@ -326,7 +326,7 @@ async def test_metrics_move_with_traffic(tmp_path: Path) -> None:
             assert sorted(bugs) == [
                 f'polykey_bugs_total{{where="{w}"}}'
                 for w in sorted(["quic", "rpc_handler", "rpc_server",
-                                 "connections", "node_manager"])
+                                 "connections", "node_manager", "node"])
             ]  # fmt: skip
             assert set(bugs.values()) == {0}
             # Anything but /metrics is 404.

@@ -24,7 +24,7 @@ STATUS = ["status", "pid", "version", "nodeIdEncoded", "host", "port",
           "statistics", "control"]  # fmt: skip
 LINK = ["nodeIdEncoded", "host", "port", "path", "outgoing"]
 SERVED = ["rpcCalls", "lookups", "finds"]
-CONTROL = ["clients", "accepted", "refusedBusy", "acceptErrors", "timeouts"]
+CONTROL = ["clients", "accepted", "refusedBusy", "acceptErrors", "timeouts", "bugs"]
 ADD = ["nodeIdEncoded", "host", "port", "added", "pinged"]
 FIND = ["nodeIdEncoded", "addresses", "rounds", "foundRound", "queries", "failures"]
 PING = ["nodeIdEncoded", "success", "path", "host", "port", "pooled",

@@ -5,6 +5,7 @@ file descriptors waited out instead of ending the node."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import subprocess
@@ -93,6 +94,7 @@ async def test_extra_clients_are_closed_at_once_idle_ones_after_the_deadline(
                 "refusedBusy": 6,
                 "acceptErrors": 0,
                 "timeouts": 4,
+                "bugs": 0,
             }
 
 
@@ -212,3 +214,37 @@ async def test_ping_says_how_it_connected_and_whether_it_was_pooled(
     assert again["pooled"] is True
     assert "attemptMs" not in again  # that connection was not made by this call
     assert 0 <= again["connectMs"] <= again["rttMs"]
+
+
+async def test_a_bug_in_one_control_call_leaves_the_socket_serving(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug of ours in one control client's call (past the handler: in the
+    call's own running) fails that call alone: logged at WARNING naming the
+    control client, counted, and the next client is served."""
+    from polykey.rpc import _server as rpc_server
+
+    run = rpc_server._ServerCall.run
+    broken: list[bool] = []
+
+    async def fails_once(self: Any) -> None:
+        if not broken:
+            broken.append(True)
+            await trio.lowlevel.checkpoint()
+            raise KeyError("lost track")
+        await run(self)
+
+    settings = NodeSettings(state_dir=tmp_path, host="127.0.0.1", port=0)
+    with trio.fail_after(30):
+        async with PolykeyNode(settings):
+            monkeypatch.setattr(rpc_server._ServerCall, "run", fails_once)
+            with pytest.raises(Exception):  # noqa: B017, PT011 (whatever the client makes of it)
+                await node_status(tmp_path)
+            status = await node_status(tmp_path)
+    assert broken == [True]
+    assert status["control"]["bugs"] == 1
+    assert status["control"]["clients"] == 1  # this call's
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("control" in w for w in warnings), warnings

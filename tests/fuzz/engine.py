@@ -478,6 +478,10 @@ class Fuzzer:
         self.base_rss = 0
         self.base_tasks = 0
         self.max_rss = 0
+        #: The node's open file descriptors: at the baseline, the most seen
+        #: at a check (recorded, not a failure: a bench reports them).
+        self.base_fds = 0
+        self.max_fds = 0
         self.max_tasks = 0
         self.ping_max = 0.0
         self.liar_rng = random.Random(seed + 99)
@@ -491,6 +495,7 @@ class Fuzzer:
     async def baseline(self) -> None:
         await ping_once(self.prober, self.node.node_id, self.node.address, 10)
         self.base_rss = self.max_rss = self.node.rss_kib()
+        self.base_fds = self.max_fds = self.node.fds()
         self.base_tasks = self.max_tasks = (await self.node.status())["statistics"][
             "tasks"
         ]
@@ -510,6 +515,7 @@ class Fuzzer:
             failures.append(f"ping failed: {exc!r}")
         rss = node.rss_kib()
         self.max_rss = max(self.max_rss, rss)
+        self.max_fds = max(self.max_fds, node.fds())
         if rss > self.base_rss + RSS_SLACK_KIB:
             failures.append(f"RSS {rss} KiB, from {self.base_rss}")
         tasks = 0
