@@ -66,7 +66,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def fuzz(args: argparse.Namespace, work: Path) -> list[Row]:
-    node = await LiveNode.start(work / "fuzz", work / "fuzz.log")
+    retry = ("--retry-threshold", "0") if args.retry_always else ()
+    node = await LiveNode.start(work / "fuzz", work / "fuzz.log", *retry)
     try:
         counts = {
             "datagrams": args.fuzz,
@@ -511,7 +512,9 @@ async def scale(args: argparse.Namespace, work: Path) -> Row:
                     return
                 want = NodeAddress(*b.address)
                 ok = result.found is not None and want in result.found.addresses
-                finds.answered(ok, result.rounds, result.found is not None, result.failures)
+                finds.answered(
+                    ok, result.rounds, result.found is not None, result.failures
+                )
 
         finds_took = await finds.run(nodes, rng, args.finds, find)
         graph_sizes = sorted(len(n.graph) for n in nodes)
@@ -547,7 +550,9 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
 
     try:
         started = trio.current_time()
-        seed = await LiveNode.start(work / "pscale-seed", work / "pscale-seed.log", *LOOPBACK_FLAGS)
+        seed = await LiveNode.start(
+            work / "pscale-seed", work / "pscale-seed.log", *LOOPBACK_FLAGS
+        )
         nodes.append(seed)
         seed_flag = f"{seed.node_id}@{seed.address[0]}:{seed.address[1]}"
         starting = trio.CapacityLimiter(4)
@@ -578,7 +583,9 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
         async def find(a: LiveNode, b: LiveNode) -> None:
             async with limiter, per_node[a.node_id]:
                 try:
-                    result = await a.call("nodesFind", {"nodeIdEncoded": str(b.node_id)}, 90)
+                    result = await a.call(
+                        "nodesFind", {"nodeIdEncoded": str(b.node_id)}, 90
+                    )
                 except Exception as exc:
                     finds.failed(exc)
                     return
@@ -593,11 +600,17 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
         graph_sizes = sorted(s["nodesTotal"] for s in statuses)
         evicted = sum(s["statistics"]["manager"]["evictions"] for s in statuses)
         removed = sum(s["statistics"]["manager"]["removed_failing"] for s in statuses)
-        unconfirmed = sum(s["statistics"]["manager"]["removed_unconfirmed"] for s in statuses)
-        failed_queries = sum(s["statistics"]["manager"]["query_failures"] for s in statuses)
+        unconfirmed = sum(
+            s["statistics"]["manager"]["removed_unconfirmed"] for s in statuses
+        )
+        failed_queries = sum(
+            s["statistics"]["manager"]["query_failures"] for s in statuses
+        )
         errors = sum(s["statistics"]["manager"]["transport_errors"] for s in statuses)
         deadlines = sorted(s["statistics"]["attempt_timeout"] for s in statuses)
-        say(f"scale: {failed_queries} queries failed, {errors} of them with an error; attempt deadlines {deadlines}")
+        say(
+            f"scale: {failed_queries} queries failed, {errors} of them with an error; attempt deadlines {deadlines}"
+        )
         tracebacks = sum(n.tracebacks() for n in nodes)
         say("scale: stopping the nodes")
     finally:
@@ -639,6 +652,13 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--fuzz", type=int, help="inputs per entry point")
+    parser.add_argument(
+        "--retry-always",
+        action="store_true",
+        help="fuzz a node that sends every new client a Retry (--retry-threshold 0), "
+        "so token-less Initials reach the token path; by default a lone fuzzer "
+        "stays below the node's Retry thresholds and is let in without one",
+    )
     parser.add_argument("--node-lists", type=int, help="garbage node lists")
     parser.add_argument(
         "--signalling",
