@@ -66,7 +66,7 @@ async def test_rpc_network_every_node_finds_every_other(
 
 
 # The joins are ~140 queries each, every one through the handler and the
-# message codec a node runs: 197-267 s at load 2-6 (it was ~30 s when the
+# message codec a node runs: about 270 s at load 4-6 (it was ~30 s when the
 # direct transport skipped them); room for a busy machine.
 @pytest.mark.timeout(900)
 async def test_thousand_nodes_join_find_and_survive_30_percent_dying(
