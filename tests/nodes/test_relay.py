@@ -329,6 +329,20 @@ async def test_a_circuit_past_its_budget_ends_cleanly(tmp_path: Path) -> None:
             assert (await again.rpc.unary("nodesPing", {}))["success"]
 
 
+async def replaced(
+    node: PolykeyNode, peer: NodeId, relayed: NodeConnection
+) -> NodeConnection:
+    """The punched connection that took ``relayed``'s place in ``node``'s
+    pool (waited for, 10 s at most)."""
+    with trio.fail_after(10):
+        while node.connections.get(peer) is relayed:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    upgraded = node.connections.get(peer)
+    assert upgraded is not None
+    assert upgraded.path is ConnectionPath.PUNCHED
+    return upgraded
+
+
 async def test_a_relayed_connection_upgrades_to_a_punched_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -343,12 +357,7 @@ async def test_a_relayed_connection_upgrades_to_a_punched_one(
             assert relayed.path is ConnectionPath.RELAYED
             # On loopback the punch works at once: the punched connection
             # takes the relayed one's place, which is closed after a grace.
-            with trio.fail_after(10):
-                while a.connections.get(b.node_id) is relayed:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
-            upgraded = a.connections.get(b.node_id)
-            assert upgraded is not None
-            assert upgraded.path is ConnectionPath.PUNCHED
+            upgraded = await replaced(a, b.node_id, relayed)
             assert a.connections.upgrades == 1
             assert (await upgraded.rpc.unary("nodesPing", {}))["success"]
             with trio.fail_after(10):
@@ -388,12 +397,7 @@ async def test_a_failed_upgrade_attempt_is_told_by_kind_and_the_next_one_runs(
             b,
         ):
             relayed = await a_circuit(a, r, b)
-            with trio.fail_after(10):
-                while a.connections.get(b.node_id) is relayed:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
-            upgraded = a.connections.get(b.node_id)
-            assert upgraded is not None
-            assert upgraded.path is ConnectionPath.PUNCHED
+            await replaced(a, b.node_id, relayed)
             assert failed == [b.node_id]
             assert a.connections.task_errors == (1 if failure == "bug" else 0)
     told = [r for r in caplog.records if "upgrade of" in r.getMessage()]
