@@ -17,6 +17,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from polykey.keys import NodeId
 from polykey.nodes import (
@@ -29,6 +30,7 @@ from polykey.nodes import (
 from polykey.rpc import JSONObject
 
 PER_ANSWER = 20
+T = TypeVar("T")
 Encode = Callable[[NodeContact, float], JSONObject]
 
 
@@ -45,15 +47,23 @@ def answers(n: int) -> list[list[NodeContact]]:
     ]
 
 
-def best(repeat: int, run: Callable[[list[list[NodeContact]]], None], n: int) -> float:
-    """Best time per answer of ``run`` over fresh contacts (made untimed)."""
+def best(
+    repeat: int, n: int, prepare: Callable[[int], T], run: Callable[[T], object]
+) -> float:
+    """Best time per answer of ``run`` over the input ``prepare`` made for
+    ``n`` answers, fresh each time and untimed."""
     times = []
     for _ in range(repeat):
-        data = answers(n)
+        data = prepare(n)
         start = time.perf_counter()
         run(data)
         times.append(time.perf_counter() - start)
     return min(times) / n * 1e6
+
+
+def encoded(n: int) -> list[list[JSONObject]]:
+    # The fresh ids' strings are made here, once, as their sender made them.
+    return [[encode_node_contact(c, 1.7e9) for c in a] for a in answers(n)]
 
 
 def main() -> None:
@@ -73,21 +83,15 @@ def main() -> None:
                 for contact in answer:
                     encode(contact, 1.7e9)
 
-        figures.append(best(args.repeat, run, args.answers))
+        figures.append(best(args.repeat, args.answers, answers, run))
     print(f"| encode | {figures[0]:.0f} | {figures[1]:.0f} |")
-    parse_times: list[float] = []
 
-    def run_parse(data: list[list[NodeContact]]) -> None:
-        # Encoded untimed: the fresh ids' strings are made here, once.
-        messages = [[encode_node_contact(c, 1.7e9) for c in a] for a in data]
-        start = time.perf_counter()
+    def run_parse(messages: list[list[JSONObject]]) -> None:
         for answer in messages:
             for message in answer:
                 parse_node_contact_message(message)
-        parse_times.append(time.perf_counter() - start)
 
-    best(args.repeat, run_parse, args.answers)
-    parse = min(parse_times) / args.answers * 1e6
+    parse = best(args.repeat, args.answers, encoded, run_parse)
     print(f"| parse | {parse:.0f} | (the same: cattrs) |")
 
 
