@@ -117,3 +117,45 @@ def test_contact_keeps_five_unique_addresses() -> None:
     assert len(contact.addresses) == MAX_ADDRESSES
     with pytest.raises(TypeError):
         NodeContact(nid, [("10.0.0.1", 1)])  # type: ignore[list-item]
+
+
+_octet = st.one_of(
+    st.integers(0, 999).map(str),
+    st.integers(0, 255).map(lambda n: f"0{n}"),
+    st.sampled_from(["", "-1", "+1", " 1", "1 ", "\u0661", "\uff11", "0x1", "1e2"]),
+)
+_dotted = st.one_of(
+    st.lists(_octet, min_size=3, max_size=5).map(".".join),
+    st.ip_addresses(v=4).map(str),
+    st.text(alphabet="0123456789.", max_size=20),
+)
+
+
+@given(_dotted)
+def test_plain_ipv4_shortcut_answers_as_ipaddress_does(host: str) -> None:
+    # The shortcut may decline (None) anything; what it answers must be what
+    # the slow path answers, and the slow path must accept that host.
+    from polykey.nodes._address import _canonical_slow, _plain_ipv4
+
+    quad = _plain_ipv4(host)
+    if quad is not None:
+        assert quad == _canonical_slow(host)
+
+
+@pytest.mark.parametrize(
+    "host", ["1.2.3.4", "10.0.0.1", "127.0.0.1", "223.255.255.255", "192.168.1.20"]
+)
+def test_plain_ipv4_shortcut_takes_ordinary_addresses(host: str) -> None:
+    from polykey.nodes._address import _plain_ipv4
+
+    assert _plain_ipv4(host) == host
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["0.0.0.0", "0.1.2.3", "224.0.0.1", "255.255.255.255", "01.2.3.4", "1.2.3", "::1"],
+)
+def test_plain_ipv4_shortcut_leaves_the_rest_to_ipaddress(host: str) -> None:
+    from polykey.nodes._address import _plain_ipv4
+
+    assert _plain_ipv4(host) is None
