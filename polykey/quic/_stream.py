@@ -210,10 +210,17 @@ class QUICStream(trio.abc.HalfCloseableStream):
         waited = False
         # A small write right after another (a server streaming messages)
         # leaves with the deferred flush, with the writes that follow it: one
-        # packet for several messages instead of one each. The first write
-        # after a read (a request, an answer), a FIN and a large write go at
-        # once, so a round trip waits for nothing.
-        coalesce = self._writing and not fin and total <= _SMALL_WRITE
+        # packet for several messages instead of one each. So does a small
+        # last write (an RPC reply) while other tasks are runnable: their
+        # replies come this round and share its packet (quiche packs several
+        # streams' frames, our change 3). The first write after a read (a
+        # request), a reply with nothing else to run and a large write go
+        # at once, so a round trip waits for nothing. docs/quic.md has the
+        # figures.
+        coalesce = total <= _SMALL_WRITE and (
+            self._writing
+            or (fin and trio.lowlevel.current_statistics().tasks_runnable > 0)
+        )
         self._writing = total <= _SMALL_WRITE
         while offset < total:
             n = self._stream_send(view[offset:], fin)
@@ -315,7 +322,9 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 self._conn.raise_if_dead()
                 self._stream_send(memoryview(b""), True)
                 self._fin_sent = True
-                self._conn.flush()
+                # Nothing waits on a lone FIN but the peer's clean close: it
+                # rides on our next packet (a caller's next request).
+                self._conn.flush_later()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- closing --------------------------------------------------------------

@@ -550,3 +550,26 @@ def test_stream_collect_tells_held_streams_from_collected(
     server.stream_shutdown(8, b.Shutdown.READ, 7)
     pair.pump()
     assert not pair.client.stream_collect(8)
+
+
+def test_small_writes_on_several_streams_share_a_packet(
+    configs: tuple[b.Config, b.Config],
+) -> None:
+    """Our quiche change 3 (see _quiche_build/patch_quiche.py): a FIN on one
+    stream and small writes on others, queued before one send, leave in one
+    packet (unpatched quiche 0.29.3 sends one STREAM frame a packet)."""
+    pair = Pair(*configs)
+    server = pair.handshake()
+    client = pair.client
+    client.stream_send(0, b"first", False)
+    pair.pump()
+    client.stream_send(0, b"", True)  # the first call's FIN
+    for sid in (4, 8, 12):
+        client.stream_send(sid, b"request %d" % sid, False)
+    assert _deliver_until_quiet(client, server, CLIENT) == 1
+    buf = bytearray(100)
+    assert server.stream_recv(0, buf) == (5, True)
+    for sid in (4, 8, 12):
+        got = server.stream_recv(sid, buf)
+        assert got is not None
+        assert bytes(buf[: got[0]]) == b"request %d" % sid
