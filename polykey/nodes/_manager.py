@@ -11,6 +11,10 @@ Theory of operation
   fail and inserts waiting newcomers into the room made; the rest are
   dropped (and counted). A node that fails ``max_failures`` times in a row
   is removed.
+* **Unconfirmed nodes.** A node new to us that connected to us is in the
+  graph while its connection lives; when its last connection ends it is
+  dialled back (``dialback_limit`` at once, ``dialback_queue`` waiting, one
+  per NodeId) and stays only if that reaches it (:meth:`note_disconnect`).
 * **Lookups.** :meth:`lookup` drives a :class:`~polykey.nodes.Lookup`: each
   query is a task in one nursery (at most alpha = 3 at a time), bounded by
   ``query_timeout``; the whole lookup by ``lookup_timeout``. In find mode
