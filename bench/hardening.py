@@ -603,6 +603,10 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
         unconfirmed = sum(
             s["statistics"]["manager"]["removed_unconfirmed"] for s in statuses
         )
+        dialbacks = {
+            key: sum(s["statistics"]["manager"][key] for s in statuses)
+            for key in ("dialbacks", "confirmed_by_dialback", "dialbacks_dropped")
+        }
         failed_queries = sum(
             s["statistics"]["manager"]["query_failures"] for s in statuses
         )
@@ -626,7 +630,10 @@ async def scale_processes(args: argparse.Namespace, work: Path) -> Row:
             f"{figures}; graph sizes {graph_sizes[0]}.."
             f"{graph_sizes[-1]}; {evicted} evictions, {removed} removed after "
             f"failing, {unconfirmed} unconfirmed ones removed when their "
-            f"connection ended; {tracebacks} tracebacks logged; failures: {finds.why}",
+            f"connection ended; {dialbacks['dialbacks']} dial-backs, "
+            f"{dialbacks['confirmed_by_dialback']} confirmed, "
+            f"{dialbacks['dialbacks_dropped']} not queued; {tracebacks} "
+            f"tracebacks logged; failures: {finds.why}",
         ],
     )
 

@@ -154,6 +154,15 @@ def render_metrics(node: PolykeyNode) -> str:
          ({"kind": "timed_out"}, manager.lookups_timed_out)],
     )  # fmt: skip
     out += _family(
+        "polykey_dialbacks_total", "counter",
+        "dial-backs of nodes that only connected to us, and their outcomes",
+        [({"outcome": "started"}, manager.dialbacks),
+         ({"outcome": "confirmed"}, manager.confirmed_by_dialback),
+         ({"outcome": "failed"}, manager.dialback_failed),
+         ({"outcome": "skipped"}, manager.dialbacks_skipped),
+         ({"outcome": "dropped"}, manager.dialbacks_dropped)],
+    )  # fmt: skip
+    out += _family(
         "polykey_lookup_rounds_total",
         "counter",
         "rounds of every lookup, summed",

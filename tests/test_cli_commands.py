@@ -329,6 +329,15 @@ async def test_metrics_move_with_traffic(tmp_path: Path) -> None:
                                  "connections", "node_manager", "node"])
             ]  # fmt: skip
             assert set(bugs.values()) == {0}
+            # The client only dialled in: gone, it is dialled back, in vain.
+            failed = 'polykey_dialbacks_total{outcome="failed"}'
+            assert during[failed] == 0
+            with trio.fail_after(15):
+                while (after := await scrape(url))[failed] == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            assert after['polykey_dialbacks_total{outcome="started"}'] == 1
+            assert after['polykey_dialbacks_total{outcome="confirmed"}'] == 0
+            assert after["polykey_graph_nodes"] == 0
             # Anything but /metrics is 404.
             host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
             stream = await trio.open_tcp_stream(host, int(port))

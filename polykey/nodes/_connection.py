@@ -26,6 +26,7 @@ from ..rpc import ClientManifest, RPCClient
 from ._errors import NodesError
 
 __all__ = [
+    "CLOSE_DIALBACK",
     "CLOSE_DUPLICATE",
     "CLOSE_STOPPING",
     "CLOSE_TTL",
@@ -38,6 +39,7 @@ __all__ = [
 CLOSE_TTL: Final = 0x1  # application code: closed after the TTL expired
 CLOSE_STOPPING: Final = 0x2  # application code: the node is stopping
 CLOSE_DUPLICATE: Final = 0x3  # application code: a second connection of a race
+CLOSE_DIALBACK: Final = 0x4  # application code: a dial-back's probe, done
 
 
 class ConnectionPath(enum.Enum):

@@ -89,6 +89,7 @@ from ._address import format_host_port
 from ._anchors import Anchors
 from ._attempts import AttemptTimer, DialGate
 from ._connection import (
+    CLOSE_DIALBACK,
     CLOSE_DUPLICATE,
     CLOSE_STOPPING,
     CLOSE_TTL,
@@ -430,6 +431,26 @@ class NodeConnectionManager:
                     raise
                 self._attempts.note(trio.current_time() - started)
             return await self.adopt_dialled(conn, started=started)
+
+    async def dial_back(self, node_id: NodeId, address: Address) -> bool:
+        """Dial ``node_id`` afresh at ``address`` whatever the pool holds,
+        verify it is that node, and close the connection: whether a new
+        connection to it can be had there (the node manager's check of a
+        node that connected to us). False, untried, when an attempt to
+        reach it is in flight already; a failure raises
+        :class:`NodeConnectionError`. Holds the dial limit like any dial,
+        but is not pooled nor reported to ``on_connection``, and is counted
+        apart from :attr:`dials`. The caller's cancel scope bounds it."""
+        if self._stopping:
+            raise trio.ClosedResourceError("the node is stopping")
+        if node_id in self._gate:
+            return False
+        with self._gate.attempt(node_id):
+            async with self._dial_limit:
+                conn = await self._dial(node_id, address)
+        # Closed at once (no checkpoint before: a cancel cannot leak it).
+        conn.close(CLOSE_DIALBACK, b"dial-back")
+        return True
 
     async def _dial(self, node_id: NodeId, address: Address) -> QUICConnection:
         """Dial ``address`` (a hostname: each address it resolves to, in

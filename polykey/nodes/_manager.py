@@ -11,6 +11,10 @@ Theory of operation
   fail and inserts waiting newcomers into the room made; the rest are
   dropped (and counted). A node that fails ``max_failures`` times in a row
   is removed.
+* **Unconfirmed nodes.** A node new to us that connected to us is in the
+  graph while its connection lives; when its last connection ends it is
+  dialled back (``dialback_limit`` at once, ``dialback_queue`` waiting, one
+  per NodeId) and stays only if that reaches it (:meth:`note_disconnect`).
 * **Lookups.** :meth:`lookup` drives a :class:`~polykey.nodes.Lookup`: each
   query is a task in one nursery (at most alpha = 3 at a time), bounded by
   ``query_timeout``; the whole lookup by ``lookup_timeout``. In find mode
@@ -97,6 +101,12 @@ class NodeManagerConfig:
     seed_connect: int = 3
     #: Seconds between writes of pending last-seen updates.
     flush_interval: float = 30.0
+    #: Dial-backs of unconfirmed nodes run at once (0: none; such nodes
+    #: then leave with their connection, as before dial-backs).
+    dialback_limit: int = 4
+    #: Unconfirmed nodes waiting for a dial-back (beyond: not dialled
+    #: back, counted in ``dialbacks_dropped``).
+    dialback_queue: int = 64
 
 
 @attrs.define
@@ -115,6 +125,15 @@ class NodeManagerStatistics:
     removed_failing: int = 0
     #: Nodes that only ever connected to us, gone with their connection.
     removed_unconfirmed: int = 0
+    #: Dial-backs of unconfirmed nodes tried, and of those, the ones that
+    #: reached the node (which confirmed it) and the ones that failed.
+    dialbacks: int = 0
+    confirmed_by_dialback: int = 0
+    dialback_failed: int = 0
+    #: Not tried: confirmed or gone meanwhile, or a dial to it in flight.
+    dialbacks_skipped: int = 0
+    #: Not queued: ``dialback_queue`` was full.
+    dialbacks_dropped: int = 0
     pending_dropped: int = 0
     newcomers_dropped: int = 0
     refreshes: int = 0
@@ -194,6 +213,14 @@ class NodeManager:
         self._pending: dict[int, dict[NodeId, tuple[NodeAddress, ...]]] = {}
         # Nodes in the graph only because they connected to us.
         self._unconfirmed: set[NodeId] = set()
+        # Nodes with a live (non-relayed) connection, by the callbacks.
+        self._connected: set[NodeId] = set()
+        # Unconfirmed nodes to dial back (one entry per NodeId, queued or
+        # being dialled: _dialbacks), worked by dialback_limit tasks.
+        self._dialbacks: set[NodeId] = set()
+        self._dialback_send, self._dialback_receive = trio.open_memory_channel[
+            tuple[NodeId, NodeAddress]
+        ](max(self.config.dialback_queue, 0))
         #: The lookups running now (for progress reports; read only).
         self.running_lookups: list[Lookup] = []
         self._pending_count = 0
@@ -219,6 +246,8 @@ class NodeManager:
                 self.schedule.start(trio.current_time())
                 nursery.start_soon(self._timers)
                 nursery.start_soon(self._evictor)
+                for _ in range(self.config.dialback_limit):
+                    nursery.start_soon(self._dialback_worker)
                 if self.graph.persistent:
                     # SQLite writes leave the event loop (see GraphWriter).
                     await nursery.start(self.writer.run)
@@ -294,13 +323,16 @@ class NodeManager:
         while its connection lives, which is when others can reach it,
         through us as their signaller; when the connection ends it leaves
         the graph (:meth:`note_disconnect`), unless we reached it ourselves
-        meanwhile. A node we dialled is confirmed.
+        meanwhile. A node we dialled is confirmed; so is one that a
+        dial-back reaches when its connection has ended (see
+        :meth:`note_disconnect`).
         """
         try:
             address = NodeAddress(host, port)
         except InvalidAddressError:
             self.graph.touch(node_id, self._clock())
             return
+        self._connected.add(node_id)
         if outgoing:
             self._unconfirmed.discard(node_id)
         elif node_id not in self.graph:
@@ -308,17 +340,110 @@ class NodeManager:
         self.note_contact(node_id, address)
 
     def note_disconnect(self, node_id: NodeId) -> None:
-        """The last connection to ``node_id`` ended: an unconfirmed node
-        leaves the graph (see :meth:`note_connection`)."""
-        if node_id in self._unconfirmed:
-            self._unconfirmed.discard(node_id)
-            if self.graph.remove(node_id):
-                self._stats.removed_unconfirmed += 1
-                log.info("%s left the graph: unconfirmed, disconnected", node_id)
+        """The last connection to ``node_id`` ended: an unconfirmed node is
+        dialled back (:meth:`_dial_back`), and leaves the graph unless that
+        reaches it; at once when no dial-back can be queued.
+
+        Why then and not when it connects: a client that calls once and
+        goes would answer a dial-back made while it is there, and be kept,
+        dead, as a node we dialled is; after its connection, only a node
+        still serving its NodeId at that address answers."""
+        self._connected.discard(node_id)
+        if node_id not in self._unconfirmed:
+            return
+        known = self.graph.get(node_id)
+        if (
+            known is not None
+            and known.addresses
+            and self._queue_dialback(node_id, known.addresses[0])
+        ):
+            return
+        self._remove_unconfirmed(node_id)
+
+    def _remove_unconfirmed(self, node_id: NodeId) -> None:
+        self._unconfirmed.discard(node_id)
+        if self.graph.remove(node_id):
+            self._stats.removed_unconfirmed += 1
+            log.info("%s left the graph: unconfirmed, disconnected", node_id)
 
     def confirmed(self, node_id: NodeId) -> bool:
         """Whether ``node_id`` is known reachable (not only connected to us)."""
         return node_id not in self._unconfirmed
+
+    def _queue_dialback(self, node_id: NodeId, address: NodeAddress) -> bool:
+        """Whether a dial-back of ``node_id`` is queued or under way."""
+        if node_id in self._dialbacks:
+            return True
+        if self.config.dialback_limit <= 0 or not self.running:
+            return False
+        try:
+            self._dialback_send.send_nowait((node_id, address))
+        except trio.WouldBlock:
+            self._stats.dialbacks_dropped += 1
+            return False
+        self._dialbacks.add(node_id)
+        return True
+
+    async def _dialback_worker(self) -> None:
+        while True:
+            node_id, address = await self._dialback_receive.receive()
+            try:
+                await self._dial_back(node_id, address)
+            finally:
+                self._dialbacks.discard(node_id)
+
+    async def _dial_back(self, node_id: NodeId, address: NodeAddress) -> None:
+        """Dial the unconfirmed ``node_id``, whose connection ended, at the
+        address that connection came from (Polykey's nodes advertise none),
+        by a new connection from our socket, under its attempt deadline: if
+        that verifies it, it is confirmed and stays, as a node we dialled
+        does; if not, it leaves the graph (unless it connected again
+        meanwhile: then it is unconfirmed still, and its next disconnect
+        tells).
+
+        What it proves: a node holding that NodeId's key answers new
+        connections at that address, so it is no client gone quiet nor a
+        client-only socket. What not: that others can reach it. Our dial
+        leaves the socket the node's connection goes to, so behind a NAT
+        whose mapping and filter that connection opened for our address
+        it succeeds as well, while a third node's dial may be filtered.
+        Telling those apart takes a dial from another port or another node,
+        which one shared socket and Polykey's protocol do not offer; such a
+        node is found out when others fail to reach it (``max_failures``).
+        """
+        if node_id not in self._unconfirmed or node_id not in self.graph:
+            # Confirmed meanwhile (we dialled it), or gone.
+            self._stats.dialbacks_skipped += 1
+            return
+        timeout = self.attempt_deadline(node_id)
+        started = trio.current_time()
+        outcome = f"no answer in {timeout:g} s"
+        with trio.move_on_after(timeout):
+            try:
+                reached = await self.transport.dial_back(node_id, address)
+                outcome = "reached" if reached else "in flight"
+            except Exception as exc:
+                outcome = str(exc) or type(exc).__name__
+                self._transport_error("dial-back", node_id, exc)
+        where = format_host_port(address.host, address.port)
+        if outcome == "reached":
+            self._stats.dialbacks += 1
+            self._note_attempt(trio.current_time() - started)
+            self._stats.confirmed_by_dialback += 1
+            self._unconfirmed.discard(node_id)
+            self.note_contact(node_id, address)
+            log.info("%s confirmed by a dial-back to %s", node_id, where)
+            return
+        if outcome == "in flight":
+            # A dial of ours: it confirms the node if it connects (then it
+            # comes back to the graph), as it would have had it not left.
+            self._stats.dialbacks_skipped += 1
+        else:
+            self._stats.dialbacks += 1
+            self._stats.dialback_failed += 1
+            log.debug("%s not confirmed: dial-back to %s: %s", node_id, where, outcome)
+        if node_id not in self._connected:
+            self._remove_unconfirmed(node_id)
 
     def _queue(
         self, index: int, node_id: NodeId, addrs: tuple[NodeAddress, ...]

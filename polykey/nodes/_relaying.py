@@ -191,6 +191,11 @@ class Relaying:
         end = self._end_of.get(node.connection.remote_address)
         if end is not None:
             self._close_end(end)  # an inner (relayed) connection
+        pooled = self._manager.pooled(node.node_id)
+        if pooled is not None and pooled is not node and not pooled.connection.closed:
+            # A second connection to that node (a dial race's, a dial-back's)
+            # ended; the node's circuits and reservation go over the pooled one.
+            return
         for key in [k for k in self._ends if k[0] == node.node_id]:
             self._close_end(key)
         if self.table is not None:

@@ -1,8 +1,10 @@
 """How the NodeManager talks to other nodes: the :class:`NodeTransport`.
 
-The manager needs two things of the network, and nothing else: is this
-node alive (:meth:`NodeTransport.ping`), and which nodes does it know
-closest to a target (:meth:`NodeTransport.closest_nodes`). Both are given
+The manager needs three things of the network, and nothing else: is this
+node alive (:meth:`NodeTransport.ping`), which nodes does it know
+closest to a target (:meth:`NodeTransport.closest_nodes`), and can a node
+that connected to us be reached by a connection of our own
+(:meth:`NodeTransport.dial_back`). Both are given
 the NodeId (a transport that verifies identities, like QUIC, must refuse a
 peer that is not that node) and its known addresses, most recent first.
 A failure is any exception (or ``False`` from ``ping``); the manager bounds
@@ -45,6 +47,13 @@ class NodeTransport(Protocol):
         (``nodesClosestLocalNodesGet``). Raise on failure."""
         ...
 
+    async def dial_back(self, node_id: NodeId, address: NodeAddress) -> bool:
+        """Reach ``node_id`` at ``address`` by a new connection of our own,
+        whatever connections to it exist: the check that a node which
+        connected to us can be reached there. False, untried, when an
+        attempt to reach it is in flight already. Raise on failure."""
+        ...
+
 
 class _Pool(Protocol):
     """What :class:`ConnectionTransport` needs: the pool and a dial (the
@@ -53,6 +62,8 @@ class _Pool(Protocol):
     def get(self, node_id: NodeId) -> Any: ...
 
     async def connect(self, node_id: NodeId, address: Address) -> Any: ...
+
+    async def dial_back(self, node_id: NodeId, address: Address) -> bool: ...
 
 
 class ConnectionTransport:
@@ -85,6 +96,10 @@ class ConnectionTransport:
         # A failure raises: the manager records why (and says so for seeds).
         await self.connection(node_id, addresses)
         return True
+
+    async def dial_back(self, node_id: NodeId, address: NodeAddress) -> bool:
+        # Never the pooled connection: that one is what is being checked.
+        return await self.connections.dial_back(node_id, address.as_tuple())
 
     async def closest_nodes(
         self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId

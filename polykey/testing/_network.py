@@ -25,7 +25,10 @@ attempt fails at once, as an identity mismatch would), and both ends note
 the connection as the connection manager's ``on_connection`` does (the
 callee's record of the caller is unconfirmed until it dials it back).
 Nothing is pooled: every query or ping dials, so :class:`NetworkStatistics`
-counts one attempt per query or ping and address tried.
+counts one attempt per query, ping, dial-back and address tried. No
+connection ever ends by itself: a test ends one with the manager's
+``note_disconnect``, which dials an unconfirmed node back through the same
+simulated dial.
 :meth:`SimulatedNetwork.kill` makes a node unreachable: ``"timeout"``
 (attempts hang until the caller's deadline, as a silent host does) or
 ``"refuse"`` (they fail at once). ``latency`` (seconds, virtual under
@@ -180,6 +183,11 @@ class _SimPool:
 
     async def connect(self, node_id: NodeId, address: Address) -> SimConnection:
         return await self._network._connect(self._node, node_id, NodeAddress(*address))
+
+    async def dial_back(self, node_id: NodeId, address: Address) -> bool:
+        # A dial like any other (nothing is pooled, so none is in flight).
+        await self._network._reach(self._node, node_id, NodeAddress(*address))
+        return True
 
 
 class SimulatedNetwork:

@@ -147,6 +147,18 @@ class SimConnections:
             self._timer.note(trio.current_time() - started)
             return link
 
+    async def dial_back(self, node_id: NodeId, address: Address) -> bool:
+        """As :meth:`NodeConnectionManager.dial_back`: a direct handshake
+        to ``address`` whatever is pooled (through the NATs as any; the
+        link it makes is kept only where none is pooled)."""
+        if node_id in self._gate:
+            return False
+        with self._gate.attempt(node_id):
+            await self._network._handshake(
+                self._node, node_id, (address,), ConnectionPath.DIRECT
+            )
+        return True
+
     async def connect_punched(self, node_id: NodeId, signaller: SimLink) -> SimLink:
         """Punch through to ``node_id``, signalled by ``signaller`` (a link
         of ours). Raises :class:`Unreachable`, or the signaller's refusal

@@ -59,6 +59,10 @@ class SlowTransport:
         await self._wait(node_id)
         return []
 
+    async def dial_back(self, node_id: NodeId, address: NodeAddress) -> bool:
+        await self._wait(node_id)
+        return True
+
 
 async def test_a_slow_live_member_is_not_evicted_a_dead_one_is(
     autojump_clock: trio.testing.MockClock,

@@ -276,6 +276,9 @@ async def test_bad_peer_cannot_corrupt_the_graph() -> None:
 
                 return SimpleNamespace(rpc=RPCClient(None, open_stream, timeout=15))
 
+            async def dial_back(self, nid: NodeId, address: Address) -> bool:
+                raise AssertionError("nothing connects to this node")
+
         graph = NodeGraph(OWN)
         graph.add(evil_id, evil_addr, 0.0)
         manager = NodeManager(
