@@ -244,6 +244,37 @@ async def test_a_relayed_connection_is_end_to_end(tmp_path: Path) -> None:
             assert slow == 0
 
 
+async def test_a_second_connection_ending_leaves_the_circuits(tmp_path: Path) -> None:
+    """R dials B back (a second connection between them, as the node
+    manager's check of a node that dialled in does) and closes it: B's
+    reservation and the circuit through R live on over B's first
+    connection. They used to end with any connection to R."""
+    with trio.fail_after(30):
+        async with nodes(tmp_path, ("a", {}), ("r", {"relay": "on"}), ("b", {})) as (
+            a,
+            r,
+            b,
+        ):
+            conn = await a_circuit(a, r, b)
+            assert (await conn.rpc.unary("nodesPing", {}))["success"] is True
+            server = b.connections.statistics()["server"]
+            accepted, held = server["accepted"], server["connections"]
+            assert await r.connections.dial_back(b.node_id, b.address)
+            with trio.fail_after(5):
+                while True:
+                    server = b.connections.statistics()["server"]
+                    if server["accepted"] > accepted and server["connections"] == held:
+                        break  # B accepted the dial-back and saw it end
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not conn.connection.closed
+            assert (await conn.rpc.unary("nodesPing", {}))["success"] is True
+            table = r.connections.relay_table
+            assert table is not None
+            assert table.statistics.circuits == 1
+            assert table.has_reservation(b.node_id, trio.current_time())
+
+
 class Sha256(RawHandler):
     """Reads raw bytes to their end, answers their SHA-256 (hex)."""
 
