@@ -49,19 +49,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol, TypeVar
 
 import attrs
 
 from ..keys import NodeId
-from ..rpc import CallContext, JSONObject, JSONValue, UnaryHandler
+from ..rpc import CallContext, JSONObject, JSONValue, RPCInvalidParams, UnaryHandler
 from ._signalling import (
     NodeIdMissingError,
     SignalError,
-    b64url_decode,
     b64url_encode,
     caller_node_id,
-    node_id_param,
+)
+from ._wire import (
+    CIRCUIT_ID_LEN,
+    CircuitId,
+    RelayConnectParams,
+    RelayStopParams,
+    WireError,
+    converter,
+    structure,
 )
 
 __all__ = [
@@ -92,7 +99,7 @@ RELAY_RESERVE: Final = "nodesRelayReserve"
 RELAY_CONNECT: Final = "nodesRelayConnect"
 RELAY_STOP: Final = "nodesRelayStop"
 
-CIRCUIT_ID_LEN: Final = 8
+T = TypeVar("T")
 
 
 class RelayError(SignalError):
@@ -386,13 +393,12 @@ class RelayTable:
 
 
 def decode_circuit_id(value: object) -> bytes:
+    """A circuit id from the wire (the converter's check); raises
+    :class:`RelayMalformedError`."""
     try:
-        raw = b64url_decode(value)
-    except ValueError:
-        raise RelayMalformedError("circuit must be base64url") from None
-    if len(raw) != CIRCUIT_ID_LEN:
-        raise RelayMalformedError(f"circuit must be {CIRCUIT_ID_LEN} bytes")
-    return raw
+        return converter.structure(value, CircuitId)
+    except WireError as exc:
+        raise RelayMalformedError(f"circuit {exc}") from None
 
 
 class RelayHost(Protocol):
@@ -415,8 +421,15 @@ def _caller(ctx: CallContext) -> NodeId:
     return caller
 
 
-def _node_id(params: JSONValue, key: str) -> NodeId:
-    return node_id_param(params.get(key) if isinstance(params, dict) else None, key)
+def _params(params: JSONValue, cls: type[T]) -> T:
+    # A bad circuit id is the relay's own kind of malformed; the rest is
+    # what any handler answers for params it cannot use.
+    try:
+        return structure(params, cls)
+    except WireError as exc:
+        if exc.key == "circuit":
+            raise RelayMalformedError(str(exc)) from None
+        raise RPCInvalidParams(str(exc)) from None
 
 
 class NodesRelayReserve(UnaryHandler[JSONValue, JSONObject]):
@@ -439,7 +452,7 @@ class NodesRelayConnect(UnaryHandler[JSONValue, JSONObject]):
 
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
         source = _caller(ctx)
-        target = _node_id(params, "targetNodeIdEncoded")
+        target = _params(params, RelayConnectParams).target
         circuit = await self.host.relay_connect(source, target)
         answer: JSONObject = {
             "circuit": b64url_encode(circuit.source_id),
@@ -458,11 +471,8 @@ class NodesRelayStop(UnaryHandler[JSONValue, JSONObject]):
 
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
         relay = _caller(ctx)
-        source = _node_id(params, "sourceNodeIdEncoded")
-        circuit_id = decode_circuit_id(
-            params.get("circuit") if isinstance(params, dict) else None
-        )
-        self.host.relay_stop(relay, source, circuit_id)
+        p = _params(params, RelayStopParams)
+        self.host.relay_stop(relay, p.source, p.circuit)
         return {}
 
 

@@ -75,7 +75,7 @@ from ._relay import (
     ReservationRefusedError,
     decode_circuit_id,
 )
-from ._signalling import b64url_encode
+from ._wire import CircuitId, RelayConnectParams, RelayStopParams, converter
 
 if TYPE_CHECKING:
     from ._connections import NodeConnectionManager
@@ -234,10 +234,9 @@ class Relaying:
             ):
                 await to_target.rpc.unary(
                     RELAY_STOP,
-                    {
-                        "sourceNodeIdEncoded": str(source),
-                        "circuit": b64url_encode(circuit.target_id),
-                    },
+                    converter.unstructure(
+                        RelayStopParams(source, CircuitId(circuit.target_id))
+                    ),
                 )
         except (Exception, trio.TooSlowError) as exc:
             table.close(circuit)
@@ -345,7 +344,7 @@ class Relaying:
         self.relayed_dials += 1
         started = trio.current_time()
         result = await relay.rpc.unary(
-            RELAY_CONNECT, {"targetNodeIdEncoded": str(node_id)}
+            RELAY_CONNECT, converter.unstructure(RelayConnectParams(node_id))
         )
         circuit_id = decode_circuit_id(
             result.get("circuit") if isinstance(result, dict) else None

@@ -30,12 +30,16 @@ from ..keys import NodeId, NodeIdError
 from ._address import NodeAddress
 
 __all__ = [
+    "CIRCUIT_ID_LEN",
     "ActiveConnectionData",
+    "CircuitId",
     "ConnectionInfo",
     "ContactInfo",
     "JSONMapping",
     "NodeContactData",
     "NodeIdParams",
+    "RelayConnectParams",
+    "RelayStopParams",
     "SignalFinalParams",
     "SignalInitialParams",
     "Signature",
@@ -51,6 +55,11 @@ __all__ = [
 Signature = NewType("Signature", bytes)
 #: A JSON object kept as the peer sent it (key order included).
 JSONMapping = NewType("JSONMapping", dict)  # type: ignore[type-arg]
+#: A relay circuit's id on one of its connections, base64url on the wire.
+CircuitId = NewType("CircuitId", bytes)
+
+#: Bytes in a circuit id (prefixed to every relayed datagram).
+CIRCUIT_ID_LEN: Final = 8
 
 _SIGNATURE_LEN: Final = 64
 _MAX_B64: Final = 128  # a signature is 86 characters; much longer is not one
@@ -60,7 +69,12 @@ T = TypeVar("T")
 
 
 class WireError(ValueError):
-    """A message that is not the shape it should be; ``str()`` names the key."""
+    """A message that is not the shape it should be; ``str()`` names the key,
+    and ``key`` is it (None when the message as a whole is wrong)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def b64url_encode(data: bytes) -> str:
@@ -146,6 +160,22 @@ class SignalFinalParams:
     relay_signature: Signature
 
 
+@attrs.frozen
+class RelayConnectParams:
+    """``nodesRelayConnect``'s params (a circuit to ``target``)."""
+
+    target: NodeId
+
+
+@attrs.frozen
+class RelayStopParams:
+    """``nodesRelayStop``'s params: the relay opens ``circuit`` from
+    ``source`` to us."""
+
+    source: NodeId
+    circuit: CircuitId
+
+
 # Python name -> wire key, where the two differ by more than camelCase.
 _RENAMES: Final[dict[type, dict[str, str]]] = {
     NodeIdParams: {"node_id": "nodeIdEncoded"},
@@ -157,6 +187,8 @@ _RENAMES: Final[dict[type, dict[str, str]]] = {
         "source": "sourceNodeIdEncoded",
         "target": "targetNodeIdEncoded",
     },
+    RelayConnectParams: {"target": "targetNodeIdEncoded"},
+    RelayStopParams: {"source": "sourceNodeIdEncoded"},
 }
 
 
@@ -185,6 +217,16 @@ def _signature(value: object, _: object) -> Signature:
     if len(raw) != _SIGNATURE_LEN:
         raise WireError(f"must be a {_SIGNATURE_LEN}-byte signature")
     return Signature(raw)
+
+
+def _circuit_id(value: object, _: object) -> CircuitId:
+    try:
+        raw = b64url_decode(value)
+    except ValueError:
+        raise WireError("must be base64url") from None
+    if len(raw) != CIRCUIT_ID_LEN:
+        raise WireError(f"must be {CIRCUIT_ID_LEN} bytes")
+    return CircuitId(raw)
 
 
 def _mapping(value: object, _: object) -> JSONMapping:
@@ -219,6 +261,8 @@ def _make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook(NodeId, str)
     conv.register_structure_hook(Signature, _signature)
     conv.register_unstructure_hook(Signature, b64url_encode)
+    conv.register_structure_hook(CircuitId, _circuit_id)
+    conv.register_unstructure_hook(CircuitId, b64url_encode)
     conv.register_structure_hook(JSONMapping, _mapping)
     conv.register_structure_hook(str, _exact(str, "a string"))
     conv.register_structure_hook(int, _exact(int, "an integer"))
@@ -233,6 +277,8 @@ def _make_converter() -> cattrs.Converter:
         ActiveConnectionData,
         SignalInitialParams,
         SignalFinalParams,
+        RelayConnectParams,
+        RelayStopParams,
     ):
         renames = _RENAMES.get(cls, {})
         overrides = {
@@ -258,7 +304,7 @@ def _wire_key(cls: type, field: str) -> str:
     return _RENAMES.get(cls, {}).get(field, _camel(field))
 
 
-def _first_error(exc: BaseException, cls: type) -> str:
+def _first_error(exc: BaseException, cls: type) -> WireError:
     """Our own words for why structuring ``cls`` failed: the wire key, and
     what it must be."""
     if isinstance(exc, cattrs.ClassValidationError):
@@ -272,15 +318,16 @@ def _first_error(exc: BaseException, cls: type) -> str:
                 ),
                 None,
             )
-            key = _wire_key(cls, field) if field else "params"
+            key = _wire_key(cls, field) if field else None
+            shown = key or "params"
             if isinstance(sub, KeyError):
-                return f"{key} is missing"
+                return WireError(f"{shown} is missing", key)
             if isinstance(sub, WireError):
-                return f"{key} {sub}"
-            return f"{key} is not valid"
+                return WireError(f"{shown} {sub}", key)
+            return WireError(f"{shown} is not valid", key)
     if isinstance(exc, WireError):
-        return f"params {exc}"
-    return "params are not valid"
+        return WireError(f"params {exc}")
+    return WireError("params are not valid")
 
 
 def structure(value: object, cls: type[T]) -> T:
@@ -290,7 +337,7 @@ def structure(value: object, cls: type[T]) -> T:
     try:
         return converter.structure(value, cls)
     except (cattrs.BaseValidationError, WireError) as exc:
-        raise WireError(_first_error(exc, cls)) from None
+        raise _first_error(exc, cls) from None
 
 
 def address_of(info: ConnectionInfo) -> NodeAddress:

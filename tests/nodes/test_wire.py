@@ -24,9 +24,12 @@ from polykey.nodes._messages import (
     encode_node_contact_structured,
 )
 from polykey.nodes._wire import (
+    CircuitId,
     ConnectionInfo,
     ContactInfo,
     NodeIdParams,
+    RelayConnectParams,
+    RelayStopParams,
     SignalFinalParams,
     SignalInitialParams,
     Signature,
@@ -149,6 +152,13 @@ def test_python_names_become_polykey_keys() -> None:
         ({"sourceNodeIdEncoded": str(A), "targetNodeIdEncoded": str(B),
           "address": "1.2.3.4:5", "requestSignature": SIG, "relaySignature": SIG},
          SignalFinalParams, "address must be an object"),
+        ({"targetNodeIdEncoded": "vnope"}, RelayConnectParams,
+         "targetNodeIdEncoded must be an encoded NodeId"),
+        ({"sourceNodeIdEncoded": str(A), "circuit": "xx"}, RelayStopParams,
+         "circuit must be 8 bytes"),
+        ({"sourceNodeIdEncoded": str(A), "circuit": "!!!!!!!!!!!"}, RelayStopParams,
+         "circuit must be base64url"),
+        ({"circuit": "AAAAAAAAAAA"}, RelayStopParams, "sourceNodeIdEncoded is missing"),
         # The first bad key in the shape's order is the one named.
         ({"sourceNodeIdEncoded": "x", "targetNodeIdEncoded": 1}, SignalFinalParams,
          "sourceNodeIdEncoded must be an encoded NodeId"),
@@ -160,6 +170,27 @@ def test_errors_name_the_key_in_our_words(
     with pytest.raises(WireError) as info:
         structure(value, cls)
     assert str(info.value) == message
+
+
+def test_relay_params_round_trip_and_errors_name_their_key() -> None:
+    stop = RelayStopParams(A, CircuitId(bytes(range(8))))
+    wire = converter.unstructure(stop)
+    assert wire == {"sourceNodeIdEncoded": str(A), "circuit": "AAECAwQFBgc"}
+    assert structure(wire, RelayStopParams) == stop
+    connect = RelayConnectParams(B)
+    assert converter.unstructure(connect) == {"targetNodeIdEncoded": str(B)}
+    assert structure(converter.unstructure(connect), RelayConnectParams) == connect
+    # The relay's handler tells a bad circuit (its own kind of malformed)
+    # from other bad params by the key.
+    with pytest.raises(WireError) as info:
+        structure({"sourceNodeIdEncoded": str(A), "circuit": 5}, RelayStopParams)
+    assert info.value.key == "circuit"
+    with pytest.raises(WireError) as info:
+        structure({"sourceNodeIdEncoded": 5, "circuit": "AAECAwQFBgc"}, RelayStopParams)
+    assert info.value.key == "sourceNodeIdEncoded"
+    with pytest.raises(WireError) as info:
+        structure([], RelayStopParams)
+    assert info.value.key is None
 
 
 def test_signal_address_keeps_the_senders_key_order() -> None:
