@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from .quic import Address
+
 if TYPE_CHECKING:
     from .agent import PolykeyNode
 
@@ -219,7 +221,7 @@ async def serve_metrics(
     host: str,
     port: int,
     *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/metrics`` on ``host:port`` until cancelled; reports the
     address bound (``port`` 0: any free one)."""

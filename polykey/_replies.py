@@ -28,6 +28,8 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from .quic import Address
+
 __all__ = [
     "AgentStatus",
     "AgentStop",
@@ -148,7 +150,7 @@ class NodesAdd:
 @attrs.frozen(kw_only=True)
 class NodesFind:
     node_id_encoded: str
-    addresses: list[tuple[str, int]]
+    addresses: list[Address]
     rounds: int
     found_round: int | None
     queries: int

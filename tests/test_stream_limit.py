@@ -19,13 +19,14 @@ from polykey._metrics import render_metrics
 from polykey.agent import NodeLimits, NodeSettings, PolykeyNode
 from polykey.keys import NodeIdentity
 from polykey.nodes import request_ping
+from polykey.quic import TransportErrorCode
 from polykey.rpc import CallContext, UnaryHandler
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("aioquic") is None, reason="aioquic is not installed"
 )
 
-STREAM_LIMIT_ERROR = 0x4
+STREAM_LIMIT_ERROR = TransportErrorCode.STREAM_LIMIT_ERROR
 LIMIT = 4
 
 

@@ -26,6 +26,7 @@ from ._errors import (
     StreamStopped,
     TLSAlert,
     TLSConfigError,
+    TransportErrorCode,
 )
 from ._server import QUICServer, ServerStatistics
 from ._socket import QUICSocket, SocketStatistics, StrayWatch, VirtualPath
@@ -60,6 +61,7 @@ __all__ = [
     "TLSAlert",
     "TLSConfigError",
     "TLSIdentity",
+    "TransportErrorCode",
     "VirtualPath",
     "connect",
     "node_tls_identity",

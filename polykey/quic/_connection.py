@@ -54,6 +54,7 @@ from ._errors import (
     QUICConnectionError,
     QuicheError,
     TLSAlert,
+    TransportErrorCode,
 )
 from ._state import Deadlines, StreamIds, close_reason
 from ._stream import QUICStream
@@ -63,10 +64,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ConnectionStatistics", "QUICConnection"]
 
-_CRYPTO_ERROR = 0x100
-#: QUIC's INTERNAL_ERROR transport code: what a connection closed after a
-#: bug of ours is closed with.
-_INTERNAL_ERROR = 0x1
 #: Small stream writes waiting for company are flushed at once when they
 #: add up to about a packet (quiche sends at most ~1,350 bytes a packet).
 _COALESCE_BYTES = 1200
@@ -575,7 +572,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._verify_error = exc
             self._close_now(
                 is_app=False,
-                code=_CRYPTO_ERROR + int(exc.alert),
+                code=TransportErrorCode.CRYPTO_ERROR + int(exc.alert),
                 reason=str(exc).encode()[:256],
                 kind=CloseKind.VERIFICATION,
             )
@@ -814,7 +811,9 @@ class QUICConnection(trio.abc.AsyncResource):
         connections carry on."""
         self._unexpected(what)
         try:
-            self._close_now(is_app=False, code=_INTERNAL_ERROR, reason=b"")
+            self._close_now(
+                is_app=False, code=int(TransportErrorCode.INTERNAL_ERROR), reason=b""
+            )
         except Exception:
             self._unexpected("closing the connection after that")
 

@@ -28,6 +28,7 @@ __all__ = [
     "StreamStopped",
     "TLSAlert",
     "TLSConfigError",
+    "TransportErrorCode",
 ]
 
 
@@ -57,6 +58,18 @@ class QuicheErrorCode(enum.IntEnum):
     INVALID_ACK_RANGE = -21
     OPTIMISTIC_ACK_DETECTED = -22
     INVALID_DCID_INITIALIZATION = -23
+
+
+class TransportErrorCode(enum.IntEnum):
+    """The QUIC transport error codes (RFC 9000 section 20.1) polykey sends
+    or reads: the one place they are named."""
+
+    #: What a connection closed after a bug of ours is closed with.
+    INTERNAL_ERROR = 0x1
+    #: What quiche closes a peer with that opened more streams than allowed.
+    STREAM_LIMIT_ERROR = 0x4
+    #: Plus a TLS alert (:class:`TLSAlert`): a refused peer certificate.
+    CRYPTO_ERROR = 0x100
 
 
 class QUICError(PolykeyError):

@@ -59,7 +59,7 @@ import trio.testing
 
 from . import _binding
 from ._address import Address, SockAddr, for_family, unmap_ipv4
-from ._errors import CloseKind, QuicheError
+from ._errors import CloseKind, QuicheError, TransportErrorCode
 
 if TYPE_CHECKING:
     from ._connection import QUICConnection
@@ -80,9 +80,6 @@ _RECV_BUFFER: Final = 65536
 _GSO_BYTES: Final = 65000
 _SOCKET_BUFFER: Final = 4 * 1024 * 1024
 _GRO_CMSG_SPACE: Final = _stdlib_socket.CMSG_SPACE(4)
-#: The transport error quiche closes a peer with that opened more streams
-#: than we allow (RFC 9000 section 20.1).
-STREAM_LIMIT_ERROR: Final = 0x4
 #: The longest a deferred flush waits for the process to have nothing else
 #: to run (_flusher): well under quiche's max_ack_delay (25 ms), which the
 #: peer's loss detection allows for.
@@ -427,7 +424,7 @@ class QUICSocket:
             reason is not None
             and reason.kind is CloseKind.PROTOCOL
             and not reason.is_app
-            and reason.code == STREAM_LIMIT_ERROR
+            and reason.code == TransportErrorCode.STREAM_LIMIT_ERROR
         ):
             self.statistics.refused_streams += 1
         self._connections.discard(conn)

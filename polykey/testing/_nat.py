@@ -40,8 +40,9 @@ from typing import Final
 
 import attrs
 
+from ..quic import Address
+
 __all__ = [
-    "Endpoint",
     "Filtering",
     "Mapping",
     "MappingView",
@@ -50,9 +51,6 @@ __all__ = [
     "NatStatistics",
     "NatType",
 ]
-
-#: ``(ip, port)``.
-Endpoint = tuple[str, int]
 
 UNREPLIED_TIMEOUT: Final = 30.0
 ESTABLISHED_TIMEOUT: Final = 120.0
@@ -92,7 +90,7 @@ class NatBehaviour:
             raise ValueError("NatType.NONE is no NAT")
         return _BEHAVIOURS[nat_type]
 
-    def key(self, remote: Endpoint) -> object:
+    def key(self, remote: Address) -> object:
         """What one mapping of an internal endpoint is for."""
         if self.mapping is Mapping.ENDPOINT_INDEPENDENT:
             return None
@@ -100,7 +98,7 @@ class NatBehaviour:
             return remote[0]
         return remote
 
-    def allows(self, flow: Endpoint, source: Endpoint) -> bool:
+    def allows(self, flow: Address, source: Address) -> bool:
         """Whether a mapping with a live flow to ``flow`` admits ``source``."""
         if self.filtering is Filtering.ENDPOINT_INDEPENDENT:
             return True
@@ -124,7 +122,7 @@ _BEHAVIOURS: Final = {
 
 @attrs.define
 class _Flow:
-    remote: Endpoint
+    remote: Address
     expires: float
     outbound: bool = False
     inbound: bool = False
@@ -132,20 +130,20 @@ class _Flow:
 
 @attrs.define(eq=False)
 class _Binding:
-    internal: Endpoint
+    internal: Address
     key: object
     port: int
-    flows: dict[Endpoint, _Flow] = attrs.Factory(dict)
+    flows: dict[Address, _Flow] = attrs.Factory(dict)
 
 
 @attrs.frozen
 class MappingView:
     """One mapping as :meth:`Nat.mappings` shows it."""
 
-    internal: Endpoint
-    external: Endpoint
+    internal: Address
+    external: Address
     #: Remote endpoint -> (both directions seen, expiry time).
-    flows: dict[Endpoint, tuple[bool, float]]
+    flows: dict[Address, tuple[bool, float]]
 
 
 @attrs.define
@@ -186,9 +184,9 @@ class Nat:
         self.statistics = NatStatistics()
         self._rng = rng or random.Random(0)
         self._by_port: dict[int, _Binding] = {}
-        self._by_key: dict[tuple[Endpoint, object], _Binding] = {}
+        self._by_key: dict[tuple[Address, object], _Binding] = {}
         # Where each (internal, remote) flow lives: replies use it.
-        self._flow_of: dict[tuple[Endpoint, Endpoint], _Binding] = {}
+        self._flow_of: dict[tuple[Address, Address], _Binding] = {}
         # No flow expires before this (a lower bound; see _expire).
         self._next_expiry = float("inf")
 
@@ -198,7 +196,7 @@ class Nat:
 
     # -- packets ---------------------------------------------------------------
 
-    def outbound(self, internal: Endpoint, remote: Endpoint, now: float) -> Endpoint:
+    def outbound(self, internal: Address, remote: Address, now: float) -> Address:
         """A packet from ``internal`` to ``remote``: the external endpoint it
         leaves from (mapping it, or refreshing its mapping)."""
         self._expire(now)
@@ -212,7 +210,7 @@ class Nat:
         self._touch(binding, remote, now, outbound=True)
         return (self.external_ip, binding.port)
 
-    def inbound(self, source: Endpoint, port: int, now: float) -> Endpoint | None:
+    def inbound(self, source: Address, port: int, now: float) -> Address | None:
         """A packet from ``source`` to our ``port``: the internal endpoint it
         is for, or None when it is dropped."""
         self._expire(now)
@@ -248,7 +246,7 @@ class Nat:
     def __len__(self) -> int:
         return len(self._by_port)
 
-    def _map(self, internal: Endpoint, key: object) -> _Binding:
+    def _map(self, internal: Address, key: object) -> _Binding:
         port = self._allocate(internal[1])
         binding = _Binding(internal, key, port)
         self._by_port[port] = binding
@@ -276,7 +274,7 @@ class Nat:
         return self._rng.choice(free)
 
     def _touch(
-        self, binding: _Binding, remote: Endpoint, now: float, *, outbound: bool
+        self, binding: _Binding, remote: Address, now: float, *, outbound: bool
     ) -> None:
         flow = binding.flows.get(remote)
         if flow is None:

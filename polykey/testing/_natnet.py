@@ -71,9 +71,9 @@ from ..nodes import (
     format_host_port,
     node_handlers,
 )
-from ..quic import spray_delays
+from ..quic import Address, spray_delays
 from ..rpc import Handler, RPCClient, RPCServer, memory_stream_pair
-from ._nat import Endpoint, Nat, NatBehaviour, NatType
+from ._nat import Nat, NatBehaviour, NatType
 from ._network import Unreachable
 from ._simconn import SimConnections
 from ._simlink import (
@@ -122,7 +122,7 @@ class NatNode:
 
     identity: NodeIdentity
     #: Its socket: public, or private behind ``nat``.
-    local: Endpoint
+    local: Address
     nat: Nat | None
     graph: NodeGraph
     #: Whether it relays for others (connect_relayed through it).
@@ -187,9 +187,9 @@ class NatNetwork:
         self.nodes: dict[NodeId, NatNode] = {}
         self.stats = NatNetworkStatistics()
         # Public sockets, NATs by external IP, and who is behind them.
-        self._hosts: dict[Endpoint, NatNode] = {}
+        self._hosts: dict[Address, NatNode] = {}
         self._nats: dict[str, Nat] = {}
-        self._inside: dict[Endpoint, NatNode] = {}
+        self._inside: dict[Address, NatNode] = {}
         self._wires: set[Wire] = set()
         self._public = 0
         self._private = 0
@@ -340,13 +340,13 @@ class NatNetwork:
 
     # -- packets -----------------------------------------------------------------------
 
-    def _translate(self, node: NatNode, dst: Endpoint, now: float) -> Endpoint:
+    def _translate(self, node: NatNode, dst: Address, now: float) -> Address:
         if node.nat is None:
             return node.local
         return node.nat.outbound(node.local, dst, now)
 
     def _route(
-        self, src: Endpoint, dst: Endpoint, now: float, *, count: bool = True
+        self, src: Address, dst: Address, now: float, *, count: bool = True
     ) -> NatNode | None:
         """Who a packet from ``src`` to ``dst`` reaches now (None: dropped)."""
         node = self._hosts.get(dst)
@@ -362,14 +362,14 @@ class NatNetwork:
             return None
         return self._inside.get(internal)
 
-    def _send(self, sender: NatNode, dst: Endpoint, packet: Packet) -> None:
+    def _send(self, sender: NatNode, dst: Address, packet: Packet) -> None:
         if self._nursery is None:
             return
         src = self._translate(sender, dst, trio.current_time())
         self.stats.packets += 1
         self._nursery.start_soon(self._fly, src, dst, packet)
 
-    async def _fly(self, src: Endpoint, dst: Endpoint, packet: Packet) -> None:
+    async def _fly(self, src: Address, dst: Address, packet: Packet) -> None:
         await trio.sleep(self.latency)
         node = self._route(src, dst, trio.current_time())
         if node is None:
@@ -383,7 +383,7 @@ class NatNetwork:
         node.connections._receive(src, packet)
 
     async def _resend(
-        self, attempt: Attempt, dest: Endpoint, delays: Iterator[float]
+        self, attempt: Attempt, dest: Address, delays: Iterator[float]
     ) -> None:
         while not attempt.done.is_set() and dest not in attempt.failed:
             self._send(attempt.dialler, dest, Initial(attempt))
@@ -393,7 +393,7 @@ class NatNetwork:
         self,
         dialler: NatNode,
         node_id: NodeId,
-        destinations: tuple[Endpoint, ...],
+        destinations: tuple[Address, ...],
         path: ConnectionPath,
         *,
         punch: bool = False,
@@ -470,8 +470,8 @@ class NatNetwork:
         self,
         a: NatNode,
         b: NatNode,
-        a_seen: Endpoint,
-        b_seen: Endpoint,
+        a_seen: Address,
+        b_seen: Address,
         path: ConnectionPath,
         *,
         via: tuple[Wire, Wire] | None = None,

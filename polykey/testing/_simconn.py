@@ -22,7 +22,6 @@ from ..nodes import (
 )
 from ..quic import Address, spray_delays
 from ..rpc import JSONObject
-from ._nat import Endpoint
 from ._network import Unreachable
 from ._simlink import Answer, Attempt, Initial, Noise, Packet, Refused, SimLink
 
@@ -45,7 +44,7 @@ class SimConnections:
         self._gate = DialGate()
         self._timer = AttemptTimer()
         self._punch_attempts: set[Attempt] = set()
-        self._punching: set[Endpoint] = set()
+        self._punching: set[Address] = set()
         self._rng = random.Random(network.rng.getrandbits(64))
         self.dials = 0
         self.dial_failures = 0
@@ -207,7 +206,7 @@ class SimConnections:
 
     # -- packets ------------------------------------------------------------------
 
-    def _receive(self, src: Endpoint, packet: Packet) -> None:
+    def _receive(self, src: Address, packet: Packet) -> None:
         node = self._node
         if isinstance(packet, Initial):
             attempt = packet.attempt
@@ -263,7 +262,7 @@ class SimConnections:
         self.punches += 1
         self._node.nursery.start_soon(self._punch, request, key)
 
-    async def _punch(self, request: SignalRequest, key: Endpoint) -> None:
+    async def _punch(self, request: SignalRequest, key: Address) -> None:
         try:
             with trio.move_on_after(PUNCH_DURATION):
                 for delay in spray_delays(self._rng):

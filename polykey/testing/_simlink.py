@@ -11,8 +11,8 @@ import trio
 
 from ..keys import NodeId
 from ..nodes import ConnectionPath, format_host_port
+from ..quic import Address
 from ..rpc import MemoryStream, RPCClient
-from ._nat import Endpoint
 from ._network import Unreachable
 
 if TYPE_CHECKING:
@@ -43,8 +43,8 @@ class Wire:
     a: NatNode
     b: NatNode
     #: ``a`` as ``b`` sees it, and ``b`` as ``a`` sees it.
-    a_seen: Endpoint
-    b_seen: Endpoint
+    a_seen: Address
+    b_seen: Address
     path: ConnectionPath
     last_ok: float
     #: A relayed wire travels inside these two (a to relay, relay to b).
@@ -66,7 +66,7 @@ class SimLink:
 
     #: The node at the other end, and where this end sees it.
     node_id: NodeId
-    address: Endpoint
+    address: Address
     path: ConnectionPath
     outgoing: bool
     since: float
@@ -134,20 +134,18 @@ class Attempt:
     path: ConnectionPath
     #: Where Initials go; a punch adds the sources of the target's noise
     #: that come from ``host``.
-    destinations: set[Endpoint]
+    destinations: set[Address]
     host: str
     #: Keep going when every destination failed (a punch waits for more).
     open_ended: bool = False
-    failed: set[Endpoint] = attrs.Factory(set)
+    failed: set[Address] = attrs.Factory(set)
     done: trio.Event = attrs.Factory(trio.Event)
     #: The answer: (target, where it answered from, where it saw us).
-    answer: tuple[NatNode, Endpoint, Endpoint] | None = None
+    answer: tuple[NatNode, Address, Address] | None = None
     error: Unreachable | None = None
     nursery: trio.Nursery | None = None
 
-    def answered(
-        self, src: Endpoint, target: NatNode, seen: Endpoint, ok: bool
-    ) -> None:
+    def answered(self, src: Address, target: NatNode, seen: Address, ok: bool) -> None:
         if self.done.is_set() or src not in self.destinations:
             return  # a path we did not dial: QUIC drops it
         if ok:
@@ -156,7 +154,7 @@ class Attempt:
         else:
             self.fail(src, f"{format_host_port(*src)} is not {self.node_id}")
 
-    def fail(self, dest: Endpoint, why: str) -> None:
+    def fail(self, dest: Address, why: str) -> None:
         self.failed.add(dest)
         self.error = Unreachable(why)
         if self.destinations <= self.failed and not self.open_ended:
@@ -173,7 +171,7 @@ class Answer:
     attempt: Attempt
     target: NatNode
     #: The dialler as the target saw it.
-    seen: Endpoint
+    seen: Address
     ok: bool
 
 

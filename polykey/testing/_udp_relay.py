@@ -16,6 +16,8 @@ from typing import Any
 import attrs
 import trio
 
+from ..quic import Address
+
 __all__ = ["LossyUDPRelay", "RelayStatistics"]
 
 
@@ -38,7 +40,7 @@ class LossyUDPRelay:
 
     def __init__(
         self,
-        target: tuple[str, int],
+        target: Address,
         *,
         seed: int = 0,
         drop: float = 0.0,
@@ -56,7 +58,7 @@ class LossyUDPRelay:
         self.statistics = RelayStatistics()
         self._rng = random.Random(seed)
         self._host = host
-        self.address: tuple[str, int] = (host, 0)
+        self.address: Address = (host, 0)
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

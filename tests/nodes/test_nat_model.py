@@ -8,15 +8,15 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from polykey.quic import Address
 from polykey.testing import Filtering, Mapping, Nat, NatBehaviour, NatType
-from polykey.testing._nat import Endpoint
 
-HOST: Endpoint = ("10.0.0.2", 1314)
-OTHER_HOST: Endpoint = ("10.0.0.3", 1314)
-SEED: Endpoint = ("203.0.113.2", 1314)
-PEER: Endpoint = ("198.51.100.7", 1314)
-PEER_OTHER_PORT: Endpoint = ("198.51.100.7", 4000)
-STRANGER: Endpoint = ("192.0.2.9", 1314)
+HOST: Address = ("10.0.0.2", 1314)
+OTHER_HOST: Address = ("10.0.0.3", 1314)
+SEED: Address = ("203.0.113.2", 1314)
+PEER: Address = ("198.51.100.7", 1314)
+PEER_OTHER_PORT: Address = ("198.51.100.7", 4000)
+STRANGER: Address = ("192.0.2.9", 1314)
 
 
 def nat(kind: NatType | NatBehaviour, seed: int = 0) -> Nat:
@@ -143,10 +143,10 @@ STEPS = st.sampled_from([0.0, 0.5, 10.0, 29.9, 30.0, 31.0, 100.0, 119.9, 121.0])
 
 
 @st.composite
-def histories(draw: st.DrawFn) -> list[tuple[str, Endpoint, Endpoint, float]]:
+def histories(draw: st.DrawFn) -> list[tuple[str, Address, Address, float]]:
     """Packets in time order: ("out", internal, remote, t) or ("in",
     remote, (ip, port), t)."""
-    ops: list[tuple[str, Endpoint, Endpoint, float]] = []
+    ops: list[tuple[str, Address, Address, float]] = []
     now = 0.0
     ports = [1314, 5000]
     for _ in range(draw(st.integers(1, 40))):
@@ -170,7 +170,7 @@ def histories(draw: st.DrawFn) -> list[tuple[str, Endpoint, Endpoint, float]]:
 @given(BEHAVIOURS, histories(), st.integers(0, 2**32))
 def test_admission_is_exactly_what_the_mappings_allow(
     behaviour: NatBehaviour,
-    history: list[tuple[str, Endpoint, Endpoint, float]],
+    history: list[tuple[str, Address, Address, float]],
     seed: int,
 ) -> None:
     """An admitted inbound packet always matches a live mapping whose filter
@@ -180,8 +180,8 @@ def test_admission_is_exactly_what_the_mappings_allow(
     flow's lifetime (history, not the NAT's own state)."""
     n = Nat(behaviour, "203.0.113.11", rng=random.Random(seed))
     # (internal, remote, port) -> time of the last packet either way
-    last: dict[tuple[Endpoint, Endpoint, int], float] = {}
-    sent_from: dict[int, set[Endpoint]] = {}
+    last: dict[tuple[Address, Address, int], float] = {}
+    sent_from: dict[int, set[Address]] = {}
     for kind, a, b, now in history:
         if kind == "out":
             ext = n.outbound(a, b, now)
@@ -221,9 +221,9 @@ def test_admission_is_exactly_what_the_mappings_allow(
 )
 def test_an_answer_in_time_always_gets_in(
     behaviour: NatBehaviour,
-    history: list[tuple[str, Endpoint, Endpoint, float]],
-    internal: Endpoint,
-    remote: Endpoint,
+    history: list[tuple[str, Address, Address, float]],
+    internal: Address,
+    remote: Address,
     delay: float,
 ) -> None:
     n = Nat(behaviour, "203.0.113.11", rng=random.Random(1))
@@ -245,7 +245,7 @@ def test_an_answer_in_time_always_gets_in(
     st.sampled_from([NatType.FULL_CONE, NatType.PORT_RESTRICTED, NatType.SYMMETRIC]),
     st.lists(st.sampled_from(REMOTES), min_size=1, unique=True),
 )
-def test_mapping_behaviour(kind: NatType, remotes: list[Endpoint]) -> None:
+def test_mapping_behaviour(kind: NatType, remotes: list[Address]) -> None:
     n = nat(kind)
     ports = {n.outbound(HOST, r, 0.0)[1] for r in remotes}
     if kind is NatType.SYMMETRIC:

@@ -19,13 +19,14 @@ from polykey.quic import (
     QUICSocket,
     TLSAlert,
     TLSIdentity,
+    TransportErrorCode,
     node_tls_identity,
     node_verifier,
 )
 
 from .helpers import tls_identity
 
-CRYPTO_ERROR = 0x100
+CRYPTO_ERROR = TransportErrorCode.CRYPTO_ERROR
 
 
 async def _serve_once(server: QUICServer, seen: list[object]) -> None:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polykey.rpc import JSONStreamDecoder, RPCMessageLength, RPCParseError, encode_json
+from polykey.rpc._codec import NEED_DATA
 
 json_scalars = (
     st.none()
@@ -189,3 +190,78 @@ def test_encoder_is_compact_and_utf8() -> None:
 def test_bad_limit() -> None:
     with pytest.raises(ValueError, match="positive"):
         JSONStreamDecoder(0)
+
+
+class _ScannerOnly(JSONStreamDecoder):
+    """The decoder without its fast path (every value through the scanner)."""
+
+    __slots__ = ()
+
+    def _fast_value(self, pos: int) -> Any:
+        return NEED_DATA
+
+
+def _outcome(
+    cls: type[JSONStreamDecoder], chunks: list[bytes], limit: int
+) -> list[Any]:
+    """The values ``chunks`` decode to, then the error (type and text) if any."""
+    decoder = cls(limit)
+    out: list[Any] = []
+    try:
+        for chunk in chunks:
+            out.extend(decoder.feed(chunk))
+        out.extend(decoder.feed_eof())
+    except (RPCParseError, RPCMessageLength) as exc:
+        out.append((type(exc).__name__, str(exc)))
+    return out
+
+
+# JSON-like text from the pieces where a scanner might differ: constants
+# JSON refuses, escapes, non-ASCII, numbers, nesting, truncation.
+_pieces = st.sampled_from(
+    [
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        " ",
+        "\n",
+        '"a"',
+        '"\\ud800"',
+        '"\\u00e9"',
+        '"é"',
+        "1",
+        "-0",
+        "1e400",
+        "0.5",
+        "true",
+        "null",
+        "NaN",
+        "Infinity",
+        '"',
+    ]
+)
+_json_like = st.lists(_pieces, max_size=30).map(lambda p: "".join(p).encode())
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        _json_like,
+        st.lists(json_values, max_size=4).map(
+            lambda vs: b" ".join(encode_json(v) for v in vs)
+        ),
+        st.binary(max_size=100),
+    ),
+    st.lists(st.integers(0, 300), max_size=4),
+    st.sampled_from([16, 1 << 20]),
+)
+def test_fast_path_decodes_as_the_scanner_does(
+    data: bytes, cuts: list[int], limit: int
+) -> None:
+    chunks = split(data, cuts)
+    assert _outcome(JSONStreamDecoder, chunks, limit) == _outcome(
+        _ScannerOnly, chunks, limit
+    )
