@@ -552,7 +552,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._rearm()
 
     def _verify(self) -> None:
-        chain = self.quiche.peer_cert_chain()
+        chain = self.quiche.take_peer_cert_chain()
         self.peer_certificates = tuple(chain)
         try:
             if not chain:
