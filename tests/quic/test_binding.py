@@ -457,9 +457,9 @@ def test_in_memory_handshake_with_node_certificates() -> None:
     pair = Pair(server_cfg, client_cfg)
     server = pair.handshake()
 
-    assert verify_chain(pair.client.take_peer_cert_chain(), expected=server_id.node_id) == (
-        server_id.node_id
-    )
+    assert verify_chain(
+        pair.client.take_peer_cert_chain(), expected=server_id.node_id
+    ) == (server_id.node_id)
     client_chain = server.take_peer_cert_chain()
     assert len(client_chain) == 2
     assert verify_chain(client_chain) == client_id.node_id
