@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polykey.quic._quiche import ffi, lib
 
 from polykey.quic import (
     Address,
@@ -148,10 +149,10 @@ def test_handshake_exchanges_chains_and_data(
 
 def _held(conn: b.Connection, getter: Any) -> int:
     """Bytes quiche's own accessor (peer_cert, session) still finds."""
-    out = b.ffi.new("const uint8_t **")
-    out_len = b.ffi.new("size_t *")
+    out = ffi.new("const uint8_t **")
+    out_len = ffi.new("size_t *")
     getter(conn._ptr, out, out_len)
-    return int(out_len[0]) if out[0] != b.ffi.NULL else 0
+    return int(out_len[0]) if out[0] != ffi.NULL else 0
 
 
 def test_after_the_handshake_tls_keeps_no_chain_and_no_ticket(
@@ -164,13 +165,13 @@ def test_after_the_handshake_tls_keeps_no_chain_and_no_ticket(
     pair = Pair(*configs)
     server = pair.handshake()
     pair.pump()
-    assert _held(server, b.lib.quiche_conn_peer_cert) == 0
+    assert _held(server, lib.quiche_conn_peer_cert) == 0
     assert server.take_peer_cert_chain() == [client_identity[0]]
     assert server.take_peer_cert_chain() == []
-    assert _held(pair.client, b.lib.quiche_conn_session) == 0
+    assert _held(pair.client, lib.quiche_conn_session) == 0
     # The client's BoringSSL keeps its peer's chain (BoringSSL has no
     # option for a client); quiche's accessor still finds it there.
-    assert _held(pair.client, b.lib.quiche_conn_peer_cert) > 0
+    assert _held(pair.client, lib.quiche_conn_peer_cert) > 0
 
 
 def test_retry_then_handshake(configs: tuple[b.Config, b.Config]) -> None:
