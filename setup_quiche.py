@@ -251,6 +251,11 @@ quiche_config *pk_config_new(uint32_t version, const uint8_t *chain, size_t chai
 size_t pk_conn_peer_cert_chain_len(const quiche_conn *conn);
 bool pk_conn_peer_cert_chain_get(const quiche_conn *conn, size_t index,
                                  const uint8_t **out, size_t *out_len);
+void pk_conn_peer_cert_chain_drop(const quiche_conn *conn);
+void quiche_conn_peer_cert(const quiche_conn *conn, const uint8_t **out,
+                           size_t *out_len);
+void quiche_conn_session(const quiche_conn *conn, const uint8_t **out,
+                         size_t *out_len);
 ssize_t pk_conn_send_batch(quiche_conn *conn, uint8_t *out, size_t out_len,
                            size_t max_segments, size_t *segment_size,
                            quiche_send_info *info);

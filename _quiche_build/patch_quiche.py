@@ -33,6 +33,11 @@ in 64 packets, and a unary call's FIN and the next call's request in two.
 We take quiche's own fuzzing branch, unconditionally: after a STREAM frame,
 the next flushable stream's frame goes in the same packet while there is
 room for one.
+
+Addition 4, not a fix: ``Connection::pk_ssl`` hands the shim the connection's
+BoringSSL ``SSL``, where the shim's verify callback keeps its copy of the
+peer's chain (a server's BoringSSL keeps only a hash of it after the
+handshake: see ``pk_config_new``). quiche's API has no way to reach it.
 """
 
 from __future__ import annotations
@@ -124,6 +129,25 @@ EDITS: list[tuple[str, str, str]] = [
         "                // polykey: coalesce STREAM frames (quiche does only when\n"
         "                // fuzzing).\n"
         "                if left > frame::MAX_STREAM_OVERHEAD {\n",
+    ),
+    (
+        "src/tls/mod.rs",
+        "    fn as_ptr(&self) -> *const SSL {\n        self.ptr\n    }\n",
+        "    fn as_ptr(&self) -> *const SSL {\n        self.ptr\n    }\n\n"
+        "    /// polykey: the `SSL`, for the shim's ex_data.\n"
+        "    pub(crate) fn pk_ssl(&self) -> *mut c_void {\n"
+        "        self.ptr as *mut c_void\n    }\n",
+    ),
+    (
+        "src/lib.rs",
+        "    pub fn peer_cert_chain(&self) -> Option<Vec<&[u8]>> {\n"
+        "        self.handshake.peer_cert_chain()\n    }\n",
+        "    pub fn peer_cert_chain(&self) -> Option<Vec<&[u8]>> {\n"
+        "        self.handshake.peer_cert_chain()\n    }\n\n"
+        "    /// polykey: the connection's BoringSSL `SSL *`, for the shim.\n"
+        "    #[doc(hidden)]\n"
+        "    pub fn pk_ssl(&self) -> *mut std::ffi::c_void {\n"
+        "        self.handshake.pk_ssl()\n    }\n",
     ),
 ]
 

@@ -351,6 +351,9 @@ def main() -> None:
         "--only",
         help="comma-separated subset of: polykey, aioquic, js (@matrixai/quic), native",
     )
+    parser.add_argument(
+        "--rows", help="comma-separated subset of the rows: bulk, rr, hs, idle"
+    )
     parser.add_argument("--size", type=int, help="bulk bytes (default 1 GiB)")
     parser.add_argument(
         "--bulk-cap", type=float, help="stop a bulk send after this many seconds (15)"
@@ -393,6 +396,12 @@ def main() -> None:
             if key not in IMPLS:
                 parser.error(f"unknown implementation {name!r}")
             keys.append(key)
+    metrics = METRICS
+    if args.rows:
+        wanted = {r.strip() for r in args.rows.split(",")}
+        metrics = [(m, label) for m, label in METRICS if m in wanted]
+        if len(metrics) != len(wanted):
+            parser.error(f"unknown rows in {args.rows!r}")
     workdir = Path(tempfile.mkdtemp(prefix="polykey-bench-quic-"))
     cert, key = make_certificate(workdir)
     profile_dir = Path(args.profile).resolve() if args.profile else None
@@ -425,13 +434,13 @@ def main() -> None:
     # Row by row, each implementation in turn, so that a row compares runs
     # made close together (this machine's speed drifts over minutes).
     columns: dict[str, dict[str, str]] = {k: {} for k in keys}
-    for mode, _ in METRICS:
+    for mode, _ in metrics:
         for k in keys:
             runner.run_modes(IMPLS[k], [mode], columns[k])
     elapsed = time.monotonic() - started
 
     rows: list[tuple[str, list[str]]] = []
-    for mode, label in METRICS:
+    for mode, label in metrics:
         if mode == "idle":
             label = f"server RSS per idle conn, {settings.conns} open (KiB)"
         rows.append((label, [columns[k].get(mode, "-") for k in keys]))

@@ -7,7 +7,8 @@
 //!   certificate (on a server too), offers Ed25519 among the verify
 //!   algorithms and accepts any chain in its verify callback. The real peer
 //!   check happens in Python after the handshake, as js-quic does it.
-//! * `pk_conn_peer_cert_chain_*`: the peer's whole chain as DER, leaf first.
+//! * `pk_conn_peer_cert_chain_*`: the peer's whole chain as DER, leaf first,
+//!   as the verify callback copied it; `_drop` frees that copy once read.
 //! * `pk_conn_send_batch`: several `quiche_conn_send` calls into one buffer
 //!   of equal-sized segments, ready for one GSO `sendmsg`, so Python makes one
 //!   call per batch instead of one per packet.
@@ -21,16 +22,24 @@
 //! Everything here must stay panic-free: a panic across `extern "C"` aborts
 //! the whole Python process.
 
+use std::ffi::c_void;
 use std::ptr;
 use std::slice;
+use std::sync::OnceLock;
 
+use boring::ex_data::Index;
 use boring::pkey::PKey;
+use boring::ssl::Ssl;
 use boring::ssl::SslContextBuilder;
 use boring::ssl::SslMethod;
+use boring::ssl::SslOptions;
+use boring::ssl::SslRef;
 use boring::ssl::SslSignatureAlgorithm;
+use boring::ssl::SslVerifyError;
 use boring::ssl::SslVerifyMode;
 use boring::ssl::SslVersion;
 use boring::x509::X509;
+use foreign_types_shared::ForeignTypeRef;
 use libc::c_char;
 use libc::c_int;
 use libc::size_t;
@@ -50,6 +59,50 @@ pub use quiche;
 const PEER_CERT_NONE: c_int = 0;
 const PEER_CERT_REQUEST: c_int = 1;
 const PEER_CERT_REQUIRE: c_int = 2;
+
+// BoringSSL's C API for what the boring crate does not wrap.
+extern "C" {
+    fn SSL_CTX_set_retain_only_sha256_of_client_certs(ctx: *mut c_void, enable: c_int);
+    fn SSL_get0_peer_certificates(ssl: *const c_void) -> *const c_void;
+    fn sk_num(stack: *const c_void) -> size_t;
+    fn sk_value(stack: *const c_void, index: size_t) -> *const c_void;
+    fn CRYPTO_BUFFER_len(buf: *const c_void) -> size_t;
+    fn CRYPTO_BUFFER_data(buf: *const c_void) -> *const u8;
+}
+
+/// The peer's chain as DER, leaf first, as the verify callback saw it.
+type PeerChain = Vec<Vec<u8>>;
+
+/// The `SSL` ex_data slot that holds each connection's `PeerChain`.
+fn chain_index() -> Option<Index<Ssl, PeerChain>> {
+    static INDEX: OnceLock<Option<Index<Ssl, PeerChain>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
+/// The certificates the peer sent, from the handshake's session (the
+/// CRYPTO_BUFFERs, not the X509 objects, which drop the leaf on a server).
+fn peer_chain_der(ssl: &SslRef) -> PeerChain {
+    let mut chain = Vec::new();
+    unsafe {
+        let stack = SSL_get0_peer_certificates(ssl.as_ptr() as *const c_void);
+        if stack.is_null() {
+            return chain;
+        }
+        for i in 0..sk_num(stack) {
+            let buf = sk_value(stack, i);
+            if buf.is_null() {
+                break;
+            }
+            chain.push(input(CRYPTO_BUFFER_data(buf), CRYPTO_BUFFER_len(buf)).to_vec());
+        }
+    }
+    chain
+}
+
+fn conn_ssl(conn: &quiche::Connection) -> &mut SslRef {
+    // The `SSL` lives as long as the connection (patch_quiche.py).
+    unsafe { SslRef::from_ptr_mut(conn.pk_ssl() as *mut _) }
+}
 
 fn write_error(buf: *mut c_char, buf_len: size_t, msg: &str) {
     if buf.is_null() || buf_len == 0 {
@@ -177,8 +230,21 @@ fn build_context(
         _ => return Err(format!("unknown peer certificate mode {peer_cert}")),
     };
     // Accept any chain here: the application verifies it after the
-    // handshake, against node identities rather than a CA store.
-    b.set_custom_verify_callback(mode, |_| Ok(()));
+    // handshake, against node identities rather than a CA store. Keep a
+    // copy of it for that check: on a server, BoringSSL keeps only the
+    // leaf's SHA-256 once the handshake is over, instead of the chain and
+    // an X509 object per certificate for the connection's whole life.
+    let index = chain_index().ok_or("SSL_get_ex_new_index failed")?;
+    b.set_custom_verify_callback(mode, move |ssl| {
+        let chain = peer_chain_der(ssl);
+        ssl.set_ex_data(index, chain);
+        Ok::<(), SslVerifyError>(())
+    });
+    unsafe {
+        SSL_CTX_set_retain_only_sha256_of_client_certs(b.as_ptr() as *mut c_void, 1);
+    }
+    // No session resumption: a ticket is work and memory for nothing.
+    b.set_options(SslOptions::NO_TICKET);
     Ok(b)
 }
 
@@ -208,10 +274,15 @@ pub extern "C" fn pk_config_new(
     }
 }
 
-/// Number of certificates the peer sent (0 before the handshake).
+fn saved_chain(conn: &quiche::Connection) -> Option<&PeerChain> {
+    conn_ssl(conn).ex_data(chain_index()?)
+}
+
+/// Number of certificates the peer sent (0 before its certificate came, or
+/// after `pk_conn_peer_cert_chain_drop`).
 #[no_mangle]
 pub extern "C" fn pk_conn_peer_cert_chain_len(conn: &quiche::Connection) -> size_t {
-    conn.peer_cert_chain().map_or(0, |c| c.len())
+    saved_chain(conn).map_or(0, |c| c.len())
 }
 
 /// The `index`th certificate of the peer's chain as DER, leaf first. The
@@ -221,7 +292,7 @@ pub extern "C" fn pk_conn_peer_cert_chain_get(
     conn: &quiche::Connection, index: size_t, out: &mut *const u8,
     out_len: &mut size_t,
 ) -> bool {
-    match conn.peer_cert_chain().and_then(|c| c.get(index).copied()) {
+    match saved_chain(conn).and_then(|c| c.get(index)) {
         Some(der) => {
             *out = der.as_ptr();
             *out_len = der.len();
@@ -231,6 +302,14 @@ pub extern "C" fn pk_conn_peer_cert_chain_get(
             *out_len = 0;
             false
         },
+    }
+}
+
+/// Frees the copy of the peer's chain, once the application has its own.
+#[no_mangle]
+pub extern "C" fn pk_conn_peer_cert_chain_drop(conn: &quiche::Connection) {
+    if let Some(index) = chain_index() {
+        conn_ssl(conn).replace_ex_data(index, Vec::new());
     }
 }
 

@@ -1029,9 +1029,10 @@ class Connection:
     def application_protocol(self) -> bytes:
         return self._bytes_of(lib.quiche_conn_application_proto)
 
-    def peer_cert_chain(self) -> list[bytes]:
+    def take_peer_cert_chain(self) -> list[bytes]:
         """The peer's certificates as DER, leaf first (empty before the
-        handshake or when the peer sent none)."""
+        handshake or when the peer sent none). The shim's copy is freed:
+        call once, after the handshake."""
         chain = []
         for i in range(lib.pk_conn_peer_cert_chain_len(self._ptr)):
             if not lib.pk_conn_peer_cert_chain_get(
@@ -1039,6 +1040,7 @@ class Connection:
             ):
                 break
             chain.append(self._unpack_out())
+        lib.pk_conn_peer_cert_chain_drop(self._ptr)
         return chain
 
     # -- statistics -----------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
+from trio.lowlevel import Abort
 
 from ..keys import NodeId
 from . import _binding
@@ -99,7 +100,7 @@ class QUICConnection(trio.abc.AsyncResource):
     # Slots, not a __dict__: about 1 KiB less per connection.
     __slots__ = (
         "__weakref__",
-        "_accept_lot",
+        "_acceptors",
         "_carrier_routes",
         "_closed_event",
         "_closed_held",
@@ -171,7 +172,10 @@ class QUICConnection(trio.abc.AsyncResource):
         # Streams we closed that quiche still holds (see _sweep_closed).
         self._closed_held: set[int] | None = None
         self._incoming: collections.deque[QUICStream] | None = None
-        self._accept_lot: trio.lowlevel.ParkingLot | None = None
+        # Tasks waiting in accept_stream: a list, not a ParkingLot (its
+        # OrderedDict and park() frame cost about 500 bytes), since a
+        # node's every connection has one waiting all its life.
+        self._acceptors: list[trio.lowlevel.Task] | None = None
         self._credit_lot: trio.lowlevel.ParkingLot | None = None
         self._send_waiters: set[QUICStream] | None = None
         self._handshake_done: trio.Event | None = None
@@ -267,9 +271,20 @@ class QUICConnection(trio.abc.AsyncResource):
         waited = False
         while not self._incoming:
             self.raise_if_dead()
-            if self._accept_lot is None:
-                self._accept_lot = trio.lowlevel.ParkingLot()
-            await self._accept_lot.park()
+            # Parked here, not in a helper coroutine: one frame less to keep.
+            task = trio.lowlevel.current_task()
+            if self._acceptors is None:
+                self._acceptors = []
+            self._acceptors.append(task)
+
+            def abort(_: object, task: trio.lowlevel.Task = task) -> Abort:
+                # Cancelled while still in the list: only a wake-up (which
+                # reschedules every task in it) replaces the list.
+                if self._acceptors is not None and task in self._acceptors:
+                    self._acceptors.remove(task)
+                return Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
             waited = True
         stream = self._incoming.popleft()
         if not waited:
@@ -277,6 +292,11 @@ class QUICConnection(trio.abc.AsyncResource):
             # answering a new stream is one scheduling round sooner.
             await trio.lowlevel.cancel_shielded_checkpoint()
         return stream
+
+    def _wake_acceptors(self) -> None:
+        tasks, self._acceptors = self._acceptors, None
+        for task in tasks or ():
+            trio.lowlevel.reschedule(task)
 
     def close(self, code: int = 0, reason: bytes = b"") -> None:
         """Close now with an application error ``code`` and ``reason``
@@ -552,7 +572,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._rearm()
 
     def _verify(self) -> None:
-        chain = self.quiche.peer_cert_chain()
+        chain = self.quiche.take_peer_cert_chain()
         self.peer_certificates = tuple(chain)
         try:
             if not chain:
@@ -580,7 +600,9 @@ class QUICConnection(trio.abc.AsyncResource):
         self._verified = True
         self._deadlines.handshake = math.inf
         if self._handshake_done is not None:
+            # Its waiters are woken; nothing waits on it again.
             self._handshake_done.set()
+            self._handshake_done = None
         for callback in self._on_verified:
             try:
                 callback(self)
@@ -605,8 +627,7 @@ class QUICConnection(trio.abc.AsyncResource):
             if self._incoming is None:
                 self._incoming = collections.deque()
             self._incoming.append(stream)
-            if self._accept_lot is not None:
-                self._accept_lot.unpark_all()
+            self._wake_acceptors()
 
     def _sweep_closed(self) -> None:
         # quiche keeps a stream the peer stopped (STOP_SENDING) until the
@@ -777,8 +798,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._timer = None
         self._closed_held = None
         self._send_waiters = None
-        if self._accept_lot is not None:
-            self._accept_lot.unpark_all()
+        self._wake_acceptors()
         if self._credit_lot is not None:
             self._credit_lot.unpark_all()
         if self._handshake_done is not None:

@@ -668,7 +668,16 @@ class QUICSocket:
         timer = Timer(conn)
         if deadline == math.inf:
             return timer
-        heapq.heappush(self._timers, (deadline, next(self._timer_order), timer))
+        timers = self._timers
+        live = len(self._connections)
+        if len(timers) > live + (live >> 2) + 64:
+            # Cancelled entries stay until they come due, seconds later for
+            # an idle timeout: keep them under a quarter of the live ones
+            # (a pass per quarter's pushes; in place: the timer task holds
+            # the list).
+            timers[:] = [entry for entry in timers if entry[2].conn is not None]
+            heapq.heapify(timers)
+        heapq.heappush(timers, (deadline, next(self._timer_order), timer))
         scope = self._timer_scope
         if scope is not None and deadline < scope.deadline:
             scope.deadline = deadline

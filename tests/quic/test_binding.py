@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polykey.quic._quiche import ffi, lib
 
 from polykey.quic import (
     Address,
@@ -125,8 +126,8 @@ def test_handshake_exchanges_chains_and_data(
     pair = Pair(*configs)
     server = pair.handshake()
     # Both sides get the other's whole chain, although no CA vouches for it.
-    assert pair.client.peer_cert_chain() == [server_identity[0]]
-    assert server.peer_cert_chain() == [client_identity[0]]
+    assert pair.client.take_peer_cert_chain() == [server_identity[0]]
+    assert server.take_peer_cert_chain() == [client_identity[0]]
     assert pair.client.application_protocol() == b"quic"
     assert server.is_server()
     assert not pair.client.is_server()
@@ -144,6 +145,33 @@ def test_handshake_exchanges_chains_and_data(
     assert pair.client.stream_recv(0, buf) == (4, True)
     assert bytes(buf[:4]) == b"pong"
     assert pair.client.stream_finished(0)
+
+
+def _held(conn: b.Connection, getter: Any) -> int:
+    """Bytes quiche's own accessor (peer_cert, session) still finds."""
+    out = ffi.new("const uint8_t **")
+    out_len = ffi.new("size_t *")
+    getter(conn._ptr, out, out_len)
+    return int(out_len[0]) if out[0] != ffi.NULL else 0
+
+
+def test_after_the_handshake_tls_keeps_no_chain_and_no_ticket(
+    configs: tuple[b.Config, b.Config], client_identity: tuple[bytes, bytes]
+) -> None:
+    # An idle connection's memory: the server's BoringSSL keeps only a hash
+    # of the client's certificate (not the chain and its X509 objects), the
+    # shim's copy goes once read, and no session ticket is issued, which
+    # the client would keep with the server's chain in it.
+    pair = Pair(*configs)
+    server = pair.handshake()
+    pair.pump()
+    assert _held(server, lib.quiche_conn_peer_cert) == 0
+    assert server.take_peer_cert_chain() == [client_identity[0]]
+    assert server.take_peer_cert_chain() == []
+    assert _held(pair.client, lib.quiche_conn_session) == 0
+    # The client's BoringSSL keeps its peer's chain (BoringSSL has no
+    # option for a client); quiche's accessor still finds it there.
+    assert _held(pair.client, lib.quiche_conn_peer_cert) > 0
 
 
 def test_retry_then_handshake(configs: tuple[b.Config, b.Config]) -> None:
@@ -168,7 +196,7 @@ def test_pem_identity_and_ecdsa_peer(server_identity: tuple[bytes, bytes]) -> No
     ec_cert, ec_key = plain_identity("ec", kind="ec")
     client = b.Config(cert_chain=ec_cert, private_key=ec_key)
     pair = Pair(server, client)
-    assert pair.handshake().peer_cert_chain() == [ec_cert]
+    assert pair.handshake().take_peer_cert_chain() == [ec_cert]
 
 
 def test_server_without_client_certificate(
@@ -181,7 +209,7 @@ def test_server_without_client_certificate(
     )
     client = b.Config(cert_chain=client_identity[0], private_key=client_identity[1])
     pair = Pair(server, client)
-    assert pair.handshake().peer_cert_chain() == []
+    assert pair.handshake().take_peer_cert_chain() == []
 
 
 @pytest.mark.parametrize(
@@ -430,10 +458,10 @@ def test_in_memory_handshake_with_node_certificates() -> None:
     pair = Pair(server_cfg, client_cfg)
     server = pair.handshake()
 
-    assert verify_chain(pair.client.peer_cert_chain(), expected=server_id.node_id) == (
-        server_id.node_id
-    )
-    client_chain = server.peer_cert_chain()
+    assert verify_chain(
+        pair.client.take_peer_cert_chain(), expected=server_id.node_id
+    ) == (server_id.node_id)
+    client_chain = server.take_peer_cert_chain()
     assert len(client_chain) == 2
     assert verify_chain(client_chain) == client_id.node_id
     with pytest.raises(NodeIdMismatchError):

@@ -98,6 +98,40 @@ async def test_echo_and_connection_details() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_accept_waiters_cancelled_and_concurrent() -> None:
+    # accept_stream parks its task in a plain list: a cancelled waiter
+    # leaves it, two waiters each get one stream, and a close wakes a
+    # waiter with the connection's error.
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        with trio.fail_after(10):
+            with trio.move_on_after(0.05) as scope:
+                await server_conn.accept_stream()
+            assert scope.cancelled_caught
+            got: list[int] = []
+
+            async def acceptor() -> None:
+                got.append((await server_conn.accept_stream()).stream_id)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(acceptor)
+                nursery.start_soon(acceptor)
+                await trio.testing.wait_all_tasks_blocked()
+                for _ in range(2):
+                    stream = await client_conn.open_stream()
+                    await stream.send_all(b"x")
+            assert sorted(got) == [0, 4]
+
+            async def last() -> None:
+                with pytest.raises(trio.BrokenResourceError):
+                    await server_conn.accept_stream()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(last)
+                await trio.testing.wait_all_tasks_blocked()
+                server_conn.close()
+
+
 async def test_many_concurrent_streams_wait_for_credit() -> None:
     """1,000 streams at once over a peer limit of 100: openers wait."""
     async with open_pair() as pair, trio.open_nursery() as nursery:
