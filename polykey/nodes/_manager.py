@@ -417,31 +417,33 @@ class NodeManager:
             return
         timeout = self.attempt_deadline(node_id)
         started = trio.current_time()
-        outcome = f"no answer in {timeout:g} s"
+        # True: reached; None: not tried (a dial to it in flight); False:
+        # failed, for ``failure``.
+        reached: bool | None = False
+        failure = f"no answer in {timeout:g} s"
         with trio.move_on_after(timeout):
             try:
-                reached = await self.transport.dial_back(node_id, address)
-                outcome = "reached" if reached else "in flight"
+                reached = await self.transport.dial_back(node_id, address) or None
             except Exception as exc:
-                outcome = str(exc) or type(exc).__name__
+                failure = str(exc) or type(exc).__name__
                 self._transport_error("dial-back", node_id, exc)
         where = format_host_port(address.host, address.port)
-        if outcome == "reached":
+        if reached is None:
+            # A dial of ours: it confirms the node if it connects (then it
+            # comes back to the graph), as it would have had it not left.
+            self._stats.dialbacks_skipped += 1
+        else:
             self._stats.dialbacks += 1
+        if reached:
             self._note_attempt(trio.current_time() - started)
             self._stats.confirmed_by_dialback += 1
             self._unconfirmed.discard(node_id)
             self.note_contact(node_id, address)
             log.info("%s confirmed by a dial-back to %s", node_id, where)
             return
-        if outcome == "in flight":
-            # A dial of ours: it confirms the node if it connects (then it
-            # comes back to the graph), as it would have had it not left.
-            self._stats.dialbacks_skipped += 1
-        else:
-            self._stats.dialbacks += 1
+        if reached is False:
             self._stats.dialback_failed += 1
-            log.debug("%s not confirmed: dial-back to %s: %s", node_id, where, outcome)
+            log.debug("%s not confirmed: dial-back to %s: %s", node_id, where, failure)
         if node_id not in self._connected:
             self._remove_unconfirmed(node_id)
 

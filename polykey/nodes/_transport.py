@@ -4,7 +4,7 @@ The manager needs three things of the network, and nothing else: is this
 node alive (:meth:`NodeTransport.ping`), which nodes does it know
 closest to a target (:meth:`NodeTransport.closest_nodes`), and can a node
 that connected to us be reached by a connection of our own
-(:meth:`NodeTransport.dial_back`). Both are given
+(:meth:`NodeTransport.dial_back`). Each is given
 the NodeId (a transport that verifies identities, like QUIC, must refuse a
 peer that is not that node) and its known addresses, most recent first.
 A failure is any exception (or ``False`` from ``ping``); the manager bounds
