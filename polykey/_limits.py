@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from .nodes import NodeManagerConfig
 from .quic import QUICConfig
 
 __all__ = ["NodeLimits"]
@@ -87,6 +88,10 @@ class NodeLimits:
     max_message_size: int = attrs.field(default=1024 * 1024, validator=_at_least(1))
     #: Control-socket clients served at once (``refusedBusy``).
     control_clients: int = attrs.field(default=16, validator=_at_least(1))
+    #: Dial-backs of nodes that only connected to us, running at once (0:
+    #: none) and waiting (``dialbacks``, ``dialbacks_dropped``).
+    dialback_limit: int = attrs.field(default=4, validator=_at_least(0))
+    dialback_queue: int = attrs.field(default=64, validator=_at_least(0))
 
     def quic_config(self, base: QUICConfig) -> QUICConfig:
         """``base`` with these limits."""
@@ -106,4 +111,10 @@ class NodeLimits:
             initial_max_data=self.connection_credit,
             max_stream_window=self.stream_window,
             max_connection_window=self.connection_window,
+        )
+
+    def nodes_config(self, base: NodeManagerConfig) -> NodeManagerConfig:
+        """``base`` with these limits."""
+        return attrs.evolve(
+            base, dialback_limit=self.dialback_limit, dialback_queue=self.dialback_queue
         )

@@ -373,7 +373,7 @@ class PolykeyNode:
             manager = self._manager = NodeManager(
                 graph,
                 ConnectionTransport(connections),
-                config=settings.nodes,
+                config=limits.nodes_config(settings.nodes),
                 attempts=connections.attempts,
             )
             self._finder = NodeFinder(manager, connections)

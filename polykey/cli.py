@@ -132,6 +132,8 @@ _LIMIT_HELP: dict[str, str] = {
     "max_calls_per_connection": "RPC calls in flight on one connection",
     "max_message_size": "bytes of one RPC message",
     "control_clients": "control-socket clients served at once",
+    "dialback_limit": "dial-backs of nodes that only connected in, at once (0: none)",
+    "dialback_queue": "such nodes waiting for their dial-back",
 }
 
 

@@ -69,7 +69,9 @@ async def connect(
 async def test_node_limits_reach_the_quic_server_and_rpc_server(
     tmp_path: Path,
 ) -> None:
-    limits = NodeLimits(max_connections_per_address=1, max_calls_per_connection=3)
+    limits = NodeLimits(
+        max_connections_per_address=1, max_calls_per_connection=3, dialback_queue=5
+    )
     with trio.fail_after(60):
         async with nodes(
             tmp_path,
@@ -86,6 +88,8 @@ async def test_node_limits_reach_the_quic_server_and_rpc_server(
             assert await conn.rpc.unary("echo", {"x": 1}) == {"echo": 1}
             assert a.rpc_server.max_calls_per_connection == 3
             assert a.rpc_server.max_calls == limits.max_calls
+            assert a.manager.config.dialback_queue == 5
+            assert a.manager.config.dialback_limit == limits.dialback_limit
 
 
 async def test_a_handlers_bug_answers_internal_error_and_the_node_serves_on(
@@ -256,9 +260,11 @@ def test_limit_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLYKEY_MAX_CALLS_PER_CONNECTION", "8")
     monkeypatch.setenv("POLYKEY_CONTROL_CLIENTS", "4")
     parser = build_parser()
-    args = parser.parse_args(["node", "--control-clients", "2"])
+    args = parser.parse_args(
+        ["node", "--control-clients", "2", "--dialback-limit", "0"]
+    )
     assert _limits(args, parser) == NodeLimits(
-        max_calls_per_connection=8, control_clients=2
+        max_calls_per_connection=8, control_clients=2, dialback_limit=0
     )
 
 
@@ -302,6 +308,14 @@ def test_node_limits_replace_the_quic_settings() -> None:
     assert quic.handshake_rate == 3.0
     assert quic.max_connections == limits.max_connections
     assert quic.datagram_queue == NodeSettings().quic.datagram_queue  # kept
+
+
+def test_node_limits_replace_the_dialback_settings() -> None:
+    base = NodeSettings().nodes
+    nodes = NodeLimits(dialback_limit=0, dialback_queue=5).nodes_config(base)
+    assert (nodes.dialback_limit, nodes.dialback_queue) == (0, 5)
+    assert nodes.query_timeout == base.query_timeout  # kept
+    assert NodeLimits().nodes_config(base) == base  # the defaults agree
 
 
 @pytest.mark.parametrize("failure", ["network", "bug"])

@@ -9,9 +9,11 @@ manager's module imports, can use them without an import cycle.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, Final, TypeVar
 
 import attrs
+import trio
 
 from ..keys import NodeId
 from ..quic import (
@@ -20,9 +22,11 @@ from ..quic import (
     CloseReason,
     QUICConnection,
     QUICConnectionError,
+    QUICStream,
     unmap_ipv4,
 )
 from ..rpc import ClientManifest, RPCClient
+from ._address import format_host_port
 from ._errors import NodesError
 
 __all__ = [
@@ -71,11 +75,15 @@ M = TypeVar("M", bound=ClientManifest)
 
 @attrs.define(eq=False)
 class NodeConnection:
-    """A verified connection to ``node_id`` and the RPC client over it."""
+    """A verified connection to ``node_id`` and the RPC client over it.
+
+    It is *in use* while a stream is open on it, either way, and
+    ``last_used`` is when it last was (a stream opened or accepted, or
+    seen open by the pool's reaper): its idle TTL counts from then, as
+    Polykey's does from the end of its last use."""
 
     node_id: NodeId
     connection: QUICConnection
-    rpc: RPCClient[Any]
     last_used: float
     outgoing: bool
     path: ConnectionPath = ConnectionPath.DIRECT
@@ -85,17 +93,37 @@ class NodeConnection:
     #: the dial; for a punch, its signal request; for a relayed one, its
     #: circuit request. None for incoming connections.
     attempt_started: float | None = None
+    #: The default RPC timeout of :attr:`rpc` and of :meth:`client`'s.
+    rpc_timeout: float = math.inf
+    #: One new stream per call, opened by :meth:`open_stream`.
+    rpc: RPCClient[Any] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.rpc = RPCClient(
+            None, self.open_stream, timeout=self.rpc_timeout, peer=self.peer
+        )
 
     @property
     def address(self) -> Address:
         return display_address(self.connection.remote_address)
 
+    @property
+    def peer(self) -> str:
+        """Who the connection is to, for logs: NodeId and address."""
+        return f"{self.node_id} at {format_host_port(*self.address)}"
+
+    @property
+    def in_use(self) -> bool:
+        return self.connection.streams_open > 0
+
+    async def open_stream(self) -> QUICStream:
+        """A new stream on the connection, which counts as used."""
+        self.last_used = trio.current_time()
+        return await self.connection.open_stream()
+
     def client(self, manifest: type[M]) -> RPCClient[M]:
         """A typed RPC client over this connection: ``conn.client(MyAPI)``
         (see docs/rpc.md, "Clients"); one new stream per call, as ``rpc``."""
         return RPCClient(
-            manifest,
-            self.connection.open_stream,
-            timeout=self.rpc.timeout,
-            peer=self.rpc.peer,
+            manifest, self.open_stream, timeout=self.rpc_timeout, peer=self.peer
         )

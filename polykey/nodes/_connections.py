@@ -84,7 +84,7 @@ from ..quic import (
     node_tls_identity,
     node_verifier,
 )
-from ..rpc import JSONObject, RPCClient, RPCServer
+from ..rpc import JSONObject, RPCServer
 from ._address import format_host_port
 from ._anchors import Anchors
 from ._attempts import AttemptTimer, DialGate
@@ -96,7 +96,6 @@ from ._connection import (
     ConnectionPath,
     NodeConnection,
     NodeConnectionError,
-    display_address,
 )
 from ._punching import Puncher
 from ._relay import Circuit, RelayLimits, RelayTable
@@ -275,16 +274,10 @@ class NodeConnectionManager:
             outgoing and self._puncher.signalled(node_id)
         ):
             path = ConnectionPath.PUNCHED  # it came through a punch
-        remote = conn.remote_address
         node = NodeConnection(
             node_id=node_id,
             connection=conn,
-            rpc=RPCClient(
-                None,
-                conn.open_stream,
-                timeout=self._rpc_timeout,
-                peer=f"{node_id} at {format_host_port(*display_address(remote))}",
-            ),
+            rpc_timeout=self._rpc_timeout,
             last_used=now,
             outgoing=outgoing,
             path=path,
@@ -393,6 +386,10 @@ class NodeConnectionManager:
             for node_id, node in list(self._pool.items()):
                 if self._pool.get(node_id) is not node:
                     continue  # it ended, or gave way, as we closed another
+                if node.in_use:
+                    # Never while a call is on it; idle counts from now on.
+                    node.last_used = now
+                    continue
                 ttl = self.ttl_of(node_id)
                 if ttl is not None and now - node.last_used > ttl:
                     del self._pool[node_id]

@@ -19,6 +19,7 @@ connection to it can be had.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -31,6 +32,8 @@ from ._graph import DEFAULT_K
 from ._handlers import request_closest_local_nodes
 
 __all__ = ["ConnectionTransport", "NodeTransport"]
+
+log = logging.getLogger("polykey.nodes.transport")
 
 
 class NodeTransport(Protocol):
@@ -77,6 +80,9 @@ class ConnectionTransport:
     def __init__(self, connections: _Pool, *, limit: int = DEFAULT_K) -> None:
         self.connections = connections
         self.limit = limit
+        #: Queries asked again on a new connection, their pooled one having
+        #: ended under them.
+        self.retried = 0
 
     async def connection(
         self, node_id: NodeId, addresses: Sequence[NodeAddress]
@@ -84,6 +90,9 @@ class ConnectionTransport:
         pooled = self.connections.get(node_id)
         if pooled is not None:
             return pooled
+        return await self._dial(node_id, addresses)
+
+    async def _dial(self, node_id: NodeId, addresses: Sequence[NodeAddress]) -> Any:
         error: Exception | None = None
         for address in addresses:
             try:
@@ -104,5 +113,20 @@ class ConnectionTransport:
     async def closest_nodes(
         self, node_id: NodeId, addresses: Sequence[NodeAddress], target: NodeId
     ) -> Sequence[NodeContact]:
-        conn = await self.connection(node_id, addresses)
+        pooled = self.connections.get(node_id)
+        if pooled is not None:
+            try:
+                return await request_closest_local_nodes(
+                    pooled.rpc, target, limit=self.limit
+                )
+            except PEER_FAILURES:
+                if self.connections.get(node_id) is pooled:
+                    raise  # it lives: this is the peer's answer failing
+                # It ended under the query: an idle close at either end can
+                # cross a new call. Once more, on a connection dialled now.
+                self.retried += 1
+                log.debug(
+                    "%s: its connection ended under a query; asking again", node_id
+                )
+        conn = await self._dial(node_id, addresses)
         return await request_closest_local_nodes(conn.rpc, target, limit=self.limit)

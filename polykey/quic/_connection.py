@@ -225,6 +225,11 @@ class QUICConnection(trio.abc.AsyncResource):
     def closed(self) -> bool:
         return self._finished
 
+    @property
+    def streams_open(self) -> int:
+        """Streams opened or accepted here and not yet ended (in use)."""
+        return len(self._streams)
+
     async def wait_closed(self) -> CloseReason:
         """Wait until the connection has ended; returns how."""
         if not self._finished:

@@ -10,9 +10,24 @@ import pytest
 import trio
 
 from polykey.keys import NodeId, NodeIdentity
-from polykey.nodes import NodeConnectionError, NodeConnectionManager
+from polykey.nodes import (
+    CLOSEST_LOCAL_NODES,
+    ConnectionTransport,
+    NodeAddress,
+    NodeConnectionError,
+    NodeConnectionManager,
+    NodeGraph,
+    NodesClosestLocalNodesGet,
+)
 from polykey.quic import QUICConnection, QUICSocket
-from polykey.rpc import CallContext, RPCServer, UnaryHandler
+from polykey.rpc import (
+    CallContext,
+    Handler,
+    JSONObject,
+    RPCRemoteError,
+    RPCServer,
+    UnaryHandler,
+)
 
 
 class WhoAmI(UnaryHandler[dict[str, Any], dict[str, Any]]):
@@ -20,11 +35,20 @@ class WhoAmI(UnaryHandler[dict[str, Any], dict[str, Any]]):
         return {"you": str(ctx.transport["node_id"]), "host": ctx.transport["host"]}
 
 
+class Sleep(UnaryHandler[dict[str, Any], dict[str, Any]]):
+    """Answers after ``params["s"]`` seconds: a call that keeps its stream."""
+
+    async def handle(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        await trio.sleep(float(params["s"]))
+        return {"slept": params["s"]}
+
+
 @asynccontextmanager
 async def node(
     seen: list[tuple[NodeId, str, int]] | None = None,
     ttl: float = 60.0,
     connected: trio.Event | None = None,
+    handlers: dict[str, Handler[Any, Any]] | None = None,
 ) -> AsyncIterator[NodeConnectionManager]:
     identity = NodeIdentity.generate()
 
@@ -36,7 +60,7 @@ async def node(
 
     async with (
         QUICSocket("127.0.0.1") as socket,
-        RPCServer({"whoAmI": WhoAmI()}) as rpc,
+        RPCServer({"whoAmI": WhoAmI(), "sleep": Sleep(), **(handlers or {})}) as rpc,
         trio.open_nursery() as nursery,
     ):
         manager = NodeConnectionManager(
@@ -163,6 +187,42 @@ async def test_idle_connections_close_after_ttl() -> None:
         assert reason.code == 1
 
 
+async def test_a_connection_in_use_outlives_its_ttl() -> None:
+    # Polykey's rule: a connection is never closed as idle while in use; its
+    # TTL counts from when the use ends. A's reaper closed this one under the
+    # call (3 s, against a TTL of 0.5 s).
+    async with node(ttl=0.5) as a, node(ttl=60) as b:
+        with trio.fail_after(20):
+            conn = await a.connect(b.node_id, address(b))
+            assert await conn.rpc.unary("sleep", {"s": 3}) == {"slept": 3}
+            assert not conn.connection.closed
+            assert a.get(b.node_id) is conn
+            ended = trio.current_time()
+            await conn.connection.wait_closed()
+            # Idle from the call's end: closed after the TTL, by the reaper's
+            # round (a second) at the latest, not at once.
+            assert trio.current_time() - ended >= 0.5
+        reason = conn.connection.close_reason
+        assert reason is not None
+        assert reason.code == 1
+
+
+async def test_outgoing_calls_keep_a_connection_alive() -> None:
+    # Calls made over a connection are use of it, as calls served are: A's
+    # reaper used to close it one TTL after the dial, whatever A sent since.
+    async with node(ttl=1.0) as a, node(ttl=60) as b:
+        with trio.fail_after(20):
+            conn = await a.connect(b.node_id, address(b))
+            for _ in range(12):  # 3.6 s, three TTLs and more
+                await trio.sleep(0.3)
+                assert await conn.rpc.unary("whoAmI", {})
+                assert a.get(b.node_id) is conn
+            assert conn.connection.statistics().streams_open == 0
+            assert conn.connection.streams_open == 0
+            await conn.connection.wait_closed()
+        assert a.get(b.node_id) is None
+
+
 async def test_the_reaper_survives_connections_ending_as_it_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -172,7 +232,9 @@ async def test_the_reaper_survives_connections_ending_as_it_closes(
             to_c = await a.connect(c.node_id, address(c))
             close = QUICConnection.aclose
 
-            async def aclose(self: QUICConnection, code: int = 0, reason: bytes = b"") -> None:
+            async def aclose(
+                self: QUICConnection, code: int = 0, reason: bytes = b""
+            ) -> None:
                 await close(self, code, reason)
                 if self is not to_b.connection:
                     return
@@ -207,3 +269,72 @@ def test_sticky_ttl_is_polykeys() -> None:
     assert bucket_index(own, middle) == 127
     assert sticky_ttl(own, middle) == sticky_ttl(middle, own)
     assert 60.0 < sticky_ttl(own, middle) < 7260.0
+
+
+class ClosesUnder(NodesClosestLocalNodesGet):
+    """Closes the caller's connection as its first ``closes`` queries arrive
+    (an idle close of ours crossing the query), then answers as a node."""
+
+    def __init__(self, graph: NodeGraph, closes: int, fail: bool = False) -> None:
+        super().__init__(graph)
+        self.closes = closes
+        self.fail = fail
+        self.manager: NodeConnectionManager | None = None
+        self.served = 0
+
+    async def handle(
+        self, params: NodeId, ctx: CallContext
+    ) -> AsyncIterator[JSONObject]:
+        self.served += 1
+        if self.fail:
+            raise ValueError("no")
+        if self.closes:
+            self.closes -= 1
+            assert self.manager is not None
+            pooled = self.manager.get(ctx.transport["node_id"])
+            assert pooled is not None
+            pooled.connection.close(1, b"idle")
+            await trio.sleep(10)
+        async for message in super().handle(params, ctx):
+            yield message
+
+
+async def test_a_query_whose_pooled_connection_ends_under_it_is_asked_again() -> None:
+    async with node() as a:
+        handler = ClosesUnder(NodeGraph(a.node_id), closes=1)
+        handler.graph.add(
+            NodeIdentity.generate().node_id, NodeAddress("10.1.2.3", 1314), 0.0
+        )
+        async with node(handlers={CLOSEST_LOCAL_NODES: handler}) as b:
+            handler.manager = b
+            transport = ConnectionTransport(a)
+            with trio.fail_after(20):
+                first = await a.connect(b.node_id, address(b))
+                contacts = await transport.closest_nodes(
+                    b.node_id, [NodeAddress(*address(b))], a.node_id
+                )
+            # Asked twice: on the pooled connection, which B closed under the
+            # query, then on one dialled for it, which answered.
+            assert len(contacts) == 1
+            assert handler.served == 2
+            assert transport.retried == 1
+            assert first.connection.closed
+            again = a.get(b.node_id)
+            assert again is not None
+            assert again is not first
+
+
+async def test_a_query_failing_on_a_live_connection_is_not_asked_again() -> None:
+    async with node() as a:
+        handler = ClosesUnder(NodeGraph(a.node_id), closes=0, fail=True)
+        async with node(handlers={CLOSEST_LOCAL_NODES: handler}) as b:
+            transport = ConnectionTransport(a)
+            with trio.fail_after(20):
+                conn = await a.connect(b.node_id, address(b))
+                with pytest.raises(RPCRemoteError):
+                    await transport.closest_nodes(
+                        b.node_id, [NodeAddress(*address(b))], a.node_id
+                    )
+            assert handler.served == 1
+            assert transport.retried == 0
+            assert a.get(b.node_id) is conn

@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from polykey.agent import NodeLimits
 from polykey.keys import NodeId
 from polykey.nodes import NodeAddress, NodeContact, NodeManagerConfig, NodeTransport
 from polykey.testing._network import SimNode, SimulatedNetwork
@@ -209,9 +210,10 @@ async def test_a_flood_of_clients_is_dialled_back_at_most_limit_at_once(
 ) -> None:
     from tests.helpers import dial
 
-    limit = NodeManagerConfig(dialback_limit=2, dialback_queue=64)
+    # On a node the limits come with its NodeLimits (the `node` flags).
+    limit = NodeLimits(dialback_limit=2, dialback_queue=64)
     with trio.fail_after(120):
-        async with nodes(tmp_path, ("seed", {"nodes": limit})) as (seed,):
+        async with nodes(tmp_path, ("seed", {"limits": limit})) as (seed,):
             counting = _Counting(seed.manager.transport)
             seed.manager.transport = counting
             async with trio.open_nursery() as nursery:
