@@ -1,4 +1,5 @@
-"""QUIC benchmark: polykey vs aioquic vs @matrixai/quic vs native quiche.
+"""QUIC benchmark: polykey vs aioquic vs @matrixai/quic vs native quiche
+(and bare UDP on trio, the floor under the round-trip row).
 
     .venv/bin/python bench/quic.py                 # the full run (a few minutes)
     .venv/bin/python bench/quic.py --quick         # smoke run
@@ -78,6 +79,8 @@ class Impl:
     server: Callable[[Settings, bool], list[str]]
     client: Callable[[Settings, int, str], list[str]]
     cwd: Path = ROOT
+    #: The rows it is measured on (the others show "n/a").
+    modes: tuple[str, ...] = ("bulk", "rr", "hs", "idle")
 
 
 def _client_options(s: Settings, mode: str) -> list[str]:
@@ -169,6 +172,15 @@ IMPLS = {
     ),
     "js": Impl("js", "@matrixai/quic", True, _js_server, _js_client, BENCH_DIR / "js"),
     "native": Impl("native", "native quiche", True, _native_server, _native_client),
+    # Not QUIC: the floor under the round-trip row for anything driven by trio.
+    "udp": Impl(
+        "udp",
+        "trio UDP (no QUIC)",
+        False,
+        lambda s, profile: [PYTHON, str(BENCH_DIR / "_udp_trio.py"), "server"],
+        _py_client("_udp_trio.py"),
+        modes=("rr",),
+    ),
 }
 ALIASES = {
     "js-quic": "js",
@@ -269,6 +281,9 @@ class Runner(PeerRunner):
     def run_modes(self, impl: Impl, modes: list[str], cells: dict[str, str]) -> None:
         """Measure ``modes`` for ``impl`` into ``cells`` (metric -> cell)."""
         for mode in modes:
+            if mode not in impl.modes:
+                cells[mode] = "n/a"
+                continue
             if mode == "idle":
                 self.run_idle(impl, cells)
                 continue
@@ -349,7 +364,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only",
-        help="comma-separated subset of: polykey, aioquic, js (@matrixai/quic), native",
+        help="comma-separated subset of: polykey, aioquic, js (@matrixai/quic), "
+        "native, udp (bare UDP on trio: the floor under the round-trip row)",
     )
     parser.add_argument(
         "--rows", help="comma-separated subset of the rows: bulk, rr, hs, idle"
@@ -388,7 +404,7 @@ def main() -> None:
     args = parser.parse_args()
 
     quick = args.quick
-    keys = ["polykey", "aioquic", "js", "native"]
+    keys = ["polykey", "aioquic", "js", "native", "udp"]
     if args.only:
         keys = []
         for name in args.only.split(","):
@@ -447,7 +463,10 @@ def main() -> None:
     rows.append(
         (
             "Retry on each new connection",
-            ["yes" if IMPLS[k].retry else "no" for k in keys],
+            [
+                ("yes" if IMPLS[k].retry else "no") if "hs" in IMPLS[k].modes else "n/a"
+                for k in keys
+            ],
         )
     )
     print(
