@@ -183,13 +183,14 @@ class NodeFinder:
         # that counts as the manager's do: the lookup that may follow then
         # backs off instead of spending a second short deadline on it.
         node_id = contact.node_id
+        began = trio.current_time()
         for address in contact.addresses:
             with trio.move_on_after(self.manager.attempt_deadline(node_id)):
                 try:
                     return await self.connections.connect(node_id, address.as_tuple())
                 except Exception as exc:
                     self._failed("dial", node_id, exc)
-        self.manager.note_unreachable(node_id)
+        self.manager.note_unreachable(node_id, began)
         return None
 
     async def _direct(self, node_id: NodeId, won: Callable[[Link], None]) -> None:

@@ -76,6 +76,9 @@ class _Entry:
     last_seen: float
     seq: int
     failures: int = 0
+    #: When the last failure counted in ``failures`` was noted (the
+    #: caller's clock; not persisted).
+    failed_at: float = -math.inf
 
 
 @attrs.frozen
@@ -421,6 +424,7 @@ class NodeGraph:
                 entry.contact = NodeContact(node_id, merged)
             entry.last_seen = now
             entry.failures = 0
+            entry.failed_at = -math.inf
             entry.seq = self._next_seq()
             bucket[raw] = entry
             self._commit([raw])
@@ -461,17 +465,25 @@ class NodeGraph:
         entry = bucket.pop(raw)
         entry.last_seen = now
         entry.failures = 0
+        entry.failed_at = -math.inf
         entry.seq = self._next_seq()
         bucket[raw] = entry
         if self._store is not None:
             self._dirty.add(raw)
         return True
 
-    def mark_failed(self, node_id: NodeId) -> int:
+    def mark_failed(
+        self, node_id: NodeId, *, now: float | None = None, began: float | None = None
+    ) -> int:
         """Record a failed contact; the node becomes least recently seen.
 
-        Returns its consecutive failure count (0 if unknown). The order
-        change is not persisted: after a restart a node gets a new chance.
+        Returns its consecutive failure count (0 if unknown). ``began``:
+        when the failed attempt began, and ``now``, on the same clock: an
+        attempt that began before the last failure counted was noted
+        overlapped it, and shares its outage (a stall of ours, a burst of
+        loss), so it is not counted again: failures in a row are attempts
+        one after another. The order change is not persisted: after a
+        restart a node gets a new chance.
         """
         raw = node_id.raw
         index = self._index.get(raw)
@@ -479,7 +491,10 @@ class NodeGraph:
             return 0
         bucket = self._buckets[index]
         entry = bucket.pop(raw)
-        entry.failures += 1
+        if began is None or began >= entry.failed_at:
+            entry.failures += 1
+            if now is not None:
+                entry.failed_at = now
         rest = list(bucket.items())
         bucket.clear()
         bucket[raw] = entry

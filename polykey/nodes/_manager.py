@@ -468,11 +468,15 @@ class NodeManager:
         if result.status == "full":
             self._queue(result.bucket, contact.node_id, contact.addresses)
 
-    def note_unreachable(self, node_id: NodeId) -> None:
+    def note_unreachable(self, node_id: NodeId, began: float | None = None) -> None:
         """An attempt to reach ``node_id`` failed (a query, a ping, or the
         finder's dial): its next deadline doubles, and after
-        ``max_failures`` in a row it leaves the graph."""
-        if self.graph.mark_failed(node_id) >= self.config.max_failures:
+        ``max_failures`` in a row it leaves the graph. ``began``: when the
+        attempt began (trio time); attempts that overlap count once (see
+        :meth:`NodeGraph.mark_failed`): a node must fail that many tries
+        one after another, not three lookups' queries caught by one stall."""
+        failures = self.graph.mark_failed(node_id, now=trio.current_time(), began=began)
+        if failures >= self.config.max_failures:
             self.graph.remove(node_id)
             self._stats.removed_failing += 1
             log.info(
@@ -626,11 +630,12 @@ class NodeManager:
             addresses = known.addresses if known is not None else ()
         if not addresses:
             return False
+        began = trio.current_time()
         ok = await self._ping_once(node_id, addresses)
         if ok:
             self._seen(NodeContact(node_id, addresses))
         else:
-            self.note_unreachable(node_id)
+            self.note_unreachable(node_id, began)
         return ok
 
     def closest_local(
@@ -718,7 +723,7 @@ class NodeManager:
             self._stats.query_failures += 1
             retry = scope.cancelled_caught and not failed_before
             machine.on_failure(contact.node_id, retry=retry)
-            self.note_unreachable(contact.node_id)
+            self.note_unreachable(contact.node_id, started)
         else:
             machine.on_response(contact.node_id, answer)
             self._seen(contact)
@@ -761,6 +766,7 @@ class NodeManager:
             : self.config.seed_connect
         ]
         why: dict[NodeId, str] = {}
+        began = trio.current_time()
         alive = await self._ping_many(closest, why)
         for seed, ok in zip(closest, alive, strict=True):
             if ok:
@@ -772,7 +778,7 @@ class NodeManager:
                     ", ".join(format_host_port(a.host, a.port) for a in seed.addresses),
                     why.get(seed.node_id, "unreachable"),
                 )
-                self.note_unreachable(seed.node_id)
+                self.note_unreachable(seed.node_id, began)
         self_lookup = await self._self_lookup()
         refreshed: list[int] = []
         nonempty = self.graph.nonempty_buckets()

@@ -198,3 +198,35 @@ async def test_a_find_asks_its_slow_target_once_more_backed_off(
         assert missed.found is None
         assert (missed.queries, missed.failures) == (1, 1)
         assert trio.current_time() - start == pytest.approx(1.0)
+
+
+async def test_failures_of_overlapping_attempts_count_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Three lookups asking one node at once and timing out together (a
+    stall of ours, a burst of loss) are one failure, not the three in a row
+    that remove it; three tries one after another are three."""
+    rng = random.Random(11)
+    node = id_in_bucket(OWN, 150, rng)
+    graph = NodeGraph(OWN)
+    graph.add(node, addr(1), 0.0)
+    manager = NodeManager(
+        graph,
+        SlowTransport({node: None}),
+        config=QUIET,
+        clock=trio.current_time,
+        attempts=fast_network(),
+    )
+    assert manager.config.max_failures == 3
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(manager.lookup, id_in_bucket(OWN, 100, rng))
+        assert manager.statistics().query_failures == 3
+        assert graph.failures(node) == 1
+        assert node in graph
+        assert not await manager.ping(node)
+        assert graph.failures(node) == 2
+        assert not await manager.ping(node)
+        assert node not in graph
+        assert manager.statistics().removed_failing == 1

@@ -112,6 +112,26 @@ def test_closest_excludes_failed_on_request() -> None:
     assert graph.closest(OWN, 0) == []
 
 
+def test_failures_of_overlapping_attempts_count_once() -> None:
+    graph = NodeGraph(OWN)
+    a = node_id(OWN.to_int() ^ 1)
+    graph.add(a, addr(1), 0.0)
+    # Three attempts began at 10 and failed at 12, 12.1, 12.2 (one stall of
+    # ours caught all three): one failure.
+    assert graph.mark_failed(a, now=12.0, began=10.0) == 1
+    assert graph.mark_failed(a, now=12.1, began=10.0) == 1
+    assert graph.mark_failed(a, now=12.2, began=11.9) == 1
+    # One that began once the first was noted is a try of its own.
+    assert graph.mark_failed(a, now=14.0, began=12.0) == 2
+    assert graph.mark_failed(a, now=16.0, began=14.5) == 3
+    assert graph.failures(a) == 3
+    # Without a start, every failure counts (as before).
+    assert graph.mark_failed(a) == 4
+    # Seen again: the count and the last failure's time are forgotten.
+    assert graph.touch(a, 20.0)
+    assert graph.mark_failed(a, now=21.0, began=0.0) == 1
+
+
 # -- model-based: the graph against a brute-force reference -------------------
 
 K = 3
