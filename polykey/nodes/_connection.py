@@ -9,6 +9,7 @@ manager's module imports, can use them without an import cycle.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Any, Final, TypeVar
 
@@ -73,6 +74,21 @@ def display_address(address: tuple[Any, ...]) -> Address:
 M = TypeVar("M", bound=ClientManifest)
 
 
+@attrs.define
+class _Use:
+    """When a connection was last used (trio time). Its stream factory
+    holds this, never the NodeConnection: a cycle through the connection
+    would keep a closed one's quiche state (native memory, which the cyclic
+    collector does not count) until a full collection."""
+
+    at: float
+
+
+async def _open_stream(connection: QUICConnection, use: _Use) -> QUICStream:
+    use.at = trio.current_time()
+    return await connection.open_stream()
+
+
 @attrs.define(eq=False)
 class NodeConnection:
     """A verified connection to ``node_id`` and the RPC client over it.
@@ -84,24 +100,30 @@ class NodeConnection:
 
     node_id: NodeId
     connection: QUICConnection
-    last_used: float
-    outgoing: bool
-    path: ConnectionPath = ConnectionPath.DIRECT
+    _use: _Use = attrs.field(alias="last_used", converter=_Use)
+    outgoing: bool = attrs.field(kw_only=True)
+    path: ConnectionPath = attrs.field(default=ConnectionPath.DIRECT, kw_only=True)
     #: When it was verified (trio time).
-    since: float = 0.0
+    since: float = attrs.field(default=0.0, kw_only=True)
     #: When the attempt that made it began (trio time), for outgoing ones:
     #: the dial; for a punch, its signal request; for a relayed one, its
     #: circuit request. None for incoming connections.
-    attempt_started: float | None = None
+    attempt_started: float | None = attrs.field(default=None, kw_only=True)
     #: The default RPC timeout of :attr:`rpc` and of :meth:`client`'s.
-    rpc_timeout: float = math.inf
-    #: One new stream per call, opened by :meth:`open_stream`.
+    rpc_timeout: float = attrs.field(default=math.inf, kw_only=True)
+    #: One new stream per call, opened as :meth:`open_stream` does.
     rpc: RPCClient[Any] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.rpc = RPCClient(
-            None, self.open_stream, timeout=self.rpc_timeout, peer=self.peer
-        )
+        self.rpc = self._client(None)
+
+    @property
+    def last_used(self) -> float:
+        return self._use.at
+
+    @last_used.setter
+    def last_used(self, when: float) -> None:
+        self._use.at = when
 
     @property
     def address(self) -> Address:
@@ -118,12 +140,14 @@ class NodeConnection:
 
     async def open_stream(self) -> QUICStream:
         """A new stream on the connection, which counts as used."""
-        self.last_used = trio.current_time()
-        return await self.connection.open_stream()
+        return await _open_stream(self.connection, self._use)
 
     def client(self, manifest: type[M]) -> RPCClient[M]:
         """A typed RPC client over this connection: ``conn.client(MyAPI)``
         (see docs/rpc.md, "Clients"); one new stream per call, as ``rpc``."""
-        return RPCClient(
-            manifest, self.open_stream, timeout=self.rpc_timeout, peer=self.peer
-        )
+        return self._client(manifest)
+
+    def _client(self, manifest: Any) -> RPCClient[Any]:
+        # Bound to the connection and its use, not to self (see _Use).
+        opener = functools.partial(_open_stream, self.connection, self._use)
+        return RPCClient(manifest, opener, timeout=self.rpc_timeout, peer=self.peer)

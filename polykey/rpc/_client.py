@@ -501,13 +501,17 @@ class RPCClient(Generic[ManifestT]):
         self.linger = linger
         self.pace = pace
         self.peer = peer
-        self._methods = manifest(self) if manifest is not None else None
+        self._manifest = manifest
 
     @property
     def methods(self) -> ManifestT:
-        if self._methods is None:
+        """The manifest's callers, bound to this client. Made at each access
+        (one small object): a client that kept it would be in a reference
+        cycle with it, and so would its stream factory's connection, left
+        for the cyclic collector, which does not see quiche's memory."""
+        if self._manifest is None:
             raise AttributeError("this client was made without a manifest")
-        return self._methods
+        return self._manifest(self)
 
     def _call(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +19,7 @@ from polykey.nodes import (
     NodeConnectionError,
     NodeConnectionManager,
     NodeGraph,
+    NodesAgentAPI,
     NodesClosestLocalNodesGet,
 )
 from polykey.quic import QUICConnection, QUICSocket
@@ -338,3 +341,34 @@ async def test_a_query_failing_on_a_live_connection_is_not_asked_again() -> None
             assert handler.served == 1
             assert transport.retried == 0
             assert a.get(b.node_id) is conn
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
+    # A closed connection's quiche state is native memory the cyclic
+    # collector does not see: held in a reference cycle, it stays until a
+    # full collection, which a node holding many long-lived objects runs
+    # seldom. The vanish churn grew the node by a third (2,000 vanished
+    # clients, +34% RSS against +2% before) when a NodeConnection's RPC
+    # client held a bound method of the NodeConnection; an RPCClient made
+    # with a manifest kept one in a cycle with itself.
+    async with node() as a, node() as b:
+        with trio.fail_after(20):
+            conn = await a.connect(b.node_id, address(b))
+            assert await conn.rpc.unary("whoAmI", {})
+            # A typed client too: it used to keep its manifest, which kept it.
+            typed = conn.client(NodesAgentAPI)
+            assert typed.methods.client is typed
+            quic = weakref.ref(conn.connection)
+            pooled = weakref.ref(conn)
+            conn.connection.close(1, b"done")
+            while a.get(b.node_id) is not None or b.get(a.node_id) is not None:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)  # the connections' tasks end
+            gc.disable()
+            try:
+                del conn, typed
+                await trio.sleep(0.2)
+                assert pooled() is None
+                assert quic() is None
+            finally:
+                gc.enable()
