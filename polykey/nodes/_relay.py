@@ -63,11 +63,9 @@ from ._signalling import (
 )
 from ._wire import (
     CIRCUIT_ID_LEN,
-    CircuitId,
     RelayConnectParams,
     RelayStopParams,
     WireError,
-    converter,
     structure,
 )
 
@@ -91,7 +89,7 @@ __all__ = [
     "RelayTable",
     "ReservationRefusedError",
     "ResourceLimitError",
-    "decode_circuit_id",
+    "relay_answer",
     "relay_handlers",
 ]
 
@@ -392,13 +390,15 @@ class RelayTable:
 # -- the handlers ---------------------------------------------------------------------
 
 
-def decode_circuit_id(value: object) -> bytes:
-    """A circuit id from the wire (the converter's check); raises
-    :class:`RelayMalformedError`."""
+def relay_answer(value: object, cls: type[T]) -> T:
+    """A relay's answer to one of our requests (a
+    :class:`~polykey.nodes._wire.RelayReserveAnswer` or
+    :class:`~polykey.nodes._wire.RelayConnectAnswer`), through the
+    converter; raises :class:`RelayMalformedError` naming the key."""
     try:
-        return converter.structure(value, CircuitId)
+        return structure(value, cls, at="answer")
     except WireError as exc:
-        raise RelayMalformedError(f"circuit {exc}") from None
+        raise RelayMalformedError(f"the relay's {exc}") from None
 
 
 class RelayHost(Protocol):
