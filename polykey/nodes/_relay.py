@@ -58,14 +58,20 @@ from ..rpc import CallContext, JSONObject, JSONValue, RPCInvalidParams, UnaryHan
 from ._signalling import (
     NodeIdMissingError,
     SignalError,
-    b64url_encode,
     caller_node_id,
 )
 from ._wire import (
     CIRCUIT_ID_LEN,
+    CircuitId,
+    Count,
+    Millis,
+    PacketSize,
+    RelayConnectAnswer,
     RelayConnectParams,
+    RelayReserveAnswer,
     RelayStopParams,
     WireError,
+    converter,
     structure,
 )
 
@@ -153,12 +159,6 @@ class RelayLimits:
     circuit_duration: float = 600.0
     #: Bytes each way, per circuit.
     circuit_bytes: int = 64 * 1024 * 1024
-
-    def to_wire(self) -> JSONObject:
-        return {
-            "durationMs": round(self.circuit_duration * 1000),
-            "bytes": self.circuit_bytes,
-        }
 
 
 @attrs.define
@@ -440,7 +440,10 @@ class NodesRelayReserve(UnaryHandler[JSONValue, JSONObject]):
 
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
         ttl = self.host.relay_reserve(_caller(ctx), str(ctx.transport.get("host")))
-        return {"expiresMs": round(ttl * 1000)}
+        answer: JSONObject = converter.unstructure(
+            RelayReserveAnswer(Millis(round(ttl * 1000)))
+        )
+        return answer
 
 
 class NodesRelayConnect(UnaryHandler[JSONValue, JSONObject]):
@@ -454,12 +457,16 @@ class NodesRelayConnect(UnaryHandler[JSONValue, JSONObject]):
         source = _caller(ctx)
         target = _params(params, RelayConnectParams).target
         circuit = await self.host.relay_connect(source, target)
-        answer: JSONObject = {
-            "circuit": b64url_encode(circuit.source_id),
-            **self.limits.to_wire(),
-        }
-        if circuit.max_packet is not None:
-            answer["maxPacket"] = circuit.max_packet
+        limits = self.limits
+        shape = RelayConnectAnswer(
+            circuit=CircuitId(circuit.source_id),
+            duration_ms=Millis(round(limits.circuit_duration * 1000)),
+            bytes=Count(limits.circuit_bytes),
+            max_packet=(
+                None if circuit.max_packet is None else PacketSize(circuit.max_packet)
+            ),
+        )
+        answer: JSONObject = converter.unstructure(shape)
         return answer
 
 

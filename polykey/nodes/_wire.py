@@ -12,7 +12,8 @@ our own words (never cattrs' or Python's text), so a handler can answer
 An address a peer names as ``{"host", "port"}`` (a signaller's answer and
 the address it signs, where a ``nodesPing`` saw us) structures straight to
 a :class:`NodeAddress`; a relay's answers to our reservation and circuit
-requests are :class:`RelayReserveAnswer` and :class:`RelayConnectAnswer`.
+requests are :class:`RelayReserveAnswer` and :class:`RelayConnectAnswer`
+(which the relay's handlers unstructure too).
 Inside a nested shape the error names the path (``address.port``), and
 :func:`structure` can name the value itself (``at="answer"``).
 
@@ -43,6 +44,7 @@ __all__ = [
     "CircuitId",
     "ConnectionInfo",
     "ContactInfo",
+    "Count",
     "HostPort",
     "JSONMapping",
     "Millis",
@@ -80,6 +82,8 @@ Port = NewType("Port", int)
 Millis = NewType("Millis", int)
 #: A UDP payload size in bytes, 1..65535.
 PacketSize = NewType("PacketSize", int)
+#: A count (of bytes), 0..2**53 - 1.
+Count = NewType("Count", int)
 
 #: Bytes in a circuit id (prefixed to every relayed datagram).
 CIRCUIT_ID_LEN: Final = 8
@@ -226,11 +230,13 @@ class RelayReserveAnswer:
 
 @attrs.frozen
 class RelayConnectAnswer:
-    """``nodesRelayConnect``'s answer, as far as the client uses it: our end's
-    circuit id and the largest inner packet the relay carries (its
-    ``durationMs`` and ``bytes`` are for information and not read)."""
+    """``nodesRelayConnect``'s answer: our end's circuit id, the circuit's
+    limits (for information: the relay enforces them) and the largest
+    inner packet the relay carries, if it names one (left out while None)."""
 
     circuit: CircuitId
+    duration_ms: Millis | None = None
+    bytes: Count | None = None
     max_packet: PacketSize | None = None
 
 
@@ -247,6 +253,12 @@ _RENAMES: Final[dict[type, dict[str, str]]] = {
     },
     RelayConnectParams: {"target": "targetNodeIdEncoded"},
     RelayStopParams: {"source": "sourceNodeIdEncoded"},
+}
+
+
+# Fields left out of the JSON while None (the others are written as null).
+_OMITTED_IF_NONE: Final[dict[type, frozenset[str]]] = {
+    RelayConnectAnswer: frozenset({"max_packet"}),
 }
 
 
@@ -345,6 +357,9 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(
         PacketSize, _bounded(1, 65535, "a packet size (1-65535)")
     )
+    conv.register_structure_hook(
+        Count, _bounded(0, _MAX_SAFE_INT, "an integer from 0 to 2**53 - 1")
+    )
 
     def node_address(value: object, _: object) -> NodeAddress:
         if not isinstance(value, dict):
@@ -376,8 +391,12 @@ def _make_converter() -> cattrs.Converter:
         RelayConnectAnswer,
     ):
         renames = _RENAMES.get(cls, {})
+        omitted = _OMITTED_IF_NONE.get(cls, frozenset())
         overrides = {
-            f.name: override(rename=renames.get(f.name, _camel(f.name)))
+            f.name: override(
+                rename=renames.get(f.name, _camel(f.name)),
+                omit_if_default=f.name in omitted,
+            )
             for f in attrs.fields(cls)
         }
         conv.register_structure_hook(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -27,7 +28,10 @@ from polykey.nodes._wire import (
     CircuitId,
     ConnectionInfo,
     ContactInfo,
+    Count,
+    Millis,
     NodeIdParams,
+    PacketSize,
     PingAnswer,
     RelayConnectAnswer,
     RelayConnectParams,
@@ -196,6 +200,26 @@ def test_relay_params_round_trip_and_errors_name_their_key() -> None:
     assert info.value.key is None
 
 
+def test_the_relays_answers_round_trip_in_the_order_it_wrote_them() -> None:
+    connect = RelayConnectAnswer(
+        CircuitId(bytes(range(8))), Millis(600_000), Count(64 << 20), PacketSize(1302)
+    )
+    wire = converter.unstructure(connect)
+    assert list(wire.items()) == [
+        ("circuit", CIRCUIT),
+        ("durationMs", 600_000),
+        ("bytes", 64 << 20),
+        ("maxPacket", 1302),
+    ]
+    assert structure(wire, RelayConnectAnswer) == connect
+    # No maxPacket named: left out, not null.
+    bare = attrs.evolve(connect, max_packet=None)
+    assert "maxPacket" not in converter.unstructure(bare)
+    reserve = RelayReserveAnswer(Millis(3_600_000))
+    assert converter.unstructure(reserve) == {"expiresMs": 3_600_000}
+    assert structure(converter.unstructure(reserve), RelayReserveAnswer) == reserve
+
+
 def test_signal_address_keeps_the_senders_key_order() -> None:
     # The relay signature covers the address's JSON as the signaller wrote it.
     params = {
@@ -263,6 +287,10 @@ CIRCUIT = "AAECAwQFBgc"
          "answer.maxPacket must be a packet size (1-65535)"),
         ({"circuit": CIRCUIT, "maxPacket": HUGE}, RelayConnectAnswer,
          "answer.maxPacket must be a packet size (1-65535)"),
+        ({"circuit": CIRCUIT, "durationMs": "600000"}, RelayConnectAnswer,
+         "answer.durationMs must be a positive integer of at most 2**53 - 1"),
+        ({"circuit": CIRCUIT, "bytes": -1}, RelayConnectAnswer,
+         "answer.bytes must be an integer from 0 to 2**53 - 1"),
     ],
 )  # fmt: skip
 def test_answers_name_the_path_to_the_bad_key(
@@ -285,13 +313,8 @@ def test_answers_structure_to_what_the_callers_use() -> None:
     assert structure({"expiresMs": 2**53 - 1}, RelayReserveAnswer).expires_ms == (
         2**53 - 1
     )
-    # durationMs and bytes are the relay's to say and ours to ignore.
-    answer = structure(
-        {"circuit": CIRCUIT, "durationMs": "x", "bytes": None}, RelayConnectAnswer
-    )
-    assert answer == RelayConnectAnswer(CircuitId(bytes(range(8))), None)
     assert structure({"circuit": CIRCUIT, "maxPacket": 1400}, RelayConnectAnswer) == (
-        RelayConnectAnswer(CircuitId(bytes(range(8))), 1400)  # type: ignore[arg-type]
+        RelayConnectAnswer(CircuitId(bytes(range(8))), max_packet=PacketSize(1400))
     )
     assert converter.unstructure(NodeAddress("10.0.0.1", 9)) == {
         "host": "10.0.0.1",
