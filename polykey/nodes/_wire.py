@@ -98,7 +98,10 @@ T = TypeVar("T")
 
 class WireError(ValueError):
     """A message that is not the shape it should be; ``str()`` names the key,
-    and ``key`` is it (None when the message as a whole is wrong)."""
+    and ``key`` is it, a dotted path into nested shapes (None when the
+    message as a whole is wrong). Raised by a hook, ``key`` may name a key
+    below the value the hook was given (``host`` of an address);
+    :func:`structure` makes it the whole path."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
