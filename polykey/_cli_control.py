@@ -11,11 +11,12 @@ stderr.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO, TypeVar
 
@@ -102,13 +103,20 @@ async def _call_json(state_dir: Path, method: str, params: JSON) -> JSON:
     return result
 
 
-def _read(cls: type[T], method: str, result: JSON) -> T:
+@contextlib.contextmanager
+def _malformed(method: str) -> Iterator[None]:
+    """A malformed answer to ``method`` as the command's one-line error."""
     try:
-        return replies.from_json(cls, result)
+        yield
     except replies.MalformedReply as exc:
         raise CommandError(
             f"the node's answer to {method} is {exc}", EX.SOFTWARE
         ) from None
+
+
+def _read(cls: type[T], method: str, result: JSON) -> T:
+    with _malformed(method):
+        return replies.from_json(cls, result)
 
 
 async def _call(state_dir: Path, method: str, params: JSON, reply: type[T]) -> T:
@@ -320,12 +328,8 @@ async def nodes_ping(state_dir: Path, output: str, out: TextIO, node_id: str) ->
     answer = await _with_progress(
         state_dir, output, "nodesPingNode", {"nodeIdEncoded": node_id}, node_id
     )
-    # One answer, two shapes: told apart by its success key.
-    result: replies.NodesPing | replies.NodesPingFailed
-    if answer.get("success") is True:
-        result = _read(replies.NodesPing, "nodesPingNode", answer)
-    else:
-        result = _read(replies.NodesPingFailed, "nodesPingNode", answer)
+    with _malformed("nodesPingNode"):
+        result = replies.read_ping(answer)
     if output == "json":
         _print_json(result, out)
     elif isinstance(result, replies.NodesPing):

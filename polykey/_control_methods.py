@@ -1,8 +1,9 @@
 """The methods a running node serves on its control socket (``_control``).
 
-Each answers with JSON whose keys docs/cli.md lists (they are stable: the
-CLI's ``--format json`` prints them as they are), shaped by one of
-``_replies``' attrs classes:
+Each reads its params through one of ``_control_params``' attrs classes
+(a bad key is -32602 naming it) and answers with JSON whose keys docs/cli.md
+lists (they are stable: the CLI's ``--format json`` prints them as they
+are), shaped by one of ``_replies``' attrs classes:
 
 * ``agentStatus`` / ``nodeStatus`` (its old name): who and where the node
   is, since when, what it holds and has served.
@@ -27,20 +28,16 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import attrs
 import trio
 
 from . import __version__
 from . import _replies as replies
-from .keys import NodeId, NodeIdError
-from .nodes import (
-    InvalidAddressError,
-    NodeAddress,
-    NodesError,
-    request_ping,
-)
+from ._control_params import NodesAddParams, NoParams, TargetParams, read_params
+from .keys import NodeId
+from .nodes import NodesError, request_ping
 from .rpc import CallContext, JSONValue, RPCError, RPCInvalidParams, UnaryHandler
 
 if TYPE_CHECKING:
@@ -50,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["FIND_TIMEOUT", "PING_TIMEOUT", "control_methods"]
 
 JSON = dict[str, Any]
+P = TypeVar("P")
 
 #: A find or a ping may run this long (a lookup gives up at 60 s itself).
 FIND_TIMEOUT: Final = 90.0
@@ -64,12 +62,7 @@ class NodeUnreachable(RPCError):
     default_message = "node not reached"
 
 
-def _target(params: JSON, own: NodeId | None = None) -> NodeId:
-    """The ``nodeIdEncoded`` parameter; not ``own``, when given."""
-    try:
-        target = NodeId.from_string(str(params.get("nodeIdEncoded")))
-    except NodeIdError as exc:
-        raise RPCInvalidParams(str(exc)) from None
+def _not_own(target: NodeId, own: NodeId) -> NodeId:
     if target == own:
         raise RPCInvalidParams("that is this node's own NodeId")
     return target
@@ -83,22 +76,22 @@ def _iso(seconds: float) -> str:
     )
 
 
-class _Method(UnaryHandler[JSON, JSON]):
+class _Method(UnaryHandler[P, JSON]):
+    #: The class its params are read as (``_control_params``).
+    params: type[P]
+
     def __init__(self, node: PolykeyNode, control: ControlServer) -> None:
         self.node = node
         self.control = control
 
-    def parse_params(self, params: JSONValue) -> JSON:
-        # Every method takes an object of named parameters (or none at all).
-        if params is None:
-            return {}
-        if not isinstance(params, dict):
-            raise RPCInvalidParams("params must be an object")
-        return params
+    def parse_params(self, params: JSONValue) -> P:
+        return read_params(params, self.params)
 
 
-class AgentStatus(_Method):
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+class AgentStatus(_Method[NoParams]):
+    params = NoParams
+
+    async def handle(self, params: NoParams, ctx: CallContext) -> JSON:
         ctx.keep_deadline()  # over the reply too: the client may not read it
         node = self.node
         host, port = node.address
@@ -167,26 +160,24 @@ def _live_tasks() -> int:
     return count
 
 
-class AgentStop(_Method):
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+class AgentStop(_Method[NoParams]):
+    params = NoParams
+
+    async def handle(self, params: NoParams, ctx: CallContext) -> JSON:
         self.node.request_stop()
         return replies.to_json(replies.AgentStop("STOPPING", os.getpid()))
 
 
-class NodesAdd(_Method):
+class NodesAdd(_Method[NodesAddParams]):
+    params = NodesAddParams
     timeout = PING_TIMEOUT
 
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+    async def handle(self, params: NodesAddParams, ctx: CallContext) -> JSON:
         ctx.keep_deadline()
-        target = _target(params, own=self.node.node_id)
-        try:
-            address = NodeAddress(params.get("host"), params.get("port"))
-        except InvalidAddressError as exc:
-            raise RPCInvalidParams(str(exc)) from None
-        ping = params.get("ping", True) is not False
-        force = params.get("force") is True
+        target = _not_own(params.node_id_encoded, self.node.node_id)
+        address = params.address()
         answered: bool | None = None
-        if ping:
+        if params.ping:
             # As long as a ping of the node manager's may take (a multiple of
             # the dial times seen; 15 s at most).
             seconds = self.node.manager.attempt_deadline()
@@ -195,7 +186,7 @@ class NodesAdd(_Method):
                     await self.node.connect(target, address.as_tuple())
                 answered = True
             except (NodesError, OSError, trio.TooSlowError) as exc:
-                if not force:
+                if not params.force:
                     why = exc if str(exc) else f"no answer in {seconds:g} s"
                     raise NodeUnreachable(f"{target} did not answer: {why}") from None
                 answered = False
@@ -213,12 +204,13 @@ class NodesAdd(_Method):
         return replies.to_json(reply)
 
 
-class NodesFind(_Method):
+class NodesFind(_Method[TargetParams]):
+    params = TargetParams
     timeout = FIND_TIMEOUT
 
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+    async def handle(self, params: TargetParams, ctx: CallContext) -> JSON:
         ctx.keep_deadline()
-        target = _target(params)
+        target = params.node_id_encoded
         if target == self.node.node_id:
             # Found without a lookup: no rounds, no one asked.
             own = replies.NodesFind(
@@ -245,14 +237,16 @@ class NodesFind(_Method):
         return replies.to_json(reply)
 
 
-class NodesPingNode(_Method):
+class NodesPingNode(_Method[TargetParams]):
+    params = TargetParams
+
     #: Long enough for a find and a punch; the caller's own timeout, if
     #: shorter, wins (js-rpc's timeout rule).
     timeout = PING_TIMEOUT
 
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+    async def handle(self, params: TargetParams, ctx: CallContext) -> JSON:
         ctx.keep_deadline()
-        target = _target(params, own=self.node.node_id)
+        target = _not_own(params.node_id_encoded, self.node.node_id)
         started = trio.current_time()
         pooled = self.node.connections.get(target) is not None
         try:
@@ -289,8 +283,10 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-class NodesGetAll(_Method):
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+class NodesGetAll(_Method[NoParams]):
+    params = NoParams
+
+    async def handle(self, params: NoParams, ctx: CallContext) -> JSON:
         graph = self.node.graph
         nodes = []
         for index in graph.nonempty_buckets():
@@ -308,8 +304,10 @@ class NodesGetAll(_Method):
         return replies.to_json(replies.NodesGetAll(nodes))
 
 
-class NodesConnections(_Method):
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+class NodesConnections(_Method[NoParams]):
+    params = NoParams
+
+    async def handle(self, params: NoParams, ctx: CallContext) -> JSON:
         node = self.node
         now = trio.current_time()
         out = []
@@ -334,10 +332,12 @@ class NodesConnections(_Method):
         return replies.to_json(replies.NodesConnections(out))
 
 
-class LookupProgress(_Method):
+class LookupProgress(_Method[NoParams]):
     """The lookups running now: for a CLI's progress line."""
 
-    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+    params = NoParams
+
+    async def handle(self, params: NoParams, ctx: CallContext) -> JSON:
         lookups = [
             replies.LookupEntry(
                 target_node_id_encoded=str(m.target),

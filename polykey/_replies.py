@@ -54,6 +54,7 @@ __all__ = [
     "ServedCounts",
     "Started",
     "from_json",
+    "read_ping",
     "to_json",
 ]
 
@@ -358,3 +359,17 @@ def from_json(cls: type[T], data: object) -> T:
         why = "; ".join(cattrs.transform_error(exc, path=""))
         why = re.sub(r"\.([a-z_]+)", lambda m: "." + _camel(m[1]), why)
         raise MalformedReply(f"not a {cls.__name__}: {why}") from None
+
+
+def read_ping(data: object) -> NodesPing | NodesPingFailed:
+    """``nodesPingNode``'s answer, one of two shapes told apart by their
+    ``success`` key (true or false, nothing else), read as :func:`from_json`
+    reads either."""
+    success = data.get("success") if isinstance(data, dict) else None
+    if success is True:
+        return from_json(NodesPing, data)
+    if success is False:
+        return from_json(NodesPingFailed, data)
+    raise MalformedReply(
+        "not a NodesPing or NodesPingFailed: success must be true or false"
+    )

@@ -175,6 +175,13 @@ async def test_every_command_prints_the_documented_keys(
         (cli.agent_stop, (), {"status": "STOPPING", "pid": "12"}, "expected int @ .pid"),
         (cli.nodes_ping, ("x",), {"success": True, "nodeIdEncoded": "x"}, "NodesPing"),
         (cli.nodes_ping, ("x",), {"success": 1}, "NodesPingFailed"),
+        # The success key tells the two shapes apart: it must be a boolean.
+        (cli.nodes_ping, ("x",), {"nodeIdEncoded": "x", "error": "e"},
+         "success must be true or false"),
+        (cli.nodes_ping, ("x",), {"success": "false", "nodeIdEncoded": "x", "error": "e"},
+         "success must be true or false"),
+        (cli.nodes_ping, ("x",), {"success": False, "nodeIdEncoded": "x"},
+         "not a NodesPingFailed: required field missing @ .error"),
         (cli.nodes_getall, (), {"nodes": [{"bucketIndex": True}]}, "expected int @ .nodes[0].bucketIndex"),
     ],
 )  # fmt: skip

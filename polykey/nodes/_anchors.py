@@ -29,11 +29,10 @@ import trio
 
 from ..keys import NodeId
 from ..quic import Address
-from ._address import NodeAddress
 from ._connection import NodeConnection, NodeConnectionError
-from ._errors import InvalidAddressError
 from ._failures import PEER_FAILURES
 from ._handlers import PING
+from ._wire import PingAnswer, WireError, structure
 
 if TYPE_CHECKING:
     from ._connections import NodeConnectionManager
@@ -130,13 +129,13 @@ class Anchors:
                 # connection's own liveness tells which.
                 log.debug("anchor ping to %s failed: %r", conn.node_id, exc)
                 return
-            seen = result.get("address") if isinstance(result, dict) else None
-            if isinstance(seen, dict):
-                try:
-                    address = NodeAddress(seen.get("host"), seen.get("port"))
-                except InvalidAddressError:
-                    return
-                self._note_reflexive(address.as_tuple())
+            try:
+                seen = structure(result, PingAnswer, at="answer").address
+            except WireError as exc:
+                log.debug("anchor %s: its ping's %s", conn.node_id, exc)
+                return
+            if seen is not None:
+                self._note_reflexive(seen.as_tuple())
 
     def _note_reflexive(self, address: Address) -> None:
         if address in self.reflexive:

@@ -58,13 +58,17 @@ from ..rpc import CallContext, JSONObject, JSONValue, RPCInvalidParams, UnaryHan
 from ._signalling import (
     NodeIdMissingError,
     SignalError,
-    b64url_encode,
     caller_node_id,
 )
 from ._wire import (
     CIRCUIT_ID_LEN,
     CircuitId,
+    Count,
+    Millis,
+    PacketSize,
+    RelayConnectAnswer,
     RelayConnectParams,
+    RelayReserveAnswer,
     RelayStopParams,
     WireError,
     converter,
@@ -91,7 +95,7 @@ __all__ = [
     "RelayTable",
     "ReservationRefusedError",
     "ResourceLimitError",
-    "decode_circuit_id",
+    "relay_answer",
     "relay_handlers",
 ]
 
@@ -155,12 +159,6 @@ class RelayLimits:
     circuit_duration: float = 600.0
     #: Bytes each way, per circuit.
     circuit_bytes: int = 64 * 1024 * 1024
-
-    def to_wire(self) -> JSONObject:
-        return {
-            "durationMs": round(self.circuit_duration * 1000),
-            "bytes": self.circuit_bytes,
-        }
 
 
 @attrs.define
@@ -392,13 +390,15 @@ class RelayTable:
 # -- the handlers ---------------------------------------------------------------------
 
 
-def decode_circuit_id(value: object) -> bytes:
-    """A circuit id from the wire (the converter's check); raises
-    :class:`RelayMalformedError`."""
+def relay_answer(value: object, cls: type[T]) -> T:
+    """A relay's answer to one of our requests (a
+    :class:`~polykey.nodes._wire.RelayReserveAnswer` or
+    :class:`~polykey.nodes._wire.RelayConnectAnswer`), through the
+    converter; raises :class:`RelayMalformedError` naming the key."""
     try:
-        return converter.structure(value, CircuitId)
+        return structure(value, cls, at="answer")
     except WireError as exc:
-        raise RelayMalformedError(f"circuit {exc}") from None
+        raise RelayMalformedError(f"the relay's {exc}") from None
 
 
 class RelayHost(Protocol):
@@ -440,7 +440,10 @@ class NodesRelayReserve(UnaryHandler[JSONValue, JSONObject]):
 
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONObject:
         ttl = self.host.relay_reserve(_caller(ctx), str(ctx.transport.get("host")))
-        return {"expiresMs": round(ttl * 1000)}
+        answer: JSONObject = converter.unstructure(
+            RelayReserveAnswer(Millis(round(ttl * 1000)))
+        )
+        return answer
 
 
 class NodesRelayConnect(UnaryHandler[JSONValue, JSONObject]):
@@ -454,12 +457,16 @@ class NodesRelayConnect(UnaryHandler[JSONValue, JSONObject]):
         source = _caller(ctx)
         target = _params(params, RelayConnectParams).target
         circuit = await self.host.relay_connect(source, target)
-        answer: JSONObject = {
-            "circuit": b64url_encode(circuit.source_id),
-            **self.limits.to_wire(),
-        }
-        if circuit.max_packet is not None:
-            answer["maxPacket"] = circuit.max_packet
+        limits = self.limits
+        shape = RelayConnectAnswer(
+            circuit=CircuitId(circuit.source_id),
+            duration_ms=Millis(round(limits.circuit_duration * 1000)),
+            bytes=Count(limits.circuit_bytes),
+            max_packet=(
+                None if circuit.max_packet is None else PacketSize(circuit.max_packet)
+            ),
+        )
+        answer: JSONObject = converter.unstructure(shape)
         return answer
 
 

@@ -73,9 +73,16 @@ from ._relay import (
     RelayMalformedError,
     RelayTable,
     ReservationRefusedError,
-    decode_circuit_id,
+    relay_answer,
 )
-from ._wire import CircuitId, RelayConnectParams, RelayStopParams, converter
+from ._wire import (
+    CircuitId,
+    RelayConnectAnswer,
+    RelayConnectParams,
+    RelayReserveAnswer,
+    RelayStopParams,
+    converter,
+)
 
 if TYPE_CHECKING:
     from ._connections import NodeConnectionManager
@@ -317,22 +324,23 @@ class Relaying:
         """:meth:`NodeConnectionManager.reserve`."""
         try:
             result = await relay.rpc.unary(RELAY_RESERVE, {})
+            # A relay whose answer we cannot read has not reserved for us:
+            # its circuits are refused as any unknown relay's.
+            answer = relay_answer(result, RelayReserveAnswer)
         except Exception as exc:
             if not note_failure(log, "reservation on", relay.node_id, exc):
                 self._manager.task_errors += 1
             return None
         self._reserved_with.add(relay.node_id)
-        expires = result.get("expiresMs") if isinstance(result, dict) else None
-        return expires / 1000 if isinstance(expires, int) and expires > 0 else 60.0
+        return answer.expires_ms / 1000
 
-    def _packet_size(self, relay: NodeConnection, answer: object) -> int:
+    def _packet_size(self, relay: NodeConnection, named: int | None) -> int:
         # The relay's maxPacket, within what our own connection to it
         # carries and our configured largest packet; bigger packets are
         # fewer packets, each handled three times on the way.
         size = self._config.max_udp_payload_size
-        named = answer.get("maxPacket") if isinstance(answer, dict) else None
         room = relay.connection.datagram_max_size()
-        if not isinstance(named, int) or isinstance(named, bool) or room is None:
+        if named is None or room is None:
             return RELAYED_PAYLOAD
         return max(RELAYED_PAYLOAD, min(size, named, room - CIRCUIT_ID_LEN))
 
@@ -346,10 +354,9 @@ class Relaying:
         result = await relay.rpc.unary(
             RELAY_CONNECT, converter.unstructure(RelayConnectParams(node_id))
         )
-        circuit_id = decode_circuit_id(
-            result.get("circuit") if isinstance(result, dict) else None
-        )
-        size = self._packet_size(relay, result)
+        answer = relay_answer(result, RelayConnectAnswer)
+        circuit_id = answer.circuit
+        size = self._packet_size(relay, answer.max_packet)
         client = self._clients.get(size)
         if client is None:
             client = self._clients[size] = QUICClient(

@@ -236,11 +236,10 @@ def verify_final(params: JSONValue, signaller: NodeId | None) -> SignalRequest:
     if not _verify(signaller, p.relay_signature, signed):
         raise RelayVerificationError()
     try:
-        where = NodeAddress(address.get("host"), address.get("port"))
-    except InvalidAddressError as exc:
-        raise RPCInvalidParams(f"address: {exc}") from None
-    source, target = p.source, p.target
-    return SignalRequest(source, target, where)
+        where = structure(address, NodeAddress, at="address")
+    except WireError as exc:
+        raise RPCInvalidParams(str(exc)) from None
+    return SignalRequest(p.source, p.target, where)
 
 
 @attrs.define
@@ -405,6 +404,7 @@ async def request_signal(
     signature = identity.key_pair.sign(request_data(identity.node_id, target))
     request = SignalInitialParams(target=target, signature=Signature(signature))
     result = await client.unary(SIGNAL_INITIAL, converter.unstructure(request))
-    if not isinstance(result, dict):
-        raise InvalidAddressError("the signaller's answer is not an address")
-    return NodeAddress(result.get("host"), result.get("port"))
+    try:
+        return structure(result, NodeAddress, at="answer")
+    except WireError as exc:
+        raise InvalidAddressError(f"the signaller's {exc}") from None

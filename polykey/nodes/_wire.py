@@ -9,6 +9,14 @@ bytes of base64url. What fails is a :class:`WireError` naming the key, in
 our own words (never cattrs' or Python's text), so a handler can answer
 -32602 with it and a reader of a peer's reply can skip that entry.
 
+An address a peer names as ``{"host", "port"}`` (a signaller's answer and
+the address it signs, where a ``nodesPing`` saw us) structures straight to
+a :class:`NodeAddress`; a relay's answers to our reservation and circuit
+requests are :class:`RelayReserveAnswer` and :class:`RelayConnectAnswer`
+(which the relay's handlers unstructure too).
+Inside a nested shape the error names the path (``address.port``), and
+:func:`structure` can name the value itself (``at="answer"``).
+
 Two things the shapes cannot say are done around the converter, not in it:
 a contact's address entries are structured one by one (one bad entry costs
 that entry, not the contact), and at most ``limit`` of them are looked at;
@@ -28,6 +36,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 from ..keys import NodeId, NodeIdError
 from ._address import NodeAddress
+from ._errors import InvalidAddressError
 
 __all__ = [
     "CIRCUIT_ID_LEN",
@@ -35,10 +44,18 @@ __all__ = [
     "CircuitId",
     "ConnectionInfo",
     "ContactInfo",
+    "Count",
+    "HostPort",
     "JSONMapping",
+    "Millis",
     "NodeContactData",
     "NodeIdParams",
+    "PacketSize",
+    "PingAnswer",
+    "Port",
+    "RelayConnectAnswer",
     "RelayConnectParams",
+    "RelayReserveAnswer",
     "RelayStopParams",
     "SignalFinalParams",
     "SignalInitialParams",
@@ -58,8 +75,19 @@ JSONMapping = NewType("JSONMapping", dict)  # type: ignore[type-arg]
 #: A relay circuit's id on one of its connections, base64url on the wire.
 CircuitId = NewType("CircuitId", bytes)
 
+#: A UDP port, 1..65535.
+Port = NewType("Port", int)
+#: A positive count of milliseconds, within JavaScript's safe integers (a
+#: peer's 10**400 would overflow the float of seconds it becomes).
+Millis = NewType("Millis", int)
+#: A UDP payload size in bytes, 1..65535.
+PacketSize = NewType("PacketSize", int)
+#: A count (of bytes), 0..2**53 - 1.
+Count = NewType("Count", int)
+
 #: Bytes in a circuit id (prefixed to every relayed datagram).
 CIRCUIT_ID_LEN: Final = 8
+_MAX_SAFE_INT: Final = 2**53 - 1
 
 _SIGNATURE_LEN: Final = 64
 _MAX_B64: Final = 128  # a signature is 86 characters; much longer is not one
@@ -70,7 +98,10 @@ T = TypeVar("T")
 
 class WireError(ValueError):
     """A message that is not the shape it should be; ``str()`` names the key,
-    and ``key`` is it (None when the message as a whole is wrong)."""
+    and ``key`` is it, a dotted path into nested shapes (None when the
+    message as a whole is wrong). Raised by a hook, ``key`` may name a key
+    below the value the hook was given (``host`` of an address);
+    :func:`structure` makes it the whole path."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
@@ -176,6 +207,42 @@ class RelayStopParams:
     circuit: CircuitId
 
 
+@attrs.frozen
+class HostPort:
+    """``{"host", "port"}`` as a peer names an address; the converter
+    makes a :class:`NodeAddress` of it (structure to that)."""
+
+    host: str
+    port: Port
+
+
+@attrs.frozen
+class PingAnswer:
+    """``nodesPing``'s answer (our extension): where the peer sees us, if
+    it says (``success`` is what :func:`request_ping` reads)."""
+
+    address: NodeAddress | None = None
+
+
+@attrs.frozen
+class RelayReserveAnswer:
+    """``nodesRelayReserve``'s answer: how long the reservation lasts."""
+
+    expires_ms: Millis
+
+
+@attrs.frozen
+class RelayConnectAnswer:
+    """``nodesRelayConnect``'s answer: our end's circuit id, the circuit's
+    limits (for information: the relay enforces them) and the largest
+    inner packet the relay carries, if it names one (left out while None)."""
+
+    circuit: CircuitId
+    duration_ms: Millis | None = None
+    bytes: Count | None = None
+    max_packet: PacketSize | None = None
+
+
 # Python name -> wire key, where the two differ by more than camelCase.
 _RENAMES: Final[dict[type, dict[str, str]]] = {
     NodeIdParams: {"node_id": "nodeIdEncoded"},
@@ -189,6 +256,12 @@ _RENAMES: Final[dict[type, dict[str, str]]] = {
     },
     RelayConnectParams: {"target": "targetNodeIdEncoded"},
     RelayStopParams: {"source": "sourceNodeIdEncoded"},
+}
+
+
+# Fields left out of the JSON while None (the others are written as null).
+_OMITTED_IF_NONE: Final[dict[type, frozenset[str]]] = {
+    RelayConnectAnswer: frozenset({"max_packet"}),
 }
 
 
@@ -227,6 +300,17 @@ def _circuit_id(value: object, _: object) -> CircuitId:
     if len(raw) != CIRCUIT_ID_LEN:
         raise WireError(f"must be {CIRCUIT_ID_LEN} bytes")
     return CircuitId(raw)
+
+
+def _bounded(low: int, high: int, what: str) -> Any:
+    # A range check before anything uses the number: JSON integers are
+    # unbounded, and the text of a huge one is no use in an error.
+    def hook(value: object, _: object) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise WireError(f"must be {what}")
+        return value
+
+    return hook
 
 
 def _mapping(value: object, _: object) -> JSONMapping:
@@ -269,6 +353,31 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(float, _exact(float, "a number"))
     conv.register_structure_hook(bool, _exact(bool, "true or false"))
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _strings)
+    conv.register_structure_hook(Port, _bounded(1, 65535, "a port number (1-65535)"))
+    conv.register_structure_hook(
+        Millis, _bounded(1, _MAX_SAFE_INT, "a positive integer of at most 2**53 - 1")
+    )
+    conv.register_structure_hook(
+        PacketSize, _bounded(1, 65535, "a packet size (1-65535)")
+    )
+    conv.register_structure_hook(
+        Count, _bounded(0, _MAX_SAFE_INT, "an integer from 0 to 2**53 - 1")
+    )
+
+    def node_address(value: object, _: object) -> NodeAddress:
+        if not isinstance(value, dict):
+            raise WireError("must be an object")
+        where = conv.structure(value, HostPort)
+        try:
+            return NodeAddress(where.host, where.port)
+        except InvalidAddressError as exc:
+            # The port passed its hook: what is left to refuse is the host.
+            raise WireError(f"is not dialable: {exc}", "host") from None
+
+    conv.register_structure_hook(NodeAddress, node_address)
+    conv.register_unstructure_hook(
+        NodeAddress, lambda a: {"host": a.host, "port": a.port}
+    )
     for cls in (
         NodeIdParams,
         ContactInfo,
@@ -279,10 +388,18 @@ def _make_converter() -> cattrs.Converter:
         SignalFinalParams,
         RelayConnectParams,
         RelayStopParams,
+        HostPort,
+        PingAnswer,
+        RelayReserveAnswer,
+        RelayConnectAnswer,
     ):
         renames = _RENAMES.get(cls, {})
+        omitted = _OMITTED_IF_NONE.get(cls, frozenset())
         overrides = {
-            f.name: override(rename=renames.get(f.name, _camel(f.name)))
+            f.name: override(
+                rename=renames.get(f.name, _camel(f.name)),
+                omit_if_default=f.name in omitted,
+            )
             for f in attrs.fields(cls)
         }
         conv.register_structure_hook(
@@ -304,9 +421,15 @@ def _wire_key(cls: type, field: str) -> str:
     return _RENAMES.get(cls, {}).get(field, _camel(field))
 
 
-def _first_error(exc: BaseException, cls: type) -> WireError:
-    """Our own words for why structuring ``cls`` failed: the wire key, and
-    what it must be."""
+def _join(path: str | None, key: str | None) -> str | None:
+    if not path:
+        return key
+    return f"{path}.{key}" if key else path
+
+
+def _first_error(exc: BaseException, path: str | None) -> WireError:
+    """Our own words for why structuring failed: the wire key (a dotted path
+    into nested shapes, below ``path``), and what it must be."""
     if isinstance(exc, cattrs.ClassValidationError):
         for sub in exc.exceptions:
             notes = getattr(sub, "__notes__", [])
@@ -318,26 +441,31 @@ def _first_error(exc: BaseException, cls: type) -> WireError:
                 ),
                 None,
             )
-            key = _wire_key(cls, field) if field else None
+            key = _join(path, _wire_key(exc.cl, field) if field else None)
+            if isinstance(sub, cattrs.ClassValidationError):
+                return _first_error(sub, key)
             shown = key or "params"
             if isinstance(sub, KeyError):
                 return WireError(f"{shown} is missing", key)
             if isinstance(sub, WireError):
-                return WireError(f"{shown} {sub}", key)
+                inner = _join(key, sub.key)
+                return WireError(f"{inner or 'params'} {sub}", inner)
             return WireError(f"{shown} is not valid", key)
     if isinstance(exc, WireError):
-        return WireError(f"params {exc}")
-    return WireError("params are not valid")
+        inner = _join(path, exc.key)
+        return WireError(f"{inner or 'params'} {exc}", inner)
+    return WireError(f"{path or 'params'} is not valid", path)
 
 
-def structure(value: object, cls: type[T]) -> T:
-    """``value`` (parsed JSON) as ``cls``; raises :class:`WireError`."""
+def structure(value: object, cls: type[T], *, at: str | None = None) -> T:
+    """``value`` (parsed JSON) as ``cls``; raises :class:`WireError`, whose
+    key is a path from ``at`` (the value's own name, "params" if None)."""
     if not isinstance(value, dict):
-        raise WireError("params must be an object")
+        raise WireError(f"{at or 'params'} must be an object", at)
     try:
         return converter.structure(value, cls)
     except (cattrs.BaseValidationError, WireError) as exc:
-        raise _first_error(exc, cls) from None
+        raise _first_error(exc, at) from None
 
 
 def address_of(info: ConnectionInfo) -> NodeAddress:

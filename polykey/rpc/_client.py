@@ -23,6 +23,7 @@ closed gracefully (FIN both ways).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -80,6 +81,8 @@ OutT = TypeVar("OutT")
 
 # Read once: an Enum member read off its class costs 0.2 us (CPython 3.11).
 _CLOSED: Final = Outgoing.CLOSED
+# A drain in the call scope opens none of its own.
+_NO_SCOPE: Final = contextlib.nullcontext()
 
 StreamFactory: TypeAlias = Callable[[], Awaitable[trio.abc.HalfCloseableStream]]
 _Kind: TypeAlias = Literal["UNARY", "SERVER", "CLIENT", "DUPLEX", "RAW"]
@@ -136,7 +139,8 @@ class _Call:
         self.state = ClientCallState()
         # Messages sent: the first carries the metadata, the second is paced.
         self.sent = 0
-        # The call scope's deadline set by linger(), if it set one.
+        # The call scope's deadline set by drain(in_call_scope=True), if it
+        # set one.
         self.linger_deadline: float | None = None
 
     async def open(self) -> None:
@@ -228,30 +232,30 @@ class _Call:
             raise RPCMissingResponse(f"{self.method!r}: stream ended before a response")
         return value
 
-    async def drain(self) -> None:
-        """Wait (up to ``linger``) for the server's FIN, ignoring extra results."""
-        with trio.move_on_after(self.client.linger):
+    async def drain(self, *, in_call_scope: bool = False) -> None:
+        """Read (and drop) results until the server's FIN, up to ``linger``.
+
+        ``in_call_scope``: no scope of its own (unary calls are the hot
+        path); the call scope's deadline (lifted by proof of life, unless
+        kept) is brought down to ``linger`` from now instead, and if that is
+        what expires, :meth:`lingered` says so and the call ends as a drain
+        out of time would have left it. The server's ``_drain`` has the same
+        two ways.
+        """
+        linger = self.client.linger
+        if in_call_scope:
+            self.state.handle(ClientEvent.LINGER)
+            scope = self.ctx.cancel_scope
+            deadline = trio.current_time() + linger
+            if deadline < scope.deadline:
+                scope.deadline = self.linger_deadline = deadline
+        with _NO_SCOPE if in_call_scope else trio.move_on_after(linger):
             while await self.receive() is not EOF:
                 pass
 
-    async def linger(self) -> None:
-        """:meth:`drain` in the call scope, without a scope of its own.
-
-        The call scope's deadline (lifted by proof of life, unless kept) is
-        brought down to ``linger`` from now; if that is what expires,
-        :meth:`lingered` says so and the call ends as :meth:`drain` would
-        have left it.
-        """
-        self.state.handle(ClientEvent.LINGER)
-        scope = self.ctx.cancel_scope
-        deadline = trio.current_time() + self.client.linger
-        if deadline < scope.deadline:
-            scope.deadline = self.linger_deadline = deadline
-        while await self.receive() is not EOF:
-            pass
-
     def lingered(self) -> bool:
-        """True if the call scope was cancelled by :meth:`linger`'s deadline."""
+        """True if the call scope was cancelled by the deadline
+        :meth:`drain` set in it."""
         deadline = self.linger_deadline
         return (
             deadline is not None
@@ -544,7 +548,7 @@ class RPCClient(Generic[ManifestT]):
             await call.send({} if params is None else params)
             result = await call.receive_one()
             await call.send_eof()
-            await call.linger()
+            await call.drain(in_call_scope=True)
         return result
 
     @asynccontextmanager

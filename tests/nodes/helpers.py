@@ -6,6 +6,7 @@ import random
 
 from polykey.keys import NodeId
 from polykey.nodes import NodeAddress, NodeContact
+from polykey.rpc import CallContext, JSONValue, UnaryHandler
 
 
 def node_id(value: int) -> NodeId:
@@ -27,3 +28,14 @@ def addr(n: int, port: int = 1314) -> NodeAddress:
 
 def contact(nid: NodeId, n: int = 1) -> NodeContact:
     return NodeContact(nid, (addr(n),))
+
+
+class Liar(UnaryHandler[JSONValue, JSONValue]):
+    """A method that answers whatever it was last told to: a signaller or a
+    relay whose answers are not the shape they should be."""
+
+    def __init__(self) -> None:
+        self.answer: JSONValue = None
+
+    async def handle(self, params: JSONValue, ctx: CallContext) -> JSONValue:
+        return self.answer

@@ -19,6 +19,7 @@ from polykey.agent import NodeSettings, PolykeyNode
 from polykey.keys import KeyPair, NodeId
 from polykey.nodes import (
     RELAY_CONNECT,
+    RELAY_RESERVE,
     RELAY_STOP,
     Circuit,
     ConnectionPath,
@@ -26,18 +27,22 @@ from polykey.nodes import (
     NoReservationError,
     PermissionDeniedError,
     RelayLimits,
+    RelayMalformedError,
     RelayTable,
     ResourceLimitError,
 )
 from polykey.nodes import _punching as punching_module
 from polykey.rpc import (
     CallContext,
+    JSONValue,
     RawCall,
     RawHandler,
     RPCRemoteError,
     RPCStreamReset,
     StreamCode,
 )
+
+from .helpers import Liar
 
 # -- pure --------------------------------------------------------------------------
 
@@ -329,6 +334,46 @@ async def test_relay_refusals_on_the_wire(tmp_path: Path) -> None:
                 )
             assert info.value.remote_type == "ErrorRelayMalformed"
             # Everyone still serves.
+            assert (await to_r.rpc.unary("nodesPing", {}))["success"]
+
+
+async def test_a_relays_bad_answers_are_read_as_malformed(tmp_path: Path) -> None:
+    liar = Liar()
+    circuit = "AAECAwQFBgc"
+    huge = 10**400  # no float holds it
+    handlers = {RELAY_RESERVE: liar, RELAY_CONNECT: liar}
+    with trio.fail_after(30):
+        async with nodes(
+            tmp_path, ("a", {}), ("r", {"handlers": handlers}), ("b", {})
+        ) as (a, r, b):
+            to_r = await a.connect(r.node_id, r.address)
+            # An answer we cannot read is no reservation (and no bug of ours).
+            unreadable: list[JSONValue] = [
+                None, [], {}, {"expiresMs": "60000"}, {"expiresMs": 0},
+                {"expiresMs": True}, {"expiresMs": huge}, {"expiresMs": {"ms": 60000}},
+            ]  # fmt: skip
+            for answer in unreadable:
+                liar.answer = answer
+                assert await a.connections.reserve(to_r) is None, answer
+            liar.answer = {"expiresMs": 90_000}
+            assert await a.connections.reserve(to_r) == 90.0
+            malformed: list[tuple[JSONValue, str]] = [
+                ([], "answer must be an object"),
+                ({"durationMs": 1}, "answer.circuit is missing"),
+                ({"circuit": "!" * 11}, "answer.circuit must be base64url"),
+                ({"circuit": [circuit]}, "answer.circuit must be base64url"),
+                ({"circuit": "AAAA"}, "answer.circuit must be 8 bytes"),
+                ({"circuit": circuit, "maxPacket": "1400"},
+                 "answer.maxPacket must be a packet size (1-65535)"),
+                ({"circuit": circuit, "maxPacket": huge},
+                 "answer.maxPacket must be a packet size (1-65535)"),
+            ]  # fmt: skip
+            for answer, message in malformed:
+                liar.answer = answer
+                with pytest.raises(RelayMalformedError) as info:
+                    await a.connections.connect_relayed(b.node_id, to_r)
+                assert str(info.value) == f"the relay's {message}"
+            assert a.connections.task_errors == 0
             assert (await to_r.rpc.unary("nodesPing", {}))["success"]
 
 

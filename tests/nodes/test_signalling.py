@@ -21,6 +21,7 @@ from polykey.nodes import (
     SIGNAL_FINAL,
     SIGNAL_INITIAL,
     ConnectionPath,
+    InvalidAddressError,
     RelayVerificationError,
     RequestVerificationError,
 )
@@ -34,6 +35,8 @@ from polykey.nodes._signalling import (
     verify_final,
 )
 from polykey.rpc import RPCInvalidParams, RPCRemoteError
+
+from .helpers import Liar
 
 # -- pure --------------------------------------------------------------------------
 
@@ -146,6 +149,29 @@ def test_verify_final_accepts_the_real_thing_and_refuses_forgeries() -> None:
     # Signatures fine, but nothing to punch to.
     with pytest.raises(RPCInvalidParams, match="address"):
         verify_final(final_params(a, b, s, {"host": "0.0.0.0", "port": 1}), s.id)
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ({"host": "198.51.100.7", "port": 10**400},
+         "address.port must be a port number (1-65535)"),
+        ({"host": "198.51.100.7", "port": "4242"},
+         "address.port must be a port number (1-65535)"),
+        ({"host": ["198.51.100.7"], "port": 4242}, "address.host must be a string"),
+        ({"port": 4242}, "address.host is missing"),
+        ({"host": "224.0.0.1", "port": 4242},
+         "address.host is not dialable: '224.0.0.1' is not a unicast address"),
+    ],
+)  # fmt: skip
+def test_verify_final_names_the_bad_address_key(
+    address: dict[str, Any], message: str
+) -> None:
+    # Signed as sent, so only the address's shape can fail.
+    a, b, s = Keys(), Keys(), Keys()
+    with pytest.raises(RPCInvalidParams) as info:
+        verify_final(final_params(a, b, s, address), s.id)
+    assert str(info.value) == message
 
 
 # -- real nodes over QUIC on loopback ---------------------------------------------------------
@@ -407,3 +433,46 @@ async def test_polykeys_error_shape_on_the_wire(tmp_path: Path) -> None:
 def test_node_id_of_keys() -> None:
     keys = Keys()
     assert isinstance(keys.id, NodeId)
+
+
+async def test_a_signallers_bad_answer_is_one_clear_error(tmp_path: Path) -> None:
+    liar = Liar()
+    target = KeyPair.generate().node_id
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            settings = NodeSettings(
+                state_dir=tmp_path / "s", host="127.0.0.1", port=0,
+                handlers={SIGNAL_INITIAL: liar},
+            )  # fmt: skip
+            s = await nursery.start(_run, settings)
+            settings = NodeSettings(state_dir=tmp_path / "a", host="127.0.0.1", port=0)
+            a = await nursery.start(_run, settings)
+            to_s = await a.connect(s.node_id, s.address)
+            for answer, message in [
+                (None, "answer must be an object"),
+                ([["127.0.0.1", 1]], "answer must be an object"),
+                ({"host": "127.0.0.1"}, "answer.port is missing"),
+                ({"host": 5, "port": 1}, "answer.host must be a string"),
+                ({"host": {"host": "127.0.0.1"}, "port": 1}, "answer.host must be a string"),
+                ({"host": "127.0.0.1", "port": 10**400},
+                 "answer.port must be a port number (1-65535)"),
+                ({"host": "0.0.0.0", "port": 1},
+                 "answer.host is not dialable: '0.0.0.0' is not a unicast address"),
+            ]:  # fmt: skip
+                liar.answer = answer
+                with pytest.raises(InvalidAddressError) as info:
+                    await a.connections.connect_punched(target, to_s)
+                assert str(info.value) == f"the signaller's {message}"
+            # Both still serve, on the same connection.
+            assert (await to_s.rpc.unary("nodesPing", {}))["success"]
+            nursery.cancel_scope.cancel()
+
+
+async def _run(
+    settings: NodeSettings,
+    *,
+    task_status: trio.TaskStatus[PolykeyNode] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with PolykeyNode(settings) as node:
+        task_status.started(node)
+        await trio.sleep_forever()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -27,8 +28,14 @@ from polykey.nodes._wire import (
     CircuitId,
     ConnectionInfo,
     ContactInfo,
+    Count,
+    Millis,
     NodeIdParams,
+    PacketSize,
+    PingAnswer,
+    RelayConnectAnswer,
     RelayConnectParams,
+    RelayReserveAnswer,
     RelayStopParams,
     SignalFinalParams,
     SignalInitialParams,
@@ -193,6 +200,26 @@ def test_relay_params_round_trip_and_errors_name_their_key() -> None:
     assert info.value.key is None
 
 
+def test_the_relays_answers_round_trip_in_the_order_it_wrote_them() -> None:
+    connect = RelayConnectAnswer(
+        CircuitId(bytes(range(8))), Millis(600_000), Count(64 << 20), PacketSize(1302)
+    )
+    wire = converter.unstructure(connect)
+    assert list(wire.items()) == [
+        ("circuit", CIRCUIT),
+        ("durationMs", 600_000),
+        ("bytes", 64 << 20),
+        ("maxPacket", 1302),
+    ]
+    assert structure(wire, RelayConnectAnswer) == connect
+    # No maxPacket named: left out, not null.
+    bare = attrs.evolve(connect, max_packet=None)
+    assert "maxPacket" not in converter.unstructure(bare)
+    reserve = RelayReserveAnswer(Millis(3_600_000))
+    assert converter.unstructure(reserve) == {"expiresMs": 3_600_000}
+    assert structure(converter.unstructure(reserve), RelayReserveAnswer) == reserve
+
+
 def test_signal_address_keeps_the_senders_key_order() -> None:
     # The relay signature covers the address's JSON as the signaller wrote it.
     params = {
@@ -207,6 +234,94 @@ def test_signal_address_keeps_the_senders_key_order() -> None:
     assert converter.unstructure(final) == params
 
 
+HUGE = 10**400  # a JSON integer no float holds
+CIRCUIT = "AAECAwQFBgc"
+
+
+@pytest.mark.parametrize(
+    ("value", "cls", "message"),
+    [
+        # Answers named "answer": every key is a path from it.
+        ([], NodeAddress, "answer must be an object"),
+        ({"host": "10.0.0.1"}, NodeAddress, "answer.port is missing"),
+        ({"port": 1}, NodeAddress, "answer.host is missing"),
+        ({"host": 5, "port": 1}, NodeAddress, "answer.host must be a string"),
+        ({"host": {"host": "10.0.0.1"}, "port": 1}, NodeAddress,
+         "answer.host must be a string"),
+        ({"host": "10.0.0.1", "port": "1"}, NodeAddress,
+         "answer.port must be a port number (1-65535)"),
+        ({"host": "10.0.0.1", "port": True}, NodeAddress,
+         "answer.port must be a port number (1-65535)"),
+        ({"host": "10.0.0.1", "port": 0}, NodeAddress,
+         "answer.port must be a port number (1-65535)"),
+        ({"host": "10.0.0.1", "port": HUGE}, NodeAddress,
+         "answer.port must be a port number (1-65535)"),
+        ({"host": "10.0.0.1", "port": 1.5}, NodeAddress,
+         "answer.port must be a port number (1-65535)"),
+        ({"host": "0.0.0.0", "port": 1}, NodeAddress,
+         "answer.host is not dialable: '0.0.0.0' is not a unicast address"),
+        ({"host": "fe80::1%eth0", "port": 1}, NodeAddress,
+         "answer.host is not dialable: scoped IPv6 address 'fe80::1%eth0' is not usable"),
+        ({"address": "10.0.0.1:1"}, PingAnswer, "answer.address must be an object"),
+        ({"address": [["10.0.0.1", 1]]}, PingAnswer, "answer.address must be an object"),
+        ({"address": {"host": "10.0.0.1", "port": HUGE}}, PingAnswer,
+         "answer.address.port must be a port number (1-65535)"),
+        ({"address": {"host": "10.0.0.1", "port": {"port": 1}}}, PingAnswer,
+         "answer.address.port must be a port number (1-65535)"),
+        ({"address": {"port": 1}}, PingAnswer, "answer.address.host is missing"),
+        ({}, RelayReserveAnswer, "answer.expiresMs is missing"),
+        ({"expiresMs": "60000"}, RelayReserveAnswer,
+         "answer.expiresMs must be a positive integer of at most 2**53 - 1"),
+        ({"expiresMs": 0}, RelayReserveAnswer,
+         "answer.expiresMs must be a positive integer of at most 2**53 - 1"),
+        ({"expiresMs": HUGE}, RelayReserveAnswer,
+         "answer.expiresMs must be a positive integer of at most 2**53 - 1"),
+        ({"expiresMs": [60000]}, RelayReserveAnswer,
+         "answer.expiresMs must be a positive integer of at most 2**53 - 1"),
+        ({}, RelayConnectAnswer, "answer.circuit is missing"),
+        ({"circuit": "!" * 11}, RelayConnectAnswer, "answer.circuit must be base64url"),
+        ({"circuit": "A" * 4000}, RelayConnectAnswer, "answer.circuit must be base64url"),
+        ({"circuit": [CIRCUIT]}, RelayConnectAnswer, "answer.circuit must be base64url"),
+        ({"circuit": "AAAA"}, RelayConnectAnswer, "answer.circuit must be 8 bytes"),
+        ({"circuit": CIRCUIT, "maxPacket": "1400"}, RelayConnectAnswer,
+         "answer.maxPacket must be a packet size (1-65535)"),
+        ({"circuit": CIRCUIT, "maxPacket": HUGE}, RelayConnectAnswer,
+         "answer.maxPacket must be a packet size (1-65535)"),
+        ({"circuit": CIRCUIT, "durationMs": "600000"}, RelayConnectAnswer,
+         "answer.durationMs must be a positive integer of at most 2**53 - 1"),
+        ({"circuit": CIRCUIT, "bytes": -1}, RelayConnectAnswer,
+         "answer.bytes must be an integer from 0 to 2**53 - 1"),
+    ],
+)  # fmt: skip
+def test_answers_name_the_path_to_the_bad_key(
+    value: object, cls: type, message: str
+) -> None:
+    with pytest.raises(WireError) as info:
+        structure(value, cls, at="answer")
+    assert str(info.value) == message
+    assert info.value.key == message.split(" ")[0]
+
+
+def test_answers_structure_to_what_the_callers_use() -> None:
+    assert structure({"host": "::ffff:10.0.0.1", "port": 1, "x": 1}, NodeAddress) == (
+        NodeAddress("10.0.0.1", 1)
+    )
+    assert structure({"success": True}, PingAnswer) == PingAnswer(None)
+    assert structure(
+        {"address": {"host": "10.0.0.1", "port": 9}}, PingAnswer
+    ) == PingAnswer(NodeAddress("10.0.0.1", 9))
+    assert structure({"expiresMs": 2**53 - 1}, RelayReserveAnswer).expires_ms == (
+        2**53 - 1
+    )
+    assert structure({"circuit": CIRCUIT, "maxPacket": 1400}, RelayConnectAnswer) == (
+        RelayConnectAnswer(CircuitId(bytes(range(8))), max_packet=PacketSize(1400))
+    )
+    assert converter.unstructure(NodeAddress("10.0.0.1", 9)) == {
+        "host": "10.0.0.1",
+        "port": 9,
+    }
+
+
 @given(st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -219,3 +334,37 @@ def test_any_json_is_a_contact_or_none_never_an_exception(value: object) -> None
         assert contact is None or isinstance(contact, NodeContact)
         result = parse_active_connection_message(candidate)
         assert result is None or isinstance(result, NodeContact)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(json_values, json_values)
+def test_any_json_is_an_answer_or_a_wire_error_naming_a_key(
+    value: object, inner: object
+) -> None:
+    shapes: list[tuple[object, type]] = [
+        (value, NodeAddress),
+        ({"host": value, "port": inner}, NodeAddress),
+        ({"address": value}, PingAnswer),
+        ({"address": {"host": "10.0.0.1", "port": value}}, PingAnswer),
+        ({"expiresMs": value}, RelayReserveAnswer),
+        ({"circuit": value, "maxPacket": inner}, RelayConnectAnswer),
+    ]
+    for candidate, cls in shapes:
+        # Anything but a WireError (cattrs', Python's) fails the test.
+        error: WireError | None = None
+        try:
+            structure(candidate, cls, at="answer")
+        except WireError as exc:
+            error = exc
+        if error is not None:
+            assert error.key is not None
+            assert str(error).startswith(error.key + " ")
