@@ -188,7 +188,10 @@ class RPCServer:
     ``max_calls_per_connection`` those of one ``connection`` given to
     :meth:`handle_stream`: a call beyond either is refused at once, by a
     reset with code 1 where the stream can be reset (what js-rpc does for a
-    method it does not serve), else by a -32000 error.
+    method it does not serve), else by a -32000 error. A call that has
+    answered and only waits (up to ``linger``) for the client's FIN no
+    longer counts: it holds a stream, not a handler, and clients that
+    vanish after their answer must not hold the slots of the next ones.
     """
 
     def __init__(
@@ -238,6 +241,8 @@ class RPCServer:
         self._stack = contextlib.AsyncExitStack()
         self._nursery: trio.Nursery | None = None
         self._calls: set[_ServerCall] = set()
+        #: The calls that count toward the limits: not yet lingering.
+        self._holding: set[_ServerCall] = set()
         self._idle = trio.Event()
         self._closed = trio.Event()
         self._stats = ServerStatistics()
@@ -328,10 +333,8 @@ class RPCServer:
         if self._busy(connection):
             self._nursery.start_soon(self._refuse_busy, stream)
             return
-        call = self._register(stream, transport_meta)
-        if connection is not None:
-            self._per_connection[connection] += 1
-        self._nursery.start_soon(self._run_call, call, connection)
+        call = self._register(stream, transport_meta, connection)
+        self._nursery.start_soon(self._run_call, call)
 
     async def serve_stream(
         self,
@@ -350,7 +353,7 @@ class RPCServer:
 
     def _busy(self, connection: Hashable | None) -> bool:
         """Whether a new call (of ``connection``) is past a limit; counted."""
-        if self.max_calls is not None and len(self._calls) >= self.max_calls:
+        if self.max_calls is not None and len(self._holding) >= self.max_calls:
             self._stats.refused_busy += 1
             return True
         limit = self.max_calls_per_connection
@@ -422,18 +425,33 @@ class RPCServer:
         )
 
     def _register(
-        self, stream: trio.abc.HalfCloseableStream, meta: Mapping[str, Any] | None
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        meta: Mapping[str, Any] | None,
+        connection: Hashable | None = None,
     ) -> _ServerCall:
-        call = _ServerCall(self, stream, dict(meta or {}))
+        call = _ServerCall(self, stream, dict(meta or {}), connection)
         self._calls.add(call)
+        self._holding.add(call)
+        if connection is not None:
+            self._per_connection[connection] += 1
         if self._idle.is_set():
             self._idle = trio.Event()
         self._stats.calls += 1
         return call
 
-    async def _run_call(
-        self, call: _ServerCall, connection: Hashable | None = None
-    ) -> None:
+    def release(self, call: _ServerCall) -> None:
+        """``call`` no longer counts toward the limits (it lingers, or ended)."""
+        if call not in self._holding:
+            return
+        self._holding.discard(call)
+        connection = call.connection
+        if connection is not None:
+            self._per_connection[connection] -= 1
+            if self._per_connection[connection] <= 0:
+                del self._per_connection[connection]
+
+    async def _run_call(self, call: _ServerCall) -> None:
         try:
             await call.run()
         except Exception:
@@ -443,10 +461,7 @@ class RPCServer:
             self._internal_error("RPC call", call.transport)
             await trio.aclose_forcefully(call.stream)
         finally:
-            if connection is not None:
-                self._per_connection[connection] -= 1
-                if self._per_connection[connection] <= 0:
-                    del self._per_connection[connection]
+            self.release(call)
             self._calls.discard(call)
             if not self._calls:
                 self._idle.set()
@@ -523,10 +538,13 @@ class _ServerCall:
         server: RPCServer,
         stream: trio.abc.HalfCloseableStream,
         transport: dict[str, Any],
+        connection: Hashable | None = None,
     ) -> None:
         self.server = server
         self.stream = stream
         self.transport = transport
+        #: What ``max_calls_per_connection`` counts it by.
+        self.connection = connection
         self.conn = MessageConn(stream, server.max_message_size)
         self.state = ServerCallState()
         # The deadline starts when the stream arrives, like js-rpc's timer.
@@ -622,6 +640,7 @@ class _ServerCall:
         if self.state.input is not Input.OPEN or self.state.output is Output.GONE:
             return
         self._event(ServerEvent.DRAIN)
+        self.server.release(self)  # answered: lingering holds no slot
         linger = self.server.linger
         if self.reader_done is not None:
             with trio.move_on_after(linger):

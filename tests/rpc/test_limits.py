@@ -186,6 +186,35 @@ async def test_calls_past_the_servers_limit_are_refused_at_once() -> None:
             assert await second.unary("echo", {"x": 2}) == {"echo": 2}
 
 
+@pytest.mark.parametrize("limit", ["max_calls", "max_calls_per_connection"])
+async def test_calls_that_answered_and_linger_hold_no_slot(limit: str) -> None:
+    # A client that vanishes after its answer never sends its FIN, and the
+    # server waits for it up to linger: those calls used to count as in
+    # flight, so vanished clients filled max_calls and the next ones were
+    # refused (bench/hardening.py's vanish churn: 676 of 2,000 refused).
+    server = RPCServer({"echo": Echo()}, timeout=10, linger=30, **{limit: 2})
+    with trio.fail_after(30):
+        async with server, quic_clients(server, 1) as clients:
+            request = {"jsonrpc": "2.0", "method": "echo", "params": {"x": 0}}
+            kept = []
+            for i in range(2):
+                stream = await clients.conns[0].open_stream()
+                await stream.send_all(json.dumps({**request, "id": i}).encode())
+                wire = b""
+                while chunk := await stream.receive_some():
+                    wire += chunk
+                assert json.loads(wire)["result"] == {"echo": 0}
+                kept.append(stream)  # never its FIN: the server lingers
+            assert server.statistics().active_calls == 2
+            assert await clients[0].unary("echo", {"x": 1}) == {"echo": 1}
+            stats = server.statistics()
+            assert stats.refused_busy == stats.refused_busy_connection == 0
+            assert stats.active_calls >= 2  # the two still linger (active)
+            for stream in kept:
+                await stream.send_eof()
+            await until(lambda: server.statistics().active_calls == 0)
+
+
 async def test_a_unix_socket_call_past_the_limit_gets_a_json_error() -> None:
     hold = Hold()
     with trio.fail_after(30):
