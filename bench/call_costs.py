@@ -171,7 +171,12 @@ def main() -> None:
     modes = args.only.split(",") if args.only else ["unary1", "unary64", "stream"]
     for mode in modes:
         count = args.count or (20_000 if mode == "stream" else 2_000)
-        print(json.dumps(trio.run(_measure, mode, count, args.profile, args.python_calls)), flush=True)
+        print(
+            json.dumps(
+                trio.run(_measure, mode, count, args.profile, args.python_calls)
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
