@@ -101,6 +101,14 @@ class QUICStream(trio.abc.HalfCloseableStream):
     def connection(self) -> QUICConnection:
         return self._conn
 
+    @property
+    def fin_received(self) -> bool:
+        """The peer's FIN has been read (with the last data, or alone): the
+        next :meth:`receive_some` returns ``b""`` at once. (The RPC layer's
+        ``EagerStream``: a reply with its FIN ends a call without another
+        read.)"""
+        return self._eof_received and self._recv_error is None and not self._closed
+
     # -- receiving ------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -355,14 +363,15 @@ class QUICStream(trio.abc.HalfCloseableStream):
         if not conn.closed:
             if code is not None:
                 forceful = True
-            # Done both ways already (FIN sent and received): closing sends
-            # nothing of the stream's, and the ACK of the peer's FIN can wait
-            # for company (the socket's deferred flush): a server's next
-            # reply takes it along instead of a packet of its own (with
+            # The peer's FIN read already: closing sends at most our own FIN,
+            # and it and the ACK of the peer's FIN can wait for company (the
+            # socket's deferred flush), as a lone FIN from send_eof does: a
+            # server's next reply takes the ACK along, a caller's next
+            # request the FIN, instead of a packet of their own (with
             # idle-point flushing, bench/call_costs.py: 4.12 -> 3.15
             # datagrams per unary call; tested against the flush at once in
             # test_a_finished_stream_closes_without_a_packet_of_its_own).
-            quiet = self._fin_sent and self._eof_received and not forceful
+            quiet = self._eof_received and not forceful
             code = self.cancel_code if code is None else code
             if not self._eof_received and self._recv_error is None:
                 self._shutdown(Shutdown.READ, code if forceful else 0)

@@ -63,8 +63,8 @@ from ._middleware import (
     reverse_hooks,
 )
 from ._raw import RawStream
-from ._state import ClientCallState, ClientEnd, ClientEvent, Outgoing
-from ._stream import abort_of, reset_stream
+from ._state import ClientCallState, ClientEnd, ClientEvent, Incoming, Outgoing
+from ._stream import abort_of, eager, reset_stream
 
 __all__ = [
     "ClientStreamCall",
@@ -287,6 +287,18 @@ class _Call:
         if how is ClientEnd.RESET:
             assert code is not None
             await reset_stream(self.stream, code)
+            return
+        closing = eager(self.stream)
+        if closing is not None and self.state.incoming is Incoming.ENDED:
+            # The server's FIN is read: a graceful close sends ours if it has
+            # not gone, and waits for nothing. Done without a checkpoint of
+            # its own (the call waited for its answer): a unary call over
+            # QUIC ends one scheduling round sooner (docs/quic.md). Other
+            # streams end as below, by send_eof and aclose, to the same end
+            # (tests/rpc/test_calls.py holds the two together).
+            if self.state.outgoing is Outgoing.OPEN:
+                self.state.handle(ClientEvent.SEND_EOF)
+            closing.close()
             return
         try:
             await self.send_eof()
@@ -539,7 +551,12 @@ class RPCClient(Generic[ManifestT]):
             # then a reset can still reach a handler that waits.
             await call.send({} if params is None else params)
             result = await call.receive_one()
-            await call.send_eof()
+            assert call.conn is not None
+            if not call.conn.eof:
+                # Ours before waiting for the server's: a server may wait
+                # for it. If the server's FIN came with the answer, ours
+                # goes with the close instead (one checkpoint less).
+                await call.send_eof()
             await call.linger()
         return result
 
