@@ -243,10 +243,15 @@ class _Call:
         have left it.
         """
         self.state.handle(ClientEvent.LINGER)
-        scope = self.ctx.cancel_scope
-        deadline = trio.current_time() + self.client.linger
-        if deadline < scope.deadline:
-            scope.deadline = self.linger_deadline = deadline
+        assert self.conn is not None
+        if not self.conn.eof:
+            # A read may wait: bound it. (With the FIN read, as over QUIC
+            # when it came with the answer, nothing waits, and a deadline
+            # set and cleared would cost more than the rest of the linger.)
+            scope = self.ctx.cancel_scope
+            deadline = trio.current_time() + self.client.linger
+            if deadline < scope.deadline:
+                scope.deadline = self.linger_deadline = deadline
         while await self.receive() is not EOF:
             pass
 
