@@ -298,9 +298,9 @@ class _Call:
             # The server's FIN is read: a graceful close sends ours if it has
             # not gone, and waits for nothing. Done without a checkpoint of
             # its own (the call waited for its answer): a unary call over
-            # QUIC ends one scheduling round sooner (docs/quic.md). Other
+            # QUIC ends two scheduling rounds sooner (docs/quic.md). Other
             # streams end as below, by send_eof and aclose, to the same end
-            # (tests/rpc/test_calls.py holds the two together).
+            # (tests/rpc/test_over_quic.py holds the two together).
             if self.state.outgoing is Outgoing.OPEN:
                 self.state.handle(ClientEvent.SEND_EOF)
             closing.close()

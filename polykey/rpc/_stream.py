@@ -74,6 +74,9 @@ class StreamAbort(Protocol):
 
 @runtime_checkable
 class EagerStream(Protocol):
+    """A stream that tells when the peer's FIN has been read and closes
+    without waiting (QUIC's, :class:`~polykey.rpc.MemoryStream`)."""
+
     @property
     def fin_received(self) -> bool:
         """The peer's FIN has been read with the data before it: the next
