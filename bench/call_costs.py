@@ -8,7 +8,9 @@ one process on loopback (one core's work: the counts, not a rate).
 
 A fixed amount of work per run, so timing the whole process compares two
 builds (``/usr/bin/time -v``); ``--profile FILE`` writes a cProfile of the
-measured part. See docs/quic.md, "Where a small call's time goes".
+measured part; ``--python-calls`` counts Python function calls per call
+(``sys.setprofile``: its time is then the hook's, not the code's). See
+docs/quic.md, "Where a small call's time goes".
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from polykey.quic import (
     node_verifier,
 )
 from polykey.rpc import RPCClient, RPCServer
-from polykey.testing import SchedulerCounter
+from polykey.testing import PythonCallCounter, SchedulerCounter
 
 
 class _Syscalls:
@@ -68,7 +70,9 @@ class _Syscalls:
             setattr(socket.socket, name, original)
 
 
-async def _measure(mode: str, count: int, profile: str | None) -> JSON:
+async def _measure(
+    mode: str, count: int, profile: str | None, python_calls: bool
+) -> JSON:
     a, b = NodeIdentity.generate(), NodeIdentity.generate()
     async with (
         QUICSocket("127.0.0.1") as sa,
@@ -98,7 +102,10 @@ async def _measure(mode: str, count: int, profile: str | None) -> JSON:
         profiler = cProfile.Profile() if profile else None
         d0 = datagrams()
         start = time.perf_counter()
+        pycalls = PythonCallCounter()
         with _Syscalls() as syscalls, SchedulerCounter() as counter:
+            if python_calls:
+                pycalls.__enter__()
             if profiler is not None:
                 profiler.enable()
             try:
@@ -126,12 +133,15 @@ async def _measure(mode: str, count: int, profile: str | None) -> JSON:
             finally:
                 if profiler is not None:
                     profiler.disable()
+                if python_calls:
+                    pycalls.__exit__(None, None, None)
         elapsed = time.perf_counter() - start
         if profiler is not None and profile:
             profiler.dump_stats(profile)
         sent = datagrams() - d0
         nursery.cancel_scope.cancel()
     per = "message" if mode == "stream" else "call"
+    extra = {"python_calls": round(pycalls.calls / count, 1)} if python_calls else {}
     return {
         "mode": mode,
         "count": count,
@@ -143,6 +153,7 @@ async def _measure(mode: str, count: int, profile: str | None) -> JSON:
         "syscalls": {
             k: round(v / count, 3) for k, v in sorted(syscalls.counts.items())
         },
+        **extra,
     }
 
 
@@ -151,11 +162,21 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated: unary1, unary64, stream")
     parser.add_argument("--count", type=int, help="calls or messages (2000 / 20000)")
     parser.add_argument("--profile", help="cProfile of the measured part (one mode)")
+    parser.add_argument(
+        "--python-calls",
+        action="store_true",
+        help="count Python function calls per call (slows the run)",
+    )
     args = parser.parse_args()
     modes = args.only.split(",") if args.only else ["unary1", "unary64", "stream"]
     for mode in modes:
         count = args.count or (20_000 if mode == "stream" else 2_000)
-        print(json.dumps(trio.run(_measure, mode, count, args.profile)), flush=True)
+        print(
+            json.dumps(
+                trio.run(_measure, mode, count, args.profile, args.python_calls)
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ from ._middleware import (
 )
 from ._raw import RawStream
 from ._server import RPCServer, ServerStatistics
-from ._stream import ResettableStream, RPCStream, StreamAbort
+from ._stream import EagerStream, ResettableStream, RPCStream, StreamAbort
 
 __all__ = [
     "DEFAULT_ERROR_REGISTRY",
@@ -104,6 +104,7 @@ __all__ = [
     "DuplexCall",
     "DuplexCaller",
     "DuplexHandler",
+    "EagerStream",
     "ErrorCode",
     "ErrorObject",
     "ErrorRegistry",

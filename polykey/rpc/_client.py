@@ -64,8 +64,8 @@ from ._middleware import (
     reverse_hooks,
 )
 from ._raw import RawStream
-from ._state import ClientCallState, ClientEnd, ClientEvent, Outgoing
-from ._stream import abort_of, reset_stream
+from ._state import ClientCallState, ClientEnd, ClientEvent, Incoming, Outgoing
+from ._stream import abort_of, eager, reset_stream
 
 __all__ = [
     "ClientStreamCall",
@@ -245,10 +245,15 @@ class _Call:
         linger = self.client.linger
         if in_call_scope:
             self.state.handle(ClientEvent.LINGER)
-            scope = self.ctx.cancel_scope
-            deadline = trio.current_time() + linger
-            if deadline < scope.deadline:
-                scope.deadline = self.linger_deadline = deadline
+            assert self.conn is not None
+            if not self.conn.eof:
+                # A read may wait: bound it. (With the FIN read, as over QUIC
+                # when it came with the answer, nothing waits, and a deadline
+                # set and cleared would cost more than the rest of the drain.)
+                scope = self.ctx.cancel_scope
+                deadline = trio.current_time() + linger
+                if deadline < scope.deadline:
+                    scope.deadline = self.linger_deadline = deadline
         with _NO_SCOPE if in_call_scope else trio.move_on_after(linger):
             while await self.receive() is not EOF:
                 pass
@@ -291,6 +296,18 @@ class _Call:
         if how is ClientEnd.RESET:
             assert code is not None
             await reset_stream(self.stream, code)
+            return
+        closing = eager(self.stream)
+        if closing is not None and self.state.incoming is Incoming.ENDED:
+            # The server's FIN is read: a graceful close sends ours if it has
+            # not gone, and waits for nothing. Done without a checkpoint of
+            # its own (the call waited for its answer): a unary call over
+            # QUIC ends two scheduling rounds sooner (docs/quic.md). Other
+            # streams end as below, by send_eof and aclose, to the same end
+            # (tests/rpc/test_over_quic.py holds the two together).
+            if self.state.outgoing is Outgoing.OPEN:
+                self.state.handle(ClientEvent.SEND_EOF)
+            closing.close()
             return
         try:
             await self.send_eof()
@@ -547,7 +564,12 @@ class RPCClient(Generic[ManifestT]):
             # then a reset can still reach a handler that waits.
             await call.send({} if params is None else params)
             result = await call.receive_one()
-            await call.send_eof()
+            assert call.conn is not None
+            if not call.conn.eof:
+                # Ours before waiting for the server's: a server may wait
+                # for it. If the server's FIN came with the answer, ours
+                # goes with the close instead (one checkpoint less).
+                await call.send_eof()
             await call.drain(in_call_scope=True)
         return result
 

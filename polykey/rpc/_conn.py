@@ -7,6 +7,7 @@ from typing import Any, Final
 import trio
 
 from ._codec import END, NEED_DATA, JSONStreamDecoder, encode_json
+from ._stream import eager
 
 __all__ = ["EOF", "MessageConn"]
 
@@ -29,28 +30,43 @@ class MessageConn:
     can take them back as bytes (:meth:`take_leftover`).
     """
 
-    __slots__ = ("_decoder", "stream")
+    __slots__ = ("_decoder", "_eager", "stream")
 
     def __init__(
         self, stream: trio.abc.HalfCloseableStream, max_message_size: int
     ) -> None:
         self.stream = stream
         self._decoder = JSONStreamDecoder(max_message_size)
+        self._eager = eager(stream)
 
     async def receive(self) -> Any:
         """The next value, or :data:`EOF` after the peer's FIN."""
         decoder = self._decoder
+        read = False
         while True:
             value = decoder.next_value()
             if value is NEED_DATA:
                 data = await self.stream.receive_some(_READ_SIZE)
                 if data:
                     decoder.receive_data(data)
+                    read = True
                 else:
                     decoder.receive_eof()
                 continue
             if value is END:
                 return EOF
+            # The value ends where the peer's FIN came (a reply and its FIN,
+            # one packet): EOF is known now, without a read that would cost
+            # a scheduling round of its own. Bytes left over (a truncated
+            # value) are read on as before.
+            eager_stream = self._eager
+            if (
+                read
+                and eager_stream is not None
+                and not decoder.buffered
+                and eager_stream.fin_received
+            ):
+                decoder.receive_eof()
             return value
 
     @property

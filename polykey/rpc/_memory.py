@@ -69,6 +69,14 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         return self._in.reset_code
 
     @property
+    def fin_received(self) -> bool:
+        """The peer's FIN is here and every byte before it was read: the
+        next ``receive_some`` returns ``b""`` at once (as QUIC streams say
+        it: the RPC layer's ``EagerStream``)."""
+        inc = self._in
+        return inc.eof and not inc.buf and inc.reset_code is None and not self._closed
+
+    @property
     def stop_received(self) -> int | None:
         """The code the peer stopped receiving with (0 for a plain close)."""
         return self._out.stopped_code
@@ -180,7 +188,8 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         self._out.wake()
         self._in.wake()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """:meth:`aclose` without waiting (and without its checkpoint)."""
         if not self._closed:
             self._closed = True
             # Graceful for the sending half: what was sent is still read.
@@ -190,6 +199,9 @@ class MemoryStream(trio.abc.HalfCloseableStream):
             self._in.buf.clear()
             self._out.wake()
             self._in.wake()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
 
 

@@ -15,6 +15,12 @@ sending side (RESET_STREAM, seen by ``receive_some``) or asked us to stop
 sending (STOP_SENDING, seen by ``send_all``). QUIC's ``QUICStreamError``
 and our memory streams' :class:`~polykey.rpc.RPCStreamReset` are both; any
 other ``BrokenResourceError`` is a stream that broke without a code.
+
+A stream may also be an :class:`EagerStream`: it says when the peer's FIN
+has been read along with the last data, and closes without waiting. Then
+a call that has its answer and the server's FIN ends without another read
+or a scheduling round of its own (see :func:`eager`); other streams end the
+same way through ``receive_some`` and ``aclose``.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from typing import Protocol, TypeAlias, runtime_checkable
 import trio
 
 __all__ = [
+    "EagerStream",
     "RPCStream",
     "ResettableStream",
     "StreamAbort",
     "abort_of",
+    "eager",
     "reset_stream",
 ]
 
@@ -62,6 +70,37 @@ class StreamAbort(Protocol):
         """True: the peer reset its side (RESET_STREAM); False: it asked us
         to stop sending (STOP_SENDING)."""
         ...
+
+
+@runtime_checkable
+class EagerStream(Protocol):
+    """A stream that tells when the peer's FIN has been read and closes
+    without waiting (QUIC's, :class:`~polykey.rpc.MemoryStream`)."""
+
+    @property
+    def fin_received(self) -> bool:
+        """The peer's FIN has been read with the data before it: the next
+        ``receive_some`` returns ``b""`` without waiting."""
+        ...
+
+    def close(self) -> None:
+        """``aclose()`` outside a cancelled scope, without its checkpoint:
+        graceful (our FIN goes if it has not), never blocks, idempotent."""
+        ...
+
+
+#: Whether a stream class is an EagerStream, asked once per class: the
+#: protocol check walks its members, and unary calls ask it every call.
+_eager_classes: dict[type, bool] = {}
+
+
+def eager(stream: object) -> EagerStream | None:
+    """``stream`` as an :class:`EagerStream`, or None if it is not one."""
+    cls = type(stream)
+    known = _eager_classes.get(cls)
+    if known is None:
+        known = _eager_classes[cls] = isinstance(stream, EagerStream)
+    return stream if known else None  # type: ignore[return-value]
 
 
 def abort_of(exc: BaseException) -> StreamAbort | None:

@@ -11,7 +11,8 @@
 - :class:`LossyUDPRelay`: a seeded UDP relay on real sockets that drops,
   duplicates, delays and reorders datagrams, or black-holes a peer.
 - :class:`SchedulerCounter`: counts trio task steps and scheduler rounds,
-  for regression guards counted in events rather than timed.
+  and :class:`PythonCallCounter` Python function calls, for regression
+  guards counted in events rather than timed.
 - :func:`memory_stream_pair`: two connected in-memory half-closeable streams
   with QUIC-like reset codes (from :mod:`polykey.rpc`), for RPC tests.
 """
@@ -19,7 +20,7 @@
 from __future__ import annotations
 
 from ..rpc import MemoryStream, memory_stream_pair
-from ._counting import SchedulerCounter
+from ._counting import PythonCallCounter, SchedulerCounter
 from ._nat import (
     Filtering,
     Mapping,
@@ -49,6 +50,7 @@ __all__ = [
     "NatStatistics",
     "NatType",
     "NetworkStatistics",
+    "PythonCallCounter",
     "RelayStatistics",
     "SchedulerCounter",
     "SimConnections",

@@ -192,7 +192,8 @@ async def test_calls_that_answered_and_linger_hold_no_slot(limit: str) -> None:
     # server waits for it up to linger: those calls used to count as in
     # flight, so vanished clients filled max_calls and the next ones were
     # refused (bench/hardening.py's vanish churn: 676 of 2,000 refused).
-    server = RPCServer({"echo": Echo()}, timeout=10, linger=30, **{limit: 2})
+    limits: dict[str, Any] = {limit: 2}
+    server = RPCServer({"echo": Echo()}, timeout=10, linger=30, **limits)
     with trio.fail_after(30):
         async with server, quic_clients(server, 1) as clients:
             request = {"jsonrpc": "2.0", "method": "echo", "params": {"x": 0}}

@@ -12,12 +12,15 @@ import trio
 from polykey.keys import NodeIdentity
 from polykey.quic import (
     QUICClient,
+    QUICConnection,
     QUICServer,
     QUICSocket,
+    QUICStream,
     node_tls_identity,
     node_verifier,
 )
 from polykey.rpc import RPCClient, RPCRemoteError, RPCServer, RPCTimedOut
+from polykey.testing import SchedulerCounter
 
 from .helpers import API, default_manifest, serve_rpc
 
@@ -115,3 +118,119 @@ async def test_timeout_resets_the_quic_stream_and_cancels_the_handler() -> None:
             await client.methods.sleep({"s": 30}, rpc_timeout=0.3)
         await settled(server)
         assert (await client.methods.echo({"after": True}))["echo"] == {"after": True}
+
+
+class _Plain(trio.abc.HalfCloseableStream):
+    """A QUIC stream seen only through trio's stream interface, a reset and
+    send_all_and_eof: not an EagerStream, so calls over it end through
+    receive_some, send_eof and aclose, as over TCP."""
+
+    def __init__(self, stream: QUICStream) -> None:
+        self._stream = stream
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all_and_eof(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def reset(self, code: int) -> None:
+        self._stream.reset(code)
+
+
+async def test_eager_and_plain_streams_end_calls_alike() -> None:
+    """A call over an EagerStream (QUIC's) ends without the reads and
+    checkpoints a plain stream needs once the answer and the server's FIN
+    are in; both ways must end every call type the same for both ends:
+    the same answers, the same server statistics (no reset, no timeout),
+    every stream closed on both connections. And the eager way is taken:
+    the calls cost fewer task steps."""
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    plain = False
+
+    def wrap(stream: QUICStream) -> trio.abc.HalfCloseableStream:
+        return _Plain(stream) if plain else stream
+
+    async def serve(conn: QUICConnection, rpc: RPCServer) -> None:
+        while True:
+            await rpc.handle_stream(wrap(await conn.accept_stream()))
+
+    async with (
+        QUICSocket("127.0.0.1") as sa,
+        QUICSocket("127.0.0.1") as sb,
+        RPCServer(default_manifest(), timeout=10) as rpc,
+        trio.open_nursery() as nursery,
+    ):
+        server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
+        with trio.fail_after(10):
+            conn_a = await QUICClient(sa, node_tls_identity(a)).connect(
+                sb.local_address, verifier=node_verifier(b.node_id)
+            )
+            conn_b = await server.accept()
+        nursery.start_soon(serve, conn_b, rpc)
+
+        async def open_stream() -> trio.abc.HalfCloseableStream:
+            return wrap(await conn_a.open_stream())
+
+        api = RPCClient(API, open_stream).methods
+
+        async def calls() -> tuple[list[Any], dict[str, Any], int]:
+            before = rpc.statistics()
+            answers: list[Any] = []
+            with trio.fail_after(20):
+                with SchedulerCounter() as counter:
+                    for i in range(20):
+                        answers.append((await api.echo({"i": i}))["echo"])
+                async with api.count({"n": 3}) as results:
+                    answers.append([r async for r in results])
+                async with api.sum() as call:
+                    for x in range(3):
+                        await call.send({"x": x})
+                    answers.append(await call.finish())
+                async with api.chat() as chat:
+                    await chat.send({"m": "hi"})
+                    answers.append(await chat.receive())
+                    await chat.send_eof()
+                    answers.append([r async for r in chat])
+                with pytest.raises(RPCRemoteError) as failed:
+                    await api.fail({})
+                answers.append(failed.value.message)
+                await settled(rpc)
+                while conn_a.statistics().streams_open:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                while conn_b.statistics().streams_open:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            after = rpc.statistics()
+            delta = {
+                name: getattr(after, name) - getattr(before, name)
+                for name in (
+                    "calls", "timeouts", "error_responses", "resets",
+                    "peer_resets", "internal_errors", "handler_bugs",
+                )
+            }  # fmt: skip
+            return answers, delta, counter.steps
+
+        eager_answers, eager_stats, eager_steps = await calls()
+        plain = True
+        plain_answers, plain_stats, plain_steps = await calls()
+        nursery.cancel_scope.cancel()
+    assert eager_answers == plain_answers
+    assert eager_stats == plain_stats
+    assert eager_stats["calls"] == 24
+    assert eager_stats["resets"] == eager_stats["peer_resets"] == 0
+    assert eager_stats["timeouts"] == 0
+    # 20 unary calls: for each, two task steps less for the caller (send_eof,
+    # aclose), one for the server's call task (aclose).
+    assert eager_steps + 40 <= plain_steps, (eager_steps, plain_steps)
