@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 import time
 
 import trio
@@ -35,8 +36,6 @@ async def server() -> None:
 
 
 def _wait_stdin() -> None:
-    import sys
-
     sys.stdin.read()
 
 

@@ -440,7 +440,7 @@ class RPCServer:
         self._stats.calls += 1
         return call
 
-    def release(self, call: _ServerCall) -> None:
+    def _release(self, call: _ServerCall) -> None:
         """``call`` no longer counts toward the limits (it lingers, or ended)."""
         if call not in self._holding:
             return
@@ -461,7 +461,7 @@ class RPCServer:
             self._internal_error("RPC call", call.transport)
             await trio.aclose_forcefully(call.stream)
         finally:
-            self.release(call)
+            self._release(call)
             self._calls.discard(call)
             if not self._calls:
                 self._idle.set()
@@ -647,7 +647,7 @@ class _ServerCall:
         if self.state.input is not Input.OPEN or self.state.output is Output.GONE:
             return
         self._event(ServerEvent.DRAIN)
-        self.server.release(self)  # answered: lingering holds no slot
+        self.server._release(self)  # answered: lingering holds no slot
         linger = self.server.linger
         if self.reader_done is not None:
             with trio.move_on_after(linger):
