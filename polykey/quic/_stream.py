@@ -36,6 +36,16 @@ _DEFAULT_RECEIVE = 65536
 _SMALL_WRITE = 1200
 
 
+def _receive_size(max_bytes: int | None) -> int:
+    if max_bytes is None:
+        return _DEFAULT_RECEIVE
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+        raise TypeError("max_bytes must be an integer or None")
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be >= 1")
+    return max_bytes
+
+
 class _ConflictDetector:
     """Refuses a second task using one direction of a stream while a first
     does (trio's ``ConflictDetector``): ``with detector:`` around the use.
@@ -136,34 +146,44 @@ class QUICStream(trio.abc.HalfCloseableStream):
     # -- receiving ------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is None:
-            max_bytes = _DEFAULT_RECEIVE
-        elif not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
-            raise TypeError("max_bytes must be an integer or None")
-        elif max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        max_bytes = _receive_size(max_bytes)
         await trio.lowlevel.checkpoint_if_cancelled()
         with self._receive_conflict:
-            data, waited = await self._receive(max_bytes)
-        if not waited:
-            # Waiting was the checkpoint; otherwise yield once, as trio's own
-            # sockets do: one scheduling round less per message when waiting.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            data = self._receive_ready(max_bytes)
+            if data is None:
+                # Waiting is the checkpoint.
+                return await self._receive_waiting(max_bytes)
+        # Otherwise yield once, as trio's own sockets do: one scheduling
+        # round less per message when waiting.
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
-    async def _receive(self, max_bytes: int) -> tuple[bytes, bool]:
-        """The next bytes (b"" at FIN) and whether we had to wait for them."""
+    def receive_nowait(self, max_bytes: int | None = None) -> bytes:
+        """What :meth:`receive_some` returns when it need not wait, without
+        its checkpoint; raises :exc:`trio.WouldBlock` when it would wait.
+
+        For a caller that has just passed a schedule point of its own (the
+        RPC layer reads a request with it in a call task's first step).
+        """
+        max_bytes = _receive_size(max_bytes)
+        with self._receive_conflict:
+            data = self._receive_ready(max_bytes)
+        if data is None:
+            raise trio.WouldBlock
+        return data
+
+    def _receive_ready(self, max_bytes: int) -> bytes | None:
+        """The next bytes (b"" at FIN), or None if there are none yet."""
         conn = self._conn
         q = conn.quiche
         sid = self.stream_id
-        waited = False
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
             if self._recv_error is not None:
                 raise self._recv_error
             if self._eof_received:
-                return b"", waited
+                return b""
             buf = conn.scratch(max_bytes)
             try:
                 got = q.stream_recv(sid, buf, max_bytes)
@@ -171,9 +191,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 raise self._translate(exc) from None
             if got is None:
                 conn.raise_if_dead()
-                await self._receive_conflict.park()
-                waited = True
-                continue
+                return None
             n, fin = got
             self._writing = False
             if fin:
@@ -183,7 +201,15 @@ class QUICStream(trio.abc.HalfCloseableStream):
             conn.flush_later()
             if n == 0 and not fin:
                 continue
-            return bytes(buf[:n]), waited
+            return bytes(buf[:n])
+
+    async def _receive_waiting(self, max_bytes: int) -> bytes:
+        """Park until there is something to read (holding the detector)."""
+        while True:
+            await self._receive_conflict.park()
+            data = self._receive_ready(max_bytes)
+            if data is not None:
+                return data
 
     # -- sending --------------------------------------------------------------
 
@@ -213,6 +239,28 @@ class QUICStream(trio.abc.HalfCloseableStream):
             # Waiting for room was the checkpoint.
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_nowait(
+        self, data: bytes | bytearray | memoryview, *, eof: bool = False
+    ) -> int:
+        """Queue as much of ``data`` as quiche takes now, without waiting or
+        a checkpoint, and return how much that was; ``eof``: the FIN goes
+        with the last byte if all of it was taken (``data`` not empty).
+
+        The rest, if any, is the caller's to send with :meth:`send_all` (or
+        :meth:`send_all_and_eof`). For a caller that has just passed a
+        schedule point of its own or ends right after (the RPC layer writes
+        a request just after opening its stream, a unary reply with it).
+        """
+        view = memoryview(data).cast("B")
+        if not view:
+            raise ValueError("send_nowait needs data")
+        with self._send_conflict:
+            self._check_send()
+            taken = self._queue(view, 0, eof, self._coalesce(len(view), eof))
+            if eof and taken == len(view):
+                self._fin_sent = True
+        return taken
+
     def _check_send(self) -> None:
         if self._closed or self._fin_sent:
             raise trio.ClosedResourceError("stream is closed for sending")
@@ -228,6 +276,42 @@ class QUICStream(trio.abc.HalfCloseableStream):
         except QuicheError as exc:
             raise self._translate(exc) from None
 
+    def _coalesce(self, total: int, fin: bool) -> bool:
+        """Whether a write of ``total`` bytes may wait for company.
+
+        A small write right after another (a server streaming messages)
+        leaves with the deferred flush, with the writes that follow it: one
+        packet for several messages instead of one each. So does a small
+        last write (an RPC reply) while other tasks are runnable: their
+        replies come this round and share its packet (quiche packs several
+        streams' frames, our change 3). The first write after a read (a
+        request), a reply with nothing else to run and a large write go at
+        once, so a round trip waits for nothing. docs/quic.md has the
+        figures.
+        """
+        coalesce = total <= _SMALL_WRITE and (
+            self._writing
+            or (fin and trio.lowlevel.current_statistics().tasks_runnable > 0)
+        )
+        self._writing = total <= _SMALL_WRITE
+        return coalesce
+
+    def _queue(self, view: memoryview, offset: int, fin: bool, coalesce: bool) -> int:
+        """Hand quiche ``view`` from ``offset`` on until it takes no more;
+        returns the new offset."""
+        conn = self._conn
+        total = len(view)
+        while offset < total:
+            n = self._stream_send(view[offset:], fin)
+            if not n:
+                break
+            offset += n
+            if coalesce:
+                conn.flush_small(n)
+            else:
+                conn.flush()
+        return offset
+
     async def _send(self, view: memoryview, fin: bool) -> bool:
         """Queue all of ``view``; returns whether we had to wait for room.
 
@@ -236,32 +320,11 @@ class QUICStream(trio.abc.HalfCloseableStream):
         """
         self._check_send()
         conn = self._conn
-        offset = 0
         total = len(view)
+        coalesce = self._coalesce(total, fin)
+        offset = self._queue(view, 0, fin, coalesce)
         waited = False
-        # A small write right after another (a server streaming messages)
-        # leaves with the deferred flush, with the writes that follow it: one
-        # packet for several messages instead of one each. So does a small
-        # last write (an RPC reply) while other tasks are runnable: their
-        # replies come this round and share its packet (quiche packs several
-        # streams' frames, our change 3). The first write after a read (a
-        # request), a reply with nothing else to run and a large write go
-        # at once, so a round trip waits for nothing. docs/quic.md has the
-        # figures.
-        coalesce = total <= _SMALL_WRITE and (
-            self._writing
-            or (fin and trio.lowlevel.current_statistics().tasks_runnable > 0)
-        )
-        self._writing = total <= _SMALL_WRITE
         while offset < total:
-            n = self._stream_send(view[offset:], fin)
-            if n:
-                offset += n
-                if coalesce:
-                    conn.flush_small(n)
-                else:
-                    conn.flush()
-                continue
             self._check_stream_exists()
             conn.add_send_waiter(self)
             try:
@@ -275,6 +338,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 conn.discard_send_waiter(self)
             waited = True
             self._check_send()
+            offset = self._queue(view, offset, fin, coalesce)
         return waited
 
     def _check_stream_exists(self) -> None:

@@ -148,8 +148,11 @@ class _Call:
         self.conn = MessageConn(self.stream, self.client.max_message_size)
 
     # -- sending -------------------------------------------------------------
-    async def send(self, params: JSONValue, *, last: bool = False) -> None:
-        """Send ``params``; ``last`` ends the input with it (one packet)."""
+    async def send(
+        self, params: JSONValue, *, last: bool = False, eager: bool = False
+    ) -> None:
+        """Send ``params``; ``last`` ends the input with it (one packet);
+        ``eager``: in the step that opened the stream (MessageConn.send)."""
         assert self.conn is not None
         if self.state.outgoing is _CLOSED:
             raise trio.ClosedResourceError("the call's input is already closed")
@@ -165,7 +168,7 @@ class _Call:
         if last:
             self.state.handle(ClientEvent.SEND_EOF)
         try:
-            await self.conn.send(request.to_wire(), last=last)
+            await self.conn.send(request.to_wire(), last=last, eager=eager)
         except trio.BrokenResourceError as exc:
             raise await self._explain_send_failure(exc) from None
         self.sent += 1
@@ -561,8 +564,9 @@ class RPCClient(Generic[ManifestT]):
             method, "UNARY", rpc_timeout, metadata, keep_deadline
         ) as call:
             # The FIN goes after the response, as js-rpc's caller does: until
-            # then a reset can still reach a handler that waits.
-            await call.send({} if params is None else params)
+            # then a reset can still reach a handler that waits. Opening the
+            # stream was the checkpoint: the request goes in the same step.
+            await call.send({} if params is None else params, eager=True)
             result = await call.receive_one()
             assert call.conn is not None
             if not call.conn.eof:

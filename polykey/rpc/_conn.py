@@ -39,14 +39,27 @@ class MessageConn:
         self._decoder = JSONStreamDecoder(max_message_size)
         self._eager = eager(stream)
 
-    async def receive(self) -> Any:
-        """The next value, or :data:`EOF` after the peer's FIN."""
+    async def receive(self, *, eager: bool = False) -> Any:
+        """The next value, or :data:`EOF` after the peer's FIN.
+
+        ``eager``: the caller has just passed a schedule point (a call
+        task's first step): bytes already here are read without another, if
+        the stream is an :class:`~polykey.rpc.EagerStream`.
+        """
         decoder = self._decoder
         read = False
         while True:
             value = decoder.next_value()
             if value is NEED_DATA:
-                data = await self.stream.receive_some(_READ_SIZE)
+                data: bytes | bytearray | None = None
+                eager_stream = self._eager
+                if eager and eager_stream is not None:
+                    try:
+                        data = eager_stream.receive_nowait(_READ_SIZE)
+                    except trio.WouldBlock:
+                        pass
+                if data is None:
+                    data = await self.stream.receive_some(_READ_SIZE)
                 if data:
                     decoder.receive_data(data)
                     read = True
@@ -74,14 +87,30 @@ class MessageConn:
         """True once the peer's FIN was read."""
         return self._decoder.eof
 
-    async def send(self, value: Any, *, last: bool = False) -> None:
+    async def send(
+        self, value: Any, *, last: bool = False, eager: bool = False
+    ) -> None:
         """Send ``value``; ``last`` sends the FIN after it, in the same packet
-        when the stream can (QUIC's ``send_all_and_eof``)."""
-        await self.send_encoded(encode_json(value), last=last)
+        when the stream can (QUIC's ``send_all_and_eof``).
 
-    async def send_encoded(self, data: bytes, *, last: bool = False) -> None:
+        ``eager``: the caller has just passed a schedule point (it opened the
+        stream) or ends right after (a unary reply): what the stream takes
+        now goes without another, if it is an
+        :class:`~polykey.rpc.EagerStream`; the rest, if any, as without.
+        """
+        await self.send_encoded(encode_json(value), last=last, eager=eager)
+
+    async def send_encoded(
+        self, data: bytes, *, last: bool = False, eager: bool = False
+    ) -> None:
         """:meth:`send` of a value already encoded: the server encodes first,
         so a value that cannot be encoded fails before any byte is written."""
+        eager_stream = self._eager
+        if eager and eager_stream is not None and data:
+            taken = eager_stream.send_nowait(data, eof=last)
+            if taken == len(data):
+                return
+            data = data[taken:]
         if not last:
             await self.stream.send_all(data)
             return

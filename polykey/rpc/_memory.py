@@ -25,6 +25,14 @@ __all__ = ["DEFAULT_MEMORY_BUFFER", "MemoryStream", "memory_stream_pair"]
 DEFAULT_MEMORY_BUFFER = 64 * 1024
 
 
+def _receive_size(max_bytes: int | None) -> int | None:
+    if max_bytes is not None:
+        max_bytes = operator.index(max_bytes)
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+    return max_bytes
+
+
 class _Pipe:
     """One direction: bytes from a writer endpoint to a reader endpoint."""
 
@@ -100,17 +108,40 @@ class MemoryStream(trio.abc.HalfCloseableStream):
             self._check_send()
             view = memoryview(data).cast("B")
             while view:
-                out = self._out
-                room = out.limit - len(out.buf)
-                if room <= 0:
-                    await out.lot.park()
+                taken = self._queue(view)
+                if not taken:
+                    await self._out.lot.park()
                     self._check_send()
                     continue
-                out.buf += view[:room]
-                view = view[room:]
-                out.wake()
+                view = view[taken:]
         finally:
             self._sending = False
+
+    def send_nowait(
+        self, data: bytes | bytearray | memoryview, *, eof: bool = False
+    ) -> int:
+        """Buffer as much of ``data`` as there is room for, without waiting
+        or a checkpoint; returns how much. ``eof``: the FIN follows if all of
+        it fit (as QUIC streams offer it: the RPC layer's ``EagerStream``)."""
+        view = memoryview(data).cast("B")
+        if not view:
+            raise ValueError("send_nowait needs data")
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending")
+        self._check_send()
+        taken = self._queue(view)
+        if eof and taken == len(view):
+            self._out.eof = True
+        return taken
+
+    def _queue(self, view: memoryview) -> int:
+        out = self._out
+        room = out.limit - len(out.buf)
+        if room <= 0:
+            return 0
+        out.buf += view[:room]
+        out.wake()
+        return min(room, len(view))
 
     async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
         """:meth:`send_all` then :meth:`send_eof`, as QUIC streams offer it
@@ -145,32 +176,46 @@ class MemoryStream(trio.abc.HalfCloseableStream):
 
     # -- receiving -------------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be >= 1")
+        max_bytes = _receive_size(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving")
         self._receiving = True
         try:
             await trio.lowlevel.checkpoint()
-            inc = self._in
             while True:
-                if self._closed:
-                    raise trio.ClosedResourceError("stream is closed")
-                if inc.reset_code is not None:
-                    raise RPCStreamReset(inc.reset_code)
-                if inc.buf:
-                    n = len(inc.buf) if max_bytes is None else max_bytes
-                    data = bytes(inc.buf[:n])
-                    del inc.buf[:n]
-                    inc.wake()
+                data = self._receive_ready(max_bytes)
+                if data is not None:
                     return data
-                if inc.eof:
-                    return b""
-                await inc.lot.park()
+                await self._in.lot.park()
         finally:
             self._receiving = False
+
+    def receive_nowait(self, max_bytes: int | None = None) -> bytes:
+        """What :meth:`receive_some` returns when it need not wait, without
+        its checkpoint; raises :exc:`trio.WouldBlock` when it would wait."""
+        max_bytes = _receive_size(max_bytes)
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving")
+        data = self._receive_ready(max_bytes)
+        if data is None:
+            raise trio.WouldBlock
+        return data
+
+    def _receive_ready(self, max_bytes: int | None) -> bytes | None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        inc = self._in
+        if inc.reset_code is not None:
+            raise RPCStreamReset(inc.reset_code)
+        if inc.buf:
+            n = len(inc.buf) if max_bytes is None else max_bytes
+            data = bytes(inc.buf[:n])
+            del inc.buf[:n]
+            inc.wake()
+            return data
+        if inc.eof:
+            return b""
+        return None
 
     # -- closing -------------------------------------------------------------
     def reset(self, code: int) -> None:

@@ -731,7 +731,8 @@ class _ServerCall:
     async def _serve(self) -> None:
         server = self.server
         try:
-            value = await self.conn.receive()
+            # The task's first step: a request already here is read in it.
+            value = await self.conn.receive(eager=True)
         except trio.BrokenResourceError:
             self._event(ServerEvent.PEER_GONE)
             return
@@ -988,7 +989,9 @@ class _ServerCall:
         data = _encode_reply(value)  # one that cannot be fails unsent
         state.handle(_SEND)  # never owes an action
         try:
-            await self.conn.send_encoded(data, last=last)
+            # A last message goes in the handler's step (the call ends after
+            # it): a unary reply costs no scheduling round of its own.
+            await self.conn.send_encoded(data, last=last, eager=last)
         except trio.BrokenResourceError:
             self._event(ServerEvent.PEER_GONE)
             raise

@@ -17,10 +17,13 @@ and our memory streams' :class:`~polykey.rpc.RPCStreamReset` are both; any
 other ``BrokenResourceError`` is a stream that broke without a code.
 
 A stream may also be an :class:`EagerStream`: it says when the peer's FIN
-has been read along with the last data, and closes without waiting. Then
-a call that has its answer and the server's FIN ends without another read
-or a scheduling round of its own (see :func:`eager`); other streams end the
-same way through ``receive_some`` and ``aclose``.
+has been read along with the last data, closes without waiting, and reads
+and writes what needs no waiting without a checkpoint. Then a call that has
+its answer and the server's FIN ends without another read or a scheduling
+round of its own, a client writes its request in the step that opened the
+stream, and a server's call task reads its request and writes a unary
+reply in its first step (see :func:`eager`); other streams do the same
+through ``receive_some``, ``send_all`` and ``aclose``, a round each.
 """
 
 from __future__ import annotations
@@ -74,8 +77,14 @@ class StreamAbort(Protocol):
 
 @runtime_checkable
 class EagerStream(Protocol):
-    """A stream that tells when the peer's FIN has been read and closes
-    without waiting (QUIC's, :class:`~polykey.rpc.MemoryStream`)."""
+    """A stream that tells when the peer's FIN has been read, closes without
+    waiting, and reads and writes what needs no waiting without a checkpoint
+    (QUIC's, :class:`~polykey.rpc.MemoryStream`).
+
+    The ``_nowait`` methods are for a caller that has just passed a schedule
+    point of its own or ends right after: trio's rule that every operation
+    is a checkpoint then holds for the call as a whole.
+    """
 
     @property
     def fin_received(self) -> bool:
@@ -86,6 +95,19 @@ class EagerStream(Protocol):
     def close(self) -> None:
         """``aclose()`` outside a cancelled scope, without its checkpoint:
         graceful (our FIN goes if it has not), never blocks, idempotent."""
+        ...
+
+    def receive_nowait(self, max_bytes: int | None = None) -> bytes:
+        """``receive_some()`` when it need not wait, without its checkpoint;
+        :exc:`trio.WouldBlock` when it would."""
+        ...
+
+    def send_nowait(
+        self, data: bytes | bytearray | memoryview, *, eof: bool = False
+    ) -> int:
+        """Queue as much of ``data`` (not empty) as fits now, without waiting
+        or a checkpoint; returns how much. ``eof``: the FIN goes with the
+        last byte if all of it fit. The rest is the caller's to send."""
         ...
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import random
@@ -600,3 +601,66 @@ def test_autojump_mock_clock_is_refused_clearly() -> None:
                 pass
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_nowait_reads_and_writes_take_what_needs_no_waiting() -> None:
+    """``receive_nowait`` and ``send_nowait`` (the RPC layer's EagerStream)
+    do what ``receive_some`` and ``send_all`` do when those need not wait,
+    with no checkpoint; otherwise WouldBlock, or the part that fits."""
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        with trio.testing.assert_no_checkpoints():
+            with pytest.raises(trio.WouldBlock):
+                ss.receive_nowait()
+            assert cs.send_nowait(b"hello") == 5
+        with pytest.raises(ValueError, match="needs data"):
+            cs.send_nowait(b"")
+        with trio.fail_after(5):
+            assert await ss.receive_some() == b"hello"
+        with trio.testing.assert_no_checkpoints():
+            assert cs.send_nowait(b"bye", eof=True) == 3
+        with trio.fail_after(5):
+            while True:
+                await trio.sleep(0.005)
+                with contextlib.suppress(trio.WouldBlock):
+                    assert ss.receive_nowait() == b"bye"
+                    break
+        assert ss.fin_received  # one packet: the data and its FIN
+        with trio.testing.assert_no_checkpoints():
+            assert ss.receive_nowait() == b""  # FIN read: EOF, as receive_some
+        with pytest.raises(trio.ClosedResourceError):
+            cs.send_nowait(b"more")
+
+        # Another task waiting in receive_some holds the receiving side.
+        _, ss2 = await pair.stream_pair(client_conn, server_conn)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ss2.receive_some)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                ss2.receive_nowait()
+            nursery.cancel_scope.cancel()
+
+
+async def test_send_nowait_takes_what_flow_control_allows() -> None:
+    """A write larger than the peer's credit: send_nowait takes a part and
+    says how much; the rest through send_all_and_eof arrives intact."""
+    server_config = QUICConfig(initial_max_stream_data=64 * 1024)
+    async with open_pair(server_config=server_config) as pair:
+        client_conn, server_conn = await pair.connect()
+        cs, ss = await pair.stream_pair(client_conn, server_conn)
+        payload = random.Random(5).randbytes(1024 * 1024)
+        taken = cs.send_nowait(payload, eof=True)
+        assert 0 < taken < len(payload)
+        assert taken <= 64 * 1024
+        got = bytearray()
+
+        async def read_all() -> None:
+            while data := await ss.receive_some():
+                got.extend(data)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                await cs.send_all_and_eof(payload[taken:])
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()

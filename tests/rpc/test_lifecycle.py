@@ -200,13 +200,22 @@ async def test_unary_handler_returning_another_awaitable(
 
 
 class RecordingStream(MemoryStream):
-    """Records what went out with its FIN (``send_all_and_eof``)."""
+    """Records what went out with its FIN in one write (``send_all_and_eof``,
+    or ``send_nowait`` with ``eof`` that took it all)."""
 
     finals: list[bytes]
 
     async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
         self.finals.append(bytes(data))
         await super().send_all_and_eof(data)
+
+    def send_nowait(
+        self, data: bytes | bytearray | memoryview, *, eof: bool = False
+    ) -> int:
+        taken = super().send_nowait(data, eof=eof)
+        if eof and taken == len(data):
+            self.finals.append(bytes(data))
+        return taken
 
 
 def recording_pair() -> tuple[RecordingStream, RecordingStream]:

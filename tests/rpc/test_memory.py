@@ -89,3 +89,37 @@ async def test_graceful_close_keeps_sent_data() -> None:
         with pytest.raises(trio.BrokenResourceError):
             await b.send_all(b"nobody listens")
         assert b.stop_received == 0
+
+
+async def test_nowait_reads_and_writes_take_what_needs_no_waiting() -> None:
+    """As QUIC streams do (the RPC layer's EagerStream): no checkpoint,
+    WouldBlock when a read would wait, the part that fits of a write."""
+    a, b = memory_stream_pair(max_buffer=10)
+    with trio.testing.assert_no_checkpoints():
+        with pytest.raises(trio.WouldBlock):
+            b.receive_nowait()
+        assert a.send_nowait(b"0123456789abc", eof=True) == 10
+        assert not b.fin_received
+        assert b.receive_nowait(4) == b"0123"
+        assert a.send_nowait(b"abc", eof=True) == 3
+        assert b.receive_nowait() == b"456789abc"
+        assert b.fin_received
+        assert b.receive_nowait() == b""
+    with pytest.raises(ValueError, match="needs data"):
+        a.send_nowait(b"")
+    with pytest.raises(trio.ClosedResourceError):
+        a.send_nowait(b"x")
+
+    async def reader() -> None:
+        with pytest.raises(RPCStreamReset):
+            await a.receive_some()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                a.receive_nowait()
+            b.reset(7)
+    with pytest.raises(RPCStreamReset):
+        a.receive_nowait()

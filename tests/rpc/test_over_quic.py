@@ -156,7 +156,8 @@ async def test_eager_and_plain_streams_end_calls_alike() -> None:
     are in; both ways must end every call type the same for both ends:
     the same answers, the same server statistics (no reset, no timeout),
     every stream closed on both connections. And the eager way is taken:
-    the calls cost fewer task steps."""
+    the calls cost fewer task steps (the request read and written, and the
+    unary reply written, without a checkpoint of their own)."""
     a, b = NodeIdentity.generate(), NodeIdentity.generate()
     plain = False
 
@@ -231,6 +232,9 @@ async def test_eager_and_plain_streams_end_calls_alike() -> None:
     assert eager_stats["calls"] == 24
     assert eager_stats["resets"] == eager_stats["peer_resets"] == 0
     assert eager_stats["timeouts"] == 0
-    # 20 unary calls: for each, two task steps less for the caller (send_eof,
-    # aclose), one for the server's call task (aclose).
-    assert eager_steps + 40 <= plain_steps, (eager_steps, plain_steps)
+    # 20 unary calls: for each, three task steps less for the caller
+    # (send_all of the request in the step that opened the stream, send_eof,
+    # aclose), three or four for the server's (its request read and its
+    # reply written in its first step, aclose): about 140 measured, 76-80
+    # before the nowait reads and writes.
+    assert eager_steps + 100 <= plain_steps, (eager_steps, plain_steps)
