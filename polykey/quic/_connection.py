@@ -16,8 +16,9 @@ this order, and the invariant every path keeps (aioquic's ``transmit()``):
 4. re-arm the one timer: min(quiche's timeout, keep-alive, handshake
    deadline), or notice that quiche closed the connection.
 
-Step 3 and 4 after socket input are deferred to the socket's flusher, which
-runs them once every task is blocked (see QUICSocket._flusher), so that ACKs
+Step 3 and 4 after socket input are deferred to the socket's idle-point
+flush, which runs them once every task is blocked (see
+QUICSocket.flush_later), so that ACKs
 ride on the replies of the tasks the input woke; a read that frees credit defers its flush the
 same way. Writes and closes call :meth:`flush` themselves, synchronously.
 A connection has no task of its own: the socket's timer task calls
@@ -537,7 +538,7 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def after_input(self, *, defer_flush: bool = False) -> None:
         """Act on the input received since the last call (steps 1-4 above);
-        ``defer_flush``: leave steps 3 and 4 to the socket's flusher once
+        ``defer_flush``: leave steps 3 and 4 to the socket's idle flush once
         the handshake is done."""
         if self._finished:
             return

@@ -33,9 +33,10 @@ full the caller keeps the batch and waits for writability in its own task.
 Receiving uses UDP GRO where available: the kernel may coalesce packets of
 one flow into one buffer and tells the segment size in a control message.
 
-Connections have no tasks: this socket's reader, flusher, timer and (while
-the kernel refuses sends) writer tasks drive them all, so leaving the
-``async with`` block closes every connection made through it.
+Connections have no tasks: this socket's reader, timer and (while the
+kernel refuses sends) writer tasks drive them all, with the deferred
+flushes run by the scheduler at its idle point (:meth:`QUICSocket.flush_later`),
+so leaving the ``async with`` block closes every connection made through it.
 """
 
 from __future__ import annotations
@@ -81,9 +82,68 @@ _GSO_BYTES: Final = 65000
 _SOCKET_BUFFER: Final = 4 * 1024 * 1024
 _GRO_CMSG_SPACE: Final = _stdlib_socket.CMSG_SPACE(4)
 #: The longest a deferred flush waits for the process to have nothing else
-#: to run (_flusher): well under quiche's max_ack_delay (25 ms), which the
+#: to run (flush_later): well under quiche's max_ack_delay (25 ms), which the
 #: peer's loss detection allows for.
 FLUSH_WAIT: Final = 0.002
+
+
+def _wake_loop() -> None:
+    """Nothing: queued to make trio's I/O poll return at once."""
+
+
+class _IdleFlush(trio.abc.Instrument):
+    """Runs the sockets' deferred flushes at trio's idle point, just before
+    the scheduler polls for I/O with nothing left to run (see
+    :meth:`QUICSocket.flush_later`): one per trio run, for every socket in
+    it, so a round with nothing due costs one test.
+
+    The flush happens in the scheduler's own step, not in a task woken to
+    do it: no task step, no round of its own, no cancel scope. What it
+    wakes (a connection that closed) runs at once: the poll is told not to
+    wait.
+    """
+
+    __slots__ = ("_sockets",)
+
+    def __init__(self) -> None:
+        # Sockets with deferred flushes due, in marking order.
+        self._sockets: dict[QUICSocket, None] = {}
+
+    def add(self, sock: QUICSocket) -> None:
+        self._sockets[sock] = None
+
+    def discard(self, sock: QUICSocket) -> None:
+        self._sockets.pop(sock, None)
+
+    def before_io_wait(self, timeout: float) -> None:
+        sockets = self._sockets
+        if not sockets:
+            return
+        stats = trio.lowlevel.current_statistics
+        # A poll that may wait means nothing is runnable: the idle point.
+        # (It does not wait when a task waits for the idle point itself,
+        # trio.testing.wait_all_tasks_blocked: then ask the run queue.)
+        idle = timeout > 0 or stats().tasks_runnable == 0
+        ripe = math.inf if idle else trio.current_time() - FLUSH_WAIT
+        for sock in list(sockets):
+            if sock.flush_ripe(ripe):
+                del sockets[sock]
+        if timeout > 0 and stats().tasks_runnable:
+            trio.lowlevel.current_trio_token().run_sync_soon(_wake_loop)
+
+
+_idle_flush: trio.lowlevel.RunVar[_IdleFlush] = trio.lowlevel.RunVar("_idle_flush")
+
+
+def _idle_flusher() -> _IdleFlush:
+    """This run's :class:`_IdleFlush`, installed on first use."""
+    try:
+        return _idle_flush.get()
+    except LookupError:
+        flusher = _IdleFlush()
+        trio.lowlevel.add_instrument(flusher)
+        _idle_flush.set(flusher)
+        return flusher
 
 
 class _InitialHandler(Protocol):
@@ -300,11 +360,10 @@ class QUICSocket:
         self._dirty: list[QUICConnection] = []
         self._processing = False
         # Connections whose flush waits until nothing else can run (see
-        # _flusher), each with the flusher's wait it was marked in; in
+        # flush_later), each with trio's clock when it was marked; in
         # marking order.
-        self._flush_due: dict[QUICConnection, int] = {}
-        self._flush_wait = 0
-        self._flusher_lot = trio.lowlevel.ParkingLot()
+        self._flush_due: dict[QUICConnection, float] = {}
+        self._idle_flush: _IdleFlush | None = None
         # Every connection's one timer: (deadline, order, Timer), the
         # earliest first. A connection that re-arms pushes again and cancels
         # the Timer it replaced, which is skipped when it comes up.
@@ -349,8 +408,8 @@ class QUICSocket:
         self.statistics.gso = self._gso
         self.statistics.gro = self._gro
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._idle_flush = _idle_flusher()
         self._nursery.start_soon(self._reader)
-        self._nursery.start_soon(self._flusher)
         self._nursery.start_soon(self._timer)
         return self
 
@@ -377,6 +436,9 @@ class QUICSocket:
             conn.close(0, b"socket closing")
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+        if self._idle_flush is not None:
+            self._idle_flush.discard(self)
+        self._flush_due.clear()
         if self._sock is not None:
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
@@ -645,13 +707,26 @@ class QUICSocket:
 
     def flush_later(self, conn: QUICConnection) -> None:
         """Call ``conn.flush_after_input()`` once this process has nothing
-        else to run, or within two :data:`FLUSH_WAIT` (see :meth:`_flusher`),
-        unless a flush of its own makes it moot."""
+        else to run, or within two :data:`FLUSH_WAIT` of a process that
+        never idles, unless a flush of its own makes it moot.
+
+        What waits here is what no task waits on: ACKs, credit that reads
+        returned, small writes waiting for company. Sent at once each
+        costs a packet; held until every task is blocked (trio's idle
+        point: the run queue is empty), it rides on whatever the woken
+        tasks send meanwhile (an RPC reply takes the request's ACK, a
+        server's next reply the ACK of the last call's FIN), and what is
+        left leaves together. The flushes run in the scheduler's step
+        before its I/O poll (:class:`_IdleFlush`); a process that never
+        idles (both ends of a busy exchange in one process) flushes, in
+        that step, the marks older than FLUSH_WAIT by trio's clock.
+        """
         due = self._flush_due
-        if not due:
-            self._flusher_lot.unpark_all()
-        if conn not in due:
-            due[conn] = self._flush_wait
+        if conn in due or self._closed:
+            return
+        if not due and self._idle_flush is not None:
+            self._idle_flush.add(self)
+        due[conn] = trio.current_time()
 
     def flush_sent(self, conn: QUICConnection) -> None:
         """``conn`` just sent what quiche had (and re-armed its timer)."""
@@ -744,37 +819,23 @@ class QUICSocket:
         finally:
             self._writer_running = False
 
-    async def _flusher(self) -> None:
-        # What waits here is what no task waits on: ACKs, credit that reads
-        # returned, small writes waiting for company. Sent at once each
-        # costs a packet; held until every task is blocked (trio's idle
-        # point: the run queue is empty and the I/O poll found nothing),
-        # it rides on whatever the woken tasks send meanwhile (an RPC reply
-        # takes the request's ACK, a server's next reply the ACK of the last
-        # call's FIN), and what is left leaves together.
-        #
-        # A process that never idles (both ends of a busy exchange in one
-        # process) waits FLUSH_WAIT at a time, and flushes at its end the
-        # marks made before it began: a mark made just now (the last input's,
-        # or one made just before the machine preempted the process, which
-        # resumes with its tasks about to write) gets a whole wait more.
-        # The marks are in marking order, so the ripe ones are in front.
+    def flush_ripe(self, ripe: float) -> bool:
+        """Flush the connections marked by ``ripe`` (trio's clock; inf: all
+        of them) and return whether none is left (see :class:`_IdleFlush`)."""
         due = self._flush_due
-        while True:
-            if not due:
-                await self._flusher_lot.park()
-            self._flush_wait += 1
-            with trio.move_on_after(FLUSH_WAIT) as bounded:
-                await trio.testing.wait_all_tasks_blocked()
-            ripe = (
-                self._flush_wait - 1 if bounded.cancelled_caught else self._flush_wait
-            )
-            while due:
-                conn, marked = next(iter(due.items()))
-                if marked > ripe:
-                    break
-                del due[conn]
+        while due:
+            conn, marked = next(iter(due.items()))
+            if marked > ripe:
+                return False
+            del due[conn]
+            try:
                 conn.flush_after_input()
+            except Exception:
+                # Outside any task: one connection's bug must not reach
+                # trio's scheduler (which would drop the instrument, and
+                # every socket's deferred flushes with it).
+                conn.fail_unexpectedly("its deferred flush")
+        return True
 
     # -- sending ----------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -167,3 +168,54 @@ async def test_a_socket_opens_once() -> None:
         with pytest.raises(RuntimeError, match="opened once"):
             async with sock:
                 pass  # pragma: no cover - never entered
+
+
+class _FakeFlushing:
+    """Stands for a QUICSocket with deferred flushes due (its one method the
+    idle flush calls): records the ``ripe`` bound, and wakes a task."""
+
+    def __init__(self, wake: trio.lowlevel.Task | None = None) -> None:
+        self.calls: list[float] = []
+        self.wake = wake
+
+    def flush_ripe(self, ripe: float) -> bool:
+        # One mark, made now: flushed (and done) at the idle point only.
+        self.calls.append(ripe)
+        if ripe != math.inf:
+            return False
+        if self.wake is not None:
+            trio.lowlevel.reschedule(self.wake)
+            self.wake = None
+        return True
+
+
+async def test_idle_flush_runs_at_the_idle_point_and_wakes_at_once() -> None:
+    """The deferred flushes run in the scheduler step before an I/O poll
+    with nothing runnable (ripe = inf: all marks), once per registration;
+    a task that a flush wakes runs without waiting out the poll (here 30 s
+    of a sleeping task: the test's deadline would fire first)."""
+    async with QUICSocket("127.0.0.1"):
+        flush = quic_socket._idle_flusher()
+        async with QUICSocket("127.0.0.1"):
+            assert quic_socket._idle_flusher() is flush  # one per run
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep, 30)
+                idle = _FakeFlushing()
+                flush.add(idle)  # type: ignore[arg-type]
+                await trio.sleep(0.01)
+                assert idle.calls[-1] == math.inf
+                assert all(ripe < trio.current_time() for ripe in idle.calls[:-1])
+                flushed = len(idle.calls)
+                await trio.sleep(0.01)
+                assert len(idle.calls) == flushed  # done: no longer called
+
+                waker = _FakeFlushing(trio.lowlevel.current_task())
+                flush.add(waker)  # type: ignore[arg-type]
+                start = trio.current_time()
+                await trio.lowlevel.wait_task_rescheduled(
+                    lambda _: trio.lowlevel.Abort.SUCCEEDED
+                )
+                assert waker.calls[-1] == math.inf
+                assert trio.current_time() - start < 1
+                nursery.cancel_scope.cancel()
