@@ -9,7 +9,6 @@ manager's module imports, can use them without an import cycle.
 from __future__ import annotations
 
 import enum
-import functools
 import math
 from typing import Any, Final, TypeVar
 
@@ -84,9 +83,24 @@ class _Use:
     at: float
 
 
-async def _open_stream(connection: QUICConnection, use: _Use) -> QUICStream:
-    use.at = trio.current_time()
-    return await connection.open_stream()
+@attrs.define
+class _Opener:
+    """Opens the streams of one connection, marking it used: what its RPC
+    clients hold (through a bound ``open_stream``, so that they can also
+    open without waiting, see polykey.rpc.RPCClient), never the
+    NodeConnection (see _Use)."""
+
+    connection: QUICConnection
+    use: _Use
+
+    async def open_stream(self) -> QUICStream:
+        self.use.at = trio.current_time()
+        return await self.connection.open_stream()
+
+    def open_stream_nowait(self) -> QUICStream:
+        stream = self.connection.open_stream_nowait()
+        self.use.at = trio.current_time()
+        return stream
 
 
 @attrs.define(eq=False)
@@ -140,7 +154,7 @@ class NodeConnection:
 
     async def open_stream(self) -> QUICStream:
         """A new stream on the connection, which counts as used."""
-        return await _open_stream(self.connection, self._use)
+        return await _Opener(self.connection, self._use).open_stream()
 
     def client(self, manifest: type[M]) -> RPCClient[M]:
         """A typed RPC client over this connection: ``conn.client(MyAPI)``
@@ -149,5 +163,5 @@ class NodeConnection:
 
     def _client(self, manifest: Any) -> RPCClient[Any]:
         # Bound to the connection and its use, not to self (see _Use).
-        opener = functools.partial(_open_stream, self.connection, self._use)
+        opener = _Opener(self.connection, self._use).open_stream
         return RPCClient(manifest, opener, timeout=self.rpc_timeout, peer=self.peer)

@@ -251,24 +251,43 @@ class QUICConnection(trio.abc.AsyncResource):
             if not self._verified:
                 await self.wait_handshake()
                 continue
-            q = self.quiche
-            left = (
-                q.peer_streams_left_uni()
-                if unidirectional
-                else q.peer_streams_left_bidi()
-            )
-            if left > 0:
+            if self._streams_left(unidirectional):
                 break
             if self._credit_lot is None:
                 self._credit_lot = trio.lowlevel.ParkingLot()
             await self._credit_lot.park()
+        stream = self._open_local(unidirectional)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
+
+    def open_stream_nowait(self, *, unidirectional: bool = False) -> QUICStream:
+        """:meth:`open_stream` when it need not wait, without its checkpoint;
+        raises :exc:`trio.WouldBlock` before the handshake is done and while
+        the peer's stream limit is reached.
+
+        For a caller that waits right after (an RPC client's unary call
+        opens its stream with it, writes its request, and waits for the
+        answer: one scheduling round less per call).
+        """
+        self.raise_if_dead()
+        if not self._verified or not self._streams_left(unidirectional):
+            raise trio.WouldBlock
+        return self._open_local(unidirectional)
+
+    def _streams_left(self, unidirectional: bool) -> bool:
+        q = self.quiche
+        left = (
+            q.peer_streams_left_uni() if unidirectional else q.peer_streams_left_bidi()
+        )
+        return left > 0
+
+    def _open_local(self, unidirectional: bool) -> QUICStream:
         sid = self._stream_ids.open_local(unidirectional=unidirectional)
         # An empty write creates the stream in quiche, so it counts against
         # the peer's limit at once, as our bookkeeping assumes.
         self.quiche.stream_send(sid, b"", False)
         stream = QUICStream(self, sid, can_read=not unidirectional, can_write=True)
         self._streams[sid] = stream
-        await trio.lowlevel.cancel_shielded_checkpoint()
         return stream
 
     async def accept_stream(self) -> QUICStream:

@@ -65,7 +65,7 @@ from ._middleware import (
 )
 from ._raw import RawStream
 from ._state import ClientCallState, ClientEnd, ClientEvent, Incoming, Outgoing
-from ._stream import abort_of, eager, reset_stream
+from ._stream import abort_of, eager, nowait_opener, reset_stream
 
 __all__ = [
     "ClientStreamCall",
@@ -144,8 +144,21 @@ class _Call:
         self.linger_deadline: float | None = None
 
     async def open(self) -> None:
-        self.stream = await self.client._stream_factory()
-        self.conn = MessageConn(self.stream, self.client.max_message_size)
+        stream = None
+        open_nowait = self.client._open_nowait
+        if open_nowait is not None and self.kind == "UNARY":
+            # A unary call waits for its answer right after: opening needs
+            # no schedule point of its own (one scheduling round less per
+            # call), only a pending cancellation honoured first.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                stream = open_nowait()
+            except trio.WouldBlock:
+                pass
+        if stream is None:
+            stream = await self.client._stream_factory()
+        self.stream = stream
+        self.conn = MessageConn(stream, self.client.max_message_size)
 
     # -- sending -------------------------------------------------------------
     async def send(
@@ -495,6 +508,12 @@ class RPCClient(Generic[ManifestT]):
     streaming call, a work-around for js-rpc 0.5.1 servers; ``linger``
     bounds the wait for the server's FIN once a call has its answer.
     ``peer`` says who the calls go to (NodeId and address), for the log.
+
+    When ``stream_factory`` is a bound ``open_stream`` whose object has
+    ``open_stream_nowait`` (a :class:`~polykey.quic.QUICConnection`'s), a
+    unary call opens its stream with that when it need not wait, and writes
+    its request in the same step: the call's one schedule point is its wait
+    for the answer.
     """
 
     def __init__(
@@ -515,6 +534,7 @@ class RPCClient(Generic[ManifestT]):
             raise ValueError("timeout must be >= 0")
         self.timeout = timeout
         self._stream_factory = stream_factory
+        self._open_nowait = nowait_opener(stream_factory)
         factories: list[MiddlewareFactory] = []
         if timeout_middleware:
             factories.append(ClientTimeoutMiddleware)

@@ -28,6 +28,7 @@ through ``receive_some``, ``send_all`` and ``aclose``, a round each.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, TypeAlias, runtime_checkable
 
 import trio
@@ -39,6 +40,7 @@ __all__ = [
     "StreamAbort",
     "abort_of",
     "eager",
+    "nowait_opener",
     "reset_stream",
 ]
 
@@ -123,6 +125,18 @@ def eager(stream: object) -> EagerStream | None:
     if known is None:
         known = _eager_classes[cls] = isinstance(stream, EagerStream)
     return stream if known else None  # type: ignore[return-value]
+
+
+def nowait_opener(factory: object) -> Callable[[], RPCStream] | None:
+    """How ``factory`` opens a stream without waiting, if it can: a bound
+    ``open_stream`` method whose object also has ``open_stream_nowait``
+    (a :class:`~polykey.quic.QUICConnection`'s), which raises
+    :exc:`trio.WouldBlock` when it would wait. None otherwise."""
+    if getattr(factory, "__name__", None) != "open_stream":
+        return None
+    owner = getattr(factory, "__self__", None)
+    opener = getattr(owner, "open_stream_nowait", None)
+    return opener if callable(opener) else None
 
 
 def abort_of(exc: BaseException) -> StreamAbort | None:

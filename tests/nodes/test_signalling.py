@@ -22,6 +22,7 @@ from polykey.nodes import (
     SIGNAL_INITIAL,
     ConnectionPath,
     InvalidAddressError,
+    NodeConnection,
     RelayVerificationError,
     RequestVerificationError,
 )
@@ -199,13 +200,23 @@ async def nodes(tmp_path: Path, *names: str) -> AsyncIterator[list[PolykeyNode]]
         stop.set()
 
 
+async def connect_both(node: PolykeyNode, to: PolykeyNode) -> NodeConnection:
+    """``node`` dials ``to`` and returns once ``to`` has pooled the
+    connection too: a client's handshake completes half a round trip before
+    the server's, and a signaller only forwards to the nodes it has pooled."""
+    conn = await node.connect(to.node_id, to.address)
+    while to.connections.get(node.node_id) is None:  # noqa: ASYNC110
+        await trio.sleep(0.001)
+    return conn
+
+
 async def test_a_punch_through_a_signaller_connects_by_the_punched_path(
     tmp_path: Path,
 ) -> None:
     with trio.fail_after(30):
         async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
             to_s = await a.connect(s.node_id, s.address)
-            await b.connect(s.node_id, s.address)
+            await connect_both(b, s)
             conn = await a.connections.connect_punched(b.node_id, to_s)
             assert conn.node_id == b.node_id
             assert conn.path is ConnectionPath.PUNCHED
@@ -235,7 +246,7 @@ async def test_a_dial_started_during_a_punch_waits_for_it(
     with trio.fail_after(30):
         async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
             to_s = await a.connect(s.node_id, s.address)
-            await b.connect(s.node_id, s.address)
+            await connect_both(b, s)
             manager = a.connections
             initial = s.rpc_server.manifest[SIGNAL_INITIAL]
             dials, punched_dials = manager.dials, manager.punched_dials
@@ -267,7 +278,7 @@ async def test_connect_by_node_id_alone_finds_the_target(tmp_path: Path) -> None
     with trio.fail_after(30):
         async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
             await a.connect(s.node_id, s.address)
-            await b.connect(s.node_id, s.address)
+            await connect_both(b, s)
             conn = await a.connect(b.node_id)
             assert conn.node_id == b.node_id
             assert a.finder.statistics.connects == 1
@@ -290,7 +301,7 @@ async def test_the_signaller_refuses_bad_requests_with_polykeys_errors(
 ) -> None:
     with trio.fail_after(60):
         async with nodes(tmp_path, "a", "s", "b", "m") as (a, s, b, m):
-            await b.connect(s.node_id, s.address)
+            await connect_both(b, s)
             assert a.identity is not None
             assert m.identity is not None
             good = b64url_encode(

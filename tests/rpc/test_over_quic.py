@@ -12,7 +12,9 @@ import trio
 from polykey.keys import NodeIdentity
 from polykey.quic import (
     QUICClient,
+    QUICConfig,
     QUICConnection,
+    QUICConnectionError,
     QUICServer,
     QUICSocket,
     QUICStream,
@@ -238,3 +240,50 @@ async def test_eager_and_plain_streams_end_calls_alike() -> None:
     # reply written in its first step, aclose): about 140 measured, 76-80
     # before the nowait reads and writes.
     assert eager_steps + 100 <= plain_steps, (eager_steps, plain_steps)
+
+
+async def test_unary_calls_past_the_stream_limit_wait_for_credit() -> None:
+    """A unary call opens its stream without waiting when it can
+    (QUICConnection.open_stream_nowait, found by RPCClient through the bound
+    open_stream); at the peer's stream limit that raises WouldBlock, and
+    the call waits for credit through open_stream instead."""
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    async with (
+        QUICSocket("127.0.0.1") as sa,
+        QUICSocket("127.0.0.1") as sb,
+        RPCServer(default_manifest(), timeout=10) as rpc,
+        trio.open_nursery() as nursery,
+    ):
+        server = QUICServer(
+            sb,
+            node_tls_identity(b),
+            verifier=node_verifier(),
+            config=QUICConfig(initial_max_streams_bidi=2),
+        )
+        with trio.fail_after(10):
+            conn = await QUICClient(sa, node_tls_identity(a)).connect(
+                sb.local_address, verifier=node_verifier(b.node_id)
+            )
+            nursery.start_soon(serve_rpc, await server.accept(), rpc)
+        api = RPCClient(API, conn.open_stream).methods
+        answers: list[Any] = []
+        refused = 0
+
+        async def call(i: int) -> None:
+            answers.append(await api.sleep({"s": 0.05, "i": i}))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as calls:
+                for i in range(8):
+                    calls.start_soon(call, i)
+                await trio.sleep(0.02)
+                # Two calls hold the only two streams; six wait for credit.
+                try:
+                    conn.open_stream_nowait()
+                except trio.WouldBlock:
+                    refused += 1
+        assert refused == 1
+        assert len(answers) == 8
+        nursery.cancel_scope.cancel()
+    with pytest.raises(QUICConnectionError):  # the socket closed it
+        conn.open_stream_nowait()
