@@ -98,9 +98,11 @@ class _IdleFlush(trio.abc.Instrument):
     it, so a round with nothing due costs one test.
 
     The flush happens in the scheduler's own step, not in a task woken to
-    do it: no task step, no round of its own, no cancel scope. What it
-    wakes (a connection that closed) runs at once: the poll is told not to
-    wait.
+    do it: no task step, no round of its own, no cancel scope. The
+    scheduler computed its poll's timeout before this step, so what a flush
+    wakes (a connection that closed) and a timer it arms earlier than that
+    timeout (quiche's loss-detection timer, after a send) would wait out
+    the poll: then the poll is told not to wait.
     """
 
     __slots__ = ("_sockets",)
@@ -124,11 +126,17 @@ class _IdleFlush(trio.abc.Instrument):
         # (It does not wait when a task waits for the idle point itself,
         # trio.testing.wait_all_tasks_blocked: then ask the run queue.)
         idle = timeout > 0 or stats().tasks_runnable == 0
-        ripe = math.inf if idle else trio.current_time() - FLUSH_WAIT
+        now = trio.current_time()
+        ripe = math.inf if idle else now - FLUSH_WAIT
+        armed = math.inf  # the first timer a flush moved earlier
         for sock in list(sockets):
+            known = sock.next_deadline()
             if sock.flush_ripe(ripe):
                 del sockets[sock]
-        if timeout > 0 and stats().tasks_runnable:
+            first = sock.next_deadline()
+            if first < known and first < armed:
+                armed = first
+        if timeout > 0 and (armed < now + timeout or stats().tasks_runnable):
             trio.lowlevel.current_trio_token().run_sync_soon(_wake_loop)
 
 
@@ -757,6 +765,12 @@ class QUICSocket:
         if scope is not None and deadline < scope.deadline:
             scope.deadline = deadline
         return timer
+
+    def next_deadline(self) -> float:
+        """When the first timer set is due (inf: none); a cancelled one
+        counts until it is due."""
+        timers = self._timers
+        return timers[0][0] if timers else math.inf
 
     async def _timer(self) -> None:
         timers = self._timers

@@ -188,6 +188,9 @@ class _FakeFlushing:
             self.wake = None
         return True
 
+    def next_deadline(self) -> float:
+        return math.inf  # it arms no timer
+
 
 async def test_idle_flush_runs_at_the_idle_point_and_wakes_at_once() -> None:
     """The deferred flushes run in the scheduler step before an I/O poll
@@ -217,5 +220,44 @@ async def test_idle_flush_runs_at_the_idle_point_and_wakes_at_once() -> None:
                     lambda _: trio.lowlevel.Abort.SUCCEEDED
                 )
                 assert waker.calls[-1] == math.inf
+                assert trio.current_time() - start < 1
+                nursery.cancel_scope.cancel()
+
+
+class _FakeArming:
+    """Stands for a QUICSocket whose deferred flush arms a timer (quiche's
+    loss-detection timer, after a send) earlier than any deadline the
+    scheduler knew of when it computed its poll's timeout."""
+
+    def __init__(self, scope: trio.CancelScope, delay: float) -> None:
+        self.scope = scope
+        self.delay = delay
+
+    def flush_ripe(self, ripe: float) -> bool:
+        if ripe != math.inf:
+            return False
+        self.scope.deadline = trio.current_time() + self.delay
+        return True
+
+    def next_deadline(self) -> float:
+        return self.scope.deadline
+
+
+async def test_a_deadline_an_idle_flush_arms_is_kept() -> None:
+    """A flush at the idle point that arms a timer before the poll's
+    timeout ends (a retransmission's, in 50 ms, here with a task asleep for
+    30 s) has the poll end by then: the scheduler computed its timeout
+    before the flush."""
+    async with QUICSocket("127.0.0.1"):
+        flush = quic_socket._idle_flusher()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep, 30)
+                await trio.sleep(0.01)  # the sleeper is asleep
+                with trio.CancelScope() as scope:
+                    flush.add(_FakeArming(scope, 0.05))  # type: ignore[arg-type]
+                    start = trio.current_time()
+                    await trio.sleep_forever()
+                assert scope.cancelled_caught
                 assert trio.current_time() - start < 1
                 nursery.cancel_scope.cancel()
