@@ -284,6 +284,17 @@ async def test_unary_calls_past_the_stream_limit_wait_for_credit() -> None:
                     refused += 1
         assert refused == 1
         assert len(answers) == 8
+        # A caller already cancelled opens no stream (the checkpoint before
+        # the open that does not wait).
+        with trio.fail_after(5):
+            while not conn.quiche.peer_streams_left_bidi():  # noqa: ASYNC110
+                await trio.sleep(0.01)  # the credit of the calls' streams
+        left = conn.quiche.peer_streams_left_bidi()
+        with trio.CancelScope() as cancelled:
+            cancelled.cancel()
+            await api.sleep({"s": 0, "i": 8})
+        assert cancelled.cancelled_caught
+        assert conn.quiche.peer_streams_left_bidi() == left
         nursery.cancel_scope.cancel()
     with pytest.raises(QUICConnectionError):  # the socket closed it
         conn.open_stream_nowait()
