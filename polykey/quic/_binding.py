@@ -699,7 +699,11 @@ class Connection:
             pa.len,
             config._ptr,
         )
-        return cls(ptr, config, local, peer)
+        conn = cls(ptr, config, local, peer)
+        # BoringSSL frees the handshake's configuration once it is done
+        # (about 1 KiB that an idle server connection kept otherwise).
+        lib.pk_conn_shed_handshake_config(conn._ptr)
+        return conn
 
     @classmethod
     def connect(
