@@ -666,7 +666,12 @@ class Connection:
         self._sid = out.sid
         self._out_ptr = out.out_ptr
         self._out_len = out.out_len
-        self._to_cache: tuple[bytes, SockAddr] = (b"", peer)
+        # The C peer address, so that sends to it (almost every send) give
+        # back ``peer`` itself, not a copy of it each connection would keep.
+        self._to_cache: tuple[bytes, SockAddr] = (
+            bytes(ffi.buffer(self._peer.ptr, self._peer.len)),
+            peer,
+        )
 
     def _set_recv_info(self) -> None:
         # "from" is a Python keyword, hence setattr.

@@ -150,11 +150,12 @@ class QUICConnection(trio.abc.AsyncResource):
         remote_address: SockAddr,
     ) -> None:
         self._socket = socket
-        # For streams, bound here so that each read makes one call, not two:
-        # the socket's scratch buffer of at least ``size`` bytes, valid until
-        # the next await. (Not flush_later: a partial bound to self would
+        # For streams, so that each read makes one call, not two: the
+        # socket's scratch buffer of at least ``size`` bytes, valid until
+        # the next await; one bound method shared by the socket's
+        # connections. (Not flush_later: a partial bound to self would
         # make every connection a reference cycle, left to the cyclic GC.)
-        self.scratch: Callable[[int], bytearray] = socket.scratch
+        self.scratch: Callable[[int], bytearray] = socket.bound_scratch
         #: The quiche connection. Streams call its ``stream_*`` functions for
         #: their own stream id; everything else is this object's.
         self.quiche = q
@@ -195,8 +196,9 @@ class QUICConnection(trio.abc.AsyncResource):
         self._on_datagram: Callable[[bytes], None] | None = None
         # Routes of our datagrams that never reach Python (see _carrier).
         self._carrier_routes: CarrierRoutes | None = None
-        self._on_verified: list[Callable[[QUICConnection], None]] = []
-        self._on_finished: list[Callable[[QUICConnection], None]] = []
+        # Made by the first callback; the verified ones are dropped once run.
+        self._on_verified: list[Callable[[QUICConnection], None]] | None = None
+        self._on_finished: list[Callable[[QUICConnection], None]] | None = None
         # Driver counters.
         self._datagrams_in = 0
         self._timer_fires = 0
@@ -498,11 +500,19 @@ class QUICConnection(trio.abc.AsyncResource):
     def call_when_verified(self, callback: Callable[[QUICConnection], None]) -> None:
         """Call ``callback(self)`` right after the peer is verified, before
         any stream is delivered (never, if the handshake fails)."""
+        if self._verified or self._finished:
+            return  # too late, as before: the list was run already
+        if self._on_verified is None:
+            self._on_verified = []
         self._on_verified.append(callback)
 
     def call_when_finished(self, callback: Callable[[QUICConnection], None]) -> None:
         """Call ``callback(self)`` once the connection has ended, however it
         ended (a failed handshake included)."""
+        if self._finished:
+            return  # too late, as before: the list was run already
+        if self._on_finished is None:
+            self._on_finished = []
         self._on_finished.append(callback)
 
     def raise_if_dead(self) -> None:
@@ -628,12 +638,12 @@ class QUICConnection(trio.abc.AsyncResource):
             # Its waiters are woken; nothing waits on it again.
             self._handshake_done.set()
             self._handshake_done = None
-        for callback in self._on_verified:
+        callbacks, self._on_verified = self._on_verified, None
+        for callback in callbacks or ():
             try:
                 callback(self)
             except Exception:
                 self._unexpected(f"a verified callback ({_name(callback)})")
-        self._on_verified.clear()
 
     def _deliver_streams(self) -> None:
         q = self.quiche
@@ -831,9 +841,9 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._closed_event is not None:
             self._closed_event.set()
         self._socket.remove_connection(self)
-        callbacks, self._on_finished = self._on_finished, []
-        self._on_verified.clear()
-        for callback in callbacks:
+        callbacks, self._on_finished = self._on_finished, None
+        self._on_verified = None
+        for callback in callbacks or ():
             try:
                 callback(self)
             except Exception:

@@ -30,7 +30,6 @@ counted in :class:`ServerStatistics`.
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import hmac
 import os
@@ -110,6 +109,12 @@ def _now_ms() -> int:
     return int(time.monotonic() * 1000)
 
 
+def _host(conn: QUICConnection) -> str:
+    """The address (see _admission) ``conn``'s handshake and connection
+    were counted under."""
+    return address_key(str(conn.remote_address[0]))
+
+
 def _count_refusal(stats: ServerStatistics, refusal: Refusal) -> None:
     if refusal is Refusal.CONNECTIONS:
         stats.refused_connections += 1
@@ -159,6 +164,8 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         )
         self._closed = False
         self.statistics = ServerStatistics()
+        self._on_verified = self._verified
+        self._on_finished = self._connection_over
         socket.attach_server(self)
 
     @property
@@ -315,14 +322,20 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         stats.connections = self._admission.connections
         stats.handshaking = self._handshaking
         # Callbacks, not a task per handshake, keep the handshaking and
-        # connection counts honest however the connection ends.
-        conn.call_when_verified(functools.partial(self._handshake_over, host))
-        conn.call_when_verified(self._connection_ready)
-        conn.call_when_finished(functools.partial(self._connection_over, host))
+        # connection counts honest however the connection ends: bound once
+        # for every connection (a partial with the host each cost 250 bytes
+        # a connection), the host is the remote address's again.
+        conn.call_when_verified(self._on_verified)
+        conn.call_when_finished(self._on_finished)
         conn.start(self._config.handshake_timeout)
         conn.datagram_received(data, address)
 
-    def _handshake_over(self, host: str, conn: QUICConnection) -> None:
+    def _verified(self, conn: QUICConnection) -> None:
+        self._handshake_over(conn)
+        self._connection_ready(conn)
+
+    def _handshake_over(self, conn: QUICConnection) -> None:
+        host = _host(conn)
         self._handshaking -= 1
         self.statistics.handshaking = self._handshaking
         self._per_address[host] -= 1
@@ -331,10 +344,10 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         if not conn.verified:
             self.statistics.handshakes_failed += 1
 
-    def _connection_over(self, host: str, conn: QUICConnection) -> None:
+    def _connection_over(self, conn: QUICConnection) -> None:
         if not conn.verified:  # it ended handshaking
-            self._handshake_over(host, conn)
-        self._admission.release(host)
+            self._handshake_over(conn)
+        self._admission.release(_host(conn))
         self.statistics.connections = self._admission.connections
 
     def _connection_ready(self, conn: QUICConnection) -> None:
