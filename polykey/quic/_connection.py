@@ -116,6 +116,7 @@ class QUICConnection(trio.abc.AsyncResource):
         "_incoming",
         "_on_datagram",
         "_on_finished",
+        "_on_stream",
         "_on_verified",
         "_pending",
         "_send_blocked",
@@ -194,6 +195,8 @@ class QUICConnection(trio.abc.AsyncResource):
         # that re-sends it through a hole punch (see resend_first_flight).
         self._first_flight: list[tuple[bytes, int, SockAddr]] | None = None
         self._on_datagram: Callable[[bytes], None] | None = None
+        # Where new peer streams go instead of accept_stream (serve_streams).
+        self._on_stream: Callable[[QUICStream], None] | None = None
         # Routes of our datagrams that never reach Python (see _carrier).
         self._carrier_routes: CarrierRoutes | None = None
         # Made by the first callback; the verified ones are dropped once run.
@@ -298,6 +301,10 @@ class QUICConnection(trio.abc.AsyncResource):
         waited = False
         while not self._incoming:
             self.raise_if_dead()
+            if self._on_stream is not None:
+                raise trio.BusyResourceError(
+                    "this connection's streams go to a handler (serve_streams)"
+                )
             # Parked here, not in a helper coroutine: one frame less to keep.
             task = trio.lowlevel.current_task()
             if self._acceptors is None:
@@ -515,6 +522,20 @@ class QUICConnection(trio.abc.AsyncResource):
             self._on_finished = []
         self._on_finished.append(callback)
 
+    def deliver_streams_to(self, callback: Callable[[QUICStream], None]) -> None:
+        """Hand each new stream of the peer's to ``callback(stream)`` instead
+        of to :meth:`accept_stream` (which then raises BusyResourceError):
+        those already waiting at once, the later ones from the socket's
+        reader as they arrive (``callback`` must not block). For
+        :meth:`QUICServer.serve_streams`: no task waits per connection."""
+        if self._finished:
+            return
+        self._on_stream = callback
+        incoming, self._incoming = self._incoming, None
+        for stream in incoming or ():
+            self._hand_over(stream)
+        self._wake_acceptors()
+
     def raise_if_dead(self) -> None:
         """Raise :meth:`closed_error` if the connection has ended."""
         if self._finished:
@@ -659,10 +680,22 @@ class QUICConnection(trio.abc.AsyncResource):
                 continue
             stream = QUICStream(self, sid, can_read=True, can_write=not sid & 2)
             streams[sid] = stream
+            if self._on_stream is not None:
+                self._hand_over(stream)
+                continue
             if self._incoming is None:
                 self._incoming = collections.deque()
             self._incoming.append(stream)
             self._wake_acceptors()
+
+    def _hand_over(self, stream: QUICStream) -> None:
+        assert self._on_stream is not None
+        try:
+            self._on_stream(stream)
+        except Exception:
+            # Run from the socket's reader: a bug must not end it.
+            self._unexpected(f"the stream callback ({_name(self._on_stream)})")
+            stream.close(forceful=True)
 
     def _sweep_closed(self) -> None:
         # quiche keeps a stream the peer stopped (STOP_SENDING) until the
@@ -833,6 +866,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._timer = None
         self._closed_held = None
         self._send_waiters = None
+        self._on_stream = None
         self._wake_acceptors()
         if self._credit_lot is not None:
             self._credit_lot.unpark_all()
