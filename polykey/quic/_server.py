@@ -425,10 +425,12 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
 
         Unlike :meth:`serve`, no task waits per connection: a connection
         hands each new stream over as its packets arrive (a task waiting in
-        ``accept_stream`` costs an idle connection about 3 KB, and a node
-        holds thousands of them). ``accept_stream`` on a connection served
-        here raises :exc:`trio.BusyResourceError`. A connection stays open
-        until its peer closes it or it times out, or until this returns.
+        ``accept_stream`` costs an idle connection 2.4 KB of Python objects,
+        more with a nursery of its own, and a node holds thousands of idle
+        connections: docs/quic.md has the figures). ``accept_stream`` on a
+        connection served here raises :exc:`trio.BusyResourceError`. A
+        connection stays open until its peer closes it or it times out, or
+        until this returns.
 
         A handler that raises :exc:`trio.BrokenResourceError` (its stream or
         its connection failed, the peer's doing) ends quietly. Any other
