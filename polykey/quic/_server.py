@@ -22,11 +22,13 @@ verified) in all and per address, and new handshakes per second per
 address. An "address" is an IPv4 address or an IPv6 /64 throughout.
 
 A connection is handed to :meth:`accept` only once its handshake is done and
-the peer's certificate chain passed the verifier. :meth:`serve` runs a task
-per connection; :meth:`serve_streams` runs one per stream, none for an idle
-connection. Past a limit new clients
+the peer's certificate chain passed the verifier. Past a limit new clients
 are dropped (they retry) rather than queued without limit; every refusal is
 counted in :class:`ServerStatistics`.
+
+:meth:`QUICServer.serve` runs a task per connection; ``serve_streams``
+one per stream and none per connection, so that an idle connection costs no
+task.
 """
 
 from __future__ import annotations
@@ -182,8 +184,9 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         )
         self._closed = False
         self.statistics = ServerStatistics()
-        self._on_verified = self._verified
-        self._on_finished = self._connection_over
+        # Bound once: every connection keeps these two objects.
+        self._verified_callback = self._verified
+        self._finished_callback = self._connection_over
         socket.attach_server(self)
 
     @property
@@ -340,11 +343,11 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         stats.connections = self._admission.connections
         stats.handshaking = self._handshaking
         # Callbacks, not a task per handshake, keep the handshaking and
-        # connection counts honest however the connection ends: bound once
-        # for every connection (a partial with the host each cost 250 bytes
-        # a connection), the host is the remote address's again.
-        conn.call_when_verified(self._on_verified)
-        conn.call_when_finished(self._on_finished)
+        # connection counts honest however the connection ends: the same
+        # two for every connection (a partial with the host each cost 250
+        # bytes a connection); the host is the remote address's again.
+        conn.call_when_verified(self._verified_callback)
+        conn.call_when_finished(self._finished_callback)
         conn.start(self._config.handshake_timeout)
         conn.datagram_received(data, address)
 
