@@ -252,6 +252,7 @@ size_t pk_conn_peer_cert_chain_len(const quiche_conn *conn);
 bool pk_conn_peer_cert_chain_get(const quiche_conn *conn, size_t index,
                                  const uint8_t **out, size_t *out_len);
 void pk_conn_peer_cert_chain_drop(const quiche_conn *conn);
+void pk_conn_shed_handshake_config(const quiche_conn *conn);
 void quiche_conn_peer_cert(const quiche_conn *conn, const uint8_t **out,
                            size_t *out_len);
 void quiche_conn_session(const quiche_conn *conn, const uint8_t **out,

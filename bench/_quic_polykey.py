@@ -7,6 +7,8 @@ Both sides present Ed25519 node certificates (``NodeIdentity.generate()``)
 and verify the peer's chain with ``node_verifier()``, as Polykey nodes do;
 the server uses QUICServer's defaults (stateless Retry on) but for the cap on
 handshakes in flight per address, lifted: every bench client is on loopback.
+It serves with ``serve_streams``, a task per stream and none per connection,
+as a node serves its many idle connections.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from polykey.keys import NodeIdentity
 from polykey.quic import (
     QUICClient,
     QUICConfig,
-    QUICConnection,
     QUICServer,
     QUICSocket,
     QUICStream,
@@ -35,17 +36,15 @@ HOST = "127.0.0.1"
 
 
 async def handle_stream(stream: QUICStream, max_bytes: int | None) -> None:
+    # serve_streams closes the stream, and ends the task quietly on
+    # BrokenResourceError (the client went away).
     total = 0
     head = bytearray()
-    try:
-        async with stream:
-            while data := await stream.receive_some(max_bytes):
-                total += len(data)
-                if len(head) <= 1024:
-                    head += data[:1025]
-            await stream.send_all_and_eof(echo_reply(total, head))
-    except trio.BrokenResourceError:
-        pass
+    while data := await stream.receive_some(max_bytes):
+        total += len(data)
+        if len(head) <= 1024:
+            head += data[:1025]
+    await stream.send_all_and_eof(echo_reply(total, head))
 
 
 async def server(args: argparse.Namespace) -> None:
@@ -60,18 +59,12 @@ async def server(args: argparse.Namespace) -> None:
             config=QUICConfig(max_handshakes_per_address=1024),
         )
 
-        async def handle_connection(conn: QUICConnection) -> None:
-            async with trio.open_nursery() as nursery:
-                try:
-                    while True:
-                        stream = await conn.accept_stream()
-                        nursery.start_soon(handle_stream, stream, args.read_size)
-                except trio.BrokenResourceError:
-                    pass
+        async def handle(stream: QUICStream) -> None:
+            await handle_stream(stream, args.read_size)
 
         ready(sock.local_address[1])
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(quic_server.serve, handle_connection)
+            nursery.start_soon(quic_server.serve_streams, handle)
             # The driver closes our stdin to stop us.
             await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
             nursery.cancel_scope.cancel()

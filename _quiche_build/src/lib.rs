@@ -9,6 +9,8 @@
 //!   check happens in Python after the handshake, as js-quic does it.
 //! * `pk_conn_peer_cert_chain_*`: the peer's whole chain as DER, leaf first,
 //!   as the verify callback copied it; `_drop` frees that copy once read.
+//! * `pk_conn_shed_handshake_config`: a server connection's `SSL` frees its
+//!   handshake configuration once the handshake is over.
 //! * `pk_conn_send_batch`: several `quiche_conn_send` calls into one buffer
 //!   of equal-sized segments, ready for one GSO `sendmsg`, so Python makes one
 //!   call per batch instead of one per packet.
@@ -64,6 +66,7 @@ const PEER_CERT_REQUIRE: c_int = 2;
 extern "C" {
     fn SSL_CTX_set_retain_only_sha256_of_client_certs(ctx: *mut c_void, enable: c_int);
     fn SSL_get0_peer_certificates(ssl: *const c_void) -> *const c_void;
+    fn SSL_set_shed_handshake_config(ssl: *mut c_void, enable: c_int);
     fn sk_num(stack: *const c_void) -> size_t;
     fn sk_value(stack: *const c_void, index: size_t) -> *const c_void;
     fn CRYPTO_BUFFER_len(buf: *const c_void) -> size_t;
@@ -311,6 +314,18 @@ pub extern "C" fn pk_conn_peer_cert_chain_drop(conn: &quiche::Connection) {
     if let Some(index) = chain_index() {
         conn_ssl(conn).replace_ex_data(index, Vec::new());
     }
+}
+
+/// Lets the connection's `SSL` free its handshake configuration (its own
+/// copies of what the context set: certificate and key references, verify
+/// and group preferences, the transport parameters we sent) once the
+/// handshake is done, instead of holding it for the connection's life.
+/// For server connections: nothing reads that configuration after the
+/// handshake, and a server never calls `SSL_clear` (a client does, when a
+/// Retry or version negotiation restarts its handshake).
+#[no_mangle]
+pub extern "C" fn pk_conn_shed_handshake_config(conn: &quiche::Connection) {
+    unsafe { SSL_set_shed_handshake_config(conn_ssl(conn).as_ptr() as *mut c_void, 1) }
 }
 
 /// Mirror of quiche.h's `quiche_send_info`.

@@ -666,7 +666,12 @@ class Connection:
         self._sid = out.sid
         self._out_ptr = out.out_ptr
         self._out_len = out.out_len
-        self._to_cache: tuple[bytes, SockAddr] = (b"", peer)
+        # The C peer address, so that sends to it (almost every send) give
+        # back ``peer`` itself, not a copy of it each connection would keep.
+        self._to_cache: tuple[bytes, SockAddr] = (
+            bytes(ffi.buffer(self._peer.ptr, self._peer.len)),
+            peer,
+        )
 
     def _set_recv_info(self) -> None:
         # "from" is a Python keyword, hence setattr.
@@ -699,7 +704,11 @@ class Connection:
             pa.len,
             config._ptr,
         )
-        return cls(ptr, config, local, peer)
+        conn = cls(ptr, config, local, peer)
+        # BoringSSL frees the handshake's configuration once it is done
+        # (about 1 KiB that an idle server connection kept otherwise).
+        lib.pk_conn_shed_handshake_config(conn._ptr)
+        return conn
 
     @classmethod
     def connect(

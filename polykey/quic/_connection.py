@@ -116,6 +116,7 @@ class QUICConnection(trio.abc.AsyncResource):
         "_incoming",
         "_on_datagram",
         "_on_finished",
+        "_on_stream",
         "_on_verified",
         "_pending",
         "_send_blocked",
@@ -150,11 +151,12 @@ class QUICConnection(trio.abc.AsyncResource):
         remote_address: SockAddr,
     ) -> None:
         self._socket = socket
-        # For streams, bound here so that each read makes one call, not two:
-        # the socket's scratch buffer of at least ``size`` bytes, valid until
-        # the next await. (Not flush_later: a partial bound to self would
+        # For streams, so that each read makes one call, not two: the
+        # socket's scratch buffer of at least ``size`` bytes, valid until
+        # the next await; one bound method shared by the socket's
+        # connections. (Not flush_later: a partial bound to self would
         # make every connection a reference cycle, left to the cyclic GC.)
-        self.scratch: Callable[[int], bytearray] = socket.scratch
+        self.scratch: Callable[[int], bytearray] = socket.bound_scratch
         #: The quiche connection. Streams call its ``stream_*`` functions for
         #: their own stream id; everything else is this object's.
         self.quiche = q
@@ -193,10 +195,13 @@ class QUICConnection(trio.abc.AsyncResource):
         # that re-sends it through a hole punch (see resend_first_flight).
         self._first_flight: list[tuple[bytes, int, SockAddr]] | None = None
         self._on_datagram: Callable[[bytes], None] | None = None
+        # Where new peer streams go instead of accept_stream (serve_streams).
+        self._on_stream: Callable[[QUICStream], None] | None = None
         # Routes of our datagrams that never reach Python (see _carrier).
         self._carrier_routes: CarrierRoutes | None = None
-        self._on_verified: list[Callable[[QUICConnection], None]] = []
-        self._on_finished: list[Callable[[QUICConnection], None]] = []
+        # Made by the first callback; the verified ones are dropped once run.
+        self._on_verified: list[Callable[[QUICConnection], None]] | None = None
+        self._on_finished: list[Callable[[QUICConnection], None]] | None = None
         # Driver counters.
         self._datagrams_in = 0
         self._timer_fires = 0
@@ -296,6 +301,10 @@ class QUICConnection(trio.abc.AsyncResource):
         waited = False
         while not self._incoming:
             self.raise_if_dead()
+            if self._on_stream is not None:
+                raise trio.BusyResourceError(
+                    "this connection's streams go to a handler (serve_streams)"
+                )
             # Parked here, not in a helper coroutine: one frame less to keep.
             task = trio.lowlevel.current_task()
             if self._acceptors is None:
@@ -498,12 +507,34 @@ class QUICConnection(trio.abc.AsyncResource):
     def call_when_verified(self, callback: Callable[[QUICConnection], None]) -> None:
         """Call ``callback(self)`` right after the peer is verified, before
         any stream is delivered (never, if the handshake fails)."""
+        if self._verified or self._finished:
+            return  # too late, as before: the list was run already
+        if self._on_verified is None:
+            self._on_verified = []
         self._on_verified.append(callback)
 
     def call_when_finished(self, callback: Callable[[QUICConnection], None]) -> None:
         """Call ``callback(self)`` once the connection has ended, however it
         ended (a failed handshake included)."""
+        if self._finished:
+            return  # too late, as before: the list was run already
+        if self._on_finished is None:
+            self._on_finished = []
         self._on_finished.append(callback)
+
+    def deliver_streams_to(self, callback: Callable[[QUICStream], None]) -> None:
+        """Hand each new stream of the peer's to ``callback(stream)`` instead
+        of to :meth:`accept_stream` (which then raises BusyResourceError):
+        those already waiting at once, the later ones from the socket's
+        reader as they arrive (``callback`` must not block). For
+        :meth:`QUICServer.serve_streams`: no task waits per connection."""
+        if self._finished:
+            return
+        self._on_stream = callback
+        incoming, self._incoming = self._incoming, None
+        for stream in incoming or ():
+            self._hand_over(stream)
+        self._wake_acceptors()
 
     def raise_if_dead(self) -> None:
         """Raise :meth:`closed_error` if the connection has ended."""
@@ -628,12 +659,12 @@ class QUICConnection(trio.abc.AsyncResource):
             # Its waiters are woken; nothing waits on it again.
             self._handshake_done.set()
             self._handshake_done = None
-        for callback in self._on_verified:
+        callbacks, self._on_verified = self._on_verified, None
+        for callback in callbacks or ():
             try:
                 callback(self)
             except Exception:
                 self._unexpected(f"a verified callback ({_name(callback)})")
-        self._on_verified.clear()
 
     def _deliver_streams(self) -> None:
         q = self.quiche
@@ -649,10 +680,22 @@ class QUICConnection(trio.abc.AsyncResource):
                 continue
             stream = QUICStream(self, sid, can_read=True, can_write=not sid & 2)
             streams[sid] = stream
+            if self._on_stream is not None:
+                self._hand_over(stream)
+                continue
             if self._incoming is None:
                 self._incoming = collections.deque()
             self._incoming.append(stream)
             self._wake_acceptors()
+
+    def _hand_over(self, stream: QUICStream) -> None:
+        assert self._on_stream is not None
+        try:
+            self._on_stream(stream)
+        except Exception:
+            # Run from the socket's reader: a bug must not end it.
+            self._unexpected(f"the stream callback ({_name(self._on_stream)})")
+            stream.close(forceful=True)
 
     def _sweep_closed(self) -> None:
         # quiche keeps a stream the peer stopped (STOP_SENDING) until the
@@ -823,6 +866,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._timer = None
         self._closed_held = None
         self._send_waiters = None
+        self._on_stream = None
         self._wake_acceptors()
         if self._credit_lot is not None:
             self._credit_lot.unpark_all()
@@ -831,9 +875,9 @@ class QUICConnection(trio.abc.AsyncResource):
         if self._closed_event is not None:
             self._closed_event.set()
         self._socket.remove_connection(self)
-        callbacks, self._on_finished = self._on_finished, []
-        self._on_verified.clear()
-        for callback in callbacks:
+        callbacks, self._on_finished = self._on_finished, None
+        self._on_verified = None
+        for callback in callbacks or ():
             try:
                 callback(self)
             except Exception:

@@ -25,14 +25,18 @@ A connection is handed to :meth:`accept` only once its handshake is done and
 the peer's certificate chain passed the verifier. Past a limit new clients
 are dropped (they retry) rather than queued without limit; every refusal is
 counted in :class:`ServerStatistics`.
+
+:meth:`QUICServer.serve` runs a task per connection; ``serve_streams``
+one per stream and none per connection, so that an idle connection costs no
+task.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import hmac
+import logging
 import os
 import struct
 import time
@@ -49,6 +53,7 @@ from ._config import PeerVerifier, QUICConfig, TLSIdentity
 from ._connection import QUICConnection
 from ._errors import QuicheError
 from ._socket import CID_LEN, QUICSocket
+from ._stream import QUICStream
 
 __all__ = ["QUICServer", "ServerStatistics"]
 
@@ -59,6 +64,8 @@ _TOKEN_MIN_LEN: Final = 9 + CID_LEN + _MAC_LEN
 #: Used tokens remembered at most (16 bytes each, kept 10 s): more than the
 #: server can admit in a token's lifetime. When full, tokens are refused.
 _MAX_USED_TOKENS: Final = 65_536
+
+_log = logging.getLogger("polykey.quic")
 
 
 @attrs.define
@@ -104,10 +111,27 @@ class ServerStatistics:
     handshaking: int = 0
     accepted: int = 0
     handshakes_failed: int = 0
+    #: Handlers of :meth:`QUICServer.serve_streams` that raised (anything
+    #: but BrokenResourceError): each logged at WARNING with the peer, its
+    #: stream reset.
+    handler_errors: int = 0
 
 
 def _now_ms() -> int:
     return int(time.monotonic() * 1000)
+
+
+def _host(conn: QUICConnection) -> str:
+    """The address (see _admission) ``conn``'s handshake and connection
+    were counted under."""
+    return address_key(str(conn.remote_address[0]))
+
+
+def _peer(conn: QUICConnection) -> str:
+    peer = f"{conn.remote_address[0]}:{conn.remote_address[1]}"
+    if conn.peer_identity is not None:
+        peer = f"{conn.peer_identity} at {peer}"
+    return peer
 
 
 def _count_refusal(stats: ServerStatistics, refusal: Refusal) -> None:
@@ -123,8 +147,9 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
     """Accepts verified connections arriving on ``socket``.
 
     ``verifier`` checks each client's certificate chain (required: clients
-    must present one). Use it as a listener (``await server.accept()``) or
-    run ``await server.serve(handler)``.
+    must present one). Use it as a listener (``await server.accept()``), or
+    run ``await server.serve(handler)`` (a handler per connection) or
+    ``await server.serve_streams(handler)`` (a handler per stream).
     """
 
     def __init__(
@@ -159,6 +184,9 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         )
         self._closed = False
         self.statistics = ServerStatistics()
+        # Bound once: every connection keeps these two objects.
+        self._verified_callback = self._verified
+        self._finished_callback = self._connection_over
         socket.attach_server(self)
 
     @property
@@ -315,14 +343,20 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         stats.connections = self._admission.connections
         stats.handshaking = self._handshaking
         # Callbacks, not a task per handshake, keep the handshaking and
-        # connection counts honest however the connection ends.
-        conn.call_when_verified(functools.partial(self._handshake_over, host))
-        conn.call_when_verified(self._connection_ready)
-        conn.call_when_finished(functools.partial(self._connection_over, host))
+        # connection counts honest however the connection ends: the same
+        # two for every connection (a partial with the host each cost 250
+        # bytes a connection); the host is the remote address's again.
+        conn.call_when_verified(self._verified_callback)
+        conn.call_when_finished(self._finished_callback)
         conn.start(self._config.handshake_timeout)
         conn.datagram_received(data, address)
 
-    def _handshake_over(self, host: str, conn: QUICConnection) -> None:
+    def _verified(self, conn: QUICConnection) -> None:
+        self._handshake_over(conn)
+        self._connection_ready(conn)
+
+    def _handshake_over(self, conn: QUICConnection) -> None:
+        host = _host(conn)
         self._handshaking -= 1
         self.statistics.handshaking = self._handshaking
         self._per_address[host] -= 1
@@ -331,10 +365,10 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         if not conn.verified:
             self.statistics.handshakes_failed += 1
 
-    def _connection_over(self, host: str, conn: QUICConnection) -> None:
+    def _connection_over(self, conn: QUICConnection) -> None:
         if not conn.verified:  # it ended handshaking
-            self._handshake_over(host, conn)
-        self._admission.release(host)
+            self._handshake_over(conn)
+        self._admission.release(_host(conn))
         self.statistics.connections = self._admission.connections
 
     def _connection_ready(self, conn: QUICConnection) -> None:
@@ -381,6 +415,88 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
                 except trio.ClosedResourceError:
                     return
                 nursery.start_soon(run, conn)
+
+    async def serve_streams(
+        self,
+        handler: Callable[[QUICStream], Awaitable[object]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run ``handler(stream)`` for every stream the peers open on the
+        connections this server accepts, each in its own task; the stream
+        is closed when its handler returns (reset if it raised).
+
+        Unlike :meth:`serve`, no task waits per connection: a connection
+        hands each new stream over as its packets arrive (a task waiting in
+        ``accept_stream`` costs an idle connection 2.4 KB of Python objects,
+        more with a nursery of its own, and a node holds thousands of idle
+        connections: docs/quic.md has the figures). ``accept_stream`` on a
+        connection served here raises :exc:`trio.BusyResourceError`. A
+        connection stays open until its peer closes it or it times out, or
+        until this returns.
+
+        A handler that raises :exc:`trio.BrokenResourceError` (its stream or
+        its connection failed, the peer's doing) ends quietly. Any other
+        exception is a bug of the handler's and ends only its own stream:
+        it is logged (``polykey.quic``, WARNING, with the peer) and counted
+        in ``statistics.handler_errors``, the stream is reset with its
+        ``cancel_code``, and the server and the stream's connection carry
+        on.
+
+        Cancelled, or once :meth:`aclose` is called, it closes every
+        connection it serves (code 0), which fails their streams, and
+        returns once every handler has.
+        """
+        served: set[QUICConnection] = set()
+        # One bound method for every connection's finished callback.
+        forget = served.discard
+
+        async def run(stream: QUICStream) -> None:
+            try:
+                await handler(stream)
+            except BaseException as exc:
+                # Not ``async with stream``: a handler that failed must not
+                # end a half-written reply with a FIN, as if it were whole.
+                stream.close(forceful=True)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled, or KeyboardInterrupt
+                if not isinstance(exc, trio.BrokenResourceError):
+                    self._handler_failed(stream)
+                return
+            await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+
+            def hand_over(stream: QUICStream) -> None:
+                nursery.start_soon(run, stream)
+
+            task_status.started()
+            try:
+                while True:
+                    try:
+                        conn = await self.accept()
+                    except trio.ClosedResourceError:
+                        return
+                    if conn.closed:
+                        continue  # it ended in accept's checkpoint
+                    served.add(conn)
+                    conn.call_when_finished(forget)
+                    conn.deliver_streams_to(hand_over)
+            finally:
+                # Each handler's stream fails with its connection: then the
+                # nursery waits for nothing that could wait forever.
+                for conn in list(served):
+                    conn.close()
+
+    def _handler_failed(self, stream: QUICStream) -> None:
+        self.statistics.handler_errors += 1
+        _log.warning(
+            "a stream handler failed unexpectedly (peer %s, stream %d); "
+            "the stream was reset",
+            _peer(stream.connection),
+            stream.stream_id,
+            exc_info=True,
+        )
 
     async def aclose(self) -> None:
         """Stop accepting; close connections that were never accepted."""

@@ -362,8 +362,8 @@ class QUICSocket:
         self._stack = contextlib.AsyncExitStack()
         self._routes: dict[bytes, QUICConnection] = {}
         # The connection ids routed to each connection, so that removing it
-        # drops them all.
-        self._route_ids: dict[QUICConnection, list[bytes]] = {}
+        # drops them all (a tuple: one or two ids, 40 bytes less than a list).
+        self._route_ids: dict[QUICConnection, tuple[bytes, ...]] = {}
         self._server: _InitialHandler | None = None
         self._dirty: list[QUICConnection] = []
         self._processing = False
@@ -392,6 +392,9 @@ class QUICSocket:
         # Stream reads copy out of quiche through here; one per socket, as
         # reads are synchronous (an idle connection must stay cheap).
         self._scratch = bytearray(_RECV_BUFFER)
+        #: :meth:`scratch`, bound once: every connection keeps this one
+        #: object (a bound method of its own cost each 64 bytes).
+        self.bound_scratch: Callable[[int], bytearray] = self.scratch
         self._gso = False
         self._gro = False
         self._closed = False
@@ -506,7 +509,8 @@ class QUICSocket:
     def route(self, cid: bytes, conn: QUICConnection) -> None:
         """Deliver packets addressed to ``cid`` to ``conn``."""
         self._routes[cid] = conn
-        self._route_ids.setdefault(conn, []).append(cid)
+        ids = self._route_ids
+        ids[conn] = (*ids.get(conn, ()), cid)
 
     def scratch(self, size: int) -> bytearray:
         """A buffer of at least ``size`` bytes, valid until the next await."""

@@ -22,7 +22,14 @@ class StreamIds:
     whether it is unidirectional (bit 1); each kind counts up in steps of 4.
     """
 
-    __slots__ = ("_gaps", "_local", "_next_bidi", "_next_uni", "_peer_max")
+    __slots__ = (
+        "_gaps",
+        "_local",
+        "_next_bidi",
+        "_next_uni",
+        "_peer_bidi",
+        "_peer_uni",
+    )
 
     _gaps: set[int] | None
 
@@ -30,12 +37,13 @@ class StreamIds:
         self._local = int(is_server)
         self._next_bidi = self._local
         self._next_uni = self._local | 2
-        # Highest peer id seen per kind (bidi 0, uni 2), and the lower ids
-        # not seen yet: together they tell a new peer stream from one we
-        # already closed. The gaps stay within the peer's stream limit; the
-        # set is made when the first gap is (every connection has a
-        # StreamIds, most never see a gap).
-        self._peer_max = [-1, -1, -1]
+        # Highest peer id seen per kind, and the lower ids not seen yet:
+        # together they tell a new peer stream from one we already closed.
+        # The gaps stay within the peer's stream limit; the set is made when
+        # the first gap is (every connection has a StreamIds, most never see
+        # a gap). Two slots, not a list: 90 bytes less a connection.
+        self._peer_bidi = -1
+        self._peer_uni = -1
         self._gaps = None
 
     def open_local(self, *, unidirectional: bool) -> int:
@@ -53,8 +61,8 @@ class StreamIds:
         """
         if (sid & 1) == self._local:
             return False
-        kind = sid & 2
-        highest = self._peer_max[kind]
+        uni = sid & 2
+        highest = self._peer_uni if uni else self._peer_bidi
         if sid > highest:
             # Lower ids the peer opened implicitly come later, with their
             # first data; remember them until then.
@@ -63,7 +71,10 @@ class StreamIds:
                 if self._gaps is None:
                     self._gaps = set()
                 self._gaps.update(range(start, sid, 4))
-            self._peer_max[kind] = sid
+            if uni:
+                self._peer_uni = sid
+            else:
+                self._peer_bidi = sid
             return True
         gaps = self._gaps
         if gaps is not None and sid in gaps:
