@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import random
 
+import trio
+
+from polykey.agent import PolykeyNode
 from polykey.keys import NodeId
-from polykey.nodes import NodeAddress, NodeContact
+from polykey.nodes import NodeAddress, NodeConnection, NodeContact
 from polykey.rpc import CallContext, JSONValue, UnaryHandler
 
 
@@ -39,3 +42,14 @@ class Liar(UnaryHandler[JSONValue, JSONValue]):
 
     async def handle(self, params: JSONValue, ctx: CallContext) -> JSONValue:
         return self.answer
+
+
+async def connect_both(node: PolykeyNode, to: PolykeyNode) -> NodeConnection:
+    """``node`` dials ``to`` and returns once ``to`` has pooled the
+    connection too: a client's handshake completes half a round trip before
+    the server's, and a signaller or a relay only forwards to the nodes it
+    has pooled."""
+    conn = await node.connect(to.node_id, to.address)
+    while to.connections.get(node.node_id) is None:  # noqa: ASYNC110
+        await trio.sleep(0.001)
+    return conn

@@ -42,7 +42,7 @@ from polykey.rpc import (
     StreamCode,
 )
 
-from .helpers import Liar
+from .helpers import Liar, connect_both
 
 # -- pure --------------------------------------------------------------------------
 
@@ -302,7 +302,7 @@ async def test_relay_refusals_on_the_wire(tmp_path: Path) -> None:
             ("off", {"relay": "off"}),
         ) as (a, r, b, off):
             to_r = await a.connect(r.node_id, r.address)
-            await b.connect(r.node_id, r.address)
+            await connect_both(b, r)
             # B holds no reservation.
             with pytest.raises(RPCRemoteError) as info:
                 await to_r.rpc.unary(

@@ -22,7 +22,6 @@ from polykey.nodes import (
     SIGNAL_INITIAL,
     ConnectionPath,
     InvalidAddressError,
-    NodeConnection,
     RelayVerificationError,
     RequestVerificationError,
 )
@@ -37,7 +36,7 @@ from polykey.nodes._signalling import (
 )
 from polykey.rpc import RPCInvalidParams, RPCRemoteError
 
-from .helpers import Liar
+from .helpers import Liar, connect_both
 
 # -- pure --------------------------------------------------------------------------
 
@@ -198,16 +197,6 @@ async def nodes(tmp_path: Path, *names: str) -> AsyncIterator[list[PolykeyNode]]
             started.append(await nursery.start(run, name))
         yield started
         stop.set()
-
-
-async def connect_both(node: PolykeyNode, to: PolykeyNode) -> NodeConnection:
-    """``node`` dials ``to`` and returns once ``to`` has pooled the
-    connection too: a client's handshake completes half a round trip before
-    the server's, and a signaller only forwards to the nodes it has pooled."""
-    conn = await node.connect(to.node_id, to.address)
-    while to.connections.get(node.node_id) is None:  # noqa: ASYNC110
-        await trio.sleep(0.001)
-    return conn
 
 
 async def test_a_punch_through_a_signaller_connects_by_the_punched_path(
