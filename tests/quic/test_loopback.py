@@ -37,6 +37,12 @@ async def send_until_error(stream: QUICStream) -> None:
         await trio.sleep(0.01)
 
 
+async def read_into(stream: QUICStream, got: bytearray) -> None:
+    """Read ``stream`` to its end into ``got``."""
+    while data := await stream.receive_some():
+        got.extend(data)
+
+
 async def echo_streams(conn: QUICConnection) -> None:
     """Echo every stream the peer opens until the connection ends."""
 
@@ -391,13 +397,9 @@ async def test_send_all_and_eof_waits_for_credit_and_ends_the_stream() -> None:
         payload = random.Random(4).randbytes(3 * 1024 * 1024)
         got = bytearray()
 
-        async def read_all() -> None:
-            while data := await ss.receive_some():
-                got.extend(data)
-
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_all)
+                nursery.start_soon(read_into, ss, got)
                 await cs.send_all_and_eof(payload)
                 await cs.send_all_and_eof(b"")  # nothing to add: a no-op
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
@@ -655,12 +657,8 @@ async def test_send_nowait_takes_what_flow_control_allows() -> None:
         assert taken <= 64 * 1024
         got = bytearray()
 
-        async def read_all() -> None:
-            while data := await ss.receive_some():
-                got.extend(data)
-
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_all)
+                nursery.start_soon(read_into, ss, got)
                 await cs.send_all_and_eof(payload[taken:])
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
