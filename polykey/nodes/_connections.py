@@ -18,6 +18,15 @@ the peer was seen at and whether we dialled it, which is how the node graph
 learns of it; the end of a node's last live connection, to
 ``on_disconnect``.
 
+No task waits per connection (a node holds thousands of idle ones): each
+stream the peer opens goes from the connection's callback to the RPC
+server, which runs its call as a task, and the connection's end comes to
+another callback, which takes it out of the pool. So ``on_disconnect`` is
+called synchronously from wherever the connection ended, perhaps outside
+any task (the socket's deferred flush runs in trio's scheduler): like
+``on_connection`` it must not block, and work of its own goes to a
+nursery.
+
 Each connection records the path it took: ``direct``, ``punched`` when a
 punch made it, or ``relayed`` through a relay's circuit. A relayed one
 gives way to a direct or punched one when that arrives, after a grace for
@@ -81,10 +90,11 @@ from ..quic import (
     QUICConnectionError,
     QUICServer,
     QUICSocket,
+    QUICStream,
     node_tls_identity,
     node_verifier,
 )
-from ..rpc import JSONObject, RPCServer
+from ..rpc import JSONObject, RPCServer, StreamCode
 from ._address import format_host_port
 from ._anchors import Anchors
 from ._attempts import AttemptTimer, DialGate
@@ -299,7 +309,12 @@ class NodeConnectionManager:
             log.info("%s: %s connection replaces the relayed one", node_id, path.value)
             self._nursery.start_soon(self._close_later, pooled)
         conn.on_datagram(functools.partial(self._relaying.datagram, node_id))
-        self._nursery.start_soon(self._serve_connection, node)
+        # No task per connection (an idle one would keep it for its whole
+        # life, docs/quic.md): its streams and its end come to callbacks.
+        conn.call_when_finished(functools.partial(self._connection_ended, node))
+        conn.deliver_streams_to(functools.partial(self._stream_opened, node))
+        if conn.closed:  # it ended before the callbacks were in place
+            self._connection_ended(node, conn)
         host, port = node.address
         log.info(
             "%s %s connection with %s at %s",
@@ -319,26 +334,24 @@ class NodeConnectionManager:
                 self._task_failed("connection callback", node_id, (host, port))
         return node
 
-    async def _serve_connection(self, node: NodeConnection) -> None:
-        conn = node.connection
+    def _stream_opened(self, node: NodeConnection, stream: QUICStream) -> None:
+        """A stream the peer opened, from the connection's socket reader:
+        its call runs as a task of the RPC server's."""
+        node.last_used = trio.current_time()
         host, port = node.address
         meta: Mapping[str, Any] = {
             "node_id": node.node_id,
             "host": host,
             "port": port,
-            "certificates": conn.peer_certificates,
+            "certificates": node.connection.peer_certificates,
         }
+        if not self._rpc_server.handle_stream_nowait(stream, meta, connection=node):
+            stream.reset(StreamCode.UNKNOWN)  # stopping: as handle_stream does
+
+    def _connection_ended(self, node: NodeConnection, conn: QUICConnection) -> None:
+        """``node``'s connection ended (from wherever it ended, outside any
+        task of ours): it leaves the pool, and the circuits through it end."""
         try:
-            while True:
-                stream = await conn.accept_stream()
-                node.last_used = trio.current_time()
-                await self._rpc_server.handle_stream(stream, meta, connection=node)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
-            # A bug: this connection ends (below), the node does not.
-            self._task_failed("connection task", node.node_id, node.address)
-        finally:
             if self._pool.get(node.node_id) is node:
                 del self._pool[node.node_id]
                 if self._on_disconnect is not None:
@@ -349,14 +362,15 @@ class NodeConnectionManager:
                             "disconnect callback", node.node_id, node.address
                         )
             self._relaying.connection_gone(node)
-            if not conn.closed:
-                await conn.aclose()
-            log.info(
-                "connection with %s ended: %s",
-                node.node_id,
-                conn.close_reason,
-                extra={**_fields(node), "reason": str(conn.close_reason)},
-            )
+        except Exception:
+            # A bug: the node goes on.
+            self._task_failed("connection end", node.node_id, node.address)
+        log.info(
+            "connection with %s ended: %s",
+            node.node_id,
+            conn.close_reason,
+            extra={**_fields(node), "reason": str(conn.close_reason)},
+        )
 
     def _task_failed(self, what: str, node_id: NodeId, address: Address) -> None:
         self.task_errors += 1

@@ -326,15 +326,29 @@ class RPCServer:
         ``connection`` (any hashable: the transport's connection) is what
         ``max_calls_per_connection`` counts by.
         """
+        if not self.handle_stream_nowait(stream, transport_meta, connection=connection):
+            await reset_stream(stream, StreamCode.UNKNOWN)
+
+    def handle_stream_nowait(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        transport_meta: Mapping[str, Any] | None = None,
+        *,
+        connection: Hashable | None = None,
+    ) -> bool:
+        """:meth:`handle_stream` for a caller that cannot wait (a transport
+        handing over streams from its reader): False when the server is not
+        running, and then the caller refuses the stream (a reset with code
+        0, as :meth:`handle_stream` does)."""
         if self._state is not _State.RUNNING or self._nursery is None:
             self._stats.refused += 1
-            await reset_stream(stream, StreamCode.UNKNOWN)
-            return
+            return False
         if self._busy(connection):
             self._nursery.start_soon(self._refuse_busy, stream)
-            return
+            return True
         call = self._register(stream, transport_meta, connection)
         self._nursery.start_soon(self._run_call, call)
+        return True
 
     async def serve_stream(
         self,

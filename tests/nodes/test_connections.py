@@ -372,3 +372,38 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> No
                 assert quic() is None
             finally:
                 gc.enable()
+
+
+def _tasks() -> int:
+    """Every task of this run."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, stack = 0, [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+async def test_an_idle_connection_keeps_no_task() -> None:
+    """A connection's streams and its end come to callbacks: a node holding
+    thousands of idle connections holds no task for any (a task waiting in
+    accept_stream kept 2 KiB of an idle connection, docs/quic.md), on
+    either end, and its calls and its end still work."""
+    with trio.fail_after(20):
+        async with node() as a, node() as b, node() as c:
+            await trio.testing.wait_all_tasks_blocked()
+            idle = _tasks()
+            to_a = await b.connect(a.node_id, address(a))
+            await c.connect(a.node_id, address(a))
+            await trio.testing.wait_all_tasks_blocked()
+            assert _tasks() == idle  # four connection ends, no task
+            assert (await to_a.rpc.unary("whoAmI", {}))["you"] == str(b.node_id)
+            await to_a.connection.aclose()
+            with trio.fail_after(5):
+                while a.get(b.node_id) is not None:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert b.get(a.node_id) is None
+            assert a.get(c.node_id) is not None
