@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
-from polykey.quic import QUICConnection
+from polykey.keys import NodeIdentity
+from polykey.quic import (
+    QUICClient,
+    QUICConfig,
+    QUICConnection,
+    QUICServer,
+    QUICSocket,
+    node_tls_identity,
+    node_verifier,
+)
 from polykey.rpc import (
     CallContext,
     ClientCaller,
@@ -197,6 +206,32 @@ async def harness(
         await h.settle()
         if check_leaks:
             h.assert_no_leaks()
+
+
+class QUICPair(NamedTuple):
+    client: QUICConnection
+    server: QUICConnection
+    client_socket: QUICSocket
+    server_socket: QUICSocket
+
+
+@asynccontextmanager
+async def quic_pair(
+    *, server_config: QUICConfig | None = None
+) -> AsyncIterator[QUICPair]:
+    """Two nodes on loopback sockets and one connection between them, both
+    ends verified: the client's end, the server's, and their sockets."""
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    async with QUICSocket("127.0.0.1") as sa, QUICSocket("127.0.0.1") as sb:
+        server = QUICServer(
+            sb, node_tls_identity(b), verifier=node_verifier(), config=server_config
+        )
+        with trio.fail_after(10):
+            client = await QUICClient(sa, node_tls_identity(a)).connect(
+                sb.local_address, verifier=node_verifier(b.node_id)
+            )
+            accepted = await server.accept()
+        yield QUICPair(client, accepted, sa, sb)
 
 
 async def serve_rpc(conn: QUICConnection, server: RPCServer) -> None:

@@ -60,18 +60,11 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from polykey.keys import NodeIdentity
-from polykey.quic import (
-    QUICClient,
-    QUICServer,
-    QUICSocket,
-    node_tls_identity,
-    node_verifier,
-)
+from polykey.quic import QUICSocket
 from polykey.rpc import RPCClient, RPCServer
 from polykey.testing import PythonCallCounter, SchedulerCounter
 
-from .helpers import API, default_manifest, serve_rpc
+from .helpers import API, default_manifest, quic_pair, serve_rpc
 
 STEPS_PER_CALL = 6.8
 ROUNDS_PER_CALL = 5.5
@@ -83,18 +76,12 @@ PYTHON_CALLS_PER_CALL = 830.0
 
 @asynccontextmanager
 async def _pair() -> AsyncIterator[tuple[RPCClient[API], QUICSocket, QUICSocket]]:
-    a, b = NodeIdentity.generate(), NodeIdentity.generate()
     async with (
-        QUICSocket("127.0.0.1") as sa,
-        QUICSocket("127.0.0.1") as sb,
+        quic_pair() as (conn, accepted, sa, sb),
         RPCServer(default_manifest(), timeout=10) as rpc,
         trio.open_nursery() as nursery,
     ):
-        server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
-        conn = await QUICClient(sa, node_tls_identity(a)).connect(
-            sb.local_address, verifier=node_verifier(b.node_id)
-        )
-        nursery.start_soon(serve_rpc, await server.accept(), rpc)
+        nursery.start_soon(serve_rpc, accepted, rpc)
         client = RPCClient(API, conn.open_stream)
         for _ in range(20):  # warm up: streams, credit, caches
             await client.methods.echo({"x": 1})

@@ -9,22 +9,16 @@ from typing import Any
 import pytest
 import trio
 
-from polykey.keys import NodeIdentity
 from polykey.quic import (
-    QUICClient,
     QUICConfig,
     QUICConnection,
     QUICConnectionError,
-    QUICServer,
-    QUICSocket,
     QUICStream,
-    node_tls_identity,
-    node_verifier,
 )
 from polykey.rpc import RPCClient, RPCRemoteError, RPCServer, RPCTimedOut
 from polykey.testing import SchedulerCounter
 
-from .helpers import API, default_manifest, serve_rpc
+from .helpers import API, default_manifest, quic_pair, serve_rpc
 
 
 async def settled(server: RPCServer) -> None:
@@ -40,21 +34,12 @@ async def quic_rpc() -> AsyncIterator[tuple[RPCClient[API], RPCClient[API], RPCS
     """Two nodes, one connection, an RPC server on each side: yields the
     client's RPC client, the server's RPC client (calling back over the same
     connection) and the server's RPC server."""
-    a, b = NodeIdentity.generate(), NodeIdentity.generate()
     async with (
-        QUICSocket("127.0.0.1") as sa,
-        QUICSocket("127.0.0.1") as sb,
+        quic_pair() as (conn_a, conn_b, _, _),
         RPCServer(default_manifest(), timeout=10) as rpc_a,
         RPCServer(default_manifest(), timeout=10) as rpc_b,
         trio.open_nursery() as nursery,
     ):
-        server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
-        client = QUICClient(sa, node_tls_identity(a))
-        with trio.fail_after(10):
-            conn_a = await client.connect(
-                sb.local_address, verifier=node_verifier(b.node_id)
-            )
-            conn_b = await server.accept()
         nursery.start_soon(serve_rpc, conn_a, rpc_a)
         nursery.start_soon(serve_rpc, conn_b, rpc_b)
         yield (
@@ -160,7 +145,6 @@ async def test_eager_and_plain_streams_end_calls_alike() -> None:
     every stream closed on both connections. And the eager way is taken:
     the calls cost fewer task steps (the request read and written, and the
     unary reply written, without a checkpoint of their own)."""
-    a, b = NodeIdentity.generate(), NodeIdentity.generate()
     plain = False
 
     def wrap(stream: QUICStream) -> trio.abc.HalfCloseableStream:
@@ -171,17 +155,10 @@ async def test_eager_and_plain_streams_end_calls_alike() -> None:
             await rpc.handle_stream(wrap(await conn.accept_stream()))
 
     async with (
-        QUICSocket("127.0.0.1") as sa,
-        QUICSocket("127.0.0.1") as sb,
+        quic_pair() as (conn_a, conn_b, _, _),
         RPCServer(default_manifest(), timeout=10) as rpc,
         trio.open_nursery() as nursery,
     ):
-        server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
-        with trio.fail_after(10):
-            conn_a = await QUICClient(sa, node_tls_identity(a)).connect(
-                sb.local_address, verifier=node_verifier(b.node_id)
-            )
-            conn_b = await server.accept()
         nursery.start_soon(serve, conn_b, rpc)
 
         async def open_stream() -> trio.abc.HalfCloseableStream:
@@ -247,24 +224,17 @@ async def test_unary_calls_past_the_stream_limit_wait_for_credit() -> None:
     (QUICConnection.open_stream_nowait, found by RPCClient through the bound
     open_stream); at the peer's stream limit that raises WouldBlock, and
     the call waits for credit through open_stream instead."""
-    a, b = NodeIdentity.generate(), NodeIdentity.generate()
     async with (
-        QUICSocket("127.0.0.1") as sa,
-        QUICSocket("127.0.0.1") as sb,
+        quic_pair(server_config=QUICConfig(initial_max_streams_bidi=2)) as (
+            conn,
+            accepted,
+            _,
+            _,
+        ),
         RPCServer(default_manifest(), timeout=10) as rpc,
         trio.open_nursery() as nursery,
     ):
-        server = QUICServer(
-            sb,
-            node_tls_identity(b),
-            verifier=node_verifier(),
-            config=QUICConfig(initial_max_streams_bidi=2),
-        )
-        with trio.fail_after(10):
-            conn = await QUICClient(sa, node_tls_identity(a)).connect(
-                sb.local_address, verifier=node_verifier(b.node_id)
-            )
-            nursery.start_soon(serve_rpc, await server.accept(), rpc)
+        nursery.start_soon(serve_rpc, accepted, rpc)
         api = RPCClient(API, conn.open_stream).methods
         answers: list[Any] = []
         refused = 0
