@@ -28,13 +28,14 @@ from ._errors import (
     TLSConfigError,
     TransportErrorCode,
 )
-from ._server import QUICServer, ServerStatistics
+from ._server import CLOSE_HANDLER_FAILED, QUICServer, ServerStatistics
 from ._socket import QUICSocket, SocketStatistics, StrayWatch, VirtualPath
 from ._spray import spray_delays
 from ._stream import QUICStream
 from ._tls import node_tls_identity, node_verifier
 
 __all__ = [
+    "CLOSE_HANDLER_FAILED",
     "Address",
     "CloseKind",
     "CloseReason",

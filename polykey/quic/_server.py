@@ -55,7 +55,12 @@ from ._errors import QuicheError
 from ._socket import CID_LEN, QUICSocket
 from ._stream import QUICStream
 
-__all__ = ["QUICServer", "ServerStatistics"]
+__all__ = ["CLOSE_HANDLER_FAILED", "QUICServer", "ServerStatistics"]
+
+#: The application error code :meth:`QUICServer.serve` closes a connection
+#: with when its handler raised (a bug of the handler's, not the peer's).
+#: Applications pick their own codes; polykey.nodes uses 0x1-0x4.
+CLOSE_HANDLER_FAILED: Final = 0x10
 
 _TOKEN_LIFETIME_MS: Final = 10_000
 _MAC_LEN: Final = 16
@@ -111,9 +116,9 @@ class ServerStatistics:
     handshaking: int = 0
     accepted: int = 0
     handshakes_failed: int = 0
-    #: Handlers of :meth:`QUICServer.serve_streams` that raised (anything
-    #: but BrokenResourceError): each logged at WARNING with the peer, its
-    #: stream reset.
+    #: Handlers of :meth:`QUICServer.serve_streams` or :meth:`QUICServer.serve`
+    #: that raised (anything but BrokenResourceError): each logged at WARNING
+    #: with the peer, its stream reset or its connection closed.
     handler_errors: int = 0
 
 
@@ -401,11 +406,30 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run ``handler(conn)`` for every connection, each in its own task;
-        the connection is closed when its handler returns."""
+        the connection is closed when its handler returns (code 0).
+
+        A handler that raises :exc:`trio.BrokenResourceError` (its
+        connection or one of its streams failed, the peer's doing) ends
+        quietly. Any other exception is a bug of the handler's and ends
+        only its own connection: it is logged (``polykey.quic``, WARNING,
+        with the peer) and counted in ``statistics.handler_errors``, the
+        connection is closed with :data:`CLOSE_HANDLER_FAILED`, and the
+        server carries on. Cancelled, it closes every connection it serves.
+        """
 
         async def run(conn: QUICConnection) -> None:
-            async with conn:
+            try:
                 await handler(conn)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    conn.close(0, b"server closed")
+                    raise  # cancelled, or KeyboardInterrupt
+                if isinstance(exc, trio.BrokenResourceError):
+                    conn.close()
+                else:
+                    self._connection_handler_failed(conn)
+                return
+            conn.close()
 
         async with trio.open_nursery() as nursery:
             task_status.started()
@@ -487,6 +511,16 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
                 # nursery waits for nothing that could wait forever.
                 for conn in list(served):
                     conn.close()
+
+    def _connection_handler_failed(self, conn: QUICConnection) -> None:
+        self.statistics.handler_errors += 1
+        _log.warning(
+            "a connection handler failed unexpectedly (peer %s); "
+            "the connection was closed",
+            _peer(conn),
+            exc_info=True,
+        )
+        conn.close(CLOSE_HANDLER_FAILED, b"handler failed")
 
     def _handler_failed(self, stream: QUICStream) -> None:
         self.statistics.handler_errors += 1
