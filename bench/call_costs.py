@@ -1,6 +1,7 @@
 """What one small RPC call costs, counted: trio task steps, scheduler
 rounds (waits for I/O), UDP datagrams and socket syscalls, per unary call
-(1 and 64 in flight) and per server-streamed message, client and server in
+(1 and 64 in flight), per server-streamed message and per bare QUIC
+new-stream round trip (``rr``, bench/quic.py's row), client and server in
 one process on loopback (one core's work: the counts, not a rate).
 
     .venv/bin/python bench/call_costs.py                 # all three
@@ -32,6 +33,7 @@ from polykey.quic import (
     QUICConnection,
     QUICServer,
     QUICSocket,
+    QUICStream,
     node_tls_identity,
     node_verifier,
 )
@@ -70,6 +72,21 @@ class _Syscalls:
             setattr(socket.socket, name, original)
 
 
+_PAYLOAD = b"\x42" * 100
+
+
+async def _round_trip(conn: QUICConnection) -> None:
+    """bench/quic.py's new-stream round trip: 100 bytes with the FIN on a
+    new stream, read the echo to its FIN, close."""
+    stream = await conn.open_stream()
+    await stream.send_all_and_eof(_PAYLOAD)
+    reply = b""
+    while part := await stream.receive_some():
+        reply += part
+    await stream.aclose()
+    assert reply == _PAYLOAD
+
+
 async def _measure(
     mode: str, count: int, profile: str | None, python_calls: bool
 ) -> JSON:
@@ -87,13 +104,26 @@ async def _measure(
             while True:
                 await rpc.handle_stream(await conn.accept_stream(), meta)
 
+        async def echo(stream: QUICStream) -> None:
+            # As bench/_quic_polykey.py's server: read to the FIN, echo.
+            data = b""
+            while part := await stream.receive_some():
+                data += part
+            await stream.send_all_and_eof(data)
+
+        if mode == "rr":
+            await nursery.start(server.serve_streams, echo)
         conn = await QUICClient(sa, node_tls_identity(a)).connect(
             sb.local_address, verifier=node_verifier(b.node_id)
         )
-        nursery.start_soon(serve, await server.accept())
+        if mode != "rr":
+            nursery.start_soon(serve, await server.accept())
         client = RPCClient(API, conn.open_stream)
         for i in range(50):  # warm up: streams, credit, caches
-            await client.methods.echo({"i": i})
+            if mode == "rr":
+                await _round_trip(conn)
+            else:
+                await client.methods.echo({"i": i})
         await trio.sleep(0.1)  # let the last ACKs go
 
         def datagrams() -> int:
@@ -116,6 +146,9 @@ async def _measure(
                             assert r["i"] == seen
                             seen += 1
                     assert seen == count
+                elif mode == "rr":
+                    for _ in range(count):
+                        await _round_trip(conn)
                 elif mode == "unary1":
                     for i in range(count):
                         assert (await client.methods.echo({"i": i}))["i"] == i
@@ -140,7 +173,7 @@ async def _measure(
             profiler.dump_stats(profile)
         sent = datagrams() - d0
         nursery.cancel_scope.cancel()
-    per = "message" if mode == "stream" else "call"
+    per = {"stream": "message", "rr": "round trip"}.get(mode, "call")
     extra = {"python_calls": round(pycalls.calls / count, 1)} if python_calls else {}
     return {
         "mode": mode,
@@ -159,7 +192,7 @@ async def _measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="comma-separated: unary1, unary64, stream")
+    parser.add_argument("--only", help="comma-separated: unary1, unary64, stream, rr")
     parser.add_argument("--count", type=int, help="calls or messages (2000 / 20000)")
     parser.add_argument("--profile", help="cProfile of the measured part (one mode)")
     parser.add_argument(

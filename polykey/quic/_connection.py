@@ -37,7 +37,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -137,6 +137,7 @@ class QUICConnection(trio.abc.AsyncResource):
         "peer_identity",
         "quiche",
         "remote_address",
+        "schedule_point",
         "scratch",
     )
 
@@ -157,6 +158,9 @@ class QUICConnection(trio.abc.AsyncResource):
         # connections. (Not flush_later: a partial bound to self would
         # make every connection a reference cycle, left to the cyclic GC.)
         self.scratch: Callable[[int], bytearray] = socket.bound_scratch
+        #: The schedule point that ends an operation which did not wait
+        #: (QUICSocket.schedule_point), for this connection's streams too.
+        self.schedule_point: Callable[[], Awaitable[None]] = socket.bound_schedule_point
         #: The quiche connection. Streams call its ``stream_*`` functions for
         #: their own stream id; everything else is this object's.
         self.quiche = q
@@ -262,7 +266,7 @@ class QUICConnection(trio.abc.AsyncResource):
                 self._credit_lot = trio.lowlevel.ParkingLot()
             await self._credit_lot.park()
         stream = self._open_local(unidirectional)
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self.schedule_point()
         return stream
 
     def open_stream_nowait(self, *, unidirectional: bool = False) -> QUICStream:
@@ -929,6 +933,10 @@ class QUICConnection(trio.abc.AsyncResource):
     def discard_send_waiter(self, stream: QUICStream) -> None:
         if self._send_waiters is not None:
             self._send_waiters.discard(stream)
+
+    def tasks_runnable(self) -> bool:
+        """Whether another task is waiting to run (QUICSocket.tasks_runnable)."""
+        return self._socket.tasks_runnable()
 
     def flush_later(self) -> None:
         """Flush with the socket's deferred flush (what a read frees: credit;

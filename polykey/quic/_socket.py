@@ -49,7 +49,7 @@ import logging
 import math
 import socket as _stdlib_socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
@@ -103,13 +103,22 @@ class _IdleFlush(trio.abc.Instrument):
     wakes (a connection that closed) and a timer it arms earlier than that
     timeout (quiche's loss-detection timer, after a send) would wait out
     the poll: then the poll is told not to wait.
+
+    Whether the run queue is empty is asked of trio only when the poll's
+    timeout cannot tell and no stream operation of ours yielded since the
+    last poll (:attr:`yielded`): ``current_statistics()`` builds the I/O
+    backend's statistics each time, and in a new-stream round trip most
+    rounds are such yields (docs/quic.md has the figures).
     """
 
-    __slots__ = ("_sockets",)
+    __slots__ = ("_sockets", "yielded")
 
     def __init__(self) -> None:
         # Sockets with deferred flushes due, in marking order.
         self._sockets: dict[QUICSocket, None] = {}
+        #: A task yielded at :meth:`QUICSocket.schedule_point` since the last
+        #: poll: it waits in the run queue, so the run is not idle.
+        self.yielded = False
 
     def add(self, sock: QUICSocket) -> None:
         self._sockets[sock] = None
@@ -118,14 +127,16 @@ class _IdleFlush(trio.abc.Instrument):
         self._sockets.pop(sock, None)
 
     def before_io_wait(self, timeout: float) -> None:
+        yielded, self.yielded = self.yielded, False
         sockets = self._sockets
         if not sockets:
             return
         stats = trio.lowlevel.current_statistics
         # A poll that may wait means nothing is runnable: the idle point.
-        # (It does not wait when a task waits for the idle point itself,
-        # trio.testing.wait_all_tasks_blocked: then ask the run queue.)
-        idle = timeout > 0 or stats().tasks_runnable == 0
+        # One that does not: a task is runnable, or a task waits for the
+        # idle point itself (trio.testing.wait_all_tasks_blocked), so ask
+        # the run queue, unless one of our yields already answered.
+        idle = timeout > 0 or (not yielded and stats().tasks_runnable == 0)
         now = trio.current_time()
         ripe = math.inf if idle else now - FLUSH_WAIT
         armed = math.inf  # the first timer a flush moved earlier
@@ -395,6 +406,8 @@ class QUICSocket:
         #: :meth:`scratch`, bound once: every connection keeps this one
         #: object (a bound method of its own cost each 64 bytes).
         self.bound_scratch: Callable[[int], bytearray] = self.scratch
+        #: :meth:`schedule_point`, bound once, for the same reason.
+        self.bound_schedule_point: Callable[[], Awaitable[None]] = self.schedule_point
         self._gso = False
         self._gro = False
         self._closed = False
@@ -517,6 +530,26 @@ class QUICSocket:
         if len(self._scratch) < size:
             self._scratch = bytearray(size)
         return self._scratch
+
+    async def schedule_point(self) -> None:
+        """The schedule point that ends a stream operation which did not
+        wait (trio's ``cancel_shielded_checkpoint``, after the operation's
+        ``checkpoint_if_cancelled``), noted for the idle flush: the task
+        is runnable until the next poll, so that poll is not the idle point
+        (see :class:`_IdleFlush`)."""
+        flusher = self._idle_flush
+        if flusher is not None:
+            flusher.yielded = True
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def tasks_runnable(self) -> bool:
+        """Whether another task of this run is waiting to run (a yield at
+        :meth:`schedule_point` since the last poll says so without asking
+        trio)."""
+        flusher = self._idle_flush
+        if flusher is not None and flusher.yielded:
+            return True
+        return trio.lowlevel.current_statistics().tasks_runnable > 0
 
     def normalize_address(self, address: Address) -> SockAddr:
         """``address`` as this socket's family reports peers: IPv4 becomes

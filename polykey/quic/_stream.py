@@ -155,7 +155,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 return await self._receive_waiting(max_bytes)
         # Otherwise yield once, as trio's own sockets do: one scheduling
         # round less per message when waiting.
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._conn.schedule_point()
         return data
 
     def receive_nowait(self, max_bytes: int | None = None) -> bytes:
@@ -237,7 +237,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 self._fin_sent = True
         if not waited:
             # Waiting for room was the checkpoint.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await self._conn.schedule_point()
 
     def send_nowait(
         self, data: bytes | bytearray | memoryview, *, eof: bool = False
@@ -290,8 +290,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
         figures.
         """
         coalesce = total <= _SMALL_WRITE and (
-            self._writing
-            or (fin and trio.lowlevel.current_statistics().tasks_runnable > 0)
+            self._writing or (fin and self._conn.tasks_runnable())
         )
         self._writing = total <= _SMALL_WRITE
         return coalesce
@@ -404,7 +403,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                     await self._send_conflict.park()
                 finally:
                     self._conn.discard_send_waiter(self)
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._conn.schedule_point()
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -420,7 +419,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
                 # Nothing waits on a lone FIN but the peer's clean close: it
                 # rides on our next packet (a caller's next request).
                 self._conn.flush_later()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._conn.schedule_point()
 
     # -- closing --------------------------------------------------------------
 
@@ -439,7 +438,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
             self.close(forceful=True)
             raise
         self.close()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._conn.schedule_point()
 
     def close(self, *, forceful: bool = False, code: int | None = None) -> None:
         """Close now, without waiting. Forceful (or with a ``code``): reset
