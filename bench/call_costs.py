@@ -4,7 +4,7 @@ rounds (waits for I/O), UDP datagrams and socket syscalls, per unary call
 new-stream round trip (``rr``, bench/quic.py's row), client and server in
 one process on loopback (one core's work: the counts, not a rate).
 
-    .venv/bin/python bench/call_costs.py                 # all three
+    .venv/bin/python bench/call_costs.py                 # all four
     .venv/bin/python bench/call_costs.py --only stream --count 50000
 
 A fixed amount of work per run, so timing the whole process compares two
@@ -201,7 +201,7 @@ def main() -> None:
         help="count Python function calls per call (slows the run)",
     )
     args = parser.parse_args()
-    modes = args.only.split(",") if args.only else ["unary1", "unary64", "stream"]
+    modes = args.only.split(",") if args.only else ["unary1", "unary64", "stream", "rr"]
     for mode in modes:
         count = args.count or (20_000 if mode == "stream" else 2_000)
         print(
