@@ -281,16 +281,15 @@ class QUICStream(trio.abc.HalfCloseableStream):
 
         A small write right after another (a server streaming messages)
         leaves with the deferred flush, with the writes that follow it: one
-        packet for several messages instead of one each. So does a small
-        last write (an RPC reply) while other tasks are runnable: their
-        replies come this round and share its packet (quiche packs several
-        streams' frames, our change 3). The first write after a read (a
-        request), a reply with nothing else to run and a large write go at
-        once, so a round trip waits for nothing. docs/quic.md has the
-        figures.
+        packet for several messages instead of one each. So does any small
+        write while other tasks are runnable (RPC replies, and the requests
+        of calls in flight): theirs come before the next poll and share its
+        packet (quiche packs several streams' frames, our change 3). A
+        small write with nothing else to run and a large write go at once,
+        so a round trip waits for nothing. docs/quic.md has the figures.
         """
         coalesce = total <= _SMALL_WRITE and (
-            self._writing or (fin and self._conn.tasks_runnable())
+            self._writing or self._conn.tasks_runnable()
         )
         self._writing = total <= _SMALL_WRITE
         return coalesce

@@ -51,6 +51,10 @@ Python calls per call.
 Lowered when a unary call came to open its stream without a checkpoint
 (QUICConnection.open_stream_nowait, found through the bound open_stream):
 7.0 -> 6.0 task steps, 6.0 -> 5.0 rounds, 810 -> 763 Python calls.
+
+Lowered when any small write made while other tasks are runnable came to
+wait for company, the requests of calls in flight as the replies did: 64
+calls in flight 1.41 -> 0.90 datagrams per call.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from .helpers import API, default_manifest, quic_pair, serve_rpc
 STEPS_PER_CALL = 6.8
 ROUNDS_PER_CALL = 5.5
 DATAGRAMS_PER_CALL = 2.4
-DATAGRAMS_PER_CALL_64 = 2.0
+DATAGRAMS_PER_CALL_64 = 1.1
 DATAGRAMS_PER_STREAMED_MESSAGE = 0.2
 PYTHON_CALLS_PER_CALL = 830.0
 
