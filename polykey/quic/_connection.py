@@ -333,8 +333,10 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def _wake_acceptors(self) -> None:
         tasks, self._acceptors = self._acceptors, None
-        for task in tasks or ():
-            trio.lowlevel.reschedule(task)
+        if tasks:
+            for task in tasks:
+                trio.lowlevel.reschedule(task)
+            self._socket.note_runnable()
 
     def close(self, code: int = 0, reason: bytes = b"") -> None:
         """Close now with an application error ``code`` and ``reason``
@@ -674,10 +676,11 @@ class QUICConnection(trio.abc.AsyncResource):
         q = self.quiche
         streams = self._streams
         ids = self._stream_ids
+        woke = False
         while (sid := q.readable_next()) is not None:
             stream = streams.get(sid)
             if stream is not None:
-                stream.wake_receiver()
+                woke = stream.wake_receiver() or woke
                 continue
             if not ids.accept_peer(sid):
                 self._discard(sid)  # a stream closed already, ours or theirs
@@ -691,6 +694,8 @@ class QUICConnection(trio.abc.AsyncResource):
                 self._incoming = collections.deque()
             self._incoming.append(stream)
             self._wake_acceptors()
+        if woke:
+            self._socket.note_runnable()
 
     def _hand_over(self, stream: QUICStream) -> None:
         assert self._on_stream is not None

@@ -105,29 +105,34 @@ class _IdleFlush(trio.abc.Instrument):
     the poll: then the poll is told not to wait.
 
     Whether the run queue is empty is asked of trio only when the poll's
-    timeout cannot tell and no stream operation of ours yielded since the
-    last poll (:attr:`yielded`): ``current_statistics()`` builds the I/O
-    backend's statistics each time, and in a new-stream round trip most
-    rounds are such yields (docs/quic.md has the figures).
+    timeout cannot tell and we made no task runnable since the last poll
+    (:attr:`runnable`): ``current_statistics()`` builds the I/O backend's
+    statistics each time, and most rounds of a call or a round trip follow
+    a yield of ours or a task our input woke (docs/quic.md has the
+    figures).
     """
 
-    __slots__ = ("_sockets", "yielded")
+    __slots__ = ("_added", "_sockets", "runnable")
 
     def __init__(self) -> None:
         # Sockets with deferred flushes due, in marking order.
         self._sockets: dict[QUICSocket, None] = {}
-        #: A task yielded at :meth:`QUICSocket.schedule_point` since the last
-        #: poll: it waits in the run queue, so the run is not idle.
-        self.yielded = False
+        #: A task yielded at :meth:`QUICSocket.schedule_point`, or input woke
+        #: one (:meth:`QUICSocket.note_runnable`), since the last poll: it
+        #: waits in the run queue, so the run is not idle.
+        self.runnable = False
+        # A socket was added since before_io_wait began its flushes.
+        self._added = False
 
     def add(self, sock: QUICSocket) -> None:
         self._sockets[sock] = None
+        self._added = True
 
     def discard(self, sock: QUICSocket) -> None:
         self._sockets.pop(sock, None)
 
     def before_io_wait(self, timeout: float) -> None:
-        yielded, self.yielded = self.yielded, False
+        runnable, self.runnable = self.runnable, False
         sockets = self._sockets
         if not sockets:
             return
@@ -135,20 +140,33 @@ class _IdleFlush(trio.abc.Instrument):
         # A poll that may wait means nothing is runnable: the idle point.
         # One that does not: a task is runnable, or a task waits for the
         # idle point itself (trio.testing.wait_all_tasks_blocked), so ask
-        # the run queue, unless one of our yields already answered.
-        idle = timeout > 0 or (not yielded and stats().tasks_runnable == 0)
+        # the run queue, unless we already know we made a task runnable.
+        idle = timeout > 0 or (not runnable and stats().tasks_runnable == 0)
         now = trio.current_time()
         ripe = math.inf if idle else now - FLUSH_WAIT
         armed = math.inf  # the first timer a flush moved earlier
+        woke = False  # whether a flush may have made a task runnable
+        self._added = False
         for sock in list(sockets):
             known = sock.next_deadline()
-            if sock.flush_ripe(ripe):
+            left, may_wake = sock.flush_ripe(ripe)
+            if not left:
                 del sockets[sock]
+            woke = woke or may_wake
             first = sock.next_deadline()
             if first < known and first < armed:
                 armed = first
-        if timeout > 0 and (armed < now + timeout or stats().tasks_runnable):
+        if timeout > 0 and (
+            armed < now + timeout
+            # A flush that marked another socket (a carrier's) left it for
+            # the next round: that must come at once, as for a wake.
+            or self._added
+            or self.runnable
+            or (woke and stats().tasks_runnable)
+        ):
             trio.lowlevel.current_trio_token().run_sync_soon(_wake_loop)
+        # What a flush woke runs in the next batch, before the next poll.
+        self.runnable = False
 
 
 _idle_flush: trio.lowlevel.RunVar[_IdleFlush] = trio.lowlevel.RunVar("_idle_flush")
@@ -539,15 +557,22 @@ class QUICSocket:
         (see :class:`_IdleFlush`)."""
         flusher = self._idle_flush
         if flusher is not None:
-            flusher.yielded = True
+            flusher.runnable = True
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def note_runnable(self) -> None:
+        """A connection's input just woke a task (a stream's reader, an
+        acceptor): it is runnable until the next poll (see :class:`_IdleFlush`)."""
+        flusher = self._idle_flush
+        if flusher is not None:
+            flusher.runnable = True
 
     def tasks_runnable(self) -> bool:
         """Whether another task of this run is waiting to run (a yield at
-        :meth:`schedule_point` since the last poll says so without asking
-        trio)."""
+        :meth:`schedule_point`, or a task input woke, since the last poll
+        says so without asking trio)."""
         flusher = self._idle_flush
-        if flusher is not None and flusher.yielded:
+        if flusher is not None and flusher.runnable:
             return True
         return trio.lowlevel.current_statistics().tasks_runnable > 0
 
@@ -870,14 +895,27 @@ class QUICSocket:
         finally:
             self._writer_running = False
 
-    def flush_ripe(self, ripe: float) -> bool:
+    def flush_ripe(self, ripe: float) -> tuple[bool, bool]:
         """Flush the connections marked by ``ripe`` (trio's clock; inf: all
-        of them) and return whether none is left (see :class:`_IdleFlush`)."""
+        of them); returns whether any is left, and whether the flushes may
+        have made a task runnable (see :class:`_IdleFlush`).
+
+        A flush wakes tasks only where it ends a connection (quiche closed
+        it: its waiters wake, its callbacks run), starts the writer task (the
+        kernel refused a batch) or sends on a virtual path (its ``send`` is
+        the application's, and a carried path may deliver in this process);
+        anything else it does (send, arm a timer) wakes nobody."""
         due = self._flush_due
+        live = len(self._connections)
+        writing = self._writer_running
+        flushed = False
+        left = False
         while due:
             conn, marked = next(iter(due.items()))
             if marked > ripe:
-                return False
+                left = True
+                break
+            flushed = True
             del due[conn]
             try:
                 conn.flush_after_input()
@@ -886,7 +924,12 @@ class QUICSocket:
                 # trio's scheduler (which would drop the instrument, and
                 # every socket's deferred flushes with it).
                 conn.fail_unexpectedly("its deferred flush")
-        return True
+        may_wake = flushed and (
+            bool(self._virtual)
+            or len(self._connections) != live
+            or self._writer_running != writing
+        )
+        return left, may_wake
 
     # -- sending ----------------------------------------------------------------
 

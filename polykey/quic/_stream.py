@@ -85,12 +85,14 @@ class _ConflictDetector:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def wake(self) -> None:
-        """Wake the parked task, if any."""
+    def wake(self) -> bool:
+        """Wake the parked task, if any; returns whether there was one."""
         task = self._parked
-        if task is not None:
-            self._parked = None
-            trio.lowlevel.reschedule(task)
+        if task is None:
+            return False
+        self._parked = None
+        trio.lowlevel.reschedule(task)
+        return True
 
 
 class _ReceiveConflict(_ConflictDetector):
@@ -495,9 +497,10 @@ class QUICStream(trio.abc.HalfCloseableStream):
 
     # -- internal interface: called by the connection ---------------------------
 
-    def wake_receiver(self) -> None:
-        """quiche has data (or an error) to read on this stream."""
-        self._receive_conflict.wake()
+    def wake_receiver(self) -> bool:
+        """quiche has data (or an error) to read on this stream; returns
+        whether a task waiting to read was woken."""
+        return self._receive_conflict.wake()
 
     def wake_sender(self) -> None:
         """quiche may take more data on this stream."""

@@ -24,7 +24,8 @@ Lowered when a stream operation's schedule point came to tell the idle
 flush that its task is runnable (no ``current_statistics()`` in the rounds
 it starts) and ``serve_streams`` to close a handler's stream without a
 schedule point as its task ends: 12.0 -> 11.0 task steps, 651 -> 589
-Python calls.
+Python calls; when the idle flush came to know the same of a task our
+input woke, and that a flush woke nobody: 589 -> 582.
 """
 
 from __future__ import annotations

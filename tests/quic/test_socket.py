@@ -14,7 +14,7 @@ import polykey.quic._socket as quic_socket
 from polykey.quic import QUICClient, QUICServer, QUICSocket
 from polykey.quic._binding import PacketType, parse_header
 
-from .helpers import tls_identity
+from .helpers import open_pair, tls_identity
 from .test_loopback import echo_streams
 
 
@@ -178,15 +178,18 @@ class _FakeFlushing:
         self.calls: list[float] = []
         self.wake = wake
 
-    def flush_ripe(self, ripe: float) -> bool:
-        # One mark, made now: flushed (and done) at the idle point only.
+    def flush_ripe(self, ripe: float) -> tuple[bool, bool]:
+        # One mark, made now: flushed (and done) at the idle point only; a
+        # flush that wakes a task says it may have (as a real socket's does
+        # when the flush ends a connection).
         self.calls.append(ripe)
         if ripe != math.inf:
-            return False
+            return True, False
         if self.wake is not None:
             trio.lowlevel.reschedule(self.wake)
             self.wake = None
-        return True
+            return False, True
+        return False, False
 
     def next_deadline(self) -> float:
         return math.inf  # it arms no timer
@@ -224,6 +227,42 @@ async def test_idle_flush_runs_at_the_idle_point_and_wakes_at_once() -> None:
                 nursery.cancel_scope.cancel()
 
 
+class _FakeMarking:
+    """Stands for a QUICSocket whose deferred flush marks another socket's
+    (a relayed connection's packets queued on a carrier of another socket):
+    that one is flushed in the next round, which must come at once."""
+
+    def __init__(self, flush: object, other: _FakeFlushing) -> None:
+        self.flush = flush
+        self.other = other
+
+    def flush_ripe(self, ripe: float) -> tuple[bool, bool]:
+        if ripe != math.inf:
+            return True, False
+        self.flush.add(self.other)  # type: ignore[attr-defined]
+        return False, False
+
+    def next_deadline(self) -> float:
+        return math.inf
+
+
+async def test_a_flush_that_marks_another_socket_does_not_wait_out_the_poll() -> None:
+    async with QUICSocket("127.0.0.1"):
+        flush = quic_socket._idle_flusher()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep, 30)
+                other = _FakeFlushing(trio.lowlevel.current_task())
+                flush.add(_FakeMarking(flush, other))  # type: ignore[arg-type]
+                start = trio.current_time()
+                await trio.lowlevel.wait_task_rescheduled(
+                    lambda _: trio.lowlevel.Abort.SUCCEEDED
+                )
+                assert other.calls[-1] == math.inf
+                assert trio.current_time() - start < 1
+                nursery.cancel_scope.cancel()
+
+
 class _FakeArming:
     """Stands for a QUICSocket whose deferred flush arms a timer (quiche's
     loss-detection timer, after a send) earlier than any deadline the
@@ -233,11 +272,11 @@ class _FakeArming:
         self.scope = scope
         self.delay = delay
 
-    def flush_ripe(self, ripe: float) -> bool:
+    def flush_ripe(self, ripe: float) -> tuple[bool, bool]:
         if ripe != math.inf:
-            return False
+            return True, False
         self.scope.deadline = trio.current_time() + self.delay
-        return True
+        return False, False
 
     def next_deadline(self) -> float:
         return self.scope.deadline
@@ -260,4 +299,30 @@ async def test_a_deadline_an_idle_flush_arms_is_kept() -> None:
                     await trio.sleep_forever()
                 assert scope.cancelled_caught
                 assert trio.current_time() - start < 1
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+async def test_a_connection_that_ends_wakes_its_waiters_at_once(
+    closer: str,
+) -> None:
+    """Over real sockets: a connection that ends (the peer's close, then
+    quiche's draining) wakes whoever waits on it without waiting out a long
+    poll (a task sleeping 30 s is the only other deadline: the test's own
+    would fire first)."""
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        closing, waiting = (
+            (client_conn, server_conn)
+            if closer == "client"
+            else (server_conn, client_conn)
+        )
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep, 30)
+                start = trio.current_time()
+                closing.close(7, b"bye")
+                reason = await waiting.wait_closed()
+                assert trio.current_time() - start < 1
+                assert reason.code == 7
                 nursery.cancel_scope.cancel()

@@ -55,6 +55,10 @@ Lowered when a unary call came to open its stream without a checkpoint
 Lowered when any small write made while other tasks are runnable came to
 wait for company, the requests of calls in flight as the replies did: 64
 calls in flight 1.41 -> 0.90 datagrams per call.
+
+Lowered when the idle flush came to know, without asking trio's
+``current_statistics()``, that a round follows a task our input woke, and
+that a flush woke nobody: 776 -> 758 Python calls per call.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ ROUNDS_PER_CALL = 5.5
 DATAGRAMS_PER_CALL = 2.4
 DATAGRAMS_PER_CALL_64 = 1.1
 DATAGRAMS_PER_STREAMED_MESSAGE = 0.2
-PYTHON_CALLS_PER_CALL = 830.0
+PYTHON_CALLS_PER_CALL = 810.0
 
 
 @asynccontextmanager
