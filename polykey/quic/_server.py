@@ -424,11 +424,9 @@ class QUICServer(trio.abc.Listener[QUICConnection]):
                 if not isinstance(exc, Exception):
                     conn.close(0, b"server closed")
                     raise  # cancelled, or KeyboardInterrupt
-                if isinstance(exc, trio.BrokenResourceError):
-                    conn.close()
-                else:
+                if not isinstance(exc, trio.BrokenResourceError):
                     self._connection_handler_failed(conn)
-                return
+                    return
             conn.close()
 
         async with trio.open_nursery() as nursery:
