@@ -271,8 +271,8 @@ class NodeConnectionManager:
     ) -> NodeConnection:
         """Pool and serve the verified connection ``conn`` (its path is
         ``relayed`` when it is on a circuit of ours, ``punched`` when a
-        punch of ours waited for it or, for one we dialled, when our punch
-        attempt had the peer signalled, else ``path``), and report it to
+        punch with the peer was under way, ours toward it or, since we asked
+        for it, its toward us; else ``path``), and report it to
         ``on_connection``; ``started``: when the attempt that made it
         began. The manager must be :attr:`running`."""
         node_id = conn.peer_identity
@@ -280,9 +280,7 @@ class NodeConnectionManager:
         now = trio.current_time()
         if self._relaying.is_end(conn.remote_address):
             path = ConnectionPath.RELAYED
-        elif self._puncher.arrived(node_id, now) or (
-            outgoing and self._puncher.signalled(node_id)
-        ):
+        elif self._puncher.arrived(node_id, now):
             path = ConnectionPath.PUNCHED  # it came through a punch
         node = NodeConnection(
             node_id=node_id,

@@ -13,7 +13,9 @@ since both use the one socket the connection manager dials and accepts on
   address: a symmetric NAT maps it anew toward us); the first verified
   connection wins. While it runs, it counts as the manager's dial in
   flight to the target, so a plain dial waits for it instead of racing it
-  through the hole it opens.
+  through the hole it opens; and from the moment its request leaves, any
+  connection with the target is ``punched`` (:meth:`Puncher.arrived`), as
+  the target marks it on its side.
 - **The target.** :meth:`Puncher.punch` sprays noise toward a node that
   asked us through a signaller, until that node's connection arrives, for
   at most :data:`PUNCH_DURATION`; a connection from it that arrives
@@ -34,7 +36,6 @@ The manager is the signalling handlers'
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 from typing import TYPE_CHECKING, Final
@@ -52,7 +53,7 @@ from ..quic import (
     node_verifier,
     spray_delays,
 )
-from ..rpc import JSONObject
+from ..rpc import JSONObject, RPCRemoteError
 from ._address import NodeAddress, format_host_port
 from ._connection import (
     CLOSE_DUPLICATE,
@@ -84,6 +85,8 @@ MAX_PUNCHES: Final = 64
 MAX_PUNCHES_PER_HOST: Final = 3
 #: Signals forwarded at once (fire and forget); past it they are dropped.
 MAX_FORWARDS: Final = 64
+#: Punches under way that are remembered (their marks, :meth:`Puncher.arrived`).
+_MAX_AWAITED: Final = 4 * MAX_PUNCHES
 #: Bytes of noise per punch packet (Polykey sends 32 random bytes).
 _PUNCH_BYTES: Final = 32
 #: The first retry of a punch over a relayed connection, then doubling.
@@ -102,10 +105,12 @@ class Puncher:
         # for, until their connection arrives (it is then "punched").
         self._punching: set[Address] = set()
         self._punch_hosts: dict[str, int] = {}
+        # The nodes we punch with, until when: one that asked us (we punch
+        # toward it) and one we asked (it punches toward us, from the moment
+        # our request left). A connection with one before then came through
+        # that punch, whichever side dialled and whichever dial it was; both
+        # sides mark it so, and so agree on its path.
         self._awaiting_punch: dict[NodeId, float] = {}
-        # Nodes signalled by our punch attempts in flight (a count each):
-        # their NATs are opening to us.
-        self._signalled: collections.Counter[NodeId] = collections.Counter()
         self._forwards = 0
         self.punches = 0
         self.punches_refused = 0
@@ -133,11 +138,12 @@ class Puncher:
         # after we asked would slip through the same hole and race this one
         # (a second connection, and the wrong path on whichever wins). So
         # connect() waits for this attempt, as for any dial in flight, and
-        # dials itself only if it fails. A dial already in flight is left to
-        # run: its Initial went out before any hole could open.
+        # dials itself only if it fails.
+        # A dial already in flight is left to run: its Initial went out
+        # before any hole could open, though a copy it re-sends may get in.
         started = trio.current_time()
         with manager.dialling(node_id):
-            address = await request_signal(signaller.rpc, manager.identity, node_id)
+            address = await self._request(signaller, node_id)
             log.debug(
                 "%s signalled %s: dialling it at %s",
                 signaller.node_id,
@@ -145,18 +151,12 @@ class Puncher:
                 format_host_port(address.host, address.port),
             )
             self.punched_dials += 1
-            self._signalled[node_id] += 1
-            try:
-                async with manager.dial_limit:
-                    try:
-                        conn = await self._dial(node_id, address)
-                    except NodeConnectionError:
-                        self.punched_dial_failures += 1
-                        raise
-            finally:
-                self._signalled[node_id] -= 1
-                if self._signalled[node_id] <= 0:
-                    del self._signalled[node_id]
+            async with manager.dial_limit:
+                try:
+                    conn = await self._dial(node_id, address)
+                except NodeConnectionError:
+                    self.punched_dial_failures += 1
+                    raise
             existing = manager.get(node_id)
             if existing is not None:
                 # Its own connection arrived meanwhile (it dialled us, or
@@ -166,6 +166,39 @@ class Puncher:
             return await manager.adopt_dialled(
                 conn, path=ConnectionPath.PUNCHED, started=started
             )
+
+    async def _request(self, signaller: NodeConnection, node_id: NodeId) -> NodeAddress:
+        """Ask ``signaller`` to have ``node_id`` punch toward us; its answer,
+        ``node_id``'s address as the signaller sees it.
+
+        The signaller forwards before it answers, so the target's NAT may
+        open to us before the answer is back: from the moment the request
+        leaves, a connection with the target is punched (:meth:`arrived`).
+        A dial of ours in flight from before re-sends its Initial into the
+        hole, and under load its handshake can finish before the task that
+        awaits the answer runs (the NAT lab saw it labelled direct)."""
+        previous = self._awaiting_punch.get(node_id)
+        self._await_punch(node_id)
+        try:
+            return await request_signal(signaller.rpc, self._manager.identity, node_id)
+        except RPCRemoteError:
+            # Refused: nothing was forwarded, so nothing opens.
+            if previous is None:
+                self._awaiting_punch.pop(node_id, None)
+            else:
+                self._awaiting_punch[node_id] = previous
+            raise
+
+    def _await_punch(self, node_id: NodeId) -> None:
+        """Mark a punch with ``node_id`` under way for PUNCH_DURATION."""
+        now = trio.current_time()
+        awaiting = self._awaiting_punch
+        if len(awaiting) >= MAX_PUNCHES:
+            for stale in [n for n, until in awaiting.items() if until <= now]:
+                del awaiting[stale]
+            if len(awaiting) >= _MAX_AWAITED:
+                del awaiting[next(iter(awaiting))]  # the oldest mark
+        awaiting[node_id] = max(now + PUNCH_DURATION, awaiting.get(node_id, 0.0))
 
     async def _dial(self, node_id: NodeId, address: NodeAddress) -> QUICConnection:
         """Dial ``address`` with spraying, and every source the target's
@@ -225,7 +258,7 @@ class Puncher:
             with trio.move_on_after(max(3.0, 4 * manager.attempt_timeout())):
                 started = trio.current_time()
                 try:
-                    address = await request_signal(relay.rpc, manager.identity, node_id)
+                    address = await self._request(relay, node_id)
                     conn = await self._dial(node_id, address)
                 except Exception as exc:
                     if not note_failure(log, "upgrade of", node_id, exc):
@@ -238,16 +271,11 @@ class Puncher:
 
     # -- the target and the signaller -----------------------------------------------
 
-    def signalled(self, node_id: NodeId) -> bool:
-        """Whether a punch attempt of ours toward ``node_id`` has had it
-        signalled and is still running: its NAT is opening to us, so a
-        dial of ours that gets in now came through that punch (a plain
-        dial already in flight retransmits its Initial into the hole)."""
-        return node_id in self._signalled
-
     def arrived(self, node_id: NodeId, now: float) -> bool:
-        """``node_id``'s connection arrived at ``now``: whether a punch of
-        ours was waiting for it (it is then "punched"). It waits no more."""
+        """A connection with ``node_id`` arrived at ``now``, dialled by
+        either side: whether a punch with it was under way (it is then
+        "punched"), toward it or (since our request left) from it. That
+        punch is then over."""
         return self._awaiting_punch.pop(node_id, 0.0) > now
 
     def forward_signal(self, target: NodeId, params: JSONObject) -> None:
@@ -296,7 +324,7 @@ class Puncher:
         )
         self._punching.add(key)
         self._punch_hosts[host] = self._punch_hosts.get(host, 0) + 1
-        self._awaiting_punch[request.source] = trio.current_time() + PUNCH_DURATION
+        self._await_punch(request.source)
         self.punches += 1
         self._manager.spawn(self._punch, request, key)
 

@@ -36,6 +36,7 @@ from polykey.nodes._signalling import (
 )
 from polykey.rpc import RPCInvalidParams, RPCRemoteError
 
+from ..quic.helpers import Gate
 from .helpers import Liar, connect_both
 
 # -- pure --------------------------------------------------------------------------
@@ -261,6 +262,123 @@ async def test_a_dial_started_during_a_punch_waits_for_it(
             assert conn.path is ConnectionPath.PUNCHED
             assert manager.dials == dials  # no dial of its own
             assert b.connections.statistics()["server"]["accepted"] == 1  # a's only
+
+
+def hold_answers(signaller: PolykeyNode) -> trio.Event:
+    """The signaller forwards each signal at once but holds its answer
+    until the returned event is set: the window in which the target's NAT
+    is open to the requester while the requester has no answer yet."""
+    initial = signaller.rpc_server.manifest[SIGNAL_INITIAL]
+    release = trio.Event()
+    handle = initial.handle
+
+    async def held(params: Any, ctx: Any) -> Any:
+        answer = await handle(params, ctx)
+        await release.wait()
+        return answer
+
+    initial.handle = held  # type: ignore[method-assign]
+    return release
+
+
+async def test_a_dial_in_flight_that_gets_in_through_the_punch_is_punched(
+    tmp_path: Path,
+) -> None:
+    """The NAT lab's failure (full cone to port-restricted, labelled
+    direct): a plain dial in flight before the punch (a lookup's) re-sends
+    its Initial once the target punches, and its handshake finishes while
+    the requester still awaits the signaller's answer. It came through the
+    punch, and both ends must say so."""
+    with trio.fail_after(30):
+        async with (
+            nodes(tmp_path, "a", "s", "b") as (a, s, b),
+            trio.open_nursery() as nursery,
+        ):
+            to_s = await a.connect(s.node_id, s.address)
+            await connect_both(b, s)
+            manager = a.connections
+            # B behind a NAT that drops A's datagrams until B punches.
+            nat = Gate(b.address)
+            await nursery.start(nat.run)
+            plain: list[Any] = []
+            punched: list[Any] = []
+
+            async def dial() -> None:
+                plain.append(await manager.connect(b.node_id, nat.address))
+
+            async def punch() -> None:
+                punched.append(await manager.connect_punched(b.node_id, to_s))
+
+            nursery.start_soon(dial)
+            while not nat.dropped:  # noqa: ASYNC110 - polls a counter
+                await trio.sleep(0.005)
+            release = hold_answers(s)
+            nursery.start_soon(punch)
+            while not b.connections.punches:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            nat.opened.set()
+            # The plain dial's next Initial (its probe timeout, about 1 s).
+            while not plain:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            assert not punched  # the answer is held still
+            assert plain[0].path is ConnectionPath.PUNCHED
+            release.set()
+            while not punched:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            assert punched == plain  # the punch kept the one that got in
+            seen = b.connections.get(a.node_id)
+            assert seen is not None
+            assert seen.path is ConnectionPath.PUNCHED
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_from_the_target_during_the_request_is_punched(
+    tmp_path: Path,
+) -> None:
+    """Either side may dial once the target punches: the target's own dial
+    to the requester, arriving while the requester awaits its answer, is
+    punched at both ends, as the requester's would be."""
+    with trio.fail_after(30):
+        async with (
+            nodes(tmp_path, "a", "s", "b") as (a, s, b),
+            trio.open_nursery() as nursery,
+        ):
+            to_s = await a.connect(s.node_id, s.address)
+            await connect_both(b, s)
+            release = hold_answers(s)
+            punched: list[Any] = []
+
+            async def punch() -> None:
+                punched.append(await a.connections.connect_punched(b.node_id, to_s))
+
+            nursery.start_soon(punch)
+            while not b.connections.punches:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            back = await b.connections.connect(a.node_id, a.address)
+            assert back.path is ConnectionPath.PUNCHED
+            while a.connections.get(b.node_id) is None:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            assert a.connections.get(b.node_id).path is ConnectionPath.PUNCHED  # type: ignore[union-attr]
+            release.set()
+            while not punched:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            assert punched[0].connection is a.connections.get(b.node_id).connection  # type: ignore[union-attr]
+
+
+async def test_a_refused_signal_leaves_the_next_dial_direct(tmp_path: Path) -> None:
+    """A signaller that refuses forwards nothing, so nothing opens: the
+    requester's next dial to the target is direct, as the target sees it."""
+    with trio.fail_after(30):
+        async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
+            to_s = await a.connect(s.node_id, s.address)
+            # S holds no connection to B: it refuses.
+            with pytest.raises(RPCRemoteError):
+                await a.connections.connect_punched(b.node_id, to_s)
+            conn = await a.connections.connect(b.node_id, b.address)
+            assert conn.path is ConnectionPath.DIRECT
+            while b.connections.get(a.node_id) is None:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            assert b.connections.get(a.node_id).path is ConnectionPath.DIRECT  # type: ignore[union-attr]
 
 
 async def test_connect_by_node_id_alone_finds_the_target(tmp_path: Path) -> None:

@@ -106,3 +106,48 @@ async def open_pair(
         server = QUICServer(ss, tls_identity("server"), config=server_config or config)
         client = QUICClient(cs, tls_identity("client"), config=client_config or config)
         yield QUICPair(ss, cs, server, client)
+
+
+class Gate:
+    """A UDP forwarder standing in for a NAT that drops what arrives before
+    it opens: client -> server datagrams are dropped until ``opened`` is
+    set; replies always pass. Counts each distinct datagram it saw."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.opened = trio.Event()
+        self.seen: dict[bytes, int] = {}
+        self.dropped = 0
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        outer = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        inner = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await outer.bind(("127.0.0.1", 0))
+        await inner.bind(("127.0.0.1", 0))
+        self.address = outer.getsockname()
+        client: list[tuple[str, int]] = []
+        with outer, inner:
+            async with trio.open_nursery() as nursery:
+
+                async def inbound() -> None:
+                    while True:
+                        data, source = await outer.recvfrom(65536)
+                        client[:] = [source]
+                        self.seen[data] = self.seen.get(data, 0) + 1
+                        if self.opened.is_set():
+                            await inner.sendto(data, self.target)
+                        else:
+                            self.dropped += 1
+
+                async def outbound() -> None:
+                    while True:
+                        data, _ = await inner.recvfrom(65536)
+                        if client:
+                            await outer.sendto(data, client[0])
+
+                nursery.start_soon(inbound)
+                nursery.start_soon(outbound)
+                task_status.started()
