@@ -26,6 +26,7 @@ from polykey.nodes import (
     RequestVerificationError,
 )
 from polykey.nodes._signalling import (
+    NodesConnectionSignalInitial,
     RateLimiter,
     address_json,
     b64url_decode,
@@ -269,6 +270,7 @@ def hold_answers(signaller: PolykeyNode) -> trio.Event:
     until the returned event is set: the window in which the target's NAT
     is open to the requester while the requester has no answer yet."""
     initial = signaller.rpc_server.manifest[SIGNAL_INITIAL]
+    assert isinstance(initial, NodesConnectionSignalInitial)
     release = trio.Event()
     handle = initial.handle
 
