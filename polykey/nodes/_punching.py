@@ -178,27 +178,34 @@ class Puncher:
         hole, and under load its handshake can finish before the task that
         awaits the answer runs (the NAT lab saw it labelled direct)."""
         previous = self._awaiting_punch.get(node_id)
-        self._await_punch(node_id)
+        ours = self._await_punch(node_id)
         try:
             return await request_signal(signaller.rpc, self._manager.identity, node_id)
         except RPCRemoteError:
-            # Refused: nothing was forwarded, so nothing opens.
-            if previous is None:
-                self._awaiting_punch.pop(node_id, None)
-            else:
-                self._awaiting_punch[node_id] = previous
+            # Refused: nothing was forwarded, so nothing opens. Unless the
+            # mark moved meanwhile: another request to the same node (the
+            # finder asks several signallers at once), or its own signal.
+            if self._awaiting_punch.get(node_id) == ours:
+                if previous is None:
+                    del self._awaiting_punch[node_id]
+                else:
+                    self._awaiting_punch[node_id] = previous
             raise
 
-    def _await_punch(self, node_id: NodeId) -> None:
-        """Mark a punch with ``node_id`` under way for PUNCH_DURATION."""
+    def _await_punch(self, node_id: NodeId) -> float:
+        """Mark a punch with ``node_id`` under way for PUNCH_DURATION; the
+        mark's end."""
         now = trio.current_time()
         awaiting = self._awaiting_punch
-        if len(awaiting) >= MAX_PUNCHES:
+        if node_id not in awaiting and len(awaiting) >= MAX_PUNCHES:
             for stale in [n for n, until in awaiting.items() if until <= now]:
                 del awaiting[stale]
             if len(awaiting) >= _MAX_AWAITED:
                 del awaiting[next(iter(awaiting))]  # the oldest mark
-        awaiting[node_id] = max(now + PUNCH_DURATION, awaiting.get(node_id, 0.0))
+        until = awaiting[node_id] = max(
+            now + PUNCH_DURATION, awaiting.get(node_id, 0.0)
+        )
+        return until
 
     async def _dial(self, node_id: NodeId, address: NodeAddress) -> QUICConnection:
         """Dial ``address`` with spraying, and every source the target's

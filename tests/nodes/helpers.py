@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import trio
 
@@ -53,3 +54,11 @@ async def connect_both(node: PolykeyNode, to: PolykeyNode) -> NodeConnection:
     while to.connections.get(node.node_id) is None:  # noqa: ASYNC110
         await trio.sleep(0.001)
     return conn
+
+
+async def wait_for(what: Callable[[], bool], seconds: float = 10) -> None:
+    """Until ``what()`` holds (the state of other tasks, polled), for at
+    most ``seconds``."""
+    with trio.fail_after(seconds):
+        while not what():  # noqa: ASYNC110
+            await trio.sleep(0.005)

@@ -8,7 +8,7 @@ loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
@@ -19,6 +19,7 @@ from polykey.keys import NodeId
 from polykey.nodes import NodeAddress, NodeContact, NodeManagerConfig, NodeTransport
 from polykey.testing._network import SimNode, SimulatedNetwork
 
+from .helpers import wait_for
 from .test_relay import nodes
 
 QUIET = NodeManagerConfig(refresh_interval=None, self_lookup_interval=None)
@@ -156,12 +157,6 @@ async def test_a_flood_of_disconnects_is_dialled_back_within_the_limits(
 
 
 # -- real nodes over QUIC on loopback ------------------------------------------------
-
-
-async def wait_for(what: Callable[[], bool], seconds: float = 10) -> None:
-    with trio.fail_after(seconds):
-        while not what():  # noqa: ASYNC110 (state of other tasks, polled)
-            await trio.sleep(0.02)
 
 
 async def test_a_node_that_only_dialled_in_is_found_after_its_connection_ends(

@@ -22,6 +22,7 @@ from polykey.nodes import (
     SIGNAL_INITIAL,
     ConnectionPath,
     InvalidAddressError,
+    NodeConnection,
     RelayVerificationError,
     RequestVerificationError,
 )
@@ -38,7 +39,7 @@ from polykey.nodes._signalling import (
 from polykey.rpc import RPCInvalidParams, RPCRemoteError
 
 from ..quic.helpers import Gate
-from .helpers import Liar, connect_both
+from .helpers import Liar, connect_both, wait_for
 
 # -- pure --------------------------------------------------------------------------
 
@@ -201,13 +202,23 @@ async def nodes(tmp_path: Path, *names: str) -> AsyncIterator[list[PolykeyNode]]
         stop.set()
 
 
+@asynccontextmanager
+async def punch_trio(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[PolykeyNode, PolykeyNode, PolykeyNode, NodeConnection]]:
+    """A requester A, a signaller S and a target B, A and B connected to S:
+    ``(a, s, b, a's connection to s)``."""
+    async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
+        to_s = await a.connect(s.node_id, s.address)
+        await connect_both(b, s)
+        yield a, s, b, to_s
+
+
 async def test_a_punch_through_a_signaller_connects_by_the_punched_path(
     tmp_path: Path,
 ) -> None:
     with trio.fail_after(30):
-        async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
-            to_s = await a.connect(s.node_id, s.address)
-            await connect_both(b, s)
+        async with punch_trio(tmp_path) as (a, s, b, to_s):
             conn = await a.connections.connect_punched(b.node_id, to_s)
             assert conn.node_id == b.node_id
             assert conn.path is ConnectionPath.PUNCHED
@@ -235,9 +246,7 @@ async def test_a_dial_started_during_a_punch_waits_for_it(
     and the one A kept was labelled direct. From the moment the signal is
     asked for, a dial must share the punched attempt."""
     with trio.fail_after(30):
-        async with nodes(tmp_path, "a", "s", "b") as (a, s, b):
-            to_s = await a.connect(s.node_id, s.address)
-            await connect_both(b, s)
+        async with punch_trio(tmp_path) as (a, s, b, to_s):
             manager = a.connections
             initial = s.rpc_server.manifest[SIGNAL_INITIAL]
             dials, punched_dials = manager.dials, manager.punched_dials
@@ -265,16 +274,19 @@ async def test_a_dial_started_during_a_punch_waits_for_it(
             assert b.connections.statistics()["server"]["accepted"] == 1  # a's only
 
 
-def hold_answers(signaller: PolykeyNode) -> trio.Event:
-    """The signaller forwards each signal at once but holds its answer
-    until the returned event is set: the window in which the target's NAT
-    is open to the requester while the requester has no answer yet."""
+def hold_signals(signaller: PolykeyNode, *, before: bool = False) -> trio.Event:
+    """The signaller holds each request until the returned event is set:
+    after it forwarded the signal and before it answers (the window in which
+    the target's NAT is open to the requester, who has no answer yet), or,
+    ``before``, before it handles the request at all."""
     initial = signaller.rpc_server.manifest[SIGNAL_INITIAL]
     assert isinstance(initial, NodesConnectionSignalInitial)
     release = trio.Event()
     handle = initial.handle
 
     async def held(params: Any, ctx: Any) -> Any:
+        if before:
+            await release.wait()
         answer = await handle(params, ctx)
         await release.wait()
         return answer
@@ -293,17 +305,15 @@ async def test_a_dial_in_flight_that_gets_in_through_the_punch_is_punched(
     punch, and both ends must say so."""
     with trio.fail_after(30):
         async with (
-            nodes(tmp_path, "a", "s", "b") as (a, s, b),
+            punch_trio(tmp_path) as (a, s, b, to_s),
             trio.open_nursery() as nursery,
         ):
-            to_s = await a.connect(s.node_id, s.address)
-            await connect_both(b, s)
             manager = a.connections
             # B behind a NAT that drops A's datagrams until B punches.
             nat = Gate(b.address)
             await nursery.start(nat.run)
-            plain: list[Any] = []
-            punched: list[Any] = []
+            plain: list[NodeConnection] = []
+            punched: list[NodeConnection] = []
 
             async def dial() -> None:
                 plain.append(await manager.connect(b.node_id, nat.address))
@@ -312,21 +322,17 @@ async def test_a_dial_in_flight_that_gets_in_through_the_punch_is_punched(
                 punched.append(await manager.connect_punched(b.node_id, to_s))
 
             nursery.start_soon(dial)
-            while not nat.dropped:  # noqa: ASYNC110 - polls a counter
-                await trio.sleep(0.005)
-            release = hold_answers(s)
+            await wait_for(lambda: nat.dropped > 0)
+            release = hold_signals(s)
             nursery.start_soon(punch)
-            while not b.connections.punches:  # noqa: ASYNC110
-                await trio.sleep(0.005)
+            await wait_for(lambda: b.connections.punches > 0)
             nat.opened.set()
             # The plain dial's next Initial (its probe timeout, about 1 s).
-            while not plain:  # noqa: ASYNC110
-                await trio.sleep(0.005)
+            await wait_for(lambda: bool(plain))
             assert not punched  # the answer is held still
             assert plain[0].path is ConnectionPath.PUNCHED
             release.set()
-            while not punched:  # noqa: ASYNC110
-                await trio.sleep(0.005)
+            await wait_for(lambda: bool(punched))
             assert punched == plain  # the punch kept the one that got in
             seen = b.connections.get(a.node_id)
             assert seen is not None
@@ -342,29 +348,26 @@ async def test_a_connection_from_the_target_during_the_request_is_punched(
     punched at both ends, as the requester's would be."""
     with trio.fail_after(30):
         async with (
-            nodes(tmp_path, "a", "s", "b") as (a, s, b),
+            punch_trio(tmp_path) as (a, s, b, to_s),
             trio.open_nursery() as nursery,
         ):
-            to_s = await a.connect(s.node_id, s.address)
-            await connect_both(b, s)
-            release = hold_answers(s)
-            punched: list[Any] = []
+            release = hold_signals(s)
+            punched: list[NodeConnection] = []
 
             async def punch() -> None:
                 punched.append(await a.connections.connect_punched(b.node_id, to_s))
 
             nursery.start_soon(punch)
-            while not b.connections.punches:  # noqa: ASYNC110
-                await trio.sleep(0.005)
+            await wait_for(lambda: b.connections.punches > 0)
             back = await b.connections.connect(a.node_id, a.address)
             assert back.path is ConnectionPath.PUNCHED
-            while a.connections.get(b.node_id) is None:  # noqa: ASYNC110
-                await trio.sleep(0.005)
-            assert a.connections.get(b.node_id).path is ConnectionPath.PUNCHED  # type: ignore[union-attr]
+            await wait_for(lambda: a.connections.get(b.node_id) is not None)
+            seen = a.connections.get(b.node_id)
+            assert seen is not None
+            assert seen.path is ConnectionPath.PUNCHED
             release.set()
-            while not punched:  # noqa: ASYNC110
-                await trio.sleep(0.005)
-            assert punched[0].connection is a.connections.get(b.node_id).connection  # type: ignore[union-attr]
+            await wait_for(lambda: bool(punched))
+            assert punched[0].connection is seen.connection
 
 
 async def test_a_refused_signal_leaves_the_next_dial_direct(tmp_path: Path) -> None:
@@ -378,9 +381,50 @@ async def test_a_refused_signal_leaves_the_next_dial_direct(tmp_path: Path) -> N
                 await a.connections.connect_punched(b.node_id, to_s)
             conn = await a.connections.connect(b.node_id, b.address)
             assert conn.path is ConnectionPath.DIRECT
-            while b.connections.get(a.node_id) is None:  # noqa: ASYNC110
-                await trio.sleep(0.005)
-            assert b.connections.get(a.node_id).path is ConnectionPath.DIRECT  # type: ignore[union-attr]
+            await wait_for(lambda: b.connections.get(a.node_id) is not None)
+            seen = b.connections.get(a.node_id)
+            assert seen is not None
+            assert seen.path is ConnectionPath.DIRECT
+
+
+async def test_a_refusal_leaves_the_mark_of_a_request_to_another_signaller(
+    tmp_path: Path,
+) -> None:
+    """The finder asks several signallers at once. One that refuses after
+    another accepted must not unmark the target the other signalled: B
+    punches toward A all the same, and a connection between them then is
+    punched at both ends."""
+    with trio.fail_after(30):
+        async with (
+            nodes(tmp_path, "a", "s", "b", "r") as (a, s, b, r),
+            trio.open_nursery() as nursery,
+        ):
+            to_s = await a.connect(s.node_id, s.address)
+            to_r = await a.connect(r.node_id, r.address)
+            await connect_both(b, s)  # R holds no connection to B: it refuses
+            refusal = hold_signals(r, before=True)
+            answer = hold_signals(s)
+            refused: list[BaseException] = []
+
+            async def ask(signaller: NodeConnection) -> None:
+                try:
+                    await a.connections.connect_punched(b.node_id, signaller)
+                except RPCRemoteError as exc:
+                    refused.append(exc)
+
+            nursery.start_soon(ask, to_r)  # marks B first
+            await wait_for(lambda: a.connections.dials_in_flight > 0)
+            nursery.start_soon(ask, to_s)
+            await wait_for(lambda: b.connections.punches > 0)
+            refusal.set()
+            await wait_for(lambda: bool(refused))
+            back = await b.connections.connect(a.node_id, a.address)
+            assert back.path is ConnectionPath.PUNCHED
+            await wait_for(lambda: a.connections.get(b.node_id) is not None)
+            seen = a.connections.get(b.node_id)
+            assert seen is not None
+            assert seen.path is ConnectionPath.PUNCHED
+            answer.set()
 
 
 async def test_connect_by_node_id_alone_finds_the_target(tmp_path: Path) -> None:
