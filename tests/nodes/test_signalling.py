@@ -295,6 +295,20 @@ def hold_signals(signaller: PolykeyNode, *, before: bool = False) -> trio.Event:
     return release
 
 
+async def dial_seen_as(
+    dialler: PolykeyNode, to: PolykeyNode, path: ConnectionPath
+) -> NodeConnection:
+    """``dialler`` dials ``to``; ``to``'s side of that connection, once both
+    ends hold it by ``path``."""
+    conn = await dialler.connections.connect(to.node_id, to.address)
+    assert conn.path is path
+    await wait_for(lambda: to.connections.get(dialler.node_id) is not None)
+    seen = to.connections.get(dialler.node_id)
+    assert seen is not None
+    assert seen.path is path
+    return seen
+
+
 async def test_a_dial_in_flight_that_gets_in_through_the_punch_is_punched(
     tmp_path: Path,
 ) -> None:
@@ -359,12 +373,7 @@ async def test_a_connection_from_the_target_during_the_request_is_punched(
 
             nursery.start_soon(punch)
             await wait_for(lambda: b.connections.punches > 0)
-            back = await b.connections.connect(a.node_id, a.address)
-            assert back.path is ConnectionPath.PUNCHED
-            await wait_for(lambda: a.connections.get(b.node_id) is not None)
-            seen = a.connections.get(b.node_id)
-            assert seen is not None
-            assert seen.path is ConnectionPath.PUNCHED
+            seen = await dial_seen_as(b, a, ConnectionPath.PUNCHED)
             release.set()
             await wait_for(lambda: bool(punched))
             assert punched[0].connection is seen.connection
@@ -379,12 +388,7 @@ async def test_a_refused_signal_leaves_the_next_dial_direct(tmp_path: Path) -> N
             # S holds no connection to B: it refuses.
             with pytest.raises(RPCRemoteError):
                 await a.connections.connect_punched(b.node_id, to_s)
-            conn = await a.connections.connect(b.node_id, b.address)
-            assert conn.path is ConnectionPath.DIRECT
-            await wait_for(lambda: b.connections.get(a.node_id) is not None)
-            seen = b.connections.get(a.node_id)
-            assert seen is not None
-            assert seen.path is ConnectionPath.DIRECT
+            await dial_seen_as(a, b, ConnectionPath.DIRECT)
 
 
 async def test_a_refusal_leaves_the_mark_of_a_request_to_another_signaller(
@@ -418,12 +422,7 @@ async def test_a_refusal_leaves_the_mark_of_a_request_to_another_signaller(
             await wait_for(lambda: b.connections.punches > 0)
             refusal.set()
             await wait_for(lambda: bool(refused))
-            back = await b.connections.connect(a.node_id, a.address)
-            assert back.path is ConnectionPath.PUNCHED
-            await wait_for(lambda: a.connections.get(b.node_id) is not None)
-            seen = a.connections.get(b.node_id)
-            assert seen is not None
-            assert seen.path is ConnectionPath.PUNCHED
+            await dial_seen_as(b, a, ConnectionPath.PUNCHED)
             answer.set()
 
 
