@@ -683,7 +683,7 @@ class QUICConnection(trio.abc.AsyncResource):
                 woke = stream.wake_receiver() or woke
                 continue
             if not ids.accept_peer(sid):
-                self._discard(sid)  # a stream closed already, ours or theirs
+                self.discard_input(sid)  # a stream closed already, ours or theirs
                 continue
             stream = QUICStream(self, sid, can_read=True, can_write=not sid & 2)
             streams[sid] = stream
@@ -722,7 +722,9 @@ class QUICConnection(trio.abc.AsyncResource):
         if done:
             held.difference_update(done)
 
-    def _discard(self, sid: int) -> None:
+    def discard_input(self, sid: int) -> None:
+        """Read and drop what quiche holds of stream ``sid``'s input (its
+        FIN too, which lets quiche collect a finished stream)."""
         buf = self._socket.scratch(65536)
         try:
             while self.quiche.stream_recv(sid, buf) is not None:

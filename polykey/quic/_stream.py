@@ -12,7 +12,9 @@ graceful (FIN on the write side, STOP_SENDING with code 0 on an unfinished
 read side) unless it runs in a cancelled scope, when it is forceful
 (RESET_STREAM and STOP_SENDING with ``cancel_code``). A ``send_all``
 cancelled after part of its data went out resets the stream too, since the
-peer could never tell where the data stopped.
+peer could never tell where the data stopped. ``close_dropping_input`` is
+graceful without the STOP_SENDING: the rest of the peer's input is dropped
+as it arrives, up to its FIN, with no task waiting for it.
 """
 
 from __future__ import annotations
@@ -444,6 +446,24 @@ class QUICStream(trio.abc.HalfCloseableStream):
     def close(self, *, forceful: bool = False, code: int | None = None) -> None:
         """Close now, without waiting. Forceful (or with a ``code``): reset
         both directions with ``code`` (default ``cancel_code``)."""
+        self._close(forceful, code, drop_input=False)
+
+    def close_dropping_input(self) -> None:
+        """Close gracefully, without asking the peer to stop sending: the
+        rest of its input, up to its FIN, is read and dropped as it
+        arrives, by the connection (no task waits for it).
+
+        For a side that has said all it will and has no use for the rest,
+        where waiting for the peer's FIN would cost a task's step (an RPC
+        server that answered a call: the caller sends its FIN after the
+        answer, as js-rpc's does, and would see a STOP_SENDING as an
+        error). quiche keeps the stream until that FIN or a reset, and it
+        counts against the peer's stream limit until then, so a peer that
+        never finishes it only runs out of streams of its own.
+        """
+        self._close(False, None, drop_input=True)
+
+    def _close(self, forceful: bool, code: int | None, *, drop_input: bool) -> None:
         if self._closed:
             return
         self._closed = True
@@ -459,10 +479,14 @@ class QUICStream(trio.abc.HalfCloseableStream):
             # idle-point flushing, bench/call_costs.py: 4.12 -> 3.15
             # datagrams per unary call; tested against the flush at once in
             # test_a_finished_stream_closes_without_a_packet_of_its_own).
-            quiet = self._eof_received and not forceful
+            # So can they when the rest of the input is dropped instead.
+            quiet = (self._eof_received or drop_input) and not forceful
             code = self.cancel_code if code is None else code
             if not self._eof_received and self._recv_error is None:
-                self._shutdown(Shutdown.READ, code if forceful else 0)
+                if not drop_input:
+                    self._shutdown(Shutdown.READ, code if forceful else 0)
+            else:
+                drop_input = False  # the input is over: nothing to drop
             if (
                 not self._fin_sent
                 and self._send_error is None
@@ -481,6 +505,11 @@ class QUICStream(trio.abc.HalfCloseableStream):
             else:
                 conn.flush()
         conn.forget_stream(self)
+        if drop_input and not conn.closed:
+            # Forgotten, the stream's later input is dropped as it comes
+            # (_deliver_streams: an id the connection has seen); this drops
+            # what is here already, the FIN perhaps.
+            conn.discard_input(self.stream_id)
         self._receive_conflict.wake()
         self._send_conflict.wake()
 

@@ -90,7 +90,13 @@ from ._middleware import (
 )
 from ._raw import RawStream
 from ._server import RPCServer, ServerStatistics
-from ._stream import EagerStream, ResettableStream, RPCStream, StreamAbort
+from ._stream import (
+    EagerStream,
+    InputDropper,
+    ResettableStream,
+    RPCStream,
+    StreamAbort,
+)
 
 __all__ = [
     "DEFAULT_ERROR_REGISTRY",
@@ -110,6 +116,7 @@ __all__ = [
     "ErrorRegistry",
     "ErrorResponse",
     "Handler",
+    "InputDropper",
     "JSONObject",
     "JSONStreamDecoder",
     "JSONValue",

@@ -23,14 +23,17 @@ invalid request, invalid params) cancels the handler and is answered with
 its own error code (never in the middle of a message being sent).  A unary
 handler that answers without ever waiting has nothing to be cancelled, so
 its reader starts only when the handler first waits; without one, the call
-task reads the client's FIN itself.  Per call that is one task, one cancel
+task reads the client's FIN itself, or over a stream that can drop it (QUIC)
+leaves it to the stream.  Per call that is one task, one cancel
 scope and the stream operations themselves, which matters: unary calls are
 the hot path.
 
 How a call ends (decided from the call's states, see _state.py):
 
 * handler result or error -> response(s), FIN, then wait (up to ``linger``)
-  for the client's FIN so a TCP peer never sees an RST, then close;
+  for the client's FIN so a TCP peer never sees an RST, then close; a
+  stream that can drop the rest of the input as it comes (QUIC's, with no
+  reader task running) is closed at once so instead;
 * timeout before the header -> reset with code 7, no reply;
 * timeout after the header -> ``ErrorRPCTimedOut`` response and FIN (the JS
   client waits for it; ours has its own timer), handler cancelled; a raw
@@ -118,7 +121,7 @@ from ._state import (
     ServerEvent,
     Stop,
 )
-from ._stream import ResettableStream, eager, reset_stream
+from ._stream import ResettableStream, dropper, eager, reset_stream
 
 __all__ = ["RPCServer", "ServerStatistics"]
 
@@ -636,7 +639,11 @@ class _ServerCall:
         except Exception as bug:
             await self._own_bug(bug)
         finally:
-            if self.state.graceful:
+            if self.state.input is Input.DROPPED:
+                dropping = dropper(self.stream)
+                assert dropping is not None
+                dropping.close_dropping_input()
+            elif self.state.graceful:
                 # FIN both ways: nothing left for a forceful close to abort.
                 closing = eager(self.stream)
                 if closing is not None:
@@ -659,6 +666,19 @@ class _ServerCall:
         ends the call as a lingering timeout.
         """
         if self.state.input is not Input.OPEN or self.state.output is Output.GONE:
+            return
+        if (
+            self.reader_done is None
+            and not self.conn.eof
+            and self.state.output is Output.CLOSED
+            and dropper(self.stream) is not None
+        ):
+            # No task need read to the FIN: the stream drops the rest as it
+            # comes (run() closes it so). The caller's FIN comes after our
+            # answer (js-rpc's order), and waiting for it took the call task
+            # another step; a caller that never sends it holds a stream of
+            # its own stream limit, not a task or slot of ours.
+            self._event(ServerEvent.DROP_INPUT)
             return
         self._event(ServerEvent.DRAIN)
         self.server._release(self)  # answered: lingering holds no slot

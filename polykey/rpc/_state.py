@@ -22,8 +22,10 @@ The server's call (:class:`ServerCallState`) has two directions:
   cut short, so half a message is on the wire and only a reset can follow),
   ``RESET`` (we reset) and ``GONE`` (the peer reset or vanished);
 * its *input* (what the client writes): ``OPEN``, ``DRAINING`` (the answer
-  is out and we read to the client's FIN, bounded by linger), ``ENDED``
-  (the FIN was read), ``FAILED`` (bad input) and ``BROKEN`` (reset).
+  is out and we read to the client's FIN, bounded by linger), ``DROPPED``
+  (the answer is out and the stream drops the rest as it comes, with no
+  task reading: a QUIC stream's ``close_dropping_input``), ``ENDED`` (the
+  FIN was read), ``FAILED`` (bad input) and ``BROKEN`` (reset).
 
 Bad input seen while a message is being written must not cut it in half, so
 ``SENDING`` becomes ``SENDING_THEN_CANCEL`` and the handler is cancelled
@@ -108,6 +110,8 @@ class Input(_Enum):
 
     OPEN = "open"
     DRAINING = "draining"
+    #: Answered, and the stream drops the rest of the input as it comes.
+    DROPPED = "dropped"
     ENDED = "ended"
     FAILED = "failed"
     BROKEN = "broken"
@@ -127,6 +131,7 @@ class ServerEvent(_Enum):
     INPUT_FAILED = "input failed"  # bad input (JSON, size, request, params)
     INPUT_BROKE = "input broke"  # the reader found the stream reset
     DRAIN = "drain"  # we start reading to the client's FIN
+    DROP_INPUT = "drop input"  # the stream is to drop the rest of the input
 
 
 class Action(_Enum):
@@ -205,6 +210,7 @@ _OUTPUT: Final[Mapping[tuple[Output, ServerEvent], tuple[Output, Action]]] = {
     (_S.RAW_CLOSED, _E.RESET): (_S.RESET, _A.NONE),
     # Once the answer is complete, input trouble no longer matters.
     (_S.CLOSED, _E.DRAIN): (_S.CLOSED, _A.NONE),
+    (_S.CLOSED, _E.DROP_INPUT): (_S.CLOSED, _A.NONE),
     (_S.CLOSED, _E.INPUT_END): (_S.CLOSED, _A.NONE),
     (_S.CLOSED, _E.INPUT_FAILED): (_S.CLOSED, _A.NONE),
     (_S.CLOSED, _E.INPUT_BROKE): (_S.CLOSED, _A.NONE),
@@ -222,6 +228,7 @@ _GONE: Final = Output.GONE
 _CLOSED: Final = Output.CLOSED
 _OPEN: Final = Input.OPEN
 _ENDED: Final = Input.ENDED
+_DROPPED: Final = Input.DROPPED
 _NO_ACTION: Final = Action.NONE
 _CLOSE: Final = Ending(EndAction.CLOSE)
 _DRAIN: Final = Ending(EndAction.DRAIN)
@@ -232,6 +239,7 @@ _INPUT: Final[Mapping[tuple[Input, ServerEvent], Input]] = {
     (_I.OPEN, _E.INPUT_FAILED): _I.FAILED,
     (_I.OPEN, _E.INPUT_BROKE): _I.BROKEN,
     (_I.OPEN, _E.DRAIN): _I.DRAINING,
+    (_I.OPEN, _E.DROP_INPUT): _I.DROPPED,
     (_I.DRAINING, _E.INPUT_END): _I.ENDED,
     (_I.DRAINING, _E.INPUT_FAILED): _I.FAILED,
     (_I.DRAINING, _E.INPUT_BROKE): _I.BROKEN,
@@ -290,8 +298,11 @@ class ServerCallState:
 
     @property
     def graceful(self) -> bool:
-        """FIN both ways: nothing left that a forceful close would abort."""
-        return self.output is _CLOSED and self.input is _ENDED
+        """FIN both ways, or ours and the rest of the input dropped as it
+        comes: nothing left that a forceful close would abort."""
+        return self.output is _CLOSED and (
+            self.input is _ENDED or self.input is _DROPPED
+        )
 
     def end(self, *, cancelled: bool, deadline_passed: bool) -> Ending:
         """How the call ends, once its call scope is over.

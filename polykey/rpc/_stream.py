@@ -24,6 +24,13 @@ round of its own, a client writes its request in the step that opened the
 stream, and a server's call task reads its request and writes a unary
 reply in its first step (see :func:`eager`); other streams do the same
 through ``receive_some``, ``send_all`` and ``aclose``, a round each.
+
+A stream may also be an :class:`InputDropper`: it can close while the peer
+is still sending and drop the rest of the peer's input as it arrives, up to
+its FIN, with no task waiting and without asking the peer to stop (QUIC's,
+where quiche holds the stream until then). A server call that has answered
+ends so instead of reading to the caller's FIN itself, up to ``linger``
+(see :func:`dropper`).
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ import trio
 
 __all__ = [
     "EagerStream",
+    "InputDropper",
     "RPCStream",
     "ResettableStream",
     "StreamAbort",
     "abort_of",
+    "dropper",
     "eager",
     "nowait_opener",
     "reset_stream",
@@ -124,6 +133,30 @@ def eager(stream: object) -> EagerStream | None:
     known = _eager_classes.get(cls)
     if known is None:
         known = _eager_classes[cls] = isinstance(stream, EagerStream)
+    return stream if known else None  # type: ignore[return-value]
+
+
+@runtime_checkable
+class InputDropper(Protocol):
+    """A stream that can close gracefully while the peer still sends."""
+
+    def close_dropping_input(self) -> None:
+        """Close as ``close()`` does, our FIN going if it has not, without
+        asking the peer to stop sending: the rest of its input, up to its
+        FIN, is read and dropped as it arrives, with no task waiting for it.
+        Never blocks; idempotent."""
+        ...
+
+
+_dropper_classes: dict[type, bool] = {}
+
+
+def dropper(stream: object) -> InputDropper | None:
+    """``stream`` as an :class:`InputDropper`, or None if it is not one."""
+    cls = type(stream)
+    known = _dropper_classes.get(cls)
+    if known is None:
+        known = _dropper_classes[cls] = isinstance(stream, InputDropper)
     return stream if known else None  # type: ignore[return-value]
 
 

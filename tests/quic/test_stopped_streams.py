@@ -52,3 +52,44 @@ async def test_streams_stopped_by_the_peer_give_their_credit_back() -> None:
             for _ in range(4 * LIMIT):
                 await _stopped_after_reply(client_conn, server_conn)
         assert client_conn.quiche.peer_streams_left_bidi() > 0
+
+
+async def _answered_dropping(
+    client_conn: QUICConnection, server_conn: QUICConnection, *, early_fin: bool
+) -> None:
+    """One exchange where the server answers and closes dropping the rest of
+    the input: the client sends more and its FIN after the answer, or
+    (``early_fin``) before the server closes, so that they wait in quiche."""
+    cs = await client_conn.open_stream()
+    await cs.send_all(b"request")
+    ss: QUICStream = await server_conn.accept_stream()
+    assert await ss.receive_some() == b"request"
+    if early_fin:
+        await cs.send_all_and_eof(b"more")
+        while not server_conn.quiche.stream_readable(ss.stream_id):  # noqa: ASYNC110
+            await trio.sleep(0.001)
+    await ss.send_all_and_eof(b"answer")
+    ss.close_dropping_input()
+    assert await cs.receive_some() == b"answer"
+    assert await cs.receive_some() == b""
+    if not early_fin:
+        # No STOP_SENDING came: both go, and the server drops them.
+        await cs.send_all_and_eof(b"more")
+    await cs.aclose()
+
+
+async def test_a_stream_closed_dropping_its_input_gives_the_credit_back() -> None:
+    # The server never reads the client's FIN itself: the connection drops
+    # it as it comes (or at the close, if it is there already), and quiche
+    # lets the stream go, its credit back to the client.
+    config = QUICConfig(initial_max_streams_bidi=LIMIT)
+    async with open_pair(config) as pair:
+        client_conn, server_conn = await pair.connect()
+        with trio.fail_after(10):
+            for i in range(4 * LIMIT):
+                await _answered_dropping(client_conn, server_conn, early_fin=i % 2 == 1)
+            while server_conn.statistics().streams_closing:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        stats = server_conn.quiche.stats()
+        assert stats.stopped_stream_count_local == stats.reset_stream_count_local == 0
+        assert client_conn.quiche.peer_streams_left_bidi() > 0

@@ -82,6 +82,8 @@ class Clients(list[RPCClient[Any]]):
     """RPC clients, and the connections and identities under them."""
 
     conns: list[QUICConnection]
+    #: The server's ends of ``conns``.
+    served: list[QUICConnection]
     identities: list[NodeIdentity]
 
 
@@ -97,14 +99,16 @@ async def quic_clients(server: RPCServer, count: int) -> AsyncIterator[Clients]:
     ):
         quic = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
         clients = Clients()
-        clients.conns, clients.identities = [], identities
+        clients.conns, clients.served, clients.identities = [], [], identities
         for identity in identities:
             sa = await nursery.start(_client_socket)
             with trio.fail_after(10):
                 conn = await QUICClient(sa, node_tls_identity(identity)).connect(
                     sb.local_address, verifier=node_verifier(b.node_id)
                 )
-                nursery.start_soon(serve_rpc, await quic.accept(), server)
+                served = await quic.accept()
+                nursery.start_soon(serve_rpc, served, server)
+            clients.served.append(served)
             clients.append(RPCClient(None, conn.open_stream, timeout=10))
             clients.conns.append(conn)
         yield clients
@@ -186,34 +190,79 @@ async def test_calls_past_the_servers_limit_are_refused_at_once() -> None:
             assert await second.unary("echo", {"x": 2}) == {"echo": 2}
 
 
+async def _answer_without_fin(stream: trio.abc.HalfCloseableStream, i: int) -> None:
+    """Send an echo request without our FIN, and read its answer to the
+    server's FIN."""
+    request = {"jsonrpc": "2.0", "method": "echo", "params": {"x": 0}, "id": i}
+    await stream.send_all(json.dumps(request).encode())
+    wire = b""
+    while chunk := await stream.receive_some():
+        wire += chunk
+    assert json.loads(wire)["result"] == {"echo": 0}
+
+
 @pytest.mark.parametrize("limit", ["max_calls", "max_calls_per_connection"])
 async def test_calls_that_answered_and_linger_hold_no_slot(limit: str) -> None:
-    # A client that vanishes after its answer never sends its FIN, and the
-    # server waits for it up to linger: those calls used to count as in
-    # flight, so vanished clients filled max_calls and the next ones were
-    # refused (bench/hardening.py's vanish churn: 676 of 2,000 refused).
+    # A client that vanishes after its answer never sends its FIN, and over
+    # a stream that cannot drop it (a Unix socket's) the server waits for
+    # it up to linger: those calls used to count as in flight, so vanished
+    # clients filled max_calls and the next ones were refused
+    # (bench/hardening.py's vanish churn: 676 of 2,000 refused).
     limits: dict[str, Any] = {limit: 2}
     server = RPCServer({"echo": Echo()}, timeout=10, linger=30, **limits)
     with trio.fail_after(30):
-        async with server, quic_clients(server, 1) as clients:
-            request = {"jsonrpc": "2.0", "method": "echo", "params": {"x": 0}}
-            kept = []
-            for i in range(2):
-                stream = await clients.conns[0].open_stream()
-                await stream.send_all(json.dumps({**request, "id": i}).encode())
-                wire = b""
-                while chunk := await stream.receive_some():
-                    wire += chunk
-                assert json.loads(wire)["result"] == {"echo": 0}
-                kept.append(stream)  # never its FIN: the server lingers
-            assert server.statistics().active_calls == 2
-            assert await clients[0].unary("echo", {"x": 1}) == {"echo": 1}
+        async with server:
+
+            def socket_pair() -> trio.SocketStream:
+                ours, theirs = trio.socket.socketpair()
+                assert server.handle_stream_nowait(
+                    trio.SocketStream(theirs), connection="c"
+                )
+                return trio.SocketStream(ours)
+
+            kept = [socket_pair() for _ in range(2)]
+            for i, stream in enumerate(kept):
+                await _answer_without_fin(stream, i)
+            assert server.statistics().active_calls == 2  # lingering
+
+            async def open_stream() -> trio.SocketStream:
+                return socket_pair()
+
+            client: RPCClient[Any] = RPCClient(None, open_stream, timeout=10)
+            assert await client.unary("echo", {"x": 1}) == {"echo": 1}
             stats = server.statistics()
             assert stats.refused_busy == stats.refused_busy_connection == 0
             assert stats.active_calls >= 2  # the two still linger (active)
             for stream in kept:
                 await stream.send_eof()
             await until(lambda: server.statistics().active_calls == 0)
+            for stream in kept:
+                await stream.aclose()
+
+
+async def test_over_quic_an_answered_call_ends_without_the_clients_fin() -> None:
+    # A QUIC stream drops the rest of the input as it comes: the call ends
+    # with its answer, the client's FIN (after the answer, as js-rpc's
+    # caller sends it) finds no STOP_SENDING, and once it comes quiche lets
+    # the stream go.
+    server = RPCServer({"echo": Echo()}, timeout=10, linger=30, max_calls=2)
+    with trio.fail_after(30):
+        async with server, quic_clients(server, 1) as clients:
+            kept = []
+            for i in range(3):
+                stream = await clients.conns[0].open_stream()
+                await _answer_without_fin(stream, i)
+                kept.append(stream)  # its FIN not sent yet
+            await until(lambda: server.statistics().active_calls == 0)
+            assert server.statistics().refused_busy == 0
+            served = clients.served[0]
+            assert served.statistics().streams_closing == 3  # held by quiche
+            for stream in kept:
+                await stream.send_eof()  # a STOP_SENDING would fail this
+                await stream.aclose()
+            await until(lambda: served.statistics().streams_closing == 0)
+            assert await clients[0].unary("echo", {"x": 1}) == {"echo": 1}
+            assert server.statistics().resets == 0
 
 
 async def test_a_unix_socket_call_past_the_limit_gets_a_json_error() -> None:
