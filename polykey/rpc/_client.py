@@ -126,7 +126,13 @@ class _Call:
             if math.isfinite(timeout)
             else math.inf
         )
-        self.ctx = CallContext(method, "client", scope, dict(metadata or {}))
+        self.ctx = CallContext(
+            method,
+            "client",
+            scope,
+            dict(metadata or {}),
+            caller_deadline=self.caller_deadline,
+        )
         if keep_deadline:
             self.ctx.keep_deadline()
         self.chain: list[Middleware] = (

@@ -32,6 +32,9 @@ class CallContext:
     metadata: JSONObject = attrs.field(factory=dict)
     #: The transport's metadata (for QUIC: remote NodeId, host, port, certs).
     transport: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Client side: the deadline the caller was under when it made the call
+    #: (``inf``: none), which caps the timeout the call sends.
+    caller_deadline: float = math.inf
     _keep: bool = False
     _alive: bool = False
 
