@@ -36,6 +36,7 @@ from polykey.quic import (
     QUICConnection,
     QUICServer,
     QUICSocket,
+    QUICStream,
     node_tls_identity,
     node_verifier,
 )
@@ -92,13 +93,22 @@ async def server(args: argparse.Namespace) -> None:
             )
 
             async def handle_connection(conn: QUICConnection) -> None:
+                # As a node serves (polykey.nodes' connection manager): each
+                # stream the peer opens goes from the connection's callback
+                # to the RPC server, no task waiting in accept_stream.
                 meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
-                try:
-                    while True:
-                        stream = await conn.accept_stream()
-                        await rpc_server.handle_stream(stream, meta)
-                except trio.BrokenResourceError:
-                    pass
+
+                def opened(stream: QUICStream) -> None:
+                    if not rpc_server.handle_stream_nowait(
+                        stream, meta, connection=conn
+                    ):
+                        stream.reset(0)
+
+                ended = trio.Event()
+                conn.call_when_finished(lambda _: ended.set())
+                conn.deliver_streams_to(opened)
+                if not conn.closed:  # else its callbacks ran already
+                    await ended.wait()
 
             ready(sock.local_address[1])
             await quic_server.serve(handle_connection)

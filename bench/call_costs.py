@@ -99,10 +99,17 @@ async def _measure(
     ):
         server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
 
-        async def serve(conn: QUICConnection) -> None:
+        def serve(conn: QUICConnection) -> None:
+            # As a node serves (polykey.nodes' connection manager): each
+            # stream the peer opens goes from the connection's callback to
+            # the RPC server, no task waiting in accept_stream.
             meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
-            while True:
-                await rpc.handle_stream(await conn.accept_stream(), meta)
+
+            def opened(stream: QUICStream) -> None:
+                if not rpc.handle_stream_nowait(stream, meta, connection=conn):
+                    stream.reset(0)
+
+            conn.deliver_streams_to(opened)
 
         async def echo(stream: QUICStream) -> None:
             # As bench/_quic_polykey.py's server: read to the FIN, echo.
@@ -117,7 +124,7 @@ async def _measure(
             sb.local_address, verifier=node_verifier(b.node_id)
         )
         if mode != "rr":
-            nursery.start_soon(serve, await server.accept())
+            serve(await server.accept())
         client = RPCClient(API, conn.open_stream)
         for i in range(50):  # warm up: streams, credit, caches
             if mode == "rr":
