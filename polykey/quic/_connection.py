@@ -676,11 +676,12 @@ class QUICConnection(trio.abc.AsyncResource):
         q = self.quiche
         streams = self._streams
         ids = self._stream_ids
-        woke = False
+        woken = 0  # tasks woken, and the tasks handed-over streams start
         while (sid := q.readable_next()) is not None:
             stream = streams.get(sid)
             if stream is not None:
-                woke = stream.wake_receiver() or woke
+                if stream.wake_receiver():
+                    woken += 1
                 continue
             if not ids.accept_peer(sid):
                 self.discard_input(sid)  # a stream closed already, ours or theirs
@@ -689,13 +690,14 @@ class QUICConnection(trio.abc.AsyncResource):
             streams[sid] = stream
             if self._on_stream is not None:
                 self._hand_over(stream)
+                woken += 1
                 continue
             if self._incoming is None:
                 self._incoming = collections.deque()
             self._incoming.append(stream)
             self._wake_acceptors()
-        if woke:
-            self._socket.note_runnable()
+        if woken:
+            self._socket.note_runnable(woken)
 
     def _hand_over(self, stream: QUICStream) -> None:
         assert self._on_stream is not None
@@ -747,6 +749,17 @@ class QUICConnection(trio.abc.AsyncResource):
             self.flush()
         else:
             self._socket.flush_later(self)
+
+    def flush_soon(self) -> None:
+        """A stream took a small write while other tasks our input woke run
+        in its batch: flush before the scheduler's next poll, with what
+        they write (QUICSocket.flush_soon)."""
+        self._socket.flush_soon(self)
+
+    def batch_has_company(self) -> bool:
+        """Whether other tasks our input woke run in this batch
+        (QUICSocket.batch_has_company)."""
+        return self._socket.batch_has_company()
 
     def flush(self) -> None:
         """Send what quiche has to send now (synchronous)."""

@@ -112,7 +112,7 @@ class _IdleFlush(trio.abc.Instrument):
     figures).
     """
 
-    __slots__ = ("_added", "_sockets", "runnable")
+    __slots__ = ("_added", "_sockets", "companions", "runnable", "woken")
 
     def __init__(self) -> None:
         # Sockets with deferred flushes due, in marking order.
@@ -121,6 +121,11 @@ class _IdleFlush(trio.abc.Instrument):
         #: one (:meth:`QUICSocket.note_runnable`), since the last poll: it
         #: waits in the run queue, so the run is not idle.
         self.runnable = False
+        #: Tasks our input woke since the last poll (they run in the next
+        #: batch), and whether the batch running now holds two or more:
+        #: then a small write waits for the rest of it (flush_soon).
+        self.woken = 0
+        self.companions = False
         # A socket was added since before_io_wait began its flushes.
         self._added = False
 
@@ -133,6 +138,8 @@ class _IdleFlush(trio.abc.Instrument):
 
     def before_io_wait(self, timeout: float) -> None:
         runnable, self.runnable = self.runnable, False
+        self.companions = self.woken > 1
+        self.woken = 0
         sockets = self._sockets
         if not sockets:
             return
@@ -400,6 +407,9 @@ class QUICSocket:
         # flush_later), each with trio's clock when it was marked; in
         # marking order.
         self._flush_due: dict[QUICConnection, float] = {}
+        # Connections whose flush waits only for the scheduler's next poll
+        # (see flush_soon): flushed before it, busy or idle.
+        self._flush_soon: dict[QUICConnection, None] = {}
         self._idle_flush: _IdleFlush | None = None
         # Every connection's one timer: (deadline, order, Timer), the
         # earliest first. A connection that re-arms pushes again and cancels
@@ -481,6 +491,7 @@ class QUICSocket:
         if self._idle_flush is not None:
             self._idle_flush.discard(self)
         self._flush_due.clear()
+        self._flush_soon.clear()
         if self._sock is not None:
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
@@ -560,12 +571,21 @@ class QUICSocket:
             flusher.runnable = True
         await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def note_runnable(self) -> None:
-        """A connection's input just woke a task (a stream's reader, an
-        acceptor): it is runnable until the next poll (see :class:`_IdleFlush`)."""
+    def note_runnable(self, tasks: int = 1) -> None:
+        """A connection's input just woke ``tasks`` tasks (a stream's reader,
+        an acceptor, the task a stream handed over starts): they are
+        runnable until the next poll, and run in one batch after it (see
+        :class:`_IdleFlush`)."""
         flusher = self._idle_flush
         if flusher is not None:
             flusher.runnable = True
+            flusher.woken += tasks
+
+    def batch_has_company(self) -> bool:
+        """Whether the scheduler's batch running now holds more tasks our
+        input woke than one: their small writes can share a packet."""
+        flusher = self._idle_flush
+        return flusher is not None and flusher.companions
 
     def tasks_runnable(self) -> bool:
         """Whether another task of this run is waiting to run (a yield at
@@ -798,14 +818,36 @@ class QUICSocket:
             self._idle_flush.add(self)
         due[conn] = trio.current_time()
 
+    def flush_soon(self, conn: QUICConnection) -> None:
+        """Call ``conn.flush_after_input()`` just before the scheduler's
+        next poll for I/O, whether the process is idle then or not.
+
+        For a small write made while other tasks our input woke run in the
+        same batch (:meth:`batch_has_company`): it leaves with their writes
+        (a task's own batch is invisible to ``current_statistics()``, which
+        counts only the next one: 64 RPC call tasks started by one packet
+        of requests each wrote their reply into a packet of its own), and
+        still before the poll, so nothing that poll could bring waits on
+        it."""
+        soon = self._flush_soon
+        if conn in soon or self._closed:
+            return
+        if not soon and not self._flush_due and self._idle_flush is not None:
+            self._idle_flush.add(self)
+        soon[conn] = None
+
     def flush_sent(self, conn: QUICConnection) -> None:
         """``conn`` just sent what quiche had (and re-armed its timer)."""
         # The deferred flush has nothing left to do, and a stale mark would
         # flush a later input's ACK too early, before its answer. Unless
         # quiche closed the connection: noticing that is the deferred
         # flush's job.
-        if conn in self._flush_due and not conn.quiche.is_closed():
+        if conn.quiche.is_closed():
+            return
+        if conn in self._flush_due:
             del self._flush_due[conn]
+        if conn in self._flush_soon:
+            del self._flush_soon[conn]
 
     def set_timer(self, conn: QUICConnection, deadline: float) -> Timer:
         """Call ``conn.timer_due()`` once trio's clock reaches ``deadline``,
@@ -910,6 +952,16 @@ class QUICSocket:
         writing = self._writer_running
         flushed = False
         left = False
+        soon = self._flush_soon
+        while soon:
+            conn = next(iter(soon))
+            del soon[conn]
+            due.pop(conn, None)
+            flushed = True
+            try:
+                conn.flush_after_input()
+            except Exception:
+                conn.fail_unexpectedly("its deferred flush")
         while due:
             conn, marked = next(iter(due.items()))
             if marked > ripe:

@@ -289,8 +289,11 @@ class QUICStream(trio.abc.HalfCloseableStream):
         write while other tasks are runnable (RPC replies, and the requests
         of calls in flight): theirs come before the next poll and share its
         packet (quiche packs several streams' frames, our change 3). A
-        small write with nothing else to run and a large write go at once,
-        so a round trip waits for nothing. docs/quic.md has the figures.
+        small write with nothing runnable goes just before the scheduler's
+        next poll (``flush_soon``) when other tasks our input woke run in
+        its batch (RPC call tasks started by one packet of requests), with
+        what they write; else, and a large write, at once: a round trip
+        waits for nothing. docs/quic.md has the figures.
         """
         coalesce = total <= _SMALL_WRITE and (
             self._writing or self._conn.tasks_runnable()
@@ -310,6 +313,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
             offset += n
             if coalesce:
                 conn.flush_small(n)
+            elif total <= _SMALL_WRITE and conn.batch_has_company():
+                conn.flush_soon()
             else:
                 conn.flush()
         return offset

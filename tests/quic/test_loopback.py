@@ -433,6 +433,40 @@ async def test_acks_ride_on_replies() -> None:
         assert client_conn.statistics().quiche.sent - client_before == 21
 
 
+async def test_replies_of_tasks_one_input_started_share_a_packet() -> None:
+    """One batch of input hands over 16 streams, each to a task that reads
+    its request and writes a small last reply in its first step (as RPC
+    call tasks do): the replies leave together, just before the next poll.
+    Each went in a packet of its own when a small write with an empty run
+    queue went at once (the rest of a task's batch is not in the run
+    queue)."""
+    writers = 16
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        async with trio.open_nursery() as nursery:
+
+            def reply(ss: QUICStream) -> None:
+                async def answer() -> None:
+                    assert ss.receive_nowait() == b"q"
+                    assert ss.send_nowait(b"r" * 50, eof=True) == 50
+
+                nursery.start_soon(answer)
+
+            server_conn.deliver_streams_to(reply)
+            await settled(client_conn, server_conn)
+            before = server_conn.statistics().quiche.sent
+            with trio.fail_after(10):
+                # One step: every request is out before the server reads.
+                streams = [client_conn.open_stream_nowait() for _ in range(writers)]
+                for cs in streams:
+                    assert cs.send_nowait(b"q") == 1
+                for cs in streams:
+                    assert await cs.receive_some() == b"r" * 50
+                    assert await cs.receive_some() == b""
+        # 16 replies of 50 bytes fit one packet; allow for a split.
+        assert server_conn.statistics().quiche.sent - before <= 2
+
+
 async def test_a_finished_stream_closes_without_a_packet_of_its_own() -> None:
     """Closing a stream done both ways (the peer's FIN read, ours sent)
     sends nothing of the stream's: the ACK of the peer's FIN waits for the

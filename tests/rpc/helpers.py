@@ -15,6 +15,7 @@ from polykey.quic import (
     QUICConnection,
     QUICServer,
     QUICSocket,
+    QUICStream,
     node_tls_identity,
     node_verifier,
 )
@@ -232,6 +233,19 @@ async def quic_pair(
             )
             accepted = await server.accept()
         yield QUICPair(client, accepted, sa, sb)
+
+
+def serve_rpc_as_a_node(conn: QUICConnection, server: RPCServer) -> None:
+    """Every stream the peer opens is one call to ``server``, handed over
+    from the connection's callback as a node's connection manager does (no
+    task waits in ``accept_stream``)."""
+    meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
+
+    def opened(stream: QUICStream) -> None:
+        if not server.handle_stream_nowait(stream, meta, connection=conn):
+            stream.reset(0)
+
+    conn.deliver_streams_to(opened)
 
 
 async def serve_rpc(conn: QUICConnection, server: RPCServer) -> None:
