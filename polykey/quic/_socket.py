@@ -842,12 +842,10 @@ class QUICSocket:
         # flush a later input's ACK too early, before its answer. Unless
         # quiche closed the connection: noticing that is the deferred
         # flush's job.
-        if conn.quiche.is_closed():
-            return
-        if conn in self._flush_due:
-            del self._flush_due[conn]
-        if conn in self._flush_soon:
-            del self._flush_soon[conn]
+        due, soon = self._flush_due, self._flush_soon
+        if (conn in due or conn in soon) and not conn.quiche.is_closed():
+            due.pop(conn, None)
+            soon.pop(conn, None)
 
     def set_timer(self, conn: QUICConnection, deadline: float) -> Timer:
         """Call ``conn.timer_due()`` once trio's clock reaches ``deadline``,
