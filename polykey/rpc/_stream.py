@@ -129,11 +129,17 @@ _eager_classes: dict[type, bool] = {}
 
 def eager(stream: object) -> EagerStream | None:
     """``stream`` as an :class:`EagerStream`, or None if it is not one."""
-    cls = type(stream)
-    known = _eager_classes.get(cls)
+    known = _eager_classes.get(type(stream))
     if known is None:
-        known = _eager_classes[cls] = isinstance(stream, EagerStream)
+        known = _learn(_eager_classes, stream, EagerStream)
     return stream if known else None  # type: ignore[return-value]
+
+
+def _learn(known: dict[type, bool], stream: object, protocol: type) -> bool:
+    """Whether ``stream``'s class is a ``protocol``, remembered in ``known``
+    (the protocol check walks its members; the hot path asks the dict)."""
+    answer = known[type(stream)] = isinstance(stream, protocol)
+    return answer
 
 
 @runtime_checkable
@@ -153,10 +159,9 @@ _dropper_classes: dict[type, bool] = {}
 
 def dropper(stream: object) -> InputDropper | None:
     """``stream`` as an :class:`InputDropper`, or None if it is not one."""
-    cls = type(stream)
-    known = _dropper_classes.get(cls)
+    known = _dropper_classes.get(type(stream))
     if known is None:
-        known = _dropper_classes[cls] = isinstance(stream, InputDropper)
+        known = _learn(_dropper_classes, stream, InputDropper)
     return stream if known else None  # type: ignore[return-value]
 
 

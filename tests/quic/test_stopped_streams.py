@@ -11,6 +11,9 @@ closed as idle).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+import pytest
 import trio
 
 from polykey.quic import QUICConfig, QUICConnection, QUICStream
@@ -43,17 +46,6 @@ async def _stopped_after_reply(
         await trio.sleep(0.001)
 
 
-async def test_streams_stopped_by_the_peer_give_their_credit_back() -> None:
-    config = QUICConfig(initial_max_streams_bidi=LIMIT)
-    async with open_pair(config) as pair:
-        client_conn, server_conn = await pair.connect()
-        with trio.fail_after(10):
-            # Four times the limit: each stream must come back to the client.
-            for _ in range(4 * LIMIT):
-                await _stopped_after_reply(client_conn, server_conn)
-        assert client_conn.quiche.peer_streams_left_bidi() > 0
-
-
 async def _answered_dropping(
     client_conn: QUICConnection, server_conn: QUICConnection, *, early_fin: bool
 ) -> None:
@@ -78,18 +70,40 @@ async def _answered_dropping(
     await cs.aclose()
 
 
-async def test_a_stream_closed_dropping_its_input_gives_the_credit_back() -> None:
-    # The server never reads the client's FIN itself: the connection drops
-    # it as it comes (or at the close, if it is there already), and quiche
-    # lets the stream go, its credit back to the client.
+async def _answered_dropping_after_the_fin(
+    client_conn: QUICConnection, server_conn: QUICConnection
+) -> None:
+    await _answered_dropping(client_conn, server_conn, early_fin=True)
+
+
+async def _answered_dropping_before_the_fin(
+    client_conn: QUICConnection, server_conn: QUICConnection
+) -> None:
+    await _answered_dropping(client_conn, server_conn, early_fin=False)
+
+
+@pytest.mark.parametrize(
+    "exchange",
+    [
+        _stopped_after_reply,
+        # The server never reads the client's FIN itself: the connection
+        # drops it as it comes (or at the close, if it is there already).
+        _answered_dropping_before_the_fin,
+        _answered_dropping_after_the_fin,
+    ],
+)
+async def test_streams_we_are_done_with_give_their_credit_back(
+    exchange: Callable[[QUICConnection, QUICConnection], Awaitable[None]],
+) -> None:
     config = QUICConfig(initial_max_streams_bidi=LIMIT)
     async with open_pair(config) as pair:
         client_conn, server_conn = await pair.connect()
         with trio.fail_after(10):
-            for i in range(4 * LIMIT):
-                await _answered_dropping(client_conn, server_conn, early_fin=i % 2 == 1)
+            # Four times the limit: each stream must come back to the client.
+            for _ in range(4 * LIMIT):
+                await exchange(client_conn, server_conn)
             while server_conn.statistics().streams_closing:  # noqa: ASYNC110
                 await trio.sleep(0.001)
-        stats = server_conn.quiche.stats()
-        assert stats.stopped_stream_count_local == stats.reset_stream_count_local == 0
+        # Never a STOP_SENDING of ours (dropping asks the peer nothing).
+        assert server_conn.quiche.stats().stopped_stream_count_local == 0
         assert client_conn.quiche.peer_streams_left_bidi() > 0
