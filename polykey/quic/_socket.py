@@ -951,22 +951,21 @@ class QUICSocket:
         flushed = False
         left = False
         soon = self._flush_soon
-        while soon:
-            conn = next(iter(soon))
-            del soon[conn]
-            due.pop(conn, None)
+        # The flush_soon marks first, whenever there are any: one a flush
+        # here makes is flushed in this pass too, not stranded once the
+        # socket leaves the instrument's list.
+        while soon or due:
+            if soon:
+                conn = next(iter(soon))
+                del soon[conn]
+                due.pop(conn, None)
+            else:
+                conn, marked = next(iter(due.items()))
+                if marked > ripe:
+                    left = True
+                    break
+                del due[conn]
             flushed = True
-            try:
-                conn.flush_after_input()
-            except Exception:
-                conn.fail_unexpectedly("its deferred flush")
-        while due:
-            conn, marked = next(iter(due.items()))
-            if marked > ripe:
-                left = True
-                break
-            flushed = True
-            del due[conn]
             try:
                 conn.flush_after_input()
             except Exception:
