@@ -1,13 +1,17 @@
 """polykey RPC over polykey QUIC, peer for bench/rpc.py (run by it).
 
     python bench/_rpc_polykey.py server
-    python bench/_rpc_polykey.py client PORT --mode unary|stream|first [...]
+    python bench/_rpc_polykey.py client PORT --mode unary|unary_wait|stream|first [...]
 
 The server runs one ``RPCServer`` (default settings: timeout middleware on,
 no default timeout) and hands it every stream of every connection with
 ``handle_stream(stream, transport_meta)``; the client makes its calls with
 ``RPCClient(API, stream_factory=conn.open_stream)`` over one connection.
 Both present Ed25519 node certificates and verify each other.
+
+``--mode unary_wait`` is ``unary`` with a handler that waits once before it
+answers (``EchoAfterWait``), not a row of bench/rpc.py: by hand, to time
+what the server's watch of a waiting handler's input saves.
 
 ``--mode first`` is first contact, tried ``--tries`` times: each try is a
 fresh node (a new identity and a new socket, no state) that dials the
@@ -62,6 +66,15 @@ class Echo(UnaryHandler[JSON, JSON]):
         return {"i": params["i"]}
 
 
+class EchoAfterWait(UnaryHandler[JSON, JSON]):
+    """Echo that waits once first, as a handler doing I/O does (its input
+    is watched meanwhile); bench/call_costs.py's ``wait`` rows."""
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        await trio.lowlevel.checkpoint()
+        return {"i": params["i"]}
+
+
 class Count(ServerHandler[JSON, JSON]):
     async def handle(self, params: JSON, ctx: CallContext) -> AsyncIterator[JSON]:
         for i in range(params["n"]):
@@ -70,6 +83,7 @@ class Count(ServerHandler[JSON, JSON]):
 
 class API(ClientManifest):
     echo = UnaryCaller[JSON, JSON]()
+    echo_after_wait = UnaryCaller[JSON, JSON]()
     count = ServerCaller[JSON, JSON]()
 
 
@@ -85,7 +99,9 @@ async def server(args: argparse.Namespace) -> None:
         async with (
             trio.open_nursery() as nursery,
             QUICSocket(HOST, 0) as sock,
-            RPCServer({"echo": Echo(), "count": Count()}) as rpc_server,
+            RPCServer(
+                {"echo": Echo(), "echo_after_wait": EchoAfterWait(), "count": Count()}
+            ) as rpc_server,
         ):
             nursery.start_soon(stop_on_eof, everything)
             quic_server = QUICServer(
@@ -119,8 +135,14 @@ def datagrams(sock: QUICSocket) -> tuple[int, int]:
 
 
 async def unary(
-    client: RPCClient[API], sock: QUICSocket, seconds: float, in_flight: int
+    client: RPCClient[API],
+    sock: QUICSocket,
+    seconds: float,
+    in_flight: int,
+    *,
+    wait: bool = False,
 ) -> None:
+    method = client.methods.echo_after_wait if wait else client.methods.echo
     sent0, received0 = datagrams(sock)
     count = 0
     start = time.perf_counter()
@@ -130,7 +152,7 @@ async def unary(
         nonlocal count
         i = w
         while time.perf_counter() < end:
-            out = await client.methods.echo({"i": i})
+            out = await method({"i": i})
             if out["i"] != i:
                 raise RuntimeError(f"bad echo {out!r}")
             count += 1
@@ -199,8 +221,14 @@ async def client_main(args: argparse.Namespace) -> None:
         )
         conn = await quic_client.connect((HOST, args.port))
         client = RPCClient(API, conn.open_stream)
-        if args.mode == "unary":
-            await unary(client, sock, args.seconds, args.in_flight)
+        if args.mode in ("unary", "unary_wait"):
+            await unary(
+                client,
+                sock,
+                args.seconds,
+                args.in_flight,
+                wait=args.mode == "unary_wait",
+            )
         else:
             await stream(client, args.messages, args.max_seconds)
         await conn.aclose()

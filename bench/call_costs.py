@@ -1,10 +1,12 @@
 """What one small RPC call costs, counted: trio task steps, scheduler
 rounds (waits for I/O), UDP datagrams and socket syscalls, per unary call
-(1 and 64 in flight), per server-streamed message and per bare QUIC
-new-stream round trip (``rr``, bench/quic.py's row), client and server in
-one process on loopback (one core's work: the counts, not a rate).
+(1 and 64 in flight; ``wait1`` and ``wait64``: the same with a handler
+that waits once before it answers, as one doing I/O does), per
+server-streamed message and per bare QUIC new-stream round trip (``rr``,
+bench/quic.py's row), client and server in one process on loopback (one
+core's work: the counts, not a rate).
 
-    .venv/bin/python bench/call_costs.py                 # all four
+    .venv/bin/python bench/call_costs.py                 # all six
     .venv/bin/python bench/call_costs.py --only stream --count 50000
 
 A fixed amount of work per run, so timing the whole process compares two
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from _rpc_polykey import API, JSON, Count, Echo
+from _rpc_polykey import API, JSON, Count, Echo, EchoAfterWait
 
 from polykey.keys import NodeIdentity
 from polykey.quic import (
@@ -94,7 +96,9 @@ async def _measure(
     async with (
         QUICSocket("127.0.0.1") as sa,
         QUICSocket("127.0.0.1") as sb,
-        RPCServer({"echo": Echo(), "count": Count()}) as rpc,
+        RPCServer(
+            {"echo": Echo(), "echo_after_wait": EchoAfterWait(), "count": Count()}
+        ) as rpc,
         trio.open_nursery() as nursery,
     ):
         server = QUICServer(sb, node_tls_identity(b), verifier=node_verifier())
@@ -156,15 +160,21 @@ async def _measure(
                 elif mode == "rr":
                     for _ in range(count):
                         await _round_trip(conn)
-                elif mode == "unary1":
+                elif mode in ("unary1", "wait1"):
+                    method = client.methods.echo
+                    if mode == "wait1":
+                        method = client.methods.echo_after_wait
                     for i in range(count):
-                        assert (await client.methods.echo({"i": i}))["i"] == i
+                        assert (await method({"i": i}))["i"] == i
                 else:
                     limiter = trio.CapacityLimiter(64)
+                    method = client.methods.echo
+                    if mode == "wait64":
+                        method = client.methods.echo_after_wait
 
                     async def one(i: int) -> None:
                         async with limiter:
-                            out = await client.methods.echo({"i": i})
+                            out = await method({"i": i})
                             assert out["i"] == i
 
                     async with trio.open_nursery() as calls:
@@ -199,7 +209,9 @@ async def _measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="comma-separated: unary1, unary64, stream, rr")
+    parser.add_argument(
+        "--only", help="comma-separated: unary1, unary64, wait1, wait64, stream, rr"
+    )
     parser.add_argument("--count", type=int, help="calls or messages (2000 / 20000)")
     parser.add_argument("--profile", help="cProfile of the measured part (one mode)")
     parser.add_argument(
@@ -208,7 +220,11 @@ def main() -> None:
         help="count Python function calls per call (slows the run)",
     )
     args = parser.parse_args()
-    modes = args.only.split(",") if args.only else ["unary1", "unary64", "stream", "rr"]
+    modes = (
+        args.only.split(",")
+        if args.only
+        else ["unary1", "unary64", "wait1", "wait64", "stream", "rr"]
+    )
     for mode in modes:
         count = args.count or (20_000 if mode == "stream" else 2_000)
         print(

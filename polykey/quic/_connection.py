@@ -921,6 +921,11 @@ class QUICConnection(trio.abc.AsyncResource):
             peer = f"{self.peer_identity} at {peer}"
         _log.warning("%s failed unexpectedly (peer %s)", what, peer, exc_info=True)
 
+    def report_bug(self, what: str) -> None:
+        """A bug caught in ``what`` (a stream's callback), from an ``except``
+        block: logged at WARNING with the peer, and counted."""
+        self._unexpected(what)
+
     def fail_unexpectedly(self, what: str) -> None:
         """A bug of ours escaped ``what`` (this connection's input or timer):
         logged and counted, and the connection, whose state can no longer

@@ -122,8 +122,9 @@ class _IdleFlush(trio.abc.Instrument):
         #: waits in the run queue, so the run is not idle.
         self.runnable = False
         #: Tasks our input woke since the last poll (they run in the next
-        #: batch), and whether the batch running now holds two or more:
-        #: then a small write waits for the rest of it (flush_soon).
+        #: batch), and whether the batch running now holds two or more, or
+        #: a small write already went alone in it (batch_has_company): then
+        #: a small write waits for the rest of it (flush_soon).
         self.woken = 0
         self.companions = False
         # A socket was added since before_io_wait began its flushes.
@@ -583,9 +584,22 @@ class QUICSocket:
 
     def batch_has_company(self) -> bool:
         """Whether the scheduler's batch running now holds more tasks our
-        input woke than one: their small writes can share a packet."""
+        input woke than one, or another small write that went alone: the
+        small writes made in it can share a packet.
+
+        Asked by a small write with nothing runnable, which goes at once
+        when the answer is no; asking counts as that write. Tasks resumed
+        together by anything else (an Event, RPC handlers that waited) are
+        not in trio's run queue either: the first of them writes alone,
+        the rest together.
+        """
         flusher = self._idle_flush
-        return flusher is not None and flusher.companions
+        if flusher is None:
+            return False
+        if flusher.companions:
+            return True
+        flusher.companions = True
+        return False
 
     def tasks_runnable(self) -> bool:
         """Whether another task of this run is waiting to run (a yield at

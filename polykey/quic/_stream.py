@@ -15,10 +15,17 @@ cancelled after part of its data went out resets the stream too, since the
 peer could never tell where the data stopped. ``close_dropping_input`` is
 graceful without the STOP_SENDING: the rest of the peer's input is dropped
 as it arrives, up to its FIN, with no task waiting for it.
+
+``watch_input`` hands input that arrives while no task waits to read to a
+callback, run by the connection from the socket's reader: a side that must
+notice the peer's FIN or reset while it works, but has nothing to wait for
+in a task of its own (an RPC server's call whose handler waits), reads it
+there with ``receive_nowait``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar
 
@@ -131,6 +138,8 @@ class QUICStream(trio.abc.HalfCloseableStream):
         self._send_aborted = False
         # The last thing done on the stream was a small write (see _send).
         self._writing = False
+        # Told of input no task waits for (watch_input).
+        self._input_watcher: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<QUICStream {self.stream_id} of {self._conn!r}>"
@@ -175,6 +184,24 @@ class QUICStream(trio.abc.HalfCloseableStream):
         if data is None:
             raise trio.WouldBlock
         return data
+
+    def watch_input(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` whenever input arrives while no task waits in
+        :meth:`receive_some`: data, the peer's FIN or reset, or the end of
+        the connection. ``None`` stops it; so does closing the stream.
+
+        The connection calls it from the socket's reader, synchronously,
+        once per batch of input while the input lasts: it reads what is
+        there with :meth:`receive_nowait` (until :exc:`trio.WouldBlock`)
+        and must not block. What was here before it was set is the
+        caller's to read first. A callback that raises is logged and
+        counted (``unexpected_errors``), and the stream reset.
+
+        For a side that must notice the peer's input while it works but
+        has no task to spare for it: an RPC server's call whose handler
+        waits is watched so, instead of by a reader task of its own.
+        """
+        self._input_watcher = callback
 
     def _receive_ready(self, max_bytes: int) -> bytes | None:
         """The next bytes (b"" at FIN), or None if there are none yet."""
@@ -472,6 +499,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
+        self._input_watcher = None
         conn = self._conn
         if not conn.closed:
             if code is not None:
@@ -533,14 +561,31 @@ class QUICStream(trio.abc.HalfCloseableStream):
 
     def wake_receiver(self) -> bool:
         """quiche has data (or an error) to read on this stream; returns
-        whether a task waiting to read was woken."""
-        return self._receive_conflict.wake()
+        whether a task waiting to read was woken. With none waiting, the
+        input watcher, if any, is told."""
+        if self._receive_conflict.wake():
+            return True
+        if self._input_watcher is not None:
+            self._tell_watcher()
+        return False
 
     def wake_sender(self) -> None:
         """quiche may take more data on this stream."""
         self._send_conflict.wake()
 
     def connection_lost(self) -> None:
-        """The connection ended: every waiter finds out."""
-        self._receive_conflict.wake()
+        """The connection ended: every waiter finds out (the input watcher
+        too, when no task waits to read)."""
+        self.wake_receiver()
         self._send_conflict.wake()
+
+    def _tell_watcher(self) -> None:
+        watcher = self._input_watcher
+        assert watcher is not None
+        try:
+            watcher()
+        except Exception:
+            # Run from the socket's reader: a bug must not end it.
+            self._input_watcher = None
+            self._conn.report_bug(f"an input watcher of stream {self.stream_id}")
+            self.close(forceful=True)

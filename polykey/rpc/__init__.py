@@ -93,6 +93,7 @@ from ._server import RPCServer, ServerStatistics
 from ._stream import (
     EagerStream,
     InputDropper,
+    InputWatcher,
     ResettableStream,
     RPCStream,
     StreamAbort,
@@ -117,6 +118,7 @@ __all__ = [
     "ErrorResponse",
     "Handler",
     "InputDropper",
+    "InputWatcher",
     "JSONObject",
     "JSONStreamDecoder",
     "JSONValue",

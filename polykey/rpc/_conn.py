@@ -82,6 +82,25 @@ class MessageConn:
                 decoder.receive_eof()
             return value
 
+    def receive_nowait(self) -> Any:
+        """The next value, or :data:`EOF`, from what an
+        :class:`~polykey.rpc.EagerStream` holds now, without waiting or a
+        checkpoint; :exc:`trio.WouldBlock` when it would need to wait (an
+        input watcher's read: see :func:`~polykey.rpc._stream.watcher`)."""
+        eager_stream = self._eager
+        assert eager_stream is not None
+        decoder = self._decoder
+        while True:
+            value = decoder.next_value()
+            if value is NEED_DATA:
+                data = eager_stream.receive_nowait(_READ_SIZE)
+                if data:
+                    decoder.receive_data(data)
+                else:
+                    decoder.receive_eof()
+                continue
+            return EOF if value is END else value
+
     @property
     def eof(self) -> bool:
         """True once the peer's FIN was read."""

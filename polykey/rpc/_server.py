@@ -24,9 +24,12 @@ its own error code (never in the middle of a message being sent).  A unary
 handler that answers without ever waiting has nothing to be cancelled, so
 its reader starts only when the handler first waits; without one, the call
 task reads the client's FIN itself, or over a stream that can drop it (QUIC)
-leaves it to the stream.  Per call that is one task, one cancel
-scope and the stream operations themselves, which matters: unary calls are
-the hot path.
+leaves it to the stream.  Where the reader would feed nothing (unary and
+server-streaming calls) and the stream can call back when input arrives
+(QUIC's, an InputWatcher), the reader is that callback, not a task: it
+reads what is there without waiting and turns it into the same actions.
+Per call that is one task, one cancel scope and the stream operations
+themselves, which matters: unary calls are the hot path.
 
 How a call ends (decided from the call's states, see _state.py):
 
@@ -121,7 +124,14 @@ from ._state import (
     ServerEvent,
     Stop,
 )
-from ._stream import ResettableStream, dropper, eager, reset_stream
+from ._stream import (
+    InputWatcher,
+    ResettableStream,
+    dropper,
+    eager,
+    reset_stream,
+    watcher,
+)
 
 __all__ = ["RPCServer", "ServerStatistics"]
 
@@ -578,9 +588,11 @@ class _ServerCall:
         # What the input's failure is answered with (Input.FAILED).
         self.input_error: BaseException | None = None
         # The reader task, started only when input must be watched while the
-        # handler runs (see _serve_handler), and its end.
+        # handler runs (see _serve_handler), and its end; or, instead of a
+        # task, the stream that calls back with that input (_watch).
         self.reader_scope: trio.CancelScope | None = None
         self.reader_done: trio.Event | None = None
+        self.watched: InputWatcher | None = None
         # The scope of a late reply's write, for force_stop to cancel.
         self.send_scope: trio.CancelScope | None = None
         # Set once the call scope is over and a last reply is due.
@@ -615,6 +627,8 @@ class _ServerCall:
                 try:
                     await self._serve()
                 finally:
+                    if self.watched is not None:
+                        self._unwatch()
                     if self.reader_done is not None:
                         await self._stop_reader()
             cancelled = self.scope.cancelled_caught
@@ -822,7 +836,9 @@ class _ServerCall:
         # notices a peer that resets or sends garbage.  A unary handler that
         # answers without ever waiting needs no watching, so its reader starts
         # only when the handler first waits; the call task then reads the
-        # client's FIN itself.
+        # client's FIN itself.  Where nothing is fed (unary and server
+        # streaming) and the stream can call back (QUIC's), the stream is
+        # watched instead of by a task (_watch).
         recv_ch: trio.MemoryReceiveChannel[Any] | None = None
         if isinstance(handler, ClientHandler | DuplexHandler):
             send_ch, recv_ch = trio.open_memory_channel[Any](0)
@@ -898,8 +914,13 @@ class _ServerCall:
         first: Any,
         channel: trio.MemorySendChannel[Any] | None,
     ) -> None:
-        if self.reader_done is not None:
+        if self.reader_done is not None or self.watched is not None:
             return
+        if channel is None:
+            watched = watcher(self.stream)
+            if watched is not None:
+                self._watch(watched)
+                return
         self.reader_scope = trio.CancelScope()
         self.reader_done = trio.Event()
         nursery = self.server._nursery
@@ -960,13 +981,55 @@ class _ServerCall:
                     channel.close()
             while await self.conn.receive() is not EOF:
                 pass  # input nobody asked for, as js-rpc ignores it
-            self._event(ServerEvent.INPUT_END)
-        except trio.BrokenResourceError:
-            self._event(ServerEvent.INPUT_BROKE)
-        except trio.ClosedResourceError:
-            pass
         except Exception as exc:
-            self._input_failed(exc)
+            self._input_over(exc)
+        else:
+            self._input_over(None)
+
+    # What a reader task does, without the task: a call that needs no task
+    # to feed its handler costs none to watch its input (a task's start, its
+    # step at the caller's FIN, and the call task's step after it).
+    def _watch(self, stream: InputWatcher) -> None:
+        self.watched = stream
+        # Input here already is read now; the rest as it comes.
+        self._input_arrived()
+        if self.watched is not None:
+            stream.watch_input(self._input_arrived)
+
+    def _input_arrived(self) -> None:
+        """The watched stream's input: read what is here, as the reader
+        task's loop does, from the transport or the call task's wait
+        (_OnFirstBlock), neither of which may see an exception."""
+        try:
+            try:
+                while self.conn.receive_nowait() is not EOF:
+                    pass  # input nobody asked for, as js-rpc ignores it
+            except trio.WouldBlock:
+                return
+            except Exception as exc:
+                self._unwatch()
+                self._input_over(exc)
+            else:
+                self._unwatch()
+                self._input_over(None)
+        except Exception:
+            # A bug of ours, as in a reader task (_run_reader).
+            self._unwatch()
+            self.server._internal_error("RPC call's input watch", self.transport)
+            self.scope.cancel()
+
+    def _unwatch(self) -> None:
+        if self.watched is not None:
+            self.watched.watch_input(None)
+            self.watched = None
+
+    def _input_over(self, exc: Exception | None) -> None:
+        """The input's end, seen by its reader (task or watch): the FIN
+        (``exc`` None), or what reading raised."""
+        if exc is None:
+            self._event(ServerEvent.INPUT_END)
+        elif not isinstance(exc, trio.ClosedResourceError):
+            self._input_failed(exc)  # a reset (BrokenResourceError) too
 
     def _input_failed(self, exc: BaseException) -> None:
         if isinstance(exc, trio.BrokenResourceError):

@@ -31,6 +31,12 @@ its FIN, with no task waiting and without asking the peer to stop (QUIC's,
 where quiche holds the stream until then). A server call that has answered
 ends so instead of reading to the caller's FIN itself, up to ``linger``
 (see :func:`dropper`).
+
+A stream that is both an :class:`EagerStream` and an :class:`InputWatcher`
+(QUIC's) can call back when input arrives that no task waits for. A server
+call whose handler waits is watched so for the caller's FIN, a reset or
+input that breaks the protocol, instead of by a reader task of its own
+(see :func:`watcher`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import trio
 __all__ = [
     "EagerStream",
     "InputDropper",
+    "InputWatcher",
     "RPCStream",
     "ResettableStream",
     "StreamAbort",
@@ -51,6 +58,7 @@ __all__ = [
     "eager",
     "nowait_opener",
     "reset_stream",
+    "watcher",
 ]
 
 RPCStream: TypeAlias = trio.abc.HalfCloseableStream
@@ -162,6 +170,36 @@ def dropper(stream: object) -> InputDropper | None:
     known = _dropper_classes.get(type(stream))
     if known is None:
         known = _learn(_dropper_classes, stream, InputDropper)
+    return stream if known else None  # type: ignore[return-value]
+
+
+@runtime_checkable
+class InputWatcher(Protocol):
+    """A stream that calls back when input arrives that no task waits for."""
+
+    def watch_input(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()``, synchronously and from outside any task of
+        the caller's, whenever input arrives (data, the peer's FIN or reset,
+        the transport's end) while no task waits to read; ``None`` stops,
+        and so does closing. It reads what is there without waiting and
+        must not block; what was there before it was set is the caller's
+        to read first."""
+        ...
+
+
+_watcher_classes: dict[type, bool] = {}
+
+
+def watcher(stream: object) -> InputWatcher | None:
+    """``stream`` as an :class:`InputWatcher` that is also an
+    :class:`EagerStream` (its callback reads with ``receive_nowait``), or
+    None if it is not both."""
+    known = _watcher_classes.get(type(stream))
+    if known is None:
+        known = _learn(_watcher_classes, stream, InputWatcher) and (
+            eager(stream) is not None
+        )
+        _watcher_classes[type(stream)] = known
     return stream if known else None  # type: ignore[return-value]
 
 

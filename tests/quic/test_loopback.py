@@ -467,6 +467,42 @@ async def test_replies_of_tasks_one_input_started_share_a_packet() -> None:
         assert server_conn.statistics().quiche.sent - before <= 2
 
 
+async def test_replies_of_tasks_resumed_together_share_a_packet() -> None:
+    """16 tasks, each holding a stream with its request read, wait for one
+    event of their own (not our input: RPC handlers that waited) and then
+    write a small last reply in the step that resumes them: the replies
+    leave together, just before the next poll. Each went in a packet of
+    its own when only tasks our input woke counted as company."""
+    writers = 16
+    go = trio.Event()
+    async with open_pair() as pair:
+        client_conn, server_conn = await pair.connect()
+        async with trio.open_nursery() as nursery:
+
+            def reply(ss: QUICStream) -> None:
+                async def answer() -> None:
+                    assert ss.receive_nowait() == b"q"
+                    await go.wait()
+                    assert ss.send_nowait(b"r" * 50, eof=True) == 50
+
+                nursery.start_soon(answer)
+
+            server_conn.deliver_streams_to(reply)
+            await settled(client_conn, server_conn)
+            with trio.fail_after(10):
+                streams = [client_conn.open_stream_nowait() for _ in range(writers)]
+                for cs in streams:
+                    assert cs.send_nowait(b"q") == 1
+                await settled(client_conn, server_conn)
+                before = server_conn.statistics().quiche.sent
+                go.set()
+                for cs in streams:
+                    assert await cs.receive_some() == b"r" * 50
+                    assert await cs.receive_some() == b""
+        # 16 replies of 50 bytes fit one packet; allow for a split.
+        assert server_conn.statistics().quiche.sent - before <= 2
+
+
 async def test_a_finished_stream_closes_without_a_packet_of_its_own() -> None:
     """Closing a stream done both ways (the peer's FIN read, ours sent)
     sends nothing of the stream's: the ACK of the peer's FIN waits for the

@@ -697,3 +697,45 @@ async def test_a_bug_parsing_input_after_the_answer_is_logged(
     assert str(identity.node_id) in warning.getMessage()
     assert warning.exc_info is not None
     assert warning.exc_info[0] is AttributeError
+
+
+class Naps(UnaryHandler[JSON, JSON]):
+    """Waits a moment before it answers: its input is watched meanwhile."""
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        await trio.sleep(0.01)
+        return {"napped": True}
+
+
+async def test_a_bug_of_ours_watching_a_waiting_handlers_input_is_contained(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The input of a call whose handler waits is read by the QUIC stream's
+    # callback, from the socket's reader or the call task's wait: a bug
+    # there must reach neither. It is seen, and the call stopped, as a bug
+    # in a reader task's would be.
+    def input_over(self: Any, exc: Exception | None) -> None:
+        raise RuntimeError("a bug of ours reading input")
+
+    monkeypatch.setattr("polykey.rpc._server._ServerCall._input_over", input_over)
+    with trio.fail_after(30):
+        async with (
+            RPCServer({"naps": Naps(), "echo": Echo()}, timeout=10) as server,
+            quic_clients(server, 1) as clients,
+        ):
+            client, identity = clients[0], clients.identities[0]
+            request: JSON = {"jsonrpc": "2.0", "method": "naps", "params": {},
+                             "id": None}  # fmt: skip
+            wire = await raw_exchange(clients.conns[0], request)
+            assert b"napped" not in wire  # stopped before it answered
+            assert b"Traceback" not in wire
+            assert await client.unary("echo", {"x": 1}) == {"echo": 1}
+            assert server.statistics().internal_errors == 1
+            assert not clients.served[0].closed
+    # Caught by the RPC layer: the QUIC layer's last-resort catch saw nothing.
+    assert not [r for r in caplog.records if r.name.startswith("polykey.quic")]
+    [warning] = rpc_warnings(caplog)
+    assert "input watch" in warning.getMessage()
+    assert str(identity.node_id) in warning.getMessage()
+    assert warning.exc_info is not None
+    assert warning.exc_info[0] is RuntimeError

@@ -15,7 +15,16 @@ from polykey.quic import (
     QUICConnectionError,
     QUICStream,
 )
-from polykey.rpc import RPCClient, RPCRemoteError, RPCServer, RPCTimedOut
+from polykey.rpc import (
+    CallContext,
+    ErrorCode,
+    JSONStreamDecoder,
+    RPCClient,
+    RPCRemoteError,
+    RPCServer,
+    RPCTimedOut,
+    UnaryHandler,
+)
 from polykey.testing import SchedulerCounter
 
 from .helpers import API, default_manifest, quic_pair, serve_rpc
@@ -173,6 +182,10 @@ async def test_eager_and_plain_streams_end_calls_alike() -> None:
                 with SchedulerCounter() as counter:
                     for i in range(20):
                         answers.append((await api.echo({"i": i}))["echo"])
+                    # Handlers that wait: their input is watched by the
+                    # stream's callback over QUIC, by a reader task else.
+                    for i in range(5):
+                        answers.append(await api.sleep({"s": 0, "i": i}))
                 async with api.count({"n": 3}) as results:
                     answers.append([r async for r in results])
                 async with api.sum() as call:
@@ -208,7 +221,7 @@ async def test_eager_and_plain_streams_end_calls_alike() -> None:
         nursery.cancel_scope.cancel()
     assert eager_answers == plain_answers
     assert eager_stats == plain_stats
-    assert eager_stats["calls"] == 24
+    assert eager_stats["calls"] == 29
     assert eager_stats["resets"] == eager_stats["peer_resets"] == 0
     assert eager_stats["timeouts"] == 0
     # 20 unary calls: for each, three task steps less for the caller
@@ -268,3 +281,71 @@ async def test_unary_calls_past_the_stream_limit_wait_for_credit() -> None:
         nursery.cancel_scope.cancel()
     with pytest.raises(QUICConnectionError):  # the socket closed it
         conn.open_stream_nowait()
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["watched", "reader task"])
+@pytest.mark.parametrize("then", ["garbage", "reset", "fin"])
+async def test_a_waiting_handler_learns_of_its_callers_input(
+    plain: bool, then: str
+) -> None:
+    """While a unary handler waits, the caller's input is watched: over a
+    QUIC stream by the stream's callback, over a plain stream by a reader
+    task, to the same end. Garbage after the request cancels the handler
+    and is answered with a parse error; a reset cancels it; the FIN lets
+    it answer, and the call ends gracefully."""
+    entered, release, cancelled = trio.Event(), trio.Event(), trio.Event()
+
+    class Waits(UnaryHandler[dict[str, Any], dict[str, Any]]):
+        async def handle(self, params: dict[str, Any], ctx: CallContext) -> Any:
+            entered.set()
+            try:
+                await release.wait()
+            except trio.Cancelled:
+                cancelled.set()
+                raise
+            return {"ok": True}
+
+    manifest = default_manifest()
+    manifest["waits"] = Waits()
+    async with (
+        quic_pair() as (conn, accepted, _, _),
+        RPCServer(manifest, timeout=10) as rpc,
+    ):
+
+        def opened(stream: QUICStream) -> None:
+            assert rpc.handle_stream_nowait(_Plain(stream) if plain else stream)
+
+        accepted.deliver_streams_to(opened)
+        with trio.fail_after(10):
+            cs = await conn.open_stream()
+            await cs.send_all(b'{"jsonrpc":"2.0","method":"waits","params":{}}')
+            await entered.wait()
+            if then == "garbage":
+                await cs.send_all(b'{"x":]')
+                await cancelled.wait()
+            elif then == "reset":
+                cs.reset(5)
+                await cancelled.wait()
+            else:
+                await cs.send_eof()
+                await trio.sleep(0.05)  # the FIN is in before the answer
+                release.set()
+            if then != "reset":
+                decoder = JSONStreamDecoder()
+                values: list[Any] = []
+                while data := await cs.receive_some():
+                    values.extend(decoder.feed(data))
+                values.extend(decoder.feed_eof())
+                await cs.aclose()
+            await settled(rpc)
+        stats = rpc.statistics()
+        if then == "garbage":
+            assert [v["error"]["code"] for v in values] == [ErrorCode.PARSE_ERROR]
+        elif then == "fin":
+            assert values == [{"jsonrpc": "2.0", "result": {"ok": True}, "id": None}]
+            assert not cancelled.is_set()
+        assert stats.peer_resets == (1 if then == "reset" else 0)
+        assert stats.resets == stats.timeouts == stats.internal_errors == 0
+        with trio.fail_after(5):
+            while accepted.statistics().streams_open:  # noqa: ASYNC110
+                await trio.sleep(0.01)
