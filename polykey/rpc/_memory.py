@@ -8,19 +8,25 @@ the way RESET_STREAM + STOP_SENDING do: buffered data is discarded and the
 peer's reads and writes raise :class:`~polykey.rpc.RPCStreamReset`.
 ``aclose`` is graceful for what was already sent (the peer reads it, then
 EOF) and stops the receiving direction (the peer's writes then fail).
+:meth:`MemoryStream.watch_input` calls back when input arrives that no task
+waits to read, as QUIC streams do, from the writer's own call.
 
 Passes :func:`trio.testing.check_half_closeable_stream`.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
+from collections.abc import Callable
 
 import trio
 
 from ._errors import RPCStreamReset
 
 __all__ = ["DEFAULT_MEMORY_BUFFER", "MemoryStream", "memory_stream_pair"]
+
+_log = logging.getLogger("polykey.rpc")
 
 DEFAULT_MEMORY_BUFFER = 64 * 1024
 
@@ -36,7 +42,15 @@ def _receive_size(max_bytes: int | None) -> int | None:
 class _Pipe:
     """One direction: bytes from a writer endpoint to a reader endpoint."""
 
-    __slots__ = ("buf", "eof", "limit", "lot", "reset_code", "stopped_code")
+    __slots__ = (
+        "buf",
+        "eof",
+        "limit",
+        "lot",
+        "on_input",
+        "reset_code",
+        "stopped_code",
+    )
 
     def __init__(self, limit: int) -> None:
         self.buf = bytearray()
@@ -47,9 +61,17 @@ class _Pipe:
         # Set when the reader stops (reset or close): the writer's sends fail.
         self.stopped_code: int | None = None
         self.lot = trio.lowlevel.ParkingLot()
+        # The reader endpoint's, told of what the writer did (watch_input).
+        self.on_input: Callable[[], None] | None = None
 
     def wake(self) -> None:
         self.lot.unpark_all()
+
+    def arrived(self) -> None:
+        """The writer sent data, its FIN or a reset, or closed."""
+        self.lot.unpark_all()
+        if self.on_input is not None:
+            self.on_input()
 
 
 class MemoryStream(trio.abc.HalfCloseableStream):
@@ -64,6 +86,7 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._sending = False
         self._receiving = False
+        self._watcher: Callable[[], None] | None = None
         self.extra: dict[str, object] = {}
 
     # -- introspection -----------------------------------------------------
@@ -140,7 +163,7 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         if room <= 0:
             return 0
         out.buf += view[:room]
-        out.wake()
+        out.arrived()
         return min(room, len(view))
 
     async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
@@ -172,7 +195,7 @@ class MemoryStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream is closed")
         if not self._out.eof:
             self._out.eof = True
-            self._out.wake()
+            self._out.arrived()
 
     # -- receiving -------------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -200,6 +223,29 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         if data is None:
             raise trio.WouldBlock
         return data
+
+    def watch_input(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` whenever the peer sends data, its FIN or a
+        reset, or closes, while no task of ours is in :meth:`receive_some`
+        (as QUIC streams call back, the RPC layer's ``InputWatcher``); it
+        runs in the peer's call that did it, synchronously, reads with
+        :meth:`receive_nowait` and must not block. ``None`` stops it; so
+        does closing. A callback that raises is logged and the stream
+        reset, code 0: the peer's call goes on."""
+        if self._closed:
+            return
+        self._watcher = callback
+        self._in.on_input = None if callback is None else self._input_arrived
+
+    def _input_arrived(self) -> None:
+        watcher = self._watcher
+        if watcher is None or self._receiving:
+            return  # a task reading is woken instead
+        try:
+            watcher()
+        except Exception:
+            _log.warning("a memory stream's input watcher failed", exc_info=True)
+            self.reset(0)
 
     def _receive_ready(self, max_bytes: int | None) -> bytes | None:
         if self._closed:
@@ -230,7 +276,8 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         if self._in.stopped_code is None:
             self._in.stopped_code = code
         self._in.buf.clear()
-        self._out.wake()
+        self._in.on_input = self._watcher = None
+        self._out.arrived()
         self._in.wake()
 
     def close(self) -> None:
@@ -242,7 +289,8 @@ class MemoryStream(trio.abc.HalfCloseableStream):
             if self._in.stopped_code is None:
                 self._in.stopped_code = 0
             self._in.buf.clear()
-            self._out.wake()
+            self._in.on_input = self._watcher = None
+            self._out.arrived()
             self._in.wake()
 
     async def aclose(self) -> None:

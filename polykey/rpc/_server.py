@@ -26,9 +26,9 @@ its reader starts only when the handler first waits; without one, the call
 task reads the client's FIN itself, or over a stream that can drop it (QUIC)
 leaves it to the stream.  Where the reader would feed nothing (unary and
 server-streaming calls) and the stream can call back when input arrives
-(QUIC's, an InputWatcher), the reader is that callback, not a task: it
-reads what is there without waiting and turns it into the same actions.
-Per call that is one task, one cancel scope and the stream operations
+(QUIC's and MemoryStream's: an InputWatcher), the reader is that
+callback, not a task: it reads what is there without waiting and turns it
+into the same actions.  Per call that is one task, one cancel scope and the stream operations
 themselves, which matters: unary calls are the hot path.
 
 How a call ends (decided from the call's states, see _state.py):

@@ -33,7 +33,7 @@ ends so instead of reading to the caller's FIN itself, up to ``linger``
 (see :func:`dropper`).
 
 A stream that is both an :class:`EagerStream` and an :class:`InputWatcher`
-(QUIC's) can call back when input arrives that no task waits for. A server
+(QUIC's, :class:`~polykey.rpc.MemoryStream`) can call back when input arrives that no task waits for. A server
 call whose handler waits is watched so for the caller's FIN, a reset or
 input that breaks the protocol, instead of by a reader task of its own
 (see :func:`watcher`).

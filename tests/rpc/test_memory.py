@@ -123,3 +123,71 @@ async def test_nowait_reads_and_writes_take_what_needs_no_waiting() -> None:
             b.reset(7)
     with pytest.raises(RPCStreamReset):
         a.receive_nowait()
+
+
+async def test_input_no_task_waits_for_goes_to_the_watcher() -> None:
+    """As a QUIC stream calls back (watch_input): data, the FIN, a reset
+    and a close each reach the watcher, in the peer's own call; a task
+    reading gets the input instead; closing stops the watcher."""
+    with trio.fail_after(5):
+        a, b = memory_stream_pair()
+        seen: list[bytes | str] = []
+
+        def watch() -> None:
+            try:
+                while data := b.receive_nowait():
+                    seen.append(data)
+                seen.append("fin")
+            except trio.WouldBlock:
+                pass
+            except RPCStreamReset as exc:
+                seen.append(f"reset {exc.reset_code}")
+
+        b.watch_input(watch)
+        await a.send_all(b"one")
+        assert seen == [b"one"]  # read within a's send_all
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def read() -> None:
+                got.append(await b.receive_some())
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            await a.send_all(b"two")
+        assert got == [b"two"]
+        assert seen == [b"one"]
+        await a.send_eof()
+        assert seen == [b"one", "fin"]
+
+        a, b = memory_stream_pair()
+        seen.clear()
+        b.watch_input(watch)
+        a.reset(3)
+        assert seen == ["reset 3"]
+
+        a, b = memory_stream_pair()
+        seen.clear()
+        b.watch_input(watch)
+        b.close()
+        a.close()  # the peer's FIN: nobody is told now
+        assert seen == []
+
+
+async def test_a_watcher_that_raises_resets_the_stream_not_the_peer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(5):
+        a, b = memory_stream_pair()
+
+        def broken() -> None:
+            raise RuntimeError("a watcher's bug")
+
+        b.watch_input(broken)
+        await a.send_all(b"boom")  # the peer's call goes on
+        assert b.closed
+        with pytest.raises(RPCStreamReset) as info:
+            await a.receive_some()
+        assert info.value.reset_code == 0
+    [record] = [r for r in caplog.records if r.name == "polykey.rpc"]
+    assert "input watcher failed" in record.getMessage()
