@@ -4,8 +4,9 @@
     python bench/_rpc_polykey.py client PORT --mode unary|unary_wait|stream|first [...]
 
 The server runs one ``RPCServer`` (default settings: timeout middleware on,
-no default timeout) and hands it every stream of every connection with
-``handle_stream(stream, transport_meta)``; the client makes its calls with
+no default timeout) and hands it every stream of every connection from the
+connection's callback, as a node does (``deliver_streams_to`` with
+``RPCServer.stream_callback(transport_meta)``); the client makes its calls with
 ``RPCClient(API, stream_factory=conn.open_stream)`` over one connection.
 Both present Ed25519 node certificates and verify each other.
 
@@ -40,7 +41,6 @@ from polykey.quic import (
     QUICConnection,
     QUICServer,
     QUICSocket,
-    QUICStream,
     node_tls_identity,
     node_verifier,
 )
@@ -113,16 +113,11 @@ async def server(args: argparse.Namespace) -> None:
                 # stream the peer opens goes from the connection's callback
                 # to the RPC server, no task waiting in accept_stream.
                 meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
-
-                def opened(stream: QUICStream) -> None:
-                    if not rpc_server.handle_stream_nowait(
-                        stream, meta, connection=conn
-                    ):
-                        stream.reset(0)
-
                 ended = trio.Event()
                 conn.call_when_finished(lambda _: ended.set())
-                conn.deliver_streams_to(opened)
+                conn.deliver_streams_to(
+                    rpc_server.stream_callback(meta, connection=conn)
+                )
                 if not conn.closed:  # else its callbacks ran already
                     await ended.wait()
 

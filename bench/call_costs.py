@@ -108,12 +108,7 @@ async def _measure(
             # stream the peer opens goes from the connection's callback to
             # the RPC server, no task waiting in accept_stream.
             meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
-
-            def opened(stream: QUICStream) -> None:
-                if not rpc.handle_stream_nowait(stream, meta, connection=conn):
-                    stream.reset(0)
-
-            conn.deliver_streams_to(opened)
+            conn.deliver_streams_to(rpc.stream_callback(meta, connection=conn))
 
         async def echo(stream: QUICStream) -> None:
             # As bench/_quic_polykey.py's server: read to the FIN, echo.

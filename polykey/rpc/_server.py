@@ -363,6 +363,34 @@ class RPCServer:
         self._nursery.start_soon(self._run_call, call)
         return True
 
+    def stream_callback(
+        self,
+        transport_meta: Mapping[str, Any] | None = None,
+        *,
+        connection: Hashable | None = None,
+    ) -> Callable[[trio.abc.HalfCloseableStream], None]:
+        """A callback that serves each stream it is given as a call of this
+        server (:meth:`handle_stream_nowait`, with ``transport_meta`` and
+        ``connection``), for a transport that hands over streams as they
+        open: a QUIC connection's ``deliver_streams_to``, as a node's
+        connections serve. No task waits for the streams; a stream the
+        server cannot take (it is not running) is refused as
+        :meth:`handle_stream` refuses it, reset with code 0 (or closed, by
+        a stream that cannot reset but can close without waiting)::
+
+            conn.deliver_streams_to(server.stream_callback(meta, connection=conn))
+        """
+        meta = dict(transport_meta or {})
+
+        def serve(stream: trio.abc.HalfCloseableStream) -> None:
+            if not self.handle_stream_nowait(stream, meta, connection=connection):
+                if isinstance(stream, ResettableStream):
+                    stream.reset(StreamCode.UNKNOWN)
+                elif (closing := eager(stream)) is not None:
+                    closing.close()
+
+        return serve
+
     async def serve_stream(
         self,
         stream: trio.abc.HalfCloseableStream,

@@ -15,7 +15,6 @@ from polykey.quic import (
     QUICConnection,
     QUICServer,
     QUICSocket,
-    QUICStream,
     node_tls_identity,
     node_verifier,
 )
@@ -240,12 +239,7 @@ def serve_rpc_as_a_node(conn: QUICConnection, server: RPCServer) -> None:
     from the connection's callback as a node's connection manager does (no
     task waits in ``accept_stream``)."""
     meta = {"node_id": conn.peer_identity, "host": conn.remote_address[0]}
-
-    def opened(stream: QUICStream) -> None:
-        if not server.handle_stream_nowait(stream, meta, connection=conn):
-            stream.reset(0)
-
-    conn.deliver_streams_to(opened)
+    conn.deliver_streams_to(server.stream_callback(meta, connection=conn))
 
 
 async def serve_rpc(conn: QUICConnection, server: RPCServer) -> None:

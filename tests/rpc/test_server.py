@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from polykey.rpc import (
+    CallContext,
     Middleware,
     Request,
     RPCClient,
@@ -16,6 +17,7 @@ from polykey.rpc import (
     RPCServer,
     RPCStreamReset,
     StreamAbort,
+    UnaryHandler,
     memory_stream_pair,
 )
 
@@ -154,6 +156,50 @@ async def test_serve_stream_inline(autojump_clock: trio.testing.MockClock) -> No
             client: RPCClient[API] = RPCClient(API, connect)
             async with client.methods.count({"n": 2}) as results:
                 assert [r async for r in results] == [{"i": 0}, {"i": 1}]
+
+
+async def test_a_stream_callback_serves_each_stream_it_is_handed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``stream_callback`` serves streams handed over by a transport's own
+    step (a QUIC connection's ``deliver_streams_to``), with the transport
+    metadata and connection given; a server not running resets them."""
+    seen: list[Any] = []
+
+    class Who(UnaryHandler[dict[str, Any], dict[str, Any]]):
+        async def handle(self, params: dict[str, Any], ctx: CallContext) -> Any:
+            seen.append(ctx.transport["node_id"])
+            return {}
+
+    manifest = {**default_manifest(), "who": Who()}
+    server = RPCServer(manifest, max_calls_per_connection=1)
+    callback = server.stream_callback({"node_id": "n1"}, connection="c1")
+    with trio.fail_after(60):
+        a, b = memory_stream_pair()
+        callback(b)  # not running yet: refused
+        with pytest.raises(RPCStreamReset) as refused:
+            await a.receive_some()
+        assert refused.value.reset_code == 0
+        async with server:
+
+            async def connect() -> Any:
+                a, b = memory_stream_pair()
+                callback(b)
+                return a
+
+            client: RPCClient[API] = RPCClient(API, connect)
+            assert await client.unary("who", {}) == {}
+            assert (await client.methods.echo({"x": 1}))["echo"] == {"x": 1}
+            # connection= counts the calls: one at a time per "c1".
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.methods.sleep, {"s": 1})
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(RPCStreamReset) as busy:
+                    await client.methods.echo({"x": 2})
+                assert busy.value.reset_code == 1
+        assert seen == ["n1"]
+        stats = server.statistics()
+        assert (stats.refused, stats.refused_busy_connection) == (1, 1)
 
 
 class Auth(Middleware):
