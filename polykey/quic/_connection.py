@@ -799,7 +799,7 @@ class QUICConnection(trio.abc.AsyncResource):
     def _rearm(self) -> None:
         deadlines = self._deadlines
         keep_alive = self._config.keep_alive_interval if self._verified else None
-        if deadlines.rearm(trio.current_time(), self.quiche.timeout(), keep_alive):
+        if deadlines.rearm(self._socket.now(), self.quiche.timeout(), keep_alive):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self._socket.set_timer(self, deadlines.armed)
@@ -838,7 +838,7 @@ class QUICConnection(trio.abc.AsyncResource):
 
     def _on_timer(self) -> None:
         self._timer_fires += 1
-        due = self._deadlines.due(trio.current_time())
+        due = self._deadlines.due(self._socket.now())
         if due.handshake:
             self._close_now(
                 is_app=False,
