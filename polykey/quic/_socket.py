@@ -158,14 +158,12 @@ class _IdleFlush(trio.abc.Instrument):
         woke = False  # whether a flush may have made a task runnable
         self._added = False
         for sock in list(sockets):
-            known = sock.next_deadline()
-            left, may_wake = sock.flush_ripe(ripe)
+            left, may_wake, earlier = sock.flush_ripe(ripe)
             if not left:
                 del sockets[sock]
             woke = woke or may_wake
-            first = sock.next_deadline()
-            if first < known and first < armed:
-                armed = first
+            if earlier < armed:
+                armed = earlier
         if timeout > 0 and (
             armed < now + timeout
             # A flush that marked another socket (a carrier's) left it for
@@ -889,12 +887,6 @@ class QUICSocket:
             scope.deadline = deadline
         return timer
 
-    def next_deadline(self) -> float:
-        """When the first timer set is due (inf: none); a cancelled one
-        counts until it is due."""
-        timers = self._timers
-        return timers[0][0] if timers else math.inf
-
     async def _timer(self) -> None:
         timers = self._timers
         try:
@@ -956,10 +948,11 @@ class QUICSocket:
         finally:
             self._writer_running = False
 
-    def flush_ripe(self, ripe: float) -> tuple[bool, bool]:
+    def flush_ripe(self, ripe: float) -> tuple[bool, bool, float]:
         """Flush the connections marked by ``ripe`` (trio's clock; inf: all
-        of them); returns whether any is left, and whether the flushes may
-        have made a task runnable (see :class:`_IdleFlush`).
+        of them); returns whether any is left, whether the flushes may
+        have made a task runnable (see :class:`_IdleFlush`), and the first
+        timer if they moved it earlier (else inf).
 
         A flush wakes tasks only where it ends a connection (quiche closed
         it: its waiters wake, its callbacks run), starts the writer task (the
@@ -969,6 +962,8 @@ class QUICSocket:
         due = self._flush_due
         live = len(self._connections)
         writing = self._writer_running
+        timers = self._timers
+        known = timers[0][0] if timers else math.inf
         flushed = False
         left = False
         soon = self._flush_soon
@@ -999,7 +994,8 @@ class QUICSocket:
             or len(self._connections) != live
             or self._writer_running != writing
         )
-        return left, may_wake
+        first = timers[0][0] if timers else math.inf
+        return left, may_wake, first if first < known else math.inf
 
     # -- sending ----------------------------------------------------------------
 

@@ -178,21 +178,18 @@ class _FakeFlushing:
         self.calls: list[float] = []
         self.wake = wake
 
-    def flush_ripe(self, ripe: float) -> tuple[bool, bool]:
+    def flush_ripe(self, ripe: float) -> tuple[bool, bool, float]:
         # One mark, made now: flushed (and done) at the idle point only; a
         # flush that wakes a task says it may have (as a real socket's does
-        # when the flush ends a connection).
+        # when the flush ends a connection). It arms no timer.
         self.calls.append(ripe)
         if ripe != math.inf:
-            return True, False
+            return True, False, math.inf
         if self.wake is not None:
             trio.lowlevel.reschedule(self.wake)
             self.wake = None
-            return False, True
-        return False, False
-
-    def next_deadline(self) -> float:
-        return math.inf  # it arms no timer
+            return False, True, math.inf
+        return False, False, math.inf
 
 
 async def test_idle_flush_runs_at_the_idle_point_and_wakes_at_once() -> None:
@@ -241,14 +238,11 @@ class _FakeMarking:
         self.flush = flush
         self.other = other
 
-    def flush_ripe(self, ripe: float) -> tuple[bool, bool]:
+    def flush_ripe(self, ripe: float) -> tuple[bool, bool, float]:
         if ripe != math.inf:
-            return True, False
+            return True, False, math.inf
         self.flush.add(self.other)  # type: ignore[attr-defined]
-        return False, False
-
-    def next_deadline(self) -> float:
-        return math.inf
+        return False, False, math.inf
 
 
 async def test_a_flush_that_marks_another_socket_does_not_wait_out_the_poll() -> None:
@@ -272,14 +266,11 @@ class _FakeArming:
         self.scope = scope
         self.delay = delay
 
-    def flush_ripe(self, ripe: float) -> tuple[bool, bool]:
+    def flush_ripe(self, ripe: float) -> tuple[bool, bool, float]:
         if ripe != math.inf:
-            return True, False
+            return True, False, math.inf
         self.scope.deadline = trio.current_time() + self.delay
-        return False, False
-
-    def next_deadline(self) -> float:
-        return self.scope.deadline
+        return False, False, self.scope.deadline  # moved earlier than none
 
 
 async def test_a_deadline_an_idle_flush_arms_is_kept() -> None:
