@@ -4,11 +4,19 @@ watched so, instead of by a reader task)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 import trio.testing
 
-from polykey.quic import QUICConnectionError, QUICStream, QUICStreamError
+from polykey.quic import (
+    QUICConnection,
+    QUICConnectionError,
+    QUICStream,
+    QUICStreamError,
+)
 
 from .helpers import open_pair
 
@@ -41,12 +49,22 @@ class Watch:
         self.changed = trio.Event()
 
 
-async def test_data_and_the_fin_reach_the_watcher_without_a_task() -> None:
+@asynccontextmanager
+async def watched() -> AsyncIterator[
+    tuple[QUICConnection, QUICStream, QUICStream, Watch]
+]:
+    """A connection, a stream's two sides, and a :class:`Watch` watching
+    the server's side."""
     async with open_pair() as pair:
         client_conn, server_conn = await pair.connect()
         cs, ss = await pair.stream_pair(client_conn, server_conn)
         watch = Watch(ss)
         ss.watch_input(watch)
+        yield client_conn, cs, ss, watch
+
+
+async def test_data_and_the_fin_reach_the_watcher_without_a_task() -> None:
+    async with watched() as (_client_conn, cs, ss, watch):
         with trio.fail_after(5):
             await cs.send_all(b"more")
             while watch.data != b"more":
@@ -69,11 +87,7 @@ async def test_data_and_the_fin_reach_the_watcher_without_a_task() -> None:
 async def test_the_peers_reset_and_the_connections_end_reach_the_watcher(
     how: str,
 ) -> None:
-    async with open_pair() as pair:
-        client_conn, server_conn = await pair.connect()
-        cs, ss = await pair.stream_pair(client_conn, server_conn)
-        watch = Watch(ss)
-        ss.watch_input(watch)
+    async with watched() as (client_conn, cs, _ss, watch):
         with trio.fail_after(5):
             if how == "reset":
                 cs.reset(7)
@@ -89,11 +103,7 @@ async def test_the_peers_reset_and_the_connections_end_reach_the_watcher(
 
 
 async def test_a_task_waiting_to_read_gets_the_input_not_the_watcher() -> None:
-    async with open_pair() as pair:
-        client_conn, server_conn = await pair.connect()
-        cs, ss = await pair.stream_pair(client_conn, server_conn)
-        watch = Watch(ss)
-        ss.watch_input(watch)
+    async with watched() as (_client_conn, cs, ss, watch):
         async with trio.open_nursery() as nursery:
             got: list[bytes] = []
 
@@ -109,11 +119,7 @@ async def test_a_task_waiting_to_read_gets_the_input_not_the_watcher() -> None:
 
 
 async def test_closing_stops_the_watcher() -> None:
-    async with open_pair() as pair:
-        client_conn, server_conn = await pair.connect()
-        cs, ss = await pair.stream_pair(client_conn, server_conn)
-        watch = Watch(ss)
-        ss.watch_input(watch)
+    async with watched() as (_client_conn, cs, ss, watch):
         ss.close_dropping_input()
         with trio.fail_after(5):
             await cs.send_all_and_eof(b"dropped")

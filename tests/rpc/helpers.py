@@ -125,6 +125,27 @@ class Sleep(UnaryHandler[JSON, JSON]):
         return {"slept": params["s"]}
 
 
+class Waits(UnaryHandler[JSON, JSON]):
+    """Answers ``{"ok": True}``: at once, or (``blocks``) once ``release``
+    is set; ``entered`` and ``cancelled`` say how far it got."""
+
+    def __init__(self, *, blocks: bool = True) -> None:
+        self.blocks = blocks
+        self.entered = trio.Event()
+        self.release = trio.Event()
+        self.cancelled = trio.Event()
+
+    async def handle(self, params: JSON, ctx: CallContext) -> JSON:
+        self.entered.set()
+        if self.blocks:
+            try:
+                await self.release.wait()
+            except trio.Cancelled:
+                self.cancelled.set()
+                raise
+        return {"ok": True}
+
+
 class Ticks(ServerHandler[JSON, JSON]):
     """Yields n ticks, one every `every` seconds (a long server stream)."""
 

@@ -22,7 +22,7 @@ from polykey.rpc import (
     memory_stream_pair,
 )
 
-from .helpers import Harness, default_manifest, harness
+from .helpers import Harness, Waits, default_manifest, harness
 
 
 async def read_all(peer: MemoryStream) -> tuple[list[Any], int | None]:
@@ -214,27 +214,16 @@ async def test_bad_input_after_a_unary_header(
     """Garbage after a unary call's header: a handler that answers without
     waiting answers (extra input is ignored); one that is waiting is
     cancelled and the garbage answered."""
-    cancelled = trio.Event()
-
-    class Waits(UnaryHandler[dict[str, Any], dict[str, Any]]):
-        async def handle(self, params: dict[str, Any], ctx: Any) -> dict[str, Any]:
-            if blocks:
-                try:
-                    await trio.sleep(10)
-                except trio.Cancelled:
-                    cancelled.set()
-                    raise
-            return {"ok": True}
-
+    waits = Waits(blocks=blocks)
     manifest = default_manifest()
-    manifest["waits"] = Waits()
+    manifest["waits"] = waits
     with trio.fail_after(60):
         async with harness(manifest) as h:
             header = b'{"method":"waits","params":{}}'
             values, reset = await exchange(h.server, header + b'{"x":]')
             assert reset is None
             if blocks:
-                assert cancelled.is_set()
+                assert waits.cancelled.is_set()
                 assert error_code(values) == (ErrorCode.PARSE_ERROR, "ErrorRPCParse")
             else:
                 assert values == [

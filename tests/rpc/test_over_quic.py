@@ -16,18 +16,16 @@ from polykey.quic import (
     QUICStream,
 )
 from polykey.rpc import (
-    CallContext,
     ErrorCode,
     JSONStreamDecoder,
     RPCClient,
     RPCRemoteError,
     RPCServer,
     RPCTimedOut,
-    UnaryHandler,
 )
 from polykey.testing import SchedulerCounter
 
-from .helpers import API, default_manifest, quic_pair, serve_rpc
+from .helpers import API, Waits, default_manifest, quic_pair, serve_rpc
 
 
 async def settled(server: RPCServer) -> None:
@@ -293,20 +291,10 @@ async def test_a_waiting_handler_learns_of_its_callers_input(
     task, to the same end. Garbage after the request cancels the handler
     and is answered with a parse error; a reset cancels it; the FIN lets
     it answer, and the call ends gracefully."""
-    entered, release, cancelled = trio.Event(), trio.Event(), trio.Event()
-
-    class Waits(UnaryHandler[dict[str, Any], dict[str, Any]]):
-        async def handle(self, params: dict[str, Any], ctx: CallContext) -> Any:
-            entered.set()
-            try:
-                await release.wait()
-            except trio.Cancelled:
-                cancelled.set()
-                raise
-            return {"ok": True}
-
+    waits = Waits()
+    entered, release, cancelled = waits.entered, waits.release, waits.cancelled
     manifest = default_manifest()
-    manifest["waits"] = Waits()
+    manifest["waits"] = waits
     async with (
         quic_pair() as (conn, accepted, _, _),
         RPCServer(manifest, timeout=10) as rpc,
