@@ -871,8 +871,6 @@ class _ServerCall:
         if isinstance(handler, ClientHandler | DuplexHandler):
             send_ch, recv_ch = trio.open_memory_channel[Any](0)
             self._start_reader(handler, first, send_ch)
-        elif not isinstance(handler, UnaryHandler):
-            self._start_reader(handler, first, None)
         if isinstance(handler, UnaryHandler):
             # No scope of its own (one less per call): bad input seen while a
             # unary handler runs cancels the call scope, and run() answers.
@@ -882,6 +880,11 @@ class _ServerCall:
                 await self._send_error(exc)
         else:
             with trio.CancelScope() as self.handler_scope:
+                if recv_ch is None:
+                    # In the handler's scope: a watch reads what is here at
+                    # once, and bad input there cancels the handler, as
+                    # when a reader task finds it.
+                    self._start_reader(handler, first, None)
                 try:
                     if recv_ch is not None:
                         async with recv_ch:

@@ -146,6 +146,51 @@ class Waits(UnaryHandler[JSON, JSON]):
         return {"ok": True}
 
 
+class Unwatched(trio.abc.HalfCloseableStream):
+    """A memory stream without ``watch_input``: an EagerStream and a
+    ResettableStream still, but no InputWatcher, so a server watches its
+    input with a reader task (the way other transports take)."""
+
+    def __init__(self, stream: MemoryStream) -> None:
+        self._stream = stream
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all_and_eof(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def reset(self, code: int) -> None:
+        self._stream.reset(code)
+
+    @property
+    def fin_received(self) -> bool:
+        return self._stream.fin_received
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def receive_nowait(self, max_bytes: int | None = None) -> bytes:
+        return self._stream.receive_nowait(max_bytes)
+
+    def send_nowait(
+        self, data: bytes | bytearray | memoryview, *, eof: bool = False
+    ) -> int:
+        return self._stream.send_nowait(data, eof=eof)
+
+
 class Ticks(ServerHandler[JSON, JSON]):
     """Yields n ticks, one every `every` seconds (a long server stream)."""
 

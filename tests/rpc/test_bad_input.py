@@ -22,7 +22,7 @@ from polykey.rpc import (
     memory_stream_pair,
 )
 
-from .helpers import Harness, Waits, default_manifest, harness
+from .helpers import Harness, Unwatched, Waits, default_manifest, harness
 
 
 async def read_all(peer: MemoryStream) -> tuple[list[Any], int | None]:
@@ -39,10 +39,12 @@ async def read_all(peer: MemoryStream) -> tuple[list[Any], int | None]:
 
 
 async def exchange(
-    server: RPCServer, *chunks: bytes, eof: bool = True
+    server: RPCServer, *chunks: bytes, eof: bool = True, unwatched: bool = False
 ) -> tuple[list[Any], int | None]:
+    """``unwatched``: the server's end is no InputWatcher (its input is
+    read by a reader task, where a memory stream's is watched)."""
     peer, server_end = memory_stream_pair()
-    await server.handle_stream(server_end)
+    await server.handle_stream(Unwatched(server_end) if unwatched else server_end)
     for chunk in chunks:
         await peer.send_all(chunk)
     if eof:
@@ -207,20 +209,24 @@ async def test_oversize_message_mid_stream(
             await still_serving(h)
 
 
+@pytest.mark.parametrize("unwatched", [False, True], ids=["watched", "reader task"])
 @pytest.mark.parametrize("blocks", [False, True])
 async def test_bad_input_after_a_unary_header(
-    autojump_clock: trio.testing.MockClock, blocks: bool
+    autojump_clock: trio.testing.MockClock, blocks: bool, unwatched: bool
 ) -> None:
     """Garbage after a unary call's header: a handler that answers without
     waiting answers (extra input is ignored); one that is waiting is
-    cancelled and the garbage answered."""
+    cancelled and the garbage answered, whether the stream's callback or a
+    reader task reads it."""
     waits = Waits(blocks=blocks)
     manifest = default_manifest()
     manifest["waits"] = waits
     with trio.fail_after(60):
         async with harness(manifest) as h:
             header = b'{"method":"waits","params":{}}'
-            values, reset = await exchange(h.server, header + b'{"x":]')
+            values, reset = await exchange(
+                h.server, header + b'{"x":]', unwatched=unwatched
+            )
             assert reset is None
             if blocks:
                 assert waits.cancelled.is_set()
@@ -230,6 +236,29 @@ async def test_bad_input_after_a_unary_header(
                     {"jsonrpc": "2.0", "result": {"ok": True}, "id": None}
                 ]
             assert h.server.statistics().timeouts == 0
+            await still_serving(h)
+
+
+@pytest.mark.parametrize("unwatched", [False, True], ids=["watched", "reader task"])
+async def test_bad_input_right_after_a_server_streaming_header(
+    autojump_clock: trio.testing.MockClock, unwatched: bool
+) -> None:
+    """Garbage in the header's own chunk: read at once by a watch (before
+    the handler's first step: nothing of the stream goes out), by a reader
+    task once it runs (a tick may go first); either way the handler is
+    cancelled and the garbage answered."""
+    with trio.fail_after(60):
+        async with harness() as h:
+            header = b'{"method":"ticks","params":{"n":3,"every":1}}'
+            values, reset = await exchange(
+                h.server, header + b'{"x":]', unwatched=unwatched
+            )
+            assert reset is None
+            if not unwatched:
+                assert len(values) == 1, values
+            assert error_code(values[-1:]) == (ErrorCode.PARSE_ERROR, "ErrorRPCParse")
+            stats = h.server.statistics()
+            assert (stats.timeouts, stats.resets, stats.internal_errors) == (0, 0, 0)
             await still_serving(h)
 
 
