@@ -146,12 +146,12 @@ class Waits(UnaryHandler[JSON, JSON]):
         return {"ok": True}
 
 
-class Unwatched(trio.abc.HalfCloseableStream):
-    """A memory stream without ``watch_input``: an EagerStream and a
-    ResettableStream still, but no InputWatcher, so a server watches its
-    input with a reader task (the way other transports take)."""
+class PlainStream(trio.abc.HalfCloseableStream):
+    """A stream seen only through trio's stream interface, a reset and
+    ``send_all_and_eof``: no EagerStream, InputDropper or InputWatcher, so
+    calls over it take the ways other transports (TCP) take."""
 
-    def __init__(self, stream: MemoryStream) -> None:
+    def __init__(self, stream: Any) -> None:
         self._stream = stream
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -167,7 +167,7 @@ class Unwatched(trio.abc.HalfCloseableStream):
         await self._stream.send_all_and_eof(data)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._stream.receive_some(max_bytes)
+        return await self._stream.receive_some(max_bytes)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -175,20 +175,25 @@ class Unwatched(trio.abc.HalfCloseableStream):
     def reset(self, code: int) -> None:
         self._stream.reset(code)
 
+
+class Unwatched(PlainStream):
+    """A memory stream without ``watch_input``: an EagerStream still, but
+    no InputWatcher, so a server reads its input with a reader task."""
+
     @property
     def fin_received(self) -> bool:
-        return self._stream.fin_received
+        return self._stream.fin_received  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self._stream.close()
 
     def receive_nowait(self, max_bytes: int | None = None) -> bytes:
-        return self._stream.receive_nowait(max_bytes)
+        return self._stream.receive_nowait(max_bytes)  # type: ignore[no-any-return]
 
     def send_nowait(
         self, data: bytes | bytearray | memoryview, *, eof: bool = False
     ) -> int:
-        return self._stream.send_nowait(data, eof=eof)
+        return self._stream.send_nowait(data, eof=eof)  # type: ignore[no-any-return]
 
 
 class Ticks(ServerHandler[JSON, JSON]):

@@ -25,7 +25,14 @@ from polykey.rpc import (
 )
 from polykey.testing import SchedulerCounter
 
-from .helpers import API, Waits, default_manifest, quic_pair, serve_rpc
+from .helpers import (
+    API,
+    PlainStream,
+    Waits,
+    default_manifest,
+    quic_pair,
+    serve_rpc,
+)
 
 
 async def settled(server: RPCServer) -> None:
@@ -114,36 +121,6 @@ async def test_timeout_resets_the_quic_stream_and_cancels_the_handler() -> None:
         assert (await client.methods.echo({"after": True}))["echo"] == {"after": True}
 
 
-class _Plain(trio.abc.HalfCloseableStream):
-    """A QUIC stream seen only through trio's stream interface, a reset and
-    send_all_and_eof: not an EagerStream, so calls over it end through
-    receive_some, send_eof and aclose, as over TCP."""
-
-    def __init__(self, stream: QUICStream) -> None:
-        self._stream = stream
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all_and_eof(data)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._stream.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    def reset(self, code: int) -> None:
-        self._stream.reset(code)
-
-
 async def test_eager_and_plain_streams_end_calls_alike() -> None:
     """A call over an EagerStream (QUIC's) ends without the reads and
     checkpoints a plain stream needs once the answer and the server's FIN
@@ -155,7 +132,7 @@ async def test_eager_and_plain_streams_end_calls_alike() -> None:
     plain = False
 
     def wrap(stream: QUICStream) -> trio.abc.HalfCloseableStream:
-        return _Plain(stream) if plain else stream
+        return PlainStream(stream) if plain else stream
 
     async def serve(conn: QUICConnection, rpc: RPCServer) -> None:
         while True:
@@ -301,7 +278,7 @@ async def test_a_waiting_handler_learns_of_its_callers_input(
     ):
 
         def opened(stream: QUICStream) -> None:
-            assert rpc.handle_stream_nowait(_Plain(stream) if plain else stream)
+            assert rpc.handle_stream_nowait(PlainStream(stream) if plain else stream)
 
         accepted.deliver_streams_to(opened)
         with trio.fail_after(10):
