@@ -756,10 +756,10 @@ class QUICConnection(trio.abc.AsyncResource):
         they write (QUICSocket.flush_soon)."""
         self._socket.flush_soon(self)
 
-    def batch_has_company(self) -> bool:
-        """Whether other tasks our input woke run in this batch
-        (QUICSocket.batch_has_company)."""
-        return self._socket.batch_has_company()
+    def small_write_waits(self) -> bool:
+        """Whether a small write made with nothing runnable waits for the
+        rest of its scheduler batch (QUICSocket.small_write_waits)."""
+        return self._socket.small_write_waits()
 
     def flush(self) -> None:
         """Send what quiche has to send now (synchronous)."""

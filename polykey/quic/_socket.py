@@ -123,7 +123,7 @@ class _IdleFlush(trio.abc.Instrument):
         self.runnable = False
         #: Tasks our input woke since the last poll (they run in the next
         #: batch), and whether the batch running now holds two or more, or
-        #: a small write already went alone in it (batch_has_company): then
+        #: a small write already went alone in it (small_write_waits): then
         #: a small write waits for the rest of it (flush_soon).
         self.woken = 0
         self.companions = False
@@ -587,16 +587,16 @@ class QUICSocket:
             flusher.runnable = True
             flusher.woken += tasks
 
-    def batch_has_company(self) -> bool:
-        """Whether the scheduler's batch running now holds more tasks our
-        input woke than one, or another small write that went alone: the
-        small writes made in it can share a packet.
+    def small_write_waits(self) -> bool:
+        """Whether a small write made with nothing runnable waits for the
+        rest of the scheduler's batch running now (``flush_soon``): it does
+        when the batch holds more tasks our input woke than one, or when
+        another small write already went alone in it. When it does not, it
+        goes at once, and is that write for the rest of the batch.
 
-        Asked by a small write with nothing runnable, which goes at once
-        when the answer is no; asking counts as that write. Tasks resumed
-        together by anything else (an Event, RPC handlers that waited) are
-        not in trio's run queue either: the first of them writes alone,
-        the rest together.
+        Tasks resumed together by anything but our input (an Event, RPC
+        handlers that waited) are not in trio's run queue either: the first
+        of them writes alone, the rest together.
         """
         flusher = self._idle_flush
         if flusher is None:
@@ -842,7 +842,7 @@ class QUICSocket:
         next poll for I/O, whether the process is idle then or not.
 
         For a small write made while other tasks our input woke run in the
-        same batch (:meth:`batch_has_company`): it leaves with their writes
+        same batch (:meth:`small_write_waits`): it leaves with their writes
         (a task's own batch is invisible to ``current_statistics()``, which
         counts only the next one: 64 RPC call tasks started by one packet
         of requests each wrote their reply into a packet of its own), and

@@ -340,7 +340,7 @@ class QUICStream(trio.abc.HalfCloseableStream):
             offset += n
             if coalesce:
                 conn.flush_small(n)
-            elif total <= _SMALL_WRITE and conn.batch_has_company():
+            elif total <= _SMALL_WRITE and conn.small_write_waits():
                 conn.flush_soon()
             else:
                 conn.flush()
