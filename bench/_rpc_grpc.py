@@ -1,7 +1,7 @@
 """grpcio (grpc.aio) peer for bench/rpc.py (run by it).
 
     python bench/_rpc_grpc.py server --cert C --key K
-    python bench/_rpc_grpc.py client PORT --cert C --mode unary|stream|first [...]
+    python bench/_rpc_grpc.py client PORT --cert C --mode unary|unary_wait|stream|first [...]
 
 No protoc: generic handlers (``grpc.method_handlers_generic_handler``) whose
 messages are the same JSON objects polykey's RPC carries, serialised with
@@ -41,6 +41,13 @@ async def echo(request: JSON, context: grpc.aio.ServicerContext) -> JSON:
     return {"i": request["i"]}
 
 
+async def echo_after_wait(request: JSON, context: grpc.aio.ServicerContext) -> JSON:
+    """Echo that waits once first (one pass of the event loop), as the
+    polykey peer's EchoAfterWait does: bench/rpc.py's ``wait`` rows."""
+    await asyncio.sleep(0)
+    return {"i": request["i"]}
+
+
 async def count(
     request: JSON, context: grpc.aio.ServicerContext
 ) -> AsyncIterator[JSON]:
@@ -54,6 +61,9 @@ async def server(args: argparse.Namespace) -> None:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(
                 echo, request_deserializer=loads, response_serializer=dumps
+            ),
+            "EchoAfterWait": grpc.unary_unary_rpc_method_handler(
+                echo_after_wait, request_deserializer=loads, response_serializer=dumps
             ),
             "Count": grpc.unary_stream_rpc_method_handler(
                 count, request_deserializer=loads, response_serializer=dumps
@@ -71,9 +81,11 @@ async def server(args: argparse.Namespace) -> None:
     await grpc_server.stop(0)
 
 
-async def unary(channel: grpc.aio.Channel, seconds: float, in_flight: int) -> None:
+async def unary(
+    channel: grpc.aio.Channel, seconds: float, in_flight: int, method: str = "Echo"
+) -> None:
     call = channel.unary_unary(
-        f"/{SERVICE}/Echo", request_serializer=dumps, response_deserializer=loads
+        f"/{SERVICE}/{method}", request_serializer=dumps, response_deserializer=loads
     )
     count = 0
     start = time.perf_counter()
@@ -137,8 +149,9 @@ async def client_main(args: argparse.Namespace) -> None:
     creds = grpc.ssl_channel_credentials(root_certificates=args.cert_pem)
     async with grpc.aio.secure_channel(f"{HOST}:{args.port}", creds) as channel:
         await channel.channel_ready()
-        if args.mode == "unary":
-            await unary(channel, args.seconds, args.in_flight)
+        if args.mode in ("unary", "unary_wait"):
+            method = "EchoAfterWait" if args.mode == "unary_wait" else "Echo"
+            await unary(channel, args.seconds, args.in_flight, method)
         else:
             await stream(channel, args.messages, args.max_seconds)
 

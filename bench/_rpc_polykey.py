@@ -11,8 +11,7 @@ connection's callback, as a node does (``deliver_streams_to`` with
 Both present Ed25519 node certificates and verify each other.
 
 ``--mode unary_wait`` is ``unary`` with a handler that waits once before it
-answers (``EchoAfterWait``), not a row of bench/rpc.py: by hand, to time
-what the server's watch of a waiting handler's input saves.
+answers (``EchoAfterWait``): bench/rpc.py's ``wait1`` and ``wait64`` rows.
 
 ``--mode first`` is first contact, tried ``--tries`` times: each try is a
 fresh node (a new identity and a new socket, no state) that dials the

@@ -5,7 +5,9 @@
     .venv/bin/python bench/rpc.py --only polykey,grpc
 
 One run on loopback prints one table: unary calls per second with one call
-in flight and with 64 in flight, messages per second of one
+in flight and with 64 in flight, the same with a handler that waits once
+before it answers (as one doing I/O does; not @matrixai/rpc's), messages
+per second of one
 server-streaming call, and first contact: p50 / p95 milliseconds from a
 fresh client's dial to the reply of its one unary call (polykey: a new
 node identity and socket per try, both sides verifying node certificates;
@@ -149,6 +151,8 @@ ALIASES = {"grpcio": "grpc", "js-rpc": "js", "@matrixai/rpc": "js", "matrixai": 
 METRICS = [
     ("unary1", "unary", 1, "unary calls/s, 1 in flight"),
     ("unary64", "unary", 64, "unary calls/s, 64 in flight"),
+    ("wait1", "unary_wait", 1, "unary, handler waits once, 1 in flight"),
+    ("wait64", "unary_wait", 64, "unary, handler waits once, 64 in flight"),
     ("stream", "stream", 1, "server-streaming messages/s"),
     ("first", "first", 1, "first contact, p50 / p95 ms"),
 ]
@@ -200,8 +204,9 @@ class Runner(PeerRunner):
         speed drifts by tens of percent over minutes)."""
         cells: dict[str, str] = {}
         for impl in impls:
-            if mode == "first" and impl.key == "js":
-                # Not built: rpc_peer.mjs has no first-contact client.
+            if mode in ("first", "unary_wait") and impl.key == "js":
+                # Not built: rpc_peer.mjs has no first-contact client, nor
+                # a handler that waits.
                 cells[impl.key] = "-"
                 continue
             t0 = time.monotonic()
@@ -277,7 +282,8 @@ def main() -> None:
     parser.add_argument("--tries", type=int, help="first contacts per client run (200)")
     parser.add_argument(
         "--rows",
-        help="comma-separated subset of the rows: unary1, unary64, stream, first",
+        help="comma-separated subset of the rows: unary1, unary64, wait1, wait64, "
+        "stream, first",
     )
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
