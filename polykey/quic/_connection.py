@@ -440,7 +440,7 @@ class QUICConnection(trio.abc.AsyncResource):
             except QuicheError:
                 # Done (the queue is empty) is None, and our buffer is larger
                 # than any datagram: an error here is a bug of ours.
-                self._unexpected("reading a DATAGRAM frame")
+                self.report_bug("reading a DATAGRAM frame")
                 n = None
             finally:
                 # Before the handler sees the frame no route took: a
@@ -449,7 +449,7 @@ class QUICConnection(trio.abc.AsyncResource):
                     try:
                         routes.settle()
                     except Exception:
-                        self._unexpected("a datagram route's callback")
+                        self.report_bug("a datagram route's callback")
             if n is None:
                 return
             if handler is not None:
@@ -458,7 +458,7 @@ class QUICConnection(trio.abc.AsyncResource):
                 except Exception:
                     # The application's code, run from the socket's reader:
                     # its bug must not end the socket (and every connection).
-                    self._unexpected("the DATAGRAM handler")
+                    self.report_bug("the DATAGRAM handler")
 
     # -- hole punching ---------------------------------------------------------------
 
@@ -647,7 +647,7 @@ class QUICConnection(trio.abc.AsyncResource):
             if not isinstance(exc, PeerVerificationError):
                 # A verifier that raises anything else (a bug in it) still
                 # refuses the peer; it must not take the socket down.
-                self._unexpected("the peer verifier")
+                self.report_bug("the peer verifier")
                 # Its text stays in the log: the close reason goes to the peer.
                 bug, exc = exc, PeerVerificationError("the verifier failed")
                 exc.__cause__ = bug
@@ -670,7 +670,7 @@ class QUICConnection(trio.abc.AsyncResource):
             try:
                 callback(self)
             except Exception:
-                self._unexpected(f"a verified callback ({_name(callback)})")
+                self.report_bug(f"a verified callback ({_name(callback)})")
 
     def _deliver_streams(self) -> None:
         q = self.quiche
@@ -705,7 +705,7 @@ class QUICConnection(trio.abc.AsyncResource):
             self._on_stream(stream)
         except Exception:
             # Run from the socket's reader: a bug must not end it.
-            self._unexpected(f"the stream callback ({_name(self._on_stream)})")
+            self.report_bug(f"the stream callback ({_name(self._on_stream)})")
             stream.close(forceful=True)
 
     def _sweep_closed(self) -> None:
@@ -909,35 +909,30 @@ class QUICConnection(trio.abc.AsyncResource):
             try:
                 callback(self)
             except Exception:
-                self._unexpected(f"a finished callback ({_name(callback)})")
+                self.report_bug(f"a finished callback ({_name(callback)})")
 
-    def _unexpected(self, what: str) -> None:
+    def report_bug(self, what: str) -> None:
         """A bug caught in an ``except`` block (ours, or the application's
-        callback): counted in the socket's ``unexpected_errors`` and logged
-        at WARNING with the peer."""
+        callback; a stream's input watcher's too): counted in the socket's
+        ``unexpected_errors`` and logged at WARNING with the peer."""
         self._socket.statistics.unexpected_errors += 1
         peer = f"{self.remote_address[0]}:{self.remote_address[1]}"
         if self.peer_identity is not None:
             peer = f"{self.peer_identity} at {peer}"
         _log.warning("%s failed unexpectedly (peer %s)", what, peer, exc_info=True)
 
-    def report_bug(self, what: str) -> None:
-        """A bug caught in ``what`` (a stream's callback), from an ``except``
-        block: logged at WARNING with the peer, and counted."""
-        self._unexpected(what)
-
     def fail_unexpectedly(self, what: str) -> None:
         """A bug of ours escaped ``what`` (this connection's input or timer):
         logged and counted, and the connection, whose state can no longer
         be trusted, closed with INTERNAL_ERROR; the socket and its other
         connections carry on."""
-        self._unexpected(what)
+        self.report_bug(what)
         try:
             self._close_now(
                 is_app=False, code=int(TransportErrorCode.INTERNAL_ERROR), reason=b""
             )
         except Exception:
-            self._unexpected("closing the connection after that")
+            self.report_bug("closing the connection after that")
 
     # -- internal interface for streams ------------------------------------------------
 

@@ -112,7 +112,7 @@ class _IdleFlush(trio.abc.Instrument):
     figures).
     """
 
-    __slots__ = ("_added", "_now", "_sockets", "companions", "runnable", "woken")
+    __slots__ = ("_added", "_sockets", "companions", "now", "runnable", "woken")
 
     def __init__(self) -> None:
         # Sockets with deferred flushes due, in marking order.
@@ -129,8 +129,9 @@ class _IdleFlush(trio.abc.Instrument):
         self.companions = False
         # A socket was added since before_io_wait began its flushes.
         self._added = False
-        # trio.current_time() without its two wrappers (made in the run).
-        self._now = trio.lowlevel.current_clock().current_time
+        #: trio.current_time() without its two wrappers (made in the run):
+        #: the run's clock's own, which the run's sockets read too.
+        self.now = trio.lowlevel.current_clock().current_time
 
     def add(self, sock: QUICSocket) -> None:
         self._sockets[sock] = None
@@ -152,7 +153,7 @@ class _IdleFlush(trio.abc.Instrument):
         # idle point itself (trio.testing.wait_all_tasks_blocked), so ask
         # the run queue, unless we already know we made a task runnable.
         idle = timeout > 0 or (not runnable and stats().tasks_runnable == 0)
-        now = self._now()
+        now = self.now()
         ripe = math.inf if idle else now - FLUSH_WAIT
         armed = math.inf  # the first timer a flush moved earlier
         woke = False  # whether a flush may have made a task runnable
@@ -466,7 +467,7 @@ class QUICSocket:
         self.statistics.gro = self._gro
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._idle_flush = _idle_flusher()
-        self.now = trio.lowlevel.current_clock().current_time
+        self.now = self._idle_flush.now
         self._nursery.start_soon(self._reader)
         self._nursery.start_soon(self._timer)
         return self

@@ -317,10 +317,11 @@ class QUICStream(trio.abc.HalfCloseableStream):
         of calls in flight): theirs come before the next poll and share its
         packet (quiche packs several streams' frames, our change 3). A
         small write with nothing runnable goes just before the scheduler's
-        next poll (``flush_soon``) when other tasks our input woke run in
-        its batch (RPC call tasks started by one packet of requests), with
-        what they write; else, and a large write, at once: a round trip
-        waits for nothing. docs/quic.md has the figures.
+        next poll (``flush_soon``), with what the rest of its batch writes,
+        when other tasks our input woke run in that batch (RPC call tasks
+        started by one packet of requests) or another small write already
+        went alone in it (handlers resumed together); else, and a large
+        write, at once: a round trip waits for nothing. docs/quic.md has the figures.
         """
         coalesce = total <= _SMALL_WRITE and (
             self._writing or self._conn.tasks_runnable()

@@ -28,8 +28,9 @@ leaves it to the stream.  Where the reader would feed nothing (unary and
 server-streaming calls) and the stream can call back when input arrives
 (QUIC's and MemoryStream's: an InputWatcher), the reader is that
 callback, not a task: it reads what is there without waiting and turns it
-into the same actions.  Per call that is one task, one cancel scope and the stream operations
-themselves, which matters: unary calls are the hot path.
+into the same actions.  Per call that is one task, one cancel scope and
+the stream operations themselves, which matters: unary calls are the hot
+path.
 
 How a call ends (decided from the call's states, see _state.py):
 
@@ -655,8 +656,7 @@ class _ServerCall:
                 try:
                     await self._serve()
                 finally:
-                    if self.watched is not None:
-                        self._unwatch()
+                    self._unwatch()
                     if self.reader_done is not None:
                         await self._stop_reader()
             cancelled = self.scope.cancelled_caught
@@ -865,8 +865,8 @@ class _ServerCall:
         # answers without ever waiting needs no watching, so its reader starts
         # only when the handler first waits; the call task then reads the
         # client's FIN itself.  Where nothing is fed (unary and server
-        # streaming) and the stream can call back (QUIC's), the stream is
-        # watched instead of by a task (_watch).
+        # streaming) and the stream can call back (QUIC's, MemoryStream's),
+        # the stream is watched instead of by a task (_watch).
         recv_ch: trio.MemoryReceiveChannel[Any] | None = None
         if isinstance(handler, ClientHandler | DuplexHandler):
             send_ch, recv_ch = trio.open_memory_channel[Any](0)
@@ -1031,6 +1031,7 @@ class _ServerCall:
         """The watched stream's input: read what is here, as the reader
         task's loop does, from the transport or the call task's wait
         (_OnFirstBlock), neither of which may see an exception."""
+        over: Exception | None = None
         try:
             try:
                 while self.conn.receive_nowait() is not EOF:
@@ -1038,11 +1039,9 @@ class _ServerCall:
             except trio.WouldBlock:
                 return
             except Exception as exc:
-                self._unwatch()
-                self._input_over(exc)
-            else:
-                self._unwatch()
-                self._input_over(None)
+                over = exc
+            self._unwatch()
+            self._input_over(over)
         except Exception:
             # A bug of ours, as in a reader task (_run_reader).
             self._unwatch()

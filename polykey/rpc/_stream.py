@@ -33,10 +33,10 @@ ends so instead of reading to the caller's FIN itself, up to ``linger``
 (see :func:`dropper`).
 
 A stream that is both an :class:`EagerStream` and an :class:`InputWatcher`
-(QUIC's, :class:`~polykey.rpc.MemoryStream`) can call back when input arrives that no task waits for. A server
-call whose handler waits is watched so for the caller's FIN, a reset or
-input that breaks the protocol, instead of by a reader task of its own
-(see :func:`watcher`).
+(QUIC's, :class:`~polykey.rpc.MemoryStream`) can call back when input
+arrives that no task waits for. A server call whose handler waits is
+watched so for the caller's FIN, a reset or input that breaks the
+protocol, instead of by a reader task of its own (see :func:`watcher`).
 """
 
 from __future__ import annotations
@@ -196,10 +196,9 @@ def watcher(stream: object) -> InputWatcher | None:
     None if it is not both."""
     known = _watcher_classes.get(type(stream))
     if known is None:
-        known = _learn(_watcher_classes, stream, InputWatcher) and (
-            eager(stream) is not None
+        known = _watcher_classes[type(stream)] = (
+            isinstance(stream, InputWatcher) and eager(stream) is not None
         )
-        _watcher_classes[type(stream)] = known
     return stream if known else None  # type: ignore[return-value]
 
 
