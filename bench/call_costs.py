@@ -1,6 +1,7 @@
 """What one small RPC call costs, counted: trio task steps, scheduler
 rounds (waits for I/O), UDP datagrams and socket syscalls, per unary call
-(1 and 64 in flight; ``wait1`` and ``wait64``: the same with a handler
+(1 and 64 in flight, the 64 as bench/rpc.py's: tasks that each call one
+after another; ``wait1`` and ``wait64``: the same with a handler
 that waits once before it answers, as one doing I/O does), per
 server-streamed message and per bare QUIC new-stream round trip (``rr``,
 bench/quic.py's row), client and server in one process on loopback (one
@@ -75,6 +76,8 @@ class _Syscalls:
 
 
 _PAYLOAD = b"\x42" * 100
+#: Calls in flight of the unary64 and wait64 rows.
+_IN_FLIGHT = 64
 
 
 async def _round_trip(conn: QUICConnection) -> None:
@@ -162,19 +165,20 @@ async def _measure(
                     for i in range(count):
                         assert (await method({"i": i}))["i"] == i
                 else:
-                    limiter = trio.CapacityLimiter(64)
+                    # As bench/rpc.py's clients: 64 tasks, each making its
+                    # calls one after another (no task or limiter per call).
                     method = client.methods.echo
                     if mode == "wait64":
                         method = client.methods.echo_after_wait
 
-                    async def one(i: int) -> None:
-                        async with limiter:
+                    async def worker(first: int) -> None:
+                        for i in range(first, count, _IN_FLIGHT):
                             out = await method({"i": i})
                             assert out["i"] == i
 
                     async with trio.open_nursery() as calls:
-                        for i in range(count):
-                            calls.start_soon(one, i)
+                        for w in range(_IN_FLIGHT):
+                            calls.start_soon(worker, w)
             finally:
                 if profiler is not None:
                     profiler.disable()
