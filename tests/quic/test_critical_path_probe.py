@@ -1,0 +1,58 @@
+"""bench/critical_path.py's probe still finds what it marks, and its
+timeline puts a call's steps in their order.
+
+The probe wraps methods by name (bench/_probe.py's MARKS): a rename in
+polykey would make it fail at start, or mark nothing, without this test.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_every_mark_of_the_probe_resolves() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "_probe.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_short_run_shows_each_side_up_to_its_send() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "critical_path.py"),
+            "--seconds",
+            "0.5",
+            "--no-pin",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    client_block, server_block = out.split("\nserver: ", 1)
+    for block in (client_block, server_block):
+        steps = [
+            re.sub(r"  \(.*\)$", "", line.split(None, 1)[1])
+            for line in block.splitlines()[1:]
+            if line.startswith(" ")
+        ]
+        # The datagram is read, quiche takes it, and a send ends the chain.
+        read = steps.index("recvmsg_into called")
+        taken = steps.index("QUICConnection.datagram_received")
+        assert read < taken < steps.index("sendto called"), block
+    # The server hands the stream to RPC before its call task decodes it.
+    assert server_block.index("RPCServer.handle_stream_nowait") < server_block.index(
+        "task step: _run_call"
+    ), server_block
+    assert re.search(r"unary: [\d,]+ round trips/s", out), out
