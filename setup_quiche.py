@@ -283,6 +283,80 @@ size_t pk_conn_dgram_send_segments(quiche_conn *conn, const uint8_t *prefix,
                                    size_t segment, uint8_t *scratch, size_t scratch_len);
 """
 
+# The socket's receive side, in C: one recvmmsg(2) reads what is queued (GRO
+# batches included) and, by reading fewer than it could, says the queue is
+# empty, so a reader woken for one datagram makes one syscall, not a second
+# that fails with EAGAIN (see "A call in flight alone" in docs/quic.md).
+RECV_DECLS = """
+typedef struct {
+    size_t len;
+    int segment;
+    socklen_t addr_len;
+    struct sockaddr_storage addr;
+    ...;
+} pk_dgram;
+int pk_recv_dgrams(int fd, uint8_t *buf, size_t slot, pk_dgram *out, unsigned int n);
+"""
+
+RECV_SOURCE = """
+#include <errno.h>
+#include <string.h>
+#include <sys/uio.h>
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+#define PK_RECV_MAX 8
+
+typedef struct {
+    size_t len;
+    int segment;
+    socklen_t addr_len;
+    struct sockaddr_storage addr;
+} pk_dgram;
+
+/* Reads up to n (at most PK_RECV_MAX) datagrams without blocking, the i-th
+   into buf + i * slot; fills out[i] (length, GRO segment size or 0, source
+   address). Returns how many, 0 if none was queued, or -errno. */
+int pk_recv_dgrams(int fd, uint8_t *buf, size_t slot, pk_dgram *out, unsigned int n) {
+    struct mmsghdr msgs[PK_RECV_MAX];
+    struct iovec iov[PK_RECV_MAX];
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control[PK_RECV_MAX];
+    if (n > PK_RECV_MAX) n = PK_RECV_MAX;
+    memset(msgs, 0, sizeof(msgs[0]) * n);
+    for (unsigned int i = 0; i < n; i++) {
+        iov[i].iov_base = buf + i * slot;
+        iov[i].iov_len = slot;
+        msgs[i].msg_hdr.msg_name = &out[i].addr;
+        msgs[i].msg_hdr.msg_namelen = sizeof(out[i].addr);
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = control[i].buf;
+        msgs[i].msg_hdr.msg_controllen = sizeof(control[i].buf);
+    }
+    int got = recvmmsg(fd, msgs, n, MSG_DONTWAIT, NULL);
+    if (got < 0)
+        return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+    for (int i = 0; i < got; i++) {
+        struct msghdr *hdr = &msgs[i].msg_hdr;
+        out[i].len = msgs[i].msg_len;
+        out[i].addr_len = hdr->msg_namelen;
+        out[i].segment = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(hdr); c != NULL; c = CMSG_NXTHDR(hdr, c)) {
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO
+                && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+                int segment;
+                memcpy(&segment, CMSG_DATA(c), sizeof(segment));
+                out[i].segment = segment;
+            }
+        }
+    }
+    return got;
+}
+"""
+
 
 def _fail(message: str) -> None:
     sys.stderr.write(f"setup_quiche: {message}\n")
@@ -388,11 +462,11 @@ def quiche_include_dir() -> Path:
 def make_ffibuilder() -> FFI:
     lib = cargo_build()
     ffibuilder = FFI()
-    ffibuilder.cdef(CDEF + SHIM_DECLS)
+    ffibuilder.cdef(CDEF + SHIM_DECLS + RECV_DECLS)
     ffibuilder.set_source(
         "polykey.quic._quiche",
         "#include <sys/socket.h>\n#include <netinet/in.h>\n"
-        '#include "quiche.h"\n' + SHIM_DECLS,
+        '#include "quiche.h"\n' + SHIM_DECLS + RECV_SOURCE,
         include_dirs=[str(quiche_include_dir())],
         extra_objects=[str(lib)],
         libraries=["stdc++", "dl", "pthread", "m"],

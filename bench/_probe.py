@@ -8,8 +8,8 @@ slept until a datagram came) and ends at the next poll that waits. For each
 wake-up that sent a datagram, the probe notes how long after the poll's
 return each *mark* first happened: a task's first step (by task name), a
 poll that did not wait (trio's round between two batches of task steps),
-the socket calls (``recvmsg_into``, ``sendto``, ``sendmsg``: when they
-start and when they return) and the first call of each function in
+the sends (``sendto``, ``sendmsg``: when they start and when they
+return) and the first call of each function in
 :data:`MARKS`. At exit it writes each mark's samples to ``OUT.json``.
 
 A mark costs about a microsecond (a Python wrapper): the figures say in
@@ -50,7 +50,8 @@ MARKS: tuple[tuple[str, str], ...] = (
     ("trio.lowlevel", "wait_readable"),
 )
 
-_SOCKET_CALLS = ("recvmsg_into", "recvfrom_into", "sendto", "sendmsg")
+#: The socket calls marked: the sends (reads are recvmmsg calls in C).
+_SOCKET_CALLS = ("sendto", "sendmsg")
 
 
 def _resolve(module: str, path: str) -> tuple[Any, str]:

@@ -45,10 +45,11 @@ from polykey.testing import PythonCallCounter, SchedulerCounter
 
 
 class _Syscalls:
-    """Counts the socket methods the QUIC layer calls (sendmsg, sendto,
-    recvmsg_into, recvmmsg-less): wraps them on the sockets' classes."""
+    """Counts the socket methods the QUIC layer sends with (sendmsg,
+    sendto): wraps them on the sockets' classes. Its reads are recvmmsg
+    calls in C, counted by the sockets (``SocketStatistics.reads``)."""
 
-    NAMES = ("sendmsg", "sendto", "recvmsg_into", "recvfrom_into", "recv_into")
+    NAMES = ("sendmsg", "sendto")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -138,8 +139,11 @@ async def _measure(
         def datagrams() -> int:
             return sa.statistics.datagrams_sent + sb.statistics.datagrams_sent
 
+        def reads() -> int:
+            return sa.statistics.reads + sb.statistics.reads
+
         profiler = cProfile.Profile() if profile else None
-        d0 = datagrams()
+        d0, r0 = datagrams(), reads()
         start = time.perf_counter()
         pycalls = PythonCallCounter()
         with _Syscalls() as syscalls, SchedulerCounter() as counter:
@@ -188,6 +192,7 @@ async def _measure(
         if profiler is not None and profile:
             profiler.dump_stats(profile)
         sent = datagrams() - d0
+        syscalls.counts["recvmmsg"] = reads() - r0
         nursery.cancel_scope.cancel()
     per = {"stream": "message", "rr": "round trip"}.get(mode, "call")
     extra = {"python_calls": round(pycalls.calls / count, 1)} if python_calls else {}

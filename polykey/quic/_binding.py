@@ -22,6 +22,7 @@ packet costs a handful of attribute lookups and one C call.
 from __future__ import annotations
 
 import enum
+import os
 import socket
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
@@ -126,13 +127,23 @@ class _SockAddr:
 
 
 def _from_sockaddr(ptr: Any, length: int) -> SockAddr:
-    """A Python address from a C ``sockaddr`` (copied at once)."""
+    """A Python address from a C ``sockaddr`` (copied at once), as the
+    ``socket`` module gives it: a link-local IPv6 host carries its scope
+    (``fe80::1%eth0``), as getnameinfo(3) writes it."""
     family = ffi.cast("struct sockaddr *", ptr).sa_family
     if family == lib.AF_INET6 and length >= ffi.sizeof("struct sockaddr_in6"):
         sin6 = ffi.cast("struct sockaddr_in6 *", ptr)
-        host = socket.inet_ntop(
-            socket.AF_INET6, bytes(ffi.buffer(sin6.sin6_addr.s6_addr, 16))
-        )
+        raw = bytes(ffi.buffer(sin6.sin6_addr.s6_addr, 16))
+        host = socket.inet_ntop(socket.AF_INET6, raw)
+        scope = sin6.sin6_scope_id
+        if scope and (
+            (raw[0] == 0xFE and raw[1] & 0xC0 == 0x80)  # link-local unicast
+            or (raw[0] == 0xFF and raw[1] & 0x0F == 0x02)  # link-local multicast
+        ):
+            try:
+                host += "%" + socket.if_indextoname(scope)
+            except OSError:
+                host += f"%{scope}"
         return (
             host,
             socket.ntohs(sin6.sin6_port),
@@ -146,6 +157,56 @@ def _from_sockaddr(ptr: Any, length: int) -> SockAddr:
         )
         return (host, socket.ntohs(sin.sin_port))
     raise ValueError(f"unsupported address family {family}")
+
+
+class DatagramReader:
+    """Reads a UDP socket's queued datagrams with one ``recvmmsg(2)``
+    (``pk_recv_dgrams``, in C): up to ``slots`` of them, GRO batches
+    included, each into its own ``slot`` bytes of :attr:`view`.
+
+    :meth:`read` returns how many it read; fewer than ``slots`` means the
+    queue was empty after them (0: it was empty), which a reader woken for
+    one datagram learns without a second syscall failing with EAGAIN.
+    :meth:`datagram` gives the i-th's length, GRO segment size (0: one
+    datagram) and source, as the ``socket`` module writes addresses.
+    """
+
+    __slots__ = ("_addresses", "_buf", "_out", "_ptr", "slot", "slots", "view")
+
+    #: Sources remembered (a socket's peers): bytes of the sockaddr -> address.
+    _MAX_ADDRESSES: Final = 1024
+
+    def __init__(self, slots: int, slot: int) -> None:
+        self.slots = slots
+        self.slot = slot
+        self._buf = bytearray(slots * slot)
+        #: The datagrams' bytes, the i-th at ``i * slot`` (quiche decrypts
+        #: in place: spent before the next read).
+        self.view = memoryview(self._buf)
+        self._ptr = ffi.from_buffer(self._buf, require_writable=True)
+        self._out = ffi.new("pk_dgram[]", slots)
+        self._addresses: dict[bytes, SockAddr] = {}
+
+    def read(self, fd: int) -> int:
+        """Read what is queued, up to ``slots`` datagrams; raises OSError
+        (a pending ICMP error, or a closed socket)."""
+        got: int = lib.pk_recv_dgrams(fd, self._ptr, self.slot, self._out, self.slots)
+        if got < 0:
+            raise OSError(-got, os.strerror(-got))
+        return got
+
+    def datagram(self, i: int) -> tuple[int, int, SockAddr]:
+        """The i-th datagram of the last read: (length, GRO segment size or
+        0, source address)."""
+        entry = self._out[i]
+        addr = ffi.addressof(entry, "addr")
+        key = ffi.buffer(addr, entry.addr_len)[:]
+        address = self._addresses.get(key)
+        if address is None:
+            if len(self._addresses) >= self._MAX_ADDRESSES:
+                self._addresses.clear()
+            address = self._addresses[key] = _from_sockaddr(addr, entry.addr_len)
+        return entry.len, entry.segment, address
 
 
 # -- packet headers, version negotiation, retry -----------------------------

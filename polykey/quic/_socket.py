@@ -78,9 +78,9 @@ _UDP_GRO: Final = 104
 #: Linux accepts up to 64 segments per GSO send (UDP_MAX_SEGMENTS).
 MAX_GSO_SEGMENTS: Final = 64
 _RECV_BUFFER: Final = 65536
+_RECV_SLOTS: Final = 2
 _GSO_BYTES: Final = 65000
 _SOCKET_BUFFER: Final = 4 * 1024 * 1024
-_GRO_CMSG_SPACE: Final = _stdlib_socket.CMSG_SPACE(4)
 #: The longest a deferred flush waits for the process to have nothing else
 #: to run (flush_later): well under quiche's max_ack_delay (25 ms), which the
 #: peer's loss detection allows for.
@@ -220,6 +220,8 @@ class SocketStatistics:
     dropped_by_quiche: int = 0
     #: Sends the kernel refused for lack of buffer space (then retried).
     send_would_block: int = 0
+    #: Reads of the socket (recvmmsg calls, each for what is queued).
+    reads: int = 0
     #: Receives that failed (ICMP errors reported on the socket).
     receive_errors: int = 0
     #: Sends that failed outright (unreachable network and the like).
@@ -422,8 +424,9 @@ class QUICSocket:
         # Connections whose batch the kernel refused, waiting for room.
         self._refused: dict[QUICConnection, None] = {}
         self._writer_running = False
-        self._recv_buf = bytearray(_RECV_BUFFER)
-        self._recv_view = memoryview(self._recv_buf)
+        # Room for two datagrams (each a GRO batch of up to 64 KiB): a read
+        # of one then says the queue is empty (see _reader).
+        self._recv = _binding.DatagramReader(_RECV_SLOTS, _RECV_BUFFER)
         # One send buffer for all connections: sending is synchronous. A GSO
         # send carries at most 64 KiB; quiche fills what fits. Connections
         # fill it in their flush (see "Internal interfaces" in docs/quic.md).
@@ -631,24 +634,22 @@ class QUICSocket:
             return
         sock = self._sock
         assert sock is not None
-        buf = self._recv_buf
-        view = self._recv_view
+        reader = self._recv
+        view = reader.view
+        slot = reader.slot
+        slots = reader.slots
         stats = self.statistics
         dispatch = self._dispatch
-        gro = self._gro
         while True:
             await trio.lowlevel.wait_readable(sock)
             while True:
+                # One recvmmsg: what is queued, up to `slots` datagrams.
+                # Fewer means the queue is empty: no second read to learn it
+                # (on a wake-up for one datagram, the task it wakes runs
+                # that much sooner).
+                stats.reads += 1
                 try:
-                    if gro:
-                        n, ancdata, _flags, address = sock.recvmsg_into(
-                            [buf], _GRO_CMSG_SPACE
-                        )
-                    else:
-                        n, address = sock.recvfrom_into(buf)
-                        ancdata = None
-                except BlockingIOError:
-                    break
+                    got = reader.read(sock.fileno())
                 except OSError as exc:
                     if self._closed or exc.errno == errno.EBADF:
                         return
@@ -656,18 +657,20 @@ class QUICSocket:
                     # they concern one peer, never the socket.
                     stats.receive_errors += 1
                     break
-                stats.bytes_received += n
-                segment = n
-                if ancdata:
-                    for level, kind, data in ancdata:
-                        if level == _SOL_UDP and kind == _UDP_GRO:
-                            segment = struct.unpack("=i", data[:4])[0] or n
-                if segment >= n:
-                    stats.datagrams_received += 1
-                    dispatch(view[:n], address)
-                else:
-                    stats.datagrams_received += -(-n // segment)
-                    self._dispatch_segments(view[:n], segment, address)
+                for i in range(got):
+                    n, segment, address = reader.datagram(i)
+                    start = i * slot
+                    stats.bytes_received += n
+                    if not segment or segment >= n:
+                        stats.datagrams_received += 1
+                        dispatch(view[start : start + n], address)
+                    else:
+                        stats.datagrams_received += -(-n // segment)
+                        self._dispatch_segments(
+                            view[start : start + n], segment, address
+                        )
+                if got < slots:
+                    break
             self._process_dirty()
 
     def _dispatch_segments(

@@ -47,8 +47,8 @@ def test_a_short_run_shows_each_side_up_to_its_send() -> None:
             for line in block.splitlines()[1:]
             if line.startswith(" ")
         ]
-        # The datagram is read, quiche takes it, and a send ends the chain.
-        read = steps.index("recvmsg_into called")
+        # The reader runs, quiche takes the datagram, a send ends the chain.
+        read = steps.index("task step: _reader")
         taken = steps.index("QUICConnection.datagram_received")
         assert read < taken < steps.index("sendto called"), block
     # The server hands the stream to RPC before its call task decodes it.
