@@ -17,7 +17,8 @@ Two steps:
    takes minutes, every later build with the same lock file takes seconds.
 2. A cffi API-mode extension ``polykey.quic._quiche`` that includes quiche's
    own header (so the C compiler checks our declarations against it) and
-   links the static library. ``--exclude-libs,ALL`` keeps BoringSSL's
+   links the static library, plus a C function of our own for the socket's
+   reads (``pk_recv_dgrams``, one ``recvmmsg(2)``). ``--exclude-libs,ALL`` keeps BoringSSL's
    symbols out of the dynamic symbol table, so they never clash with the
    OpenSSL that Python's ``ssl`` module or ``cryptography`` loads.
 """
@@ -309,6 +310,11 @@ RECV_SOURCE = """
 #define UDP_GRO 104
 #endif
 #define PK_RECV_MAX 8
+#if defined(__linux__)
+typedef struct mmsghdr pk_mmsg;
+#else
+typedef struct { struct msghdr msg_hdr; unsigned int msg_len; } pk_mmsg;
+#endif
 
 typedef struct {
     size_t len;
@@ -321,7 +327,7 @@ typedef struct {
    into buf + i * slot; fills out[i] (length, GRO segment size or 0, source
    address). Returns how many, 0 if none was queued, or -errno. */
 int pk_recv_dgrams(int fd, uint8_t *buf, size_t slot, pk_dgram *out, unsigned int n) {
-    struct mmsghdr msgs[PK_RECV_MAX];
+    pk_mmsg msgs[PK_RECV_MAX];
     struct iovec iov[PK_RECV_MAX];
     union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control[PK_RECV_MAX];
     if (n > PK_RECV_MAX) n = PK_RECV_MAX;
@@ -336,9 +342,26 @@ int pk_recv_dgrams(int fd, uint8_t *buf, size_t slot, pk_dgram *out, unsigned in
         msgs[i].msg_hdr.msg_control = control[i].buf;
         msgs[i].msg_hdr.msg_controllen = sizeof(control[i].buf);
     }
+#if defined(__linux__)
     int got = recvmmsg(fd, msgs, n, MSG_DONTWAIT, NULL);
     if (got < 0)
         return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+#else
+    /* No recvmmsg(2): one recvmsg(2) each, to the same end. */
+    int got = 0;
+    while ((unsigned int)got < n) {
+        ssize_t r = recvmsg(fd, &msgs[got].msg_hdr, MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (got == 0)
+                return -errno;
+            break;
+        }
+        msgs[got].msg_len = (unsigned int)r;
+        got++;
+    }
+#endif
     for (int i = 0; i < got; i++) {
         struct msghdr *hdr = &msgs[i].msg_hdr;
         out[i].len = msgs[i].msg_len;

@@ -644,9 +644,8 @@ class QUICSocket:
             await trio.lowlevel.wait_readable(sock)
             while True:
                 # One recvmmsg: what is queued, up to `slots` datagrams.
-                # Fewer means the queue is empty: no second read to learn it
-                # (on a wake-up for one datagram, the task it wakes runs
-                # that much sooner).
+                # Fewer means the queue is empty: a wake-up for one datagram
+                # is one syscall, not a second failing with EAGAIN.
                 stats.reads += 1
                 try:
                     got = reader.read(sock.fileno())
