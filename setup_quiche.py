@@ -298,6 +298,9 @@ typedef struct {
 } pk_dgram;
 int pk_recv_dgrams(int fd, uint8_t *buf, size_t slot, pk_dgram *out, unsigned int n);
 """
+# The same struct for the C compiler (cffi's "...;" lets the compiler lay it
+# out; C has no such line).
+_RECV_TYPE_C = RECV_DECLS.split("int pk_recv_dgrams")[0].replace("    ...;\n", "")
 
 RECV_SOURCE = """
 #include <errno.h>
@@ -315,13 +318,6 @@ typedef struct mmsghdr pk_mmsg;
 #else
 typedef struct { struct msghdr msg_hdr; unsigned int msg_len; } pk_mmsg;
 #endif
-
-typedef struct {
-    size_t len;
-    int segment;
-    socklen_t addr_len;
-    struct sockaddr_storage addr;
-} pk_dgram;
 
 /* Reads up to n (at most PK_RECV_MAX) datagrams without blocking, the i-th
    into buf + i * slot; fills out[i] (length, GRO segment size or 0, source
@@ -489,7 +485,7 @@ def make_ffibuilder() -> FFI:
     ffibuilder.set_source(
         "polykey.quic._quiche",
         "#include <sys/socket.h>\n#include <netinet/in.h>\n"
-        '#include "quiche.h"\n' + SHIM_DECLS + RECV_SOURCE,
+        '#include "quiche.h"\n' + SHIM_DECLS + _RECV_TYPE_C + RECV_SOURCE,
         include_dirs=[str(quiche_include_dir())],
         extra_objects=[str(lib)],
         libraries=["stdc++", "dl", "pthread", "m"],
