@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -263,6 +263,43 @@ class Peer:
         except OSError:
             return ""
         return " | ".join(text[-lines:])
+
+
+def run_client_against_server(
+    server_cmd: list[str],
+    client_cmd: Callable[[int], list[str]],
+    *,
+    log_dir: Path,
+    pin: bool = True,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """One server process and one client of it (``client_cmd(port)``),
+    pinned as the drivers pin them unless ``pin`` is false: the client's
+    first JSON result. Both are stopped however it ends."""
+    server = Peer(
+        "server",
+        pinned(server_cmd, SERVER_CPU if pin else None),
+        cwd=cwd,
+        env=env,
+        log_dir=log_dir,
+    ).start()
+    try:
+        port = server.wait_ready()
+        client = Peer(
+            "client",
+            pinned(client_cmd(port), CLIENT_CPU if pin else None),
+            cwd=cwd,
+            env=env,
+            log_dir=log_dir,
+        ).start()
+        try:
+            return client.read_json(timeout)
+        finally:
+            client.stop()
+    finally:
+        server.stop()
 
 
 class _RunSettings(Protocol):

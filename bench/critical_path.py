@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _util import BENCH_DIR, CLIENT_CPU, PYTHON, SERVER_CPU, Peer, pinned
+from _util import BENCH_DIR, PYTHON, run_client_against_server
 
 _SEND = ("sendto called", "sendmsg called")
 
@@ -70,32 +70,15 @@ def main() -> None:
         client_args += ["--in-flight", "1"]
     with tempfile.TemporaryDirectory(prefix="critical-path-") as tmp:
         outs = {side: Path(tmp) / f"{side}.json" for side in ("server", "client")}
-        server = Peer(
-            "server",
-            pinned(
-                _peer_cmd(outs["server"], script, "server"),
-                None if args.no_pin else SERVER_CPU,
+        result = run_client_against_server(
+            _peer_cmd(outs["server"], script, "server"),
+            lambda port: _peer_cmd(
+                outs["client"], script, "client", str(port), *client_args
             ),
             log_dir=Path(tmp),
-        ).start()
-        try:
-            port = server.wait_ready()
-            client = Peer(
-                "client",
-                pinned(
-                    _peer_cmd(
-                        outs["client"], script, "client", str(port), *client_args
-                    ),
-                    None if args.no_pin else CLIENT_CPU,
-                ),
-                log_dir=Path(tmp),
-            ).start()
-            try:
-                result = client.read_json(args.seconds + 60)
-            finally:
-                client.stop()
-        finally:
-            server.stop()
+            pin=not args.no_pin,
+            timeout=args.seconds + 60,
+        )
         rate = result["per_s"]
         chain = {}
         for side in ("client", "server"):

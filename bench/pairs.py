@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _util import CLIENT_CPU, PYTHON, ROOT, SERVER_CPU, Peer, pinned
+from _util import PYTHON, ROOT, run_client_against_server
 
 #: row -> (peer script, client arguments)
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -44,39 +44,24 @@ def _run(tree: Path, row: str, seconds: float, pin: bool, log_dir: Path) -> floa
     script, options = ROWS[row]
     bench = tree / "bench"
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    server = Peer(
-        "server",
-        pinned([PYTHON, str(bench / script), "server"], SERVER_CPU if pin else None),
+    result = run_client_against_server(
+        [PYTHON, str(bench / script), "server"],
+        lambda port: [
+            PYTHON,
+            str(bench / script),
+            "client",
+            str(port),
+            *options,
+            "--seconds",
+            str(seconds),
+        ],
+        log_dir=log_dir,
+        pin=pin,
         cwd=tree,
         env=env,
-        log_dir=log_dir,
-    ).start()
-    try:
-        port = server.wait_ready()
-        client = Peer(
-            "client",
-            pinned(
-                [
-                    PYTHON,
-                    str(bench / script),
-                    "client",
-                    str(port),
-                    *options,
-                    "--seconds",
-                    str(seconds),
-                ],
-                CLIENT_CPU if pin else None,
-            ),
-            cwd=tree,
-            env=env,
-            log_dir=log_dir,
-        ).start()
-        try:
-            rate: float = client.read_json(seconds + 60)["per_s"]
-        finally:
-            client.stop()
-    finally:
-        server.stop()
+        timeout=seconds + 60,
+    )
+    rate: float = result["per_s"]
     return rate
 
 

@@ -82,3 +82,18 @@ async def control_json(state_dir: Path, *args: str) -> tuple[int, Any]:
     )  # fmt: skip
     text = result.stdout.decode().strip()
     return result.returncode, json.loads(text) if text else None
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(script: str, *args: str, timeout: float = 90) -> str:
+    """``python bench/SCRIPT ARGS`` to its end: its output, once it exited 0."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

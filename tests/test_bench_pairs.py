@@ -5,36 +5,19 @@ itself, each row's peer once."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import BENCH, run_bench
 
 
 @pytest.mark.parametrize("row", ["unary64", "rr"])
 def test_a_pair_runs_and_reports_its_ratio(row: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "pairs.py"),
-            str(ROOT),
-            "--row",
-            row,
-            "--pairs",
-            "1",
-            "--seconds",
-            "0.3",
-            "--no-pin",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert result.returncode == 0, result.stderr
-    rates = re.search(r"this tree \(.*\): ([\d,]+)", result.stdout)
-    assert rates is not None, result.stdout
+    out = run_bench(
+        "pairs.py", str(BENCH.parent), "--row", row, "--pairs", "1",
+        "--seconds", "0.3", "--no-pin",
+    )  # fmt: skip
+    rates = re.search(r"this tree \(.*\): ([\d,]+)", out)
+    assert rates is not None, out
     assert int(rates.group(1).replace(",", "")) > 0
-    assert re.search(r"median \d+\.\d{3} \(pairs", result.stdout), result.stdout
+    assert re.search(r"median \d+\.\d{3} \(pairs", out), out

@@ -8,38 +8,16 @@ polykey would make it fail at start, or mark nothing, without this test.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from ..helpers import run_bench
 
 
 def test_every_mark_of_the_probe_resolves() -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCH / "_probe.py"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    run_bench("_probe.py", "--check", timeout=60)
 
 
 def test_a_short_run_shows_each_side_up_to_its_send() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "critical_path.py"),
-            "--seconds",
-            "0.5",
-            "--no-pin",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_bench("critical_path.py", "--seconds", "0.5", "--no-pin")
     client_block, server_block = out.split("\nserver: ", 1)
     for block in (client_block, server_block):
         steps = [
