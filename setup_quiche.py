@@ -339,7 +339,10 @@ int pk_recv_dgrams(int fd, uint8_t *buf, size_t slot, pk_dgram *out, unsigned in
         msgs[i].msg_hdr.msg_controllen = sizeof(control[i].buf);
     }
 #if defined(__linux__)
-    int got = recvmmsg(fd, msgs, n, MSG_DONTWAIT, NULL);
+    int got;
+    do  /* a signal: try again, as Python's socket calls do (PEP 475) */
+        got = recvmmsg(fd, msgs, n, MSG_DONTWAIT, NULL);
+    while (got < 0 && errno == EINTR);
     if (got < 0)
         return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
 #else
@@ -347,6 +350,8 @@ int pk_recv_dgrams(int fd, uint8_t *buf, size_t slot, pk_dgram *out, unsigned in
     int got = 0;
     while ((unsigned int)got < n) {
         ssize_t r = recvmsg(fd, &msgs[got].msg_hdr, MSG_DONTWAIT);
+        if (r < 0 && errno == EINTR)
+            continue;
         if (r < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 break;
