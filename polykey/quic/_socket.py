@@ -446,7 +446,6 @@ class QUICSocket:
         #: clock's own ``current_time``, bound when the socket opens.
         self.now: Callable[[], float] = trio.current_time
         self._gso = False
-        self._gro = False
         self._closed = False
         self._connections: set[QUICConnection] = set()
         self._stray_watches: dict[str, list[StrayWatch]] = {}
@@ -463,11 +462,10 @@ class QUICSocket:
         _refuse_autojump_clock()
         sock = _open_udp(self._host, self._port)
         self._gso = _probe_gso(sock)
-        self._gro = _enable_gro(sock)
         self._sock = sock
         self.local_address = sock.getsockname()
         self.statistics.gso = self._gso
-        self.statistics.gro = self._gro
+        self.statistics.gro = _enable_gro(sock)
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._idle_flush = _idle_flusher()
         self.now = self._idle_flush.now
