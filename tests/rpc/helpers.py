@@ -30,6 +30,7 @@ from polykey.rpc import (
     RawCall,
     RawCaller,
     RawHandler,
+    RawStream,
     RPCClient,
     RPCServer,
     ServerCaller,
@@ -146,31 +147,20 @@ class Waits(UnaryHandler[JSON, JSON]):
         return {"ok": True}
 
 
-class PlainStream(trio.abc.HalfCloseableStream):
+class PlainStream(RawStream):
     """A stream seen only through trio's stream interface, a reset and
     ``send_all_and_eof``: no EagerStream, InputDropper or InputWatcher, so
-    calls over it take the ways other transports (TCP) take."""
+    calls over it take the ways other transports (TCP) take. A raw call's
+    stream with nothing to replay forwards the interface; this adds the
+    two."""
+
+    _stream: Any
 
     def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        super().__init__(stream)
 
     async def send_all_and_eof(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all_and_eof(data)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._stream.receive_some(max_bytes)  # type: ignore[no-any-return]
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
     def reset(self, code: int) -> None:
         self._stream.reset(code)
